@@ -1,0 +1,215 @@
+"""load -> calibrate -> match -> transforms, plus saving and loading a finished alignment."""
+
+import hashlib
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Literal, Optional
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from safetensors.torch import load_file, save_file
+
+from mergekit_permute import __version__
+from mergekit_permute.calibrate import calibrate, prepare_tokenizer, tokenize
+from mergekit_permute.match import (
+    AttentionMode, ResidualPolicy, match_attention, match_plain, mean_matched, residual_points,
+)
+from mergekit_permute.permute import Transforms, identity_transforms, is_permutation
+from mergekit_permute.spec.base import PermutationSpec
+from mergekit_permute.stats import CrossStats
+
+LOG = logging.getLogger(__name__)
+
+
+class AlignSettings(BaseModel):
+    """How to align B to A. Unknown keys are errors (extra="forbid")."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    attention: AttentionMode = "head_perm"
+    ffn: Literal["permute", "identity"] = "permute"
+    residual: ResidualPolicy = "all"
+    samples: int = Field(256, ge=1, description="calibration passages")
+    max_length: int = Field(128, ge=2, description="tokens per passage")
+    batch_size: int = Field(8, ge=1)
+    keep_special_tokens: bool = True
+
+    @property
+    def function_preserving(self) -> bool:
+        return self.attention != "ignore_heads"
+
+    def label(self) -> str:
+        return f"ffn={self.ffn},attention={self.attention},residual={self.residual}"
+
+    def calibration_key(self) -> Dict:
+        return self.model_dump(include={"samples", "max_length", "batch_size", "keep_special_tokens"})
+
+
+@dataclass
+class Alignment:
+    spec: PermutationSpec
+    transforms: Transforms
+    settings: AlignSettings
+    report: Dict[str, Dict] = field(default_factory=dict)
+    info: Dict = field(default_factory=dict)
+
+
+def calibration_spaces(spec: PermutationSpec) -> List[str]:
+    """Every space whose statistics any setting could use."""
+    return [s.name for s in spec.spaces if not s.frozen]
+
+
+def compute_alignment(spec: PermutationSpec, stats: Dict[str, CrossStats],
+                      settings: AlignSettings) -> Alignment:
+    transforms = identity_transforms(spec)
+    report: Dict[str, Dict] = {}
+    for space in spec.spaces:
+        if space.frozen:
+            continue
+        if space.kind == "residual":
+            points = residual_points(settings.residual, len(space.features))
+            if not points:
+                continue
+            pooled = stats[f"{space.name}@{points[0]}"]
+            for i in points[1:]:
+                pooled = pooled + stats[f"{space.name}@{i}"]
+            corr = pooled.correlation()
+            transforms[space.name] = {"": match_plain(corr)}
+            perm = transforms[space.name][""]
+        else:
+            corr = stats[f"{space.name}@0"].correlation()
+            if space.kind == "ffn":
+                if settings.ffn == "identity":
+                    continue
+                transforms[space.name] = {"": match_plain(corr)}
+                perm = transforms[space.name][""]
+            else:
+                if settings.attention == "identity":
+                    continue
+                transforms[space.name] = match_attention(corr, space.heads, settings.attention)
+                perm = transforms[space.name]["o"]
+        report[space.name] = {
+            "kind": space.kind, "size": space.size,
+            "mean_corr_before": round(mean_matched(corr, torch.arange(space.size)), 6),
+            "mean_corr_after": round(mean_matched(corr, perm), 6),
+        }
+    return Alignment(spec=spec, transforms=transforms, settings=settings, report=report)
+
+
+# ---- calibration statistics, cached on disk ---------------------------------------------------
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("MERGEKIT_PERMUTE_CACHE",
+                               Path.home() / ".cache" / "mergekit_permute"))
+
+
+def model_fingerprint(model) -> str:
+    """Content hash of the weights actually loaded (robust to paths, copies and hub revisions)."""
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes()
+                 if t.numel() else b"")
+    return h.hexdigest()[:16]
+
+
+def collect_stats(spec, model_a, model_b, tokenizer, texts: List[str], settings: AlignSettings,
+                  *, device="cpu", use_cache: bool = True, data_id: str = "") -> Dict[str, CrossStats]:
+    from mergekit_permute.data import fingerprint
+    key_src = json.dumps({"a": model_fingerprint(model_a), "b": model_fingerprint(model_b),
+                          "data": fingerprint(texts), "settings": settings.calibration_key(),
+                          "version": __version__}, sort_keys=True)
+    key = hashlib.sha256(key_src.encode()).hexdigest()[:24]
+    path = cache_dir() / f"stats-{key}.safetensors"
+    if use_cache and path.is_file():
+        LOG.info("reusing cached calibration statistics %s", path)
+        flat = load_file(str(path))
+        return _unflatten_stats(flat)
+    prepare_tokenizer(tokenizer)
+    batches = tokenize(tokenizer, texts, settings.max_length, settings.batch_size)
+    stats = calibrate(model_a, model_b, spec, batches, calibration_spaces(spec),
+                      special_ids=tokenizer.all_special_ids,
+                      keep_special=settings.keep_special_tokens, device=device)
+    if use_cache:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        save_file({f"{k}/{n}": t.contiguous() for k, s in stats.items()
+                   for n, t in s.tensors().items()}, str(tmp))
+        os.replace(tmp, path)
+    return stats
+
+
+def _unflatten_stats(flat: Dict[str, torch.Tensor]) -> Dict[str, CrossStats]:
+    grouped: Dict[str, Dict[str, torch.Tensor]] = {}
+    for k, t in flat.items():
+        space, name = k.rsplit("/", 1)
+        grouped.setdefault(space, {})[name] = t
+    return {k: CrossStats.from_tensors(v) for k, v in grouped.items()}
+
+
+# ---- saved alignments ---------------------------------------------------------------------------
+
+PERMUTATIONS_FILE = "permutations.safetensors"
+ALIGNMENT_FILE = "alignment.json"
+
+
+def save_alignment(alignment: Alignment, out_dir: Path) -> None:
+    """permutations.safetensors (int32 index vectors; float matrices where a space holds one)
+    and alignment.json (settings, data fingerprint, per-space correlations)."""
+    tensors = {}
+    for space, views in alignment.transforms.items():
+        for view, t in views.items():
+            key = f"{space}/{view}" if view else space
+            tensors[key] = t.to(torch.int32) if is_permutation(t) else t.float()
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(out_dir / PERMUTATIONS_FILE),
+              metadata={"format": "mergekit-permute/1", "architecture": alignment.spec.architecture})
+    doc = {
+        "format": "mergekit-permute/1",
+        "mergekit_permute_version": __version__,
+        "architecture": alignment.spec.architecture,
+        "function_preserving": alignment.settings.function_preserving,
+        "settings": alignment.settings.model_dump(),
+        **alignment.info,
+        "spaces": alignment.report,
+        "summary": summarize(alignment.report),
+    }
+    (out_dir / ALIGNMENT_FILE).write_text(json.dumps(doc, indent=2) + "\n")
+
+
+def load_transforms(path: Path) -> Transforms:
+    flat = load_file(str(path))
+    out: Transforms = {}
+    for key, t in flat.items():
+        space, _, view = key.partition("/")
+        out.setdefault(space, {})[view] = t.long() if not t.is_floating_point() else t
+    return out
+
+
+def summarize(report: Dict[str, Dict]) -> Dict[str, Dict[str, float]]:
+    by_kind: Dict[str, List[Dict]] = {}
+    for r in report.values():
+        by_kind.setdefault(r["kind"], []).append(r)
+    return {k: {"mean_corr_before": round(sum(r["mean_corr_before"] for r in rs) / len(rs), 4),
+                "mean_corr_after": round(sum(r["mean_corr_after"] for r in rs) / len(rs), 4)}
+            for k, rs in sorted(by_kind.items())}
+
+
+def align_pair(model_a: str, model_b: str, data: str, settings: AlignSettings, *,
+               device: str = "cpu", use_cache: bool = True):
+    """The whole pipeline in memory: (Alignment, spec, loaded model B, tokenizer)."""
+    from mergekit_permute.data import fingerprint, load_texts
+    from mergekit_permute.models import load_pair
+
+    texts = load_texts(data, settings.samples)
+    spec, a, b, tok = load_pair(model_a, model_b, device=device)
+    if not settings.function_preserving:
+        LOG.warning("attention=ignore_heads is NOT function-preserving (paper ablation only)")
+    stats = collect_stats(spec, a, b, tok, texts, settings, device=device, use_cache=use_cache)
+    alignment = compute_alignment(spec, stats, settings)
+    alignment.info = {"model_a": model_a, "model_b": model_b,
+                      "data": {"source": data, "passages": len(texts),
+                               "fingerprint": fingerprint(texts),
+                               "tokens": int(stats[next(iter(stats))].n)}}
+    return alignment, a, b, tok

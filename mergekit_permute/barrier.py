@@ -1,0 +1,226 @@
+"""Loss barrier along the interpolation path theta(lam) = lam * A + (1 - lam) * B'.
+
+Headline barrier: max_lam [ L(theta(lam)) - (lam L(A) + (1 - lam) L(B)) ].
+Paper's barrier:  max_lam L(theta(lam)) - (L(A) + L(B)) / 2.
+Every point is evaluated in memory on one loaded model; nothing is written per point.
+"""
+
+import json
+import logging
+from pathlib import Path
+from typing import Dict, List, Literal, Sequence
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from mergekit_permute.align import AlignSettings
+
+LOG = logging.getLogger(__name__)
+Objective = Literal["mlm", "clm", "cls"]
+LOSS_NAME = {"mlm": "masked-LM cross-entropy", "clm": "next-token cross-entropy",
+             "cls": "classification cross-entropy (MSE for regression)"}
+# The ablations of the paper, as settings on top of "nothing aligned".
+PRESETS = {
+    "vanilla": {},
+    "ffn_only": {"ffn": "permute"},
+    "head_perm": {"ffn": "permute", "attention": "head_perm"},
+    "monotonic": {"ffn": "permute", "attention": "monotonic"},
+    "ignore_heads": {"ffn": "permute", "attention": "ignore_heads"},
+}
+NOTHING = {"ffn": "identity", "attention": "identity", "residual": "identity"}
+
+
+def parse_method(name: str, base: AlignSettings) -> AlignSettings:
+    """'head_perm+residual=all' -> settings; 'default' = the tool's defaults."""
+    fields: Dict = {}
+    for part in name.split("+"):
+        part = part.strip()
+        if part == "default":
+            fields.update(AlignSettings().model_dump(include={"ffn", "attention", "residual"}))
+        elif part in PRESETS:
+            fields.update(NOTHING, **PRESETS[part])
+        elif "=" in part and part.split("=")[0] in ("ffn", "attention", "residual"):
+            key, value = part.split("=", 1)
+            fields.setdefault("ffn", "identity")
+            fields.setdefault("attention", "identity")
+            fields.setdefault("residual", "identity")
+            fields[key] = value
+        else:
+            raise ValueError(f"unknown method {part!r} in {name!r}; use {sorted(PRESETS)}, "
+                             "'default', or ffn=/attention=/residual= joined with '+'")
+    return base.model_copy(update=AlignSettings(**{**NOTHING, **fields}).model_dump(
+        include={"ffn", "attention", "residual"}))
+
+
+def objective_for(model) -> Objective:
+    arch = model.config.architectures[0]
+    if arch.endswith(("ForMaskedLM", "ForPreTraining")):
+        return "mlm"
+    if arch.endswith("ForCausalLM") or arch.endswith("LMHeadModel"):
+        return "clm"
+    if arch.endswith("ForSequenceClassification"):
+        return "cls"
+    raise ValueError(f"{arch} has no loss to measure a barrier with; use a *ForMaskedLM, "
+                     "*ForCausalLM or *ForSequenceClassification checkpoint")
+
+
+def eval_batches(tokenizer, texts: Sequence[str], objective: Objective, *, max_length: int,
+                 batch_size: int, seed: int = 0, labels: Sequence = ()) -> List[Dict]:
+    """Fixed batches: the same masked positions for every lambda and method (masking seed)."""
+    from mergekit_permute.calibrate import prepare_tokenizer
+    from mergekit_permute.zoo import mask_tokens
+    prepare_tokenizer(tokenizer)
+    gen = torch.Generator().manual_seed(seed)
+    batches = []
+    for i in range(0, len(texts), batch_size):
+        enc = dict(tokenizer(list(texts[i:i + batch_size]), padding=True, truncation=True,
+                             max_length=max_length, return_tensors="pt"))
+        ids, attn = enc["input_ids"], enc["attention_mask"]
+        if objective == "mlm":
+            special = torch.isin(ids, torch.tensor(tokenizer.all_special_ids)) | (attn == 0)
+            enc["input_ids"], enc["labels"] = mask_tokens(ids, special, tokenizer.mask_token_id,
+                                                          len(tokenizer), gen)
+        elif objective == "clm":
+            enc["labels"] = ids.masked_fill(attn == 0, -100)
+        else:
+            enc["labels"] = torch.tensor(list(labels[i:i + batch_size]))
+        batches.append(enc)
+    return batches
+
+
+@torch.no_grad()
+def evaluate(model, batches: List[Dict], objective: Objective, device="cpu") -> float:
+    """Token-weighted (example-weighted for classification) mean loss over all batches."""
+    total, count = 0.0, 0
+    for batch in batches:
+        batch = {k: v.to(device) for k, v in batch.items()}
+        labels = batch.pop("labels")
+        out = model(**batch)
+        logits = out.logits if hasattr(out, "logits") else out.prediction_logits
+        if objective == "clm":
+            logits, labels = logits[:, :-1], labels[:, 1:]
+        if objective == "cls" and logits.shape[-1] == 1:
+            total += float(torch.nn.functional.mse_loss(logits.squeeze(-1), labels.float(),
+                                                        reduction="sum"))
+            count += labels.numel()
+            continue
+        flat = labels.reshape(-1)
+        total += float(torch.nn.functional.cross_entropy(
+            logits.reshape(flat.shape[0], -1).double(), flat, ignore_index=-100, reduction="sum"))
+        count += int((flat != -100).sum())
+    return total / max(count, 1)
+
+
+def interpolation_losses(model, state_a, state_b, lambdas: Sequence[float], batches, objective,
+                         device="cpu", desc="sweep") -> List[float]:
+    losses = []
+    for lam in tqdm(lambdas, desc=desc, unit="point"):
+        mixed = {k: (lam * a + (1 - lam) * state_b[k]) if a.is_floating_point() else a
+                 for k, a in state_a.items()}
+        model.load_state_dict(mixed)
+        losses.append(evaluate(model, batches, objective, device))
+    model.load_state_dict(state_a)
+    return losses
+
+
+def barrier_values(lambdas: Sequence[float], losses: Sequence[float]) -> Dict[str, float]:
+    lam, loss = np.asarray(lambdas, dtype=float), np.asarray(losses, dtype=float)
+    loss_a, loss_b = float(loss[np.argmax(lam)]), float(loss[np.argmin(lam)])
+    excess = loss - (lam * loss_a + (1 - lam) * loss_b)
+    mid = int(np.argmin(np.abs(lam - 0.5)))
+    return {"barrier": float(excess.max()), "barrier_lambda": float(lam[excess.argmax()]),
+            "barrier_paper": float(loss.max() - (loss_a + loss_b) / 2),
+            "midpoint_loss": float(loss[mid]), "loss_a": loss_a, "loss_b": loss_b}
+
+
+def run_barrier(model_a: str, model_b: str, *, eval_data: str, calibration: str,
+                methods: Sequence[str], lambdas: int, settings: AlignSettings,
+                eval_samples: int = 256, eval_max_length: int = 128, seed: int = 0,
+                device: str = "cpu", use_cache: bool = True, label_field: str = "label") -> Dict:
+    from mergekit_permute.align import collect_stats, compute_alignment
+    from mergekit_permute.data import load_texts
+    from mergekit_permute.models import load_pair
+    from mergekit_permute.permute import apply_to_state_dict
+
+    parsed = {m: parse_method(m, settings) for m in methods}  # bad names fail before loading
+    spec, a, b, tok = load_pair(model_a, model_b, device=device)
+    objective = objective_for(a)
+    labels: Sequence = ()
+    if objective == "cls":
+        texts, labels = _labelled(eval_data, eval_samples, label_field)
+    else:
+        texts = load_texts(eval_data, eval_samples)
+    batches = eval_batches(tok, texts, objective, max_length=eval_max_length,
+                           batch_size=settings.batch_size, seed=seed, labels=labels)
+    stats = None
+    if any(s.ffn != "identity" or s.attention != "identity" or s.residual != "identity"
+           for s in parsed.values()):
+        calib = load_texts(calibration, settings.samples)
+        stats = collect_stats(spec, a, b, tok, calib, settings, device=device, use_cache=use_cache)
+    state_a = {k: v.detach().clone() for k, v in a.state_dict().items()}
+    state_b = {k: v.detach().clone() for k, v in b.state_dict().items()}
+    del b
+    grid = [float(x) for x in np.linspace(0.0, 1.0, lambdas)]
+    result = {"loss": LOSS_NAME[objective], "objective": objective, "eval_data": eval_data,
+              "calibration": calibration, "model_a": model_a, "model_b": model_b,
+              "lambda_meaning": "theta = lambda * A + (1 - lambda) * aligned B",
+              "headline": "barrier", "lambdas": grid, "methods": {}}
+    for name, s in parsed.items():
+        if stats is None or (s.ffn, s.attention, s.residual) == ("identity",) * 3:
+            aligned_b, report = state_b, {}
+        else:
+            alignment = compute_alignment(spec, stats, s)
+            aligned_b, report = apply_to_state_dict(spec, state_b, alignment.transforms), alignment.report
+        losses = interpolation_losses(a, state_a, aligned_b, grid, batches, objective, device,
+                                      desc=name)
+        from mergekit_permute.align import summarize
+        result["methods"][name] = {"settings": s.model_dump(include={"ffn", "attention", "residual"}),
+                                   "function_preserving": s.function_preserving,
+                                   "losses": losses, **barrier_values(grid, losses),
+                                   "correlation": summarize(report)}
+    vanilla = next((m for n, m in result["methods"].items() if parse_method(n, settings).model_dump(
+        include={"ffn", "attention", "residual"}) == NOTHING), None)
+    if vanilla and vanilla["barrier"] > 0:
+        for m in result["methods"].values():
+            m["removed_vs_vanilla"] = 1 - m["barrier"] / vanilla["barrier"]
+    return result
+
+
+def _labelled(path: str, samples: int, field: str):
+    rows = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    if not rows or "text" not in rows[0] or field not in rows[0]:
+        raise ValueError(f"{path}: classification evaluation needs a .jsonl with 'text' and "
+                         f"'{field}' fields")
+    rows = rows[:samples]
+    return [r["text"] for r in rows], [r[field] for r in rows]
+
+
+def write_report(result: Dict, out: Path) -> None:
+    """barrier.json, barrier.md and barrier.png into `out` (an existing directory)."""
+    from mergekit_permute.card import barrier_table
+    (out / "barrier.json").write_text(json.dumps(result, indent=2) + "\n")
+    (out / "barrier.md").write_text(barrier_table(result) + "\n")
+    plot(result, out / "barrier.png")
+
+
+def plot(result: Dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
+    lam = result["lambdas"]
+    for name, m in result["methods"].items():
+        line, = ax.plot(lam, m["losses"], marker=".", label=f"{name} (barrier {m['barrier']:.3f})")
+        ax.plot([0, 1], [m["loss_b"], m["loss_a"]], ls=":", color=line.get_color(), lw=1)
+    first = next(iter(result["methods"].values()))
+    ax.scatter([1, 0], [first["loss_a"], first["loss_b"]], color="black", zorder=5,
+               label="endpoints (A at 1, B at 0)")
+    ax.set_xlabel("lambda (weight of model A)")
+    ax.set_ylabel(result["loss"])
+    ax.set_title("Loss along the interpolation path")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)

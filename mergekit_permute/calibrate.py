@@ -1,0 +1,111 @@
+"""Calibration: run A and B over the same batches, capture features at the spec's feature
+points with forward hooks, drop padding, and stream them into CrossStats."""
+
+import logging
+from contextlib import contextmanager
+from typing import Dict, Iterator, List, Sequence, Tuple
+
+import torch
+from tqdm.auto import tqdm
+
+from mergekit_permute.spec.base import FeaturePoint, PermutationSpec
+from mergekit_permute.stats import CrossStats
+
+LOG = logging.getLogger(__name__)
+
+
+class NotEnoughTokens(ValueError):
+    pass
+
+
+def prepare_tokenizer(tokenizer):
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    return tokenizer
+
+
+def tokenize(tokenizer, texts: Sequence[str], max_length: int, batch_size: int
+             ) -> List[Dict[str, torch.Tensor]]:
+    prepare_tokenizer(tokenizer)
+    batches = []
+    for i in range(0, len(texts), batch_size):
+        enc = tokenizer(list(texts[i:i + batch_size]), padding=True, truncation=True,
+                        max_length=max_length, return_tensors="pt")
+        batches.append(dict(enc))
+    return batches
+
+
+def token_mask(batch: Dict[str, torch.Tensor], special_ids: Sequence[int], keep_special: bool
+               ) -> torch.Tensor:
+    mask = batch["attention_mask"].bool()
+    if not keep_special and special_ids:
+        mask &= ~torch.isin(batch["input_ids"], torch.tensor(list(special_ids)))
+    return mask
+
+
+def count_tokens(batches, special_ids, keep_special: bool) -> int:
+    return int(sum(token_mask(b, special_ids, keep_special).sum() for b in batches))
+
+
+def feature_points(spec: PermutationSpec, spaces: Sequence[str]) -> List[Tuple[str, int, FeaturePoint]]:
+    """(stats key, point index, point) for every feature point of the requested spaces."""
+    return [(f"{s}@{i}", i, p) for s in spaces for i, p in enumerate(spec.space(s).features)]
+
+
+@contextmanager
+def capture(model: torch.nn.Module, points: Sequence[FeaturePoint]) -> Iterator[Dict[str, torch.Tensor]]:
+    store: Dict[str, torch.Tensor] = {}
+    handles = []
+    for point in points:
+        module = model.get_submodule(point.module)
+        key = f"{point.module}:{point.where}"
+        if point.where == "input":
+            def pre(mod, args, kwargs, key=key):
+                store[key] = args[0] if args else next(iter(kwargs.values()))
+            handles.append(module.register_forward_pre_hook(pre, with_kwargs=True))
+        else:
+            def post(mod, args, output, key=key):
+                store[key] = output[0] if isinstance(output, (tuple, list)) else output
+            handles.append(module.register_forward_hook(post))
+    try:
+        yield store
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def minimum_tokens(spec: PermutationSpec, spaces: Sequence[str]) -> int:
+    """A correlation over fewer tokens than features is rank-deficient and meaningless."""
+    return max(spec.space(s).size for s in spaces) if spaces else 0
+
+
+@torch.no_grad()
+def calibrate(model_a, model_b, spec: PermutationSpec, batches, spaces: Sequence[str], *,
+              special_ids: Sequence[int] = (), keep_special: bool = True, device="cpu",
+              desc: str = "calibrating") -> Dict[str, CrossStats]:
+    """CrossStats per `space@point` over every non-padding token of `batches`."""
+    points = feature_points(spec, spaces)
+    available = count_tokens(batches, special_ids, keep_special)
+    needed = minimum_tokens(spec, spaces)
+    if available < needed:
+        raise NotEnoughTokens(
+            f"calibration data gives {available} tokens, but the widest space has {needed} "
+            f"features: at least {needed} tokens are needed (10x that for a good estimate). "
+            "Pass more text (--data / calibration_data) or raise --samples/--max-length."
+        )
+    stats: Dict[str, CrossStats] = {}
+    fp = [p for _, _, p in points]
+    with capture(model_a, fp) as cap_a, capture(model_b, fp) as cap_b:
+        for batch in tqdm(batches, desc=desc, unit="batch"):
+            mask = token_mask(batch, special_ids, keep_special).reshape(-1).to(device)
+            inputs = {k: v.to(device) for k, v in batch.items()}
+            model_a(**inputs)
+            model_b(**inputs)
+            for key, _, point in points:
+                name = f"{point.module}:{point.where}"
+                a = cap_a[name].reshape(mask.shape[0], -1)[mask]  # [B, T, d] -> [tokens, d]
+                b = cap_b[name].reshape(mask.shape[0], -1)[mask]
+                if key not in stats:
+                    stats[key] = CrossStats.zeros(a.shape[1], b.shape[1], device=device)
+                stats[key].update(a, b)
+    return {k: v.to("cpu") for k, v in stats.items()}

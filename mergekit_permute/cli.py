@@ -1,0 +1,192 @@
+"""`mergekit-permute align | merge | barrier | demo`."""
+
+import logging
+import sys
+from pathlib import Path
+
+import click
+
+from mergekit_permute.match import AttentionMode, ResidualPolicy  # noqa: F401  (choices below)
+
+LOG = logging.getLogger("mergekit_permute")
+ATTENTION = ["head_perm", "monotonic", "identity", "ignore_heads"]
+RESIDUAL = ["all", "first", "last", "identity"]
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("mergekit_permute").setLevel(logging.INFO)
+
+
+class UserError(click.ClickException):
+    """A clear message and exit status 2, no traceback."""
+    exit_code = 2
+
+
+def _friendly(fn):
+    """Turn our validation errors into UserError (message + exit 2)."""
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        from pydantic import ValidationError
+        try:
+            return fn(*args, **kwargs)
+        except (ValueError, FileNotFoundError, FileExistsError, ValidationError) as e:
+            raise UserError(str(e)) from e
+    return wrapper
+
+
+@click.group()
+@click.option("-v", "--verbose", is_flag=True, help="More logging.")
+def main(verbose: bool) -> None:
+    """Align and merge Transformers trained from different initializations."""
+    _setup_logging(verbose)
+
+
+def align_options(f):
+    for opt in reversed([
+        click.option("--attention", type=click.Choice(ATTENTION), default="head_perm",
+                     show_default=True, help="Attention matching (ignore_heads: ablation, not "
+                     "function-preserving)."),
+        click.option("--ffn", type=click.Choice(["permute", "identity"]), default="permute",
+                     show_default=True),
+        click.option("--residual", type=click.Choice(RESIDUAL), default="all", show_default=True,
+                     help="Residual-stream permutation policy."),
+        click.option("--samples", type=int, default=256, show_default=True,
+                     help="Calibration passages."),
+        click.option("--max-length", type=int, default=128, show_default=True),
+        click.option("--batch-size", type=int, default=8, show_default=True),
+        click.option("--drop-special-tokens", is_flag=True,
+                     help="Leave [CLS]/[SEP]/BOS... out of the statistics."),
+        click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:1..."),
+        click.option("--no-cache", is_flag=True, help="Recompute calibration statistics."),
+    ]):
+        f = opt(f)
+    return f
+
+
+def _settings(attention, ffn, residual, samples, max_length, batch_size, drop_special_tokens):
+    from mergekit_permute.align import AlignSettings
+    return AlignSettings(attention=attention, ffn=ffn, residual=residual, samples=samples,
+                         max_length=max_length, batch_size=batch_size,
+                         keep_special_tokens=not drop_special_tokens)
+
+
+@main.command()
+@click.argument("model_a")
+@click.argument("model_b")
+@click.option("--data", required=True, help=".txt (one passage per line), .jsonl with 'text', "
+              "a dataset id, or shakespeare-calib (shipped).")
+@click.option("--out", required=True, type=click.Path(path_type=Path))
+@click.option("--permutations-only", is_flag=True,
+              help="Write permutations.safetensors + alignment.json, not the model.")
+@click.option("--overwrite", is_flag=True)
+@align_options
+@_friendly
+def align(model_a, model_b, data, out, permutations_only, overwrite, device, no_cache, **kw):
+    """Write MODEL_B permuted into MODEL_A's basis (same function) to --out."""
+    from mergekit_permute.align import align_pair, save_alignment
+    from mergekit_permute.outputs import atomic_dir, check_output_dir
+    from mergekit_permute.permute import apply_to_model
+
+    settings = _settings(**kw)
+    if not settings.function_preserving:
+        raise UserError("attention=ignore_heads is not function-preserving, so `align` refuses "
+                        "it; use it only as an ablation in `barrier` or a merge")
+    check_output_dir(out, overwrite)
+    alignment, _, model_b_loaded, tok = align_pair(model_a, model_b, data, settings,
+                                                   device=device, use_cache=not no_cache)
+    with atomic_dir(out, overwrite) as tmp:
+        if not permutations_only:
+            apply_to_model(alignment.spec, model_b_loaded, alignment.transforms)
+            model_b_loaded.save_pretrained(tmp)
+            tok.save_pretrained(tmp)
+        save_alignment(alignment, tmp)
+    _print_summary(alignment)
+    click.echo(f"wrote {out}")
+
+
+def _print_summary(alignment) -> None:
+    from mergekit_permute.align import summarize
+    click.echo(f"{'space':<10} {'corr before':>12} {'corr after':>11}")
+    for kind, row in summarize(alignment.report).items():
+        click.echo(f"{kind:<10} {row['mean_corr_before']:>12.4f} {row['mean_corr_after']:>11.4f}")
+
+
+@main.command()
+@click.argument("recipe", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.argument("out", type=click.Path(path_type=Path))
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--overwrite", is_flag=True)
+@_friendly
+def merge(recipe, out, device, overwrite):
+    """Run a MergeKit recipe (any method; `permute` included) with an atomic output."""
+    from mergekit_permute.merging import run_recipe
+    run_recipe(recipe, out, device=device, overwrite=overwrite)
+    click.echo(f"wrote {out}")
+
+
+@main.command()
+@click.argument("model_a")
+@click.argument("model_b")
+@click.option("--data", "eval_data", required=True,
+              help="Evaluation text (.txt/.jsonl/dataset id; .jsonl with text+label for classifiers).")
+@click.option("--calibration", default="shakespeare-calib", show_default=True,
+              help="Calibration text for the alignment.")
+@click.option("--methods", default="vanilla,default", show_default=True,
+              help="Comma-separated: vanilla, ffn_only, head_perm, monotonic, ignore_heads, "
+              "default, combined with '+', e.g. head_perm+residual=all.")
+@click.option("--lambdas", type=int, default=21, show_default=True)
+@click.option("--eval-samples", type=int, default=256, show_default=True)
+@click.option("--eval-max-length", type=int, default=128, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True, help="Masking seed (MLM).")
+@click.option("--out", required=True, type=click.Path(path_type=Path))
+@click.option("--overwrite", is_flag=True)
+@align_options
+@_friendly
+def barrier(model_a, model_b, eval_data, calibration, methods, lambdas, eval_samples,
+            eval_max_length, seed, out, overwrite, device, no_cache, **kw):
+    """Measure the loss barrier between MODEL_A and MODEL_B for several alignment methods."""
+    from mergekit_permute.barrier import run_barrier, write_report
+    from mergekit_permute.card import barrier_table
+    from mergekit_permute.outputs import atomic_dir, check_output_dir
+
+    if lambdas < 3:
+        raise UserError("--lambdas must be at least 3 (the endpoints and one point between)")
+    check_output_dir(out, overwrite)
+    result = run_barrier(model_a, model_b, eval_data=eval_data, calibration=calibration,
+                         methods=[m for m in methods.split(",") if m.strip()], lambdas=lambdas,
+                         settings=_settings(**kw), eval_samples=eval_samples,
+                         eval_max_length=eval_max_length, seed=seed, device=device,
+                         use_cache=not no_cache)
+    with atomic_dir(out, overwrite) as tmp:
+        write_report(result, tmp)
+    click.echo(barrier_table(result))
+    click.echo(f"wrote {out}/barrier.json, barrier.md, barrier.png")
+
+
+@main.command()
+@click.option("--out", default="demo-output", show_default=True, type=click.Path(path_type=Path))
+@click.option("--arch", type=click.Choice(["llama", "bert"]), default="llama", show_default=True)
+@click.option("--quick", is_flag=True, help="Tiny models (CI-sized), same code path.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing merged model in --out.")
+@_friendly
+def demo(out, arch, quick, overwrite):
+    """Train two small models from different seeds, measure the barrier, merge. No download."""
+    from mergekit_permute.card import barrier_table
+    from mergekit_permute.demo import run_demo
+
+    result = run_demo(out, arch=arch, size="quick" if quick else "full", overwrite=overwrite)
+    click.echo(barrier_table(result))
+    default = result["methods"]["default"]
+    if "removed_vs_vanilla" in default:
+        click.echo(f"\nThe default alignment removed {100 * default['removed_vs_vanilla']:.0f}% "
+                   "of the vanilla loss barrier.")
+    click.echo(f"wrote {out}/barrier.png, barrier.md, barrier.json, merged/ "
+               f"({result['seconds']:.0f} s)")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

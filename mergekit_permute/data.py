@@ -1,0 +1,76 @@
+"""Text sources: a local .txt (one passage per line), a .jsonl with a `text` field, or a
+Hugging Face dataset id (online users only). Plus the public-domain text shipped in the package.
+"""
+
+import hashlib
+import json
+import logging
+from importlib import resources
+from pathlib import Path
+from typing import List, Optional
+
+LOG = logging.getLogger(__name__)
+BUILTIN = {"shakespeare-train", "shakespeare-calib", "shakespeare-eval"}
+
+
+class DataError(ValueError):
+    pass
+
+
+def builtin_path(name: str) -> Path:
+    """Shipped text: Shakespeare's plays (public domain; see mergekit_permute/data/README.md)."""
+    return Path(str(resources.files("mergekit_permute") / "data" / f"{name.replace('-', '_')}.txt"))
+
+
+def load_texts(source: str, samples: Optional[int] = None, field: str = "text") -> List[str]:
+    """Up to `samples` non-empty passages, in file order (deterministic)."""
+    if source in BUILTIN:
+        source = str(builtin_path(source))
+    path = Path(source)
+    if path.suffix in (".txt", ".jsonl", ".json") or path.exists():
+        if not path.is_file():
+            raise DataError(f"calibration/evaluation data {source!r} does not exist; pass a .txt "
+                            "(one passage per line), a .jsonl with a 'text' field, or a dataset id")
+        lines = path.read_text(encoding="utf-8").splitlines()
+        if path.suffix in (".jsonl", ".json"):
+            texts = []
+            for i, line in enumerate(lines):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise DataError(f"{source}:{i + 1}: not valid JSON ({e.msg})") from None
+                if field not in row:
+                    raise DataError(f"{source}:{i + 1}: no {field!r} field")
+                texts.append(str(row[field]))
+        else:
+            texts = lines
+    else:
+        texts = _load_hub_dataset(source, field, samples)
+    texts = [t.strip() for t in texts if t.strip()]
+    if not texts:
+        raise DataError(f"{source!r} holds no text")
+    return texts[:samples] if samples else texts
+
+
+def _load_hub_dataset(name: str, field: str, samples: Optional[int]) -> List[str]:
+    try:
+        import datasets
+    except ImportError:  # pragma: no cover
+        raise DataError(f"{name!r} is not a file, and `datasets` is not installed") from None
+    split = f"train[:{samples}]" if samples else "train"
+    LOG.info("loading dataset %s (%s) through datasets.load_dataset", name, split)
+    try:
+        ds = datasets.load_dataset(name, split=split)
+    except Exception as e:
+        raise DataError(f"{name!r} is neither a local file nor a loadable dataset: {e}") from e
+    return [str(x) for x in ds[field]]
+
+
+def fingerprint(texts: List[str]) -> str:
+    h = hashlib.sha256()
+    for t in texts:
+        h.update(t.encode())
+        h.update(b"\0")
+    return h.hexdigest()[:16]

@@ -1,0 +1,76 @@
+"""Assignment solvers: correlation matrices -> permutations, per kind of space."""
+
+from typing import Dict, List, Literal, Tuple
+
+import numpy as np
+import torch
+from scipy.optimize import linear_sum_assignment
+
+from mergekit_permute.heads import HeadPerm, flat_views
+from mergekit_permute.spec.base import HeadLayout
+
+AttentionMode = Literal["head_perm", "monotonic", "identity", "ignore_heads"]
+ResidualPolicy = Literal["all", "first", "last", "identity"]
+
+
+def assign(score: np.ndarray) -> Tuple[np.ndarray, float]:
+    """Maximise total score: perm[i] = column matched to row i (rows = A, columns = B)."""
+    rows, cols = linear_sum_assignment(score, maximize=True)
+    perm = np.empty(score.shape[0], dtype=np.int64)
+    perm[rows] = cols
+    return perm, float(score[rows, cols].sum())
+
+
+def match_plain(corr: torch.Tensor) -> torch.Tensor:
+    return torch.from_numpy(assign(corr.cpu().numpy())[0])
+
+
+def match_attention(corr: torch.Tensor, layout: HeadLayout, mode: AttentionMode
+                    ) -> Dict[str, torch.Tensor]:
+    """Flat q/k/v/o views from the correlation of the o_proj inputs [Hq*D, Hq*D]."""
+    if mode == "identity":
+        return HeadPerm.identity(layout).views(layout)
+    if mode == "ignore_heads":
+        return flat_views(match_plain(corr), layout)
+    h, d, g, kv = layout.num_heads, layout.head_dim, layout.group_size, layout.num_kv_heads
+    blocks = corr.cpu().numpy().reshape(h, d, h, d).transpose(0, 2, 1, 3)  # [hA, hB, d, d]
+    if mode == "monotonic":
+        group_perm = np.arange(kv)
+        query = np.tile(np.arange(g), (kv, 1))
+        inner = [assign(sum(blocks[a, a] for a in range(ga * g, ga * g + g)))[0]
+                 for ga in range(kv)]
+    else:  # head_perm (Verma & Elbayad), generalised to GQA groups
+        head_score = np.array([[assign(blocks[a, b])[1] for b in range(h)] for a in range(h)])
+        group_score = np.zeros((kv, kv))
+        choice: Dict[Tuple[int, int], Tuple[np.ndarray, np.ndarray]] = {}
+        for ga in range(kv):
+            for gb in range(kv):
+                sa, sb = slice(ga * g, ga * g + g), slice(gb * g, gb * g + g)
+                q_perm, _ = assign(head_score[sa, sb])
+                # One inner permutation is shared by every query head of the group (V is shared).
+                pooled = sum(blocks[ga * g + j, gb * g + q_perm[j]] for j in range(g))
+                inner_perm, score = assign(pooled)
+                group_score[ga, gb] = score
+                choice[ga, gb] = (q_perm, inner_perm)
+        group_perm, _ = assign(group_score)
+        query = np.stack([choice[ga, group_perm[ga]][0] for ga in range(kv)])
+        inner = [choice[ga, group_perm[ga]][1] for ga in range(kv)]
+    vo_inner = torch.from_numpy(np.stack(inner))
+    if layout.qk_frozen_dims == 0:
+        qk_inner = vo_inner  # the paper: Q/K take the same permutation as V
+    else:
+        qk_inner = torch.arange(d).repeat(kv, 1)  # RoPE: Q/K dims never move
+    perm = HeadPerm(group=torch.from_numpy(group_perm), query=torch.from_numpy(query),
+                    qk_inner=qk_inner, vo_inner=vo_inner)
+    return perm.views(layout)
+
+
+def residual_points(policy: ResidualPolicy, n_points: int) -> List[int]:
+    """Which residual feature points a policy pools ('all' sums every point's statistics)."""
+    return {"identity": [], "first": [0], "last": [n_points - 1],
+            "all": list(range(n_points))}[policy]
+
+
+def mean_matched(corr: torch.Tensor, perm: torch.Tensor) -> float:
+    """Mean correlation of A's feature i with the B feature placed at i."""
+    return float(corr[torch.arange(corr.shape[0]), perm.to(corr.device)].mean())

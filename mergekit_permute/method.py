@@ -1,0 +1,151 @@
+"""The MergeKit merge method `permute`: align B to the base model A, then average.
+
+MergeKit calls a method one tensor at a time, so the alignment is computed once per run (at
+planning time, see mergekit_hooks.py, or lazily on the first tensor) and looked up by tensor
+name through the permutation spec.
+"""
+
+import logging
+from typing import Dict, Optional, Tuple
+
+import torch
+from mergekit.merge_methods.base import (
+    BasePolicy, GroupMergeMethod, InputContract, MergeMethodSpec, OptionalTensorPolicy,
+    ParameterScope, ParameterSpec, TensorGroup,
+)
+from pydantic import ValidationError
+
+from mergekit_permute.align import AlignSettings, Alignment, align_pair
+
+LOG = logging.getLogger(__name__)
+DEFAULT_DATA = "shakespeare-calib"
+
+# Recipe parameter -> AlignSettings field (the recipe keeps the issue's names).
+SHARED = {"calibration_data": None, "calibration_samples": "samples", "max_length": "max_length",
+          "batch_size": "batch_size", "attention": "attention", "ffn": "ffn",
+          "residual": "residual", "keep_special_tokens": "keep_special_tokens"}
+PER_MODEL = {"weight"}
+
+_ALIGNMENTS: Dict[Tuple, Alignment] = {}
+RUN: Dict[str, object] = {"device": "cpu", "last": None}
+
+
+class RecipeError(ValueError):
+    pass
+
+
+def settings_from_parameters(params: Dict) -> Tuple[AlignSettings, str]:
+    unknown = sorted(set(params) - set(SHARED))
+    if unknown:
+        raise RecipeError(f"merge_method permute: unknown parameter(s) {unknown}; known: "
+                          f"{sorted(SHARED)} (and per-model 'weight')")
+    fields = {SHARED[k]: v for k, v in params.items() if SHARED[k] is not None}
+    try:
+        settings = AlignSettings(**fields)
+    except ValidationError as e:
+        problems = "; ".join(f"{_recipe_name(err['loc'][0])}: {err['msg']}" for err in e.errors())
+        raise RecipeError(f"merge_method permute: invalid parameter value(s): {problems}") from None
+    data = params.get("calibration_data", DEFAULT_DATA)
+    if not isinstance(data, str):
+        raise RecipeError("merge_method permute: calibration_data must be a path or dataset id")
+    return settings, data
+
+
+def _recipe_name(field: str) -> str:
+    return next((k for k, v in SHARED.items() if v == field), str(field))
+
+
+def get_alignment(model_a: str, model_b: str, settings: AlignSettings, data: str) -> Alignment:
+    key = (model_a, model_b, settings.model_dump_json(), data, str(RUN["device"]))
+    if key not in _ALIGNMENTS:
+        LOG.info("aligning %s to %s (%s)", model_b, model_a, settings.label())
+        alignment, *_ = align_pair(model_a, model_b, data, settings, device=str(RUN["device"]))
+        _ALIGNMENTS[key] = alignment
+    RUN["last"] = _ALIGNMENTS[key]
+    return _ALIGNMENTS[key]
+
+
+def model_path(ref) -> str:
+    if getattr(ref, "lora", None) is not None:
+        raise RecipeError(f"{ref}: LoRA inputs are not supported by merge_method permute")
+    return ref.model.path if hasattr(ref, "model") else str(ref)
+
+
+class PermuteMerge(GroupMergeMethod):
+    spec = MergeMethodSpec(
+        name="permute",
+        pretty_name="Permute (activation-matched alignment, then average)",
+        reference_url="https://arxiv.org/abs/2403.00986",
+        contract=InputContract(base=BasePolicy.REQUIRED, min_inputs=2, max_inputs=2),
+        optional_tensor_policy=OptionalTensorPolicy.ERROR,
+        parameters=(
+            ParameterSpec("weight", float, ParameterScope.INPUT, default=1.0),
+            ParameterSpec("calibration_data", str, ParameterScope.SHARED, default=DEFAULT_DATA),
+            ParameterSpec("calibration_samples", int, ParameterScope.SHARED, default=256),
+            ParameterSpec("max_length", int, ParameterScope.SHARED, default=128),
+            ParameterSpec("batch_size", int, ParameterScope.SHARED, default=8),
+            ParameterSpec("attention", str, ParameterScope.SHARED, default="head_perm"),
+            ParameterSpec("ffn", str, ParameterScope.SHARED, default="permute"),
+            ParameterSpec("residual", str, ParameterScope.SHARED, default="all"),
+            ParameterSpec("keep_special_tokens", bool, ParameterScope.SHARED, default=True),
+        ),
+    )
+
+    def merge_group(self, group: TensorGroup, /, weight, **params) -> torch.Tensor:
+        base, other = group.base, group.non_base[0]
+        settings, data = settings_from_parameters(params)
+        alignment = get_alignment(model_path(base.id), model_path(other.id), settings, data)
+        rule = alignment.spec.weight_map().get(group.metadata.name)
+        b = other.tensor
+        if rule is not None:
+            from mergekit_permute.permute import apply_to_tensor
+            b = apply_to_tensor(rule, b, alignment.transforms)
+        elif b.is_floating_point():
+            LOG.warning("%s is not in the permutation spec; averaged as is", group.metadata.name)
+        wa, wb = float(weight[base.id]), float(weight[other.id])
+        if wa + wb == 0:
+            raise RecipeError("merge_method permute: the model weights sum to zero")
+        merged = (wa * base.tensor.double() + wb * b.to(base.tensor.device).double()) / (wa + wb)
+        return merged.to(base.tensor.dtype)
+
+
+def validate_recipe(config) -> Optional[Tuple[AlignSettings, str]]:
+    """Check a whole MergeKit configuration for `permute` before MergeKit plans any tensor."""
+    if config.merge_method != "permute":
+        return None
+    if config.slices or config.modules:
+        raise RecipeError("merge_method permute needs the `models:` form (whole models, same "
+                          "layer count); slices and modules are not supported")
+    models = config.models or []
+    if config.base_model is None:
+        raise RecipeError("merge_method permute needs `base_model` (model A, whose basis B is "
+                          "aligned to)")
+    refs = {m.model for m in models} | {config.base_model}
+    if len(refs) != 2:
+        raise RecipeError(f"merge_method permute merges exactly two models (base_model and one "
+                          f"other); this recipe names {len(refs)}")
+    for m in models:
+        extra = sorted(set(m.parameters or {}) - PER_MODEL)
+        if extra:
+            raise RecipeError(f"model {m.model}: parameter(s) {extra} are not per-model; "
+                              "put them under the top-level `parameters:`")
+        w = (m.parameters or {}).get("weight", 1.0)
+        if isinstance(w, bool) or not isinstance(w, (int, float)) or w < 0:
+            raise RecipeError(f"model {m.model}: weight must be a number >= 0, got {w!r}")
+    params = dict(config.parameters or {})
+    for k, v in params.items():
+        if isinstance(v, (list, dict)) or hasattr(v, "filter"):
+            raise RecipeError(f"merge_method permute: {k} must be a single value, not a "
+                              "gradient or filtered list")
+    return settings_from_parameters(params)
+
+
+def warm_up(config, device: str) -> None:
+    """Compute the alignment at planning time, so failures come before any tensor is written."""
+    checked = validate_recipe(config)
+    if checked is None:
+        return
+    settings, data = checked
+    RUN["device"] = device or "cpu"
+    other = next(r for r in {m.model for m in config.models} if r != config.base_model)
+    get_alignment(model_path(config.base_model), model_path(other), settings, data)

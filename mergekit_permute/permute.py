@@ -1,0 +1,119 @@
+"""Apply, invert and draw transforms, generically over a PermutationSpec.
+
+A transform set maps space name -> view name -> tensor. A 1-D integer tensor is a permutation
+(new = old[p]); a 2-D float tensor M is a general change of basis (features h' = h @ M), which
+writers ("out" axes) take as M and readers ("in" axes) as M^-T. Norm gains ("elem" axes)
+only admit permutations.
+"""
+
+from typing import Dict, Mapping, Optional
+
+import torch
+
+from mergekit_permute.heads import HeadPerm
+from mergekit_permute.spec.base import Bind, Fused, PermutationSpec, WeightRule
+
+Transforms = Dict[str, Dict[str, torch.Tensor]]
+
+
+def is_permutation(t: torch.Tensor) -> bool:
+    return t.ndim == 1 and not t.is_floating_point()
+
+
+def identity_transforms(spec: PermutationSpec) -> Transforms:
+    return {s.name: {v: torch.arange(n) for v, n in s.views.items()} for s in spec.spaces}
+
+
+def random_transforms(spec: PermutationSpec, seed: int = 0, qk_follows_vo: bool = False
+                      ) -> Transforms:
+    """A random *function-preserving* transform set (for tests and property checks)."""
+    gen = torch.Generator().manual_seed(seed)
+    out: Transforms = {}
+    for space in spec.spaces:
+        if space.frozen:
+            out[space.name] = {v: torch.arange(n) for v, n in space.views.items()}
+        elif space.heads is not None:
+            out[space.name] = HeadPerm.random(space.heads, gen, qk_follows_vo).views(space.heads)
+        else:
+            out[space.name] = {"": torch.randperm(space.size, generator=gen)}
+    return out
+
+
+def invert(transforms: Transforms) -> Transforms:
+    def inv(t: torch.Tensor) -> torch.Tensor:
+        return torch.argsort(t) if is_permutation(t) else torch.linalg.inv(t.double()).to(t.dtype)
+    return {s: {v: inv(t) for v, t in views.items()} for s, views in transforms.items()}
+
+
+def _fused_index(axis: Fused, transforms: Transforms) -> torch.Tensor:
+    """Index permutation of a fused axis built from the permutations of its parts."""
+    if axis.layout == "blocks":
+        pieces, offset = [], 0
+        for part, size in zip(axis.parts, axis.sizes):
+            perm = torch.arange(size) if part is None else _perm(transforms, part)
+            pieces.append(perm + offset)
+            offset += size
+        return torch.cat(pieces)
+    # per_head: the axis is [heads, parts, head_dim] flattened (GPT-NeoX query_key_value).
+    n_parts, heads = len(axis.parts), axis.num_heads
+    head_dim = axis.sizes[0] // heads
+    index = torch.empty(heads, n_parts, head_dim, dtype=torch.long)
+    for j, (part, size) in enumerate(zip(axis.parts, axis.sizes)):
+        perm = torch.arange(size) if part is None else _perm(transforms, part)
+        src = perm.reshape(heads, head_dim)                   # [heads, head_dim] flat source
+        index[:, j, :] = (src // head_dim) * (n_parts * head_dim) + j * head_dim + src % head_dim
+    return index.reshape(-1)
+
+
+def _perm(transforms: Transforms, bind: Bind) -> torch.Tensor:
+    t = transforms[bind.space][bind.view]
+    if not is_permutation(t):
+        raise ValueError(f"space {bind.space} holds a matrix; a fused axis needs a permutation")
+    return t
+
+
+def apply_to_tensor(rule: WeightRule, tensor: torch.Tensor, transforms: Transforms) -> torch.Tensor:
+    """One tensor of B, expressed in A's basis."""
+    for dim, axis in enumerate(rule.axes):
+        if axis is None:
+            continue
+        if isinstance(axis, Fused):
+            tensor = tensor.index_select(dim, _fused_index(axis, transforms).to(tensor.device))
+            continue
+        t = transforms[axis.space][axis.view]
+        if is_permutation(t):
+            tensor = tensor.index_select(dim, t.to(tensor.device))
+            continue
+        if axis.role == "elem":
+            raise ValueError(
+                f"{rule.name}: space {axis.space} holds a matrix, but this weight scales it "
+                "elementwise; fold the norm gain into its readers first"
+            )
+        m = t.to(device=tensor.device, dtype=torch.float64)
+        m = m if axis.role == "out" else torch.linalg.inv(m).T
+        # new[..., i, ...] = sum_j m[j, i] * old[..., j, ...]
+        moved = torch.movedim(tensor.to(torch.float64), dim, -1) @ m
+        tensor = torch.movedim(moved, -1, dim).to(tensor.dtype)
+    return tensor
+
+
+def apply_to_state_dict(spec: PermutationSpec, state: Mapping[str, torch.Tensor],
+                        transforms: Transforms) -> Dict[str, torch.Tensor]:
+    rules = spec.weight_map()
+    out = {}
+    for name, tensor in state.items():
+        rule: Optional[WeightRule] = rules.get(name)
+        out[name] = tensor if rule is None else apply_to_tensor(rule, tensor, transforms)
+    return out
+
+
+def apply_to_model(spec: PermutationSpec, model: torch.nn.Module, transforms: Transforms) -> None:
+    """Permute a loaded transformers model in place (tied parameters stay tied)."""
+    rules = spec.weight_map()
+    seen = set()
+    with torch.no_grad():
+        for name, param in model.state_dict(keep_vars=True).items():
+            if id(param) in seen or name not in rules:
+                continue
+            seen.add(id(param))
+            param.data = apply_to_tensor(rules[name], param.data, transforms).contiguous()

@@ -1,0 +1,230 @@
+"""The permutation spec: one declarative table per architecture.
+
+A *space* is a set of features that may be reordered (or, later, rotated) without changing the
+model's function: the FF neurons of one layer, the attention heads x head_dim of one layer, the
+residual stream. A space has one or more *views*: the attention space is seen as query rows,
+key rows, value rows and output-projection columns, which differ in size under GQA.
+
+Every weight of the model is listed with one binding per axis: which space and view that axis
+lives in, and whether the weight *writes* the space (role "out": rows of a projection, biases,
+embeddings along hidden), *reads* it (role "in": columns of a projection) or scales it
+elementwise (role "elem": norm gains and biases). A fused axis (GPT-2 c_attn, GPT-NeoX
+query_key_value) is a `Fused` binding: the concatenation of several views, laid out in blocks or
+interleaved per head. Everything else - apply, invert, random valid transforms, matching,
+MergeKit's weight list - is generic code driven by this table.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Literal, Optional, Tuple, Union
+
+from pydantic import BaseModel, ConfigDict, model_validator
+
+Role = Literal["out", "in", "elem"]
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class HeadLayout(_Frozen):
+    """Head structure of an attention space (GQA when num_kv_heads < num_heads)."""
+
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    # Dimensions inside a Q/K head that must not move: RoPE pairs dimensions by frequency.
+    # 0 = every Q/K dimension may move (absolute positions, e.g. BERT, GPT-2).
+    qk_frozen_dims: int = 0
+
+    @model_validator(mode="after")
+    def _check(self) -> "HeadLayout":
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}"
+            )
+        if not 0 <= self.qk_frozen_dims <= self.head_dim:
+            raise ValueError("qk_frozen_dims must lie in [0, head_dim]")
+        return self
+
+    @property
+    def group_size(self) -> int:
+        return self.num_heads // self.num_kv_heads
+
+
+class FeaturePoint(_Frozen):
+    """Where a space's features are read during calibration: a module's input or output."""
+
+    module: str
+    where: Literal["input", "output"]
+
+
+class Space(_Frozen):
+    name: str
+    kind: Literal["residual", "ffn", "attention"]
+    size: int
+    heads: Optional[HeadLayout] = None
+    features: Tuple[FeaturePoint, ...] = ()
+    layer: Optional[int] = None
+    # The model's output is expressed in this basis (a bare encoder's hidden states), so only
+    # the identity keeps its function.
+    frozen: bool = False
+
+    @model_validator(mode="after")
+    def _check(self) -> "Space":
+        if (self.kind == "attention") != (self.heads is not None):
+            raise ValueError(f"space {self.name}: head layout is required for attention only")
+        if self.heads and self.size != self.heads.num_heads * self.heads.head_dim:
+            raise ValueError(f"space {self.name}: size != num_heads * head_dim")
+        return self
+
+    @property
+    def views(self) -> Dict[str, int]:
+        """View name -> length of the axis it indexes."""
+        if self.heads is None:
+            return {"": self.size}
+        kv = self.heads.num_kv_heads * self.heads.head_dim
+        return {"q": self.size, "k": kv, "v": kv, "o": self.size}
+
+
+class Bind(_Frozen):
+    """One axis lies wholly in one view of one space."""
+
+    space: str
+    view: str = ""
+    role: Role
+
+
+class Fused(_Frozen):
+    """An axis that concatenates several views (e.g. c_attn = [Q | K | V]).
+
+    layout "blocks": [part0 | part1 | ...] each part its full view;
+    layout "per_head": (heads, parts, head_dim), heads interleaved as GPT-NeoX stores them.
+    A part of None is an untouched segment of the given size.
+    """
+
+    parts: Tuple[Optional[Bind], ...]
+    sizes: Tuple[int, ...]
+    layout: Literal["blocks", "per_head"] = "blocks"
+    num_heads: int = 1
+
+
+Axis = Union[None, Bind, Fused]
+
+
+class WeightRule(_Frozen):
+    """A tensor of the checkpoint, its shape, and one binding per axis (None = untouched)."""
+
+    name: str
+    shape: Tuple[int, ...]
+    axes: Tuple[Axis, ...]
+    layer: Optional[int] = None
+    # Also present under these names (tied or legacy); they follow the same rule.
+    aliases: Tuple[str, ...] = ()
+    # Saved checkpoints may omit it because it is tied to another weight.
+    tied_to: Optional[str] = None
+
+    @model_validator(mode="after")
+    def _check(self) -> "WeightRule":
+        if len(self.axes) != len(self.shape):
+            raise ValueError(f"{self.name}: {len(self.axes)} axis bindings for shape {self.shape}")
+        return self
+
+
+class PermutationSpec(_Frozen):
+    """The complete, self-validating table for one model configuration."""
+
+    family: str
+    architecture: str
+    spaces: Tuple[Space, ...]
+    weights: Tuple[WeightRule, ...]
+    num_layers: int
+
+    @model_validator(mode="after")
+    def _validate(self) -> "PermutationSpec":
+        spaces = {s.name: s for s in self.spaces}
+        if len(spaces) != len(self.spaces):
+            raise ValueError(f"{self.family}: duplicate space names")
+        names = [w.name for w in self.weights]
+        if len(set(names)) != len(names):
+            raise ValueError(f"{self.family}: duplicate weight names")
+        used = set()
+        for w in self.weights:
+            for dim, axis in zip(w.shape, w.axes):
+                for bind, size in _bindings(axis, dim, w.name):
+                    space = spaces.get(bind.space)
+                    if space is None:
+                        raise ValueError(f"{w.name}: unknown space {bind.space!r}")
+                    views = space.views
+                    if bind.view not in views:
+                        raise ValueError(f"{w.name}: space {space.name} has no view {bind.view!r}")
+                    if views[bind.view] != size:
+                        raise ValueError(
+                            f"{w.name}: axis of size {size} bound to {space.name}"
+                            f"[{bind.view or 'all'}] of size {views[bind.view]}"
+                        )
+                    used.add(space.name)
+        unused = set(spaces) - used
+        if unused:
+            raise ValueError(f"{self.family}: spaces that act on no weight: {sorted(unused)}")
+        return self
+
+    def space(self, name: str) -> Space:
+        for s in self.spaces:
+            if s.name == name:
+                return s
+        raise KeyError(name)
+
+    def weight_map(self) -> Dict[str, WeightRule]:
+        """Every name a tensor may carry (aliases included) -> its rule."""
+        out: Dict[str, WeightRule] = {}
+        for w in self.weights:
+            out[w.name] = w
+            for alias in w.aliases:
+                out[alias] = w
+        return out
+
+    def check_state_dict(self, shapes: Dict[str, Tuple[int, ...]]) -> None:
+        """Refuse a checkpoint whose tensors this spec does not cover exactly."""
+        rules = self.weight_map()
+        unknown = sorted(n for n in shapes if n not in rules and not _is_buffer(n))
+        if unknown:
+            raise ValueError(
+                f"{self.architecture}: tensors not covered by the permutation spec: "
+                f"{unknown[:8]}{' ...' if len(unknown) > 8 else ''}. The checkpoint does not "
+                "match the architecture named in its config."
+            )
+        for name, shape in shapes.items():
+            rule = rules.get(name)
+            if rule is not None and tuple(shape) != rule.shape:
+                raise ValueError(
+                    f"{name}: shape {tuple(shape)} in the checkpoint, {rule.shape} expected "
+                    "from its config."
+                )
+        present = set(shapes)
+        missing = [
+            w.name
+            for w in self.weights
+            if w.tied_to is None and not present.intersection((w.name, *w.aliases))
+        ]
+        if missing:
+            raise ValueError(f"{self.architecture}: checkpoint lacks {missing[:8]}")
+
+
+def _is_buffer(name: str) -> bool:
+    # Non-learned index buffers some checkpoints carry (position_ids etc.); never permuted.
+    return name.endswith((".position_ids", ".token_type_ids", ".masked_bias", "attention.bias",
+                          ".rotary_emb.inv_freq"))
+
+
+def _bindings(axis: Axis, dim: int, weight: str):
+    """(Bind, axis length) for every space binding of one axis."""
+    if axis is None:
+        return []
+    if isinstance(axis, Bind):
+        return [(axis, dim)]
+    if len(axis.parts) != len(axis.sizes):
+        raise ValueError(f"{weight}: fused axis parts and sizes differ in length")
+    if sum(axis.sizes) != dim:
+        raise ValueError(f"{weight}: fused sizes {axis.sizes} do not add up to {dim}")
+    return [(p, s) for p, s in zip(axis.parts, axis.sizes) if p is not None]

@@ -1,0 +1,81 @@
+import json
+import shutil
+
+import pytest
+import torch
+import transformers as T
+from safetensors.torch import load_file
+
+from mergekit_permute.align import AlignSettings, align_pair, load_transforms
+from mergekit_permute.permute import apply_to_model, random_transforms
+from mergekit_permute.spec import spec_for_config
+from tests.conftest import cli, run_cli
+
+ALIGN_ARGS = ["--data", "shakespeare-calib", "--samples", "120", "--max-length", "32"]
+
+
+def _logits(path_or_model, tok_path, texts):
+    model = (T.AutoModelForMaskedLM if "bert" in str(tok_path) else T.AutoModelForCausalLM)
+    m = path_or_model if not isinstance(path_or_model, str) else model.from_pretrained(path_or_model)
+    tok = T.AutoTokenizer.from_pretrained(tok_path)
+    tok.pad_token = tok.pad_token or tok.eos_token
+    enc = tok(texts, return_tensors="pt", padding=True)
+    with torch.no_grad():
+        return m.eval()(**enc).logits
+
+
+@pytest.mark.parametrize("arch", ["bert", "llama"])
+def test_align_output_computes_b_and_is_permuted(zoo, tmp_path, arch):
+    a, b = zoo(arch)
+    out = tmp_path / "aligned"
+    r = run_cli(cli("mergekit-permute"), "align", a, b, *ALIGN_ARGS, "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    texts = ["Good morrow, my lord.", "What light through yonder window breaks?"]
+    torch.testing.assert_close(_logits(str(out), b, texts), _logits(b, b, texts),
+                               rtol=1e-5, atol=1e-5)
+    wa, wb, wo = (load_file(f"{p}/model.safetensors") for p in (a, b, out))
+    ffn = "bert.encoder.layer.0.intermediate.dense.weight" if arch == "bert" else \
+        "model.layers.0.mlp.up_proj.weight"
+    assert not torch.equal(wo[ffn], wb[ffn])
+    assert torch.equal(wo[ffn].flatten().sort().values, wb[ffn].flatten().sort().values)  # moved only
+    # B' is closer to A than B was.
+    assert (wo[ffn] - wa[ffn]).norm() < (wb[ffn] - wa[ffn]).norm()
+    doc = json.loads((out / "alignment.json").read_text())
+    assert doc["settings"]["attention"] == "head_perm" and doc["function_preserving"]
+    assert doc["data"]["tokens"] > 0 and len(doc["data"]["fingerprint"]) == 16
+    for space in doc["spaces"].values():
+        assert space["mean_corr_after"] >= space["mean_corr_before"] - 1e-9
+    transforms = load_transforms(out / "permutations.safetensors")
+    assert transforms["ffn.0"][""].dtype == torch.long
+    assert (out / "tokenizer.json").exists()
+
+
+@pytest.mark.parametrize("arch", ["bert", "llama"])
+def test_alignment_recovers_a_random_permutation_of_itself(zoo, tmp_path, arch):
+    a, _ = zoo(arch)
+    model = T.AutoModelForMaskedLM.from_pretrained(a) if arch == "bert" else \
+        T.AutoModelForCausalLM.from_pretrained(a)
+    spec = spec_for_config(model.config)
+    # Q/K take V's inner permutation: what V/O activation matching can see (the paper's rule).
+    apply_to_model(spec, model, random_transforms(spec, seed=11, qk_follows_vo=True))
+    permuted = tmp_path / "permuted"
+    model.save_pretrained(permuted)
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(f"{a}/{f}", permuted / f)
+    settings = AlignSettings(samples=120, max_length=32)
+    alignment, model_a, model_b, _ = align_pair(a, str(permuted), "shakespeare-calib", settings,
+                                                use_cache=False)
+    apply_to_model(spec, model_b, alignment.transforms)
+    for k, v in model_a.state_dict().items():
+        assert torch.equal(v, model_b.state_dict()[k]), k
+    # ... so the merge of A with its permuted copy is A itself.
+    for space in alignment.report.values():
+        assert space["mean_corr_after"] > 0.999
+
+
+def test_ignore_heads_is_refused_by_align(zoo, tmp_path):
+    a, b = zoo("bert")
+    r = run_cli(cli("mergekit-permute"), "align", a, b, *ALIGN_ARGS, "--attention",
+                "ignore_heads", "--out", str(tmp_path / "x"))
+    assert r.returncode == 2 and "not function-preserving" in r.stderr
+    assert not (tmp_path / "x").exists()

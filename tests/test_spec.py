@@ -1,0 +1,78 @@
+import copy
+
+import pytest
+import torch
+
+from mergekit_permute.permute import (
+    apply_to_model, apply_to_state_dict, identity_transforms, invert, random_transforms,
+)
+from mergekit_permute.spec import UnsupportedArchitecture, spec_for_config
+from tests.tiny import CONFIGS, build, inputs, outputs
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_random_valid_permutation_preserves_function(name):
+    model = build(name)
+    spec = spec_for_config(model.config)
+    spec.check_state_dict({k: tuple(v.shape) for k, v in model.state_dict().items()})
+    kw = inputs(model)
+    before = outputs(model, kw)
+    permuted = copy.deepcopy(model)
+    transforms = random_transforms(spec, seed=3)
+    apply_to_model(spec, permuted, transforms)
+    after = outputs(permuted, kw)
+    for a, b in zip(before, after):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    # The weights really moved.
+    changed = [k for k, v in permuted.state_dict().items()
+               if not torch.equal(v, model.state_dict()[k])]
+    assert len(changed) > len(spec.weights) // 2
+
+
+@pytest.mark.parametrize("name", ["BertForPreTraining", "LlamaForCausalLM"])
+def test_apply_then_invert_is_identity(name):
+    model = build(name)
+    spec = spec_for_config(model.config)
+    state = model.state_dict()
+    t = random_transforms(spec, seed=5)
+    back = apply_to_state_dict(spec, apply_to_state_dict(spec, state, t), invert(t))
+    for k in state:
+        assert torch.equal(back[k], state[k]), k
+    ident = apply_to_state_dict(spec, state, identity_transforms(spec))
+    assert all(torch.equal(ident[k], state[k]) for k in state)
+
+
+def test_wrong_mlm_head_permutation_breaks_function():
+    """Guard against the trap in METHOD.md: permuting only transform.dense's input axis."""
+    model = build("BertForMaskedLM")
+    spec = spec_for_config(model.config)
+    t = random_transforms(spec, seed=2)
+    permuted = copy.deepcopy(model)
+    apply_to_model(spec, permuted, t)
+    w = permuted.cls.predictions.transform.dense
+    with torch.no_grad():  # undo the output-axis permutation only
+        inv = torch.argsort(t["residual"][""])
+        w.weight.copy_(w.weight[inv])
+        w.bias.copy_(w.bias[inv])
+    kw = inputs(model)
+    err = (outputs(permuted, kw)[0] - outputs(model, kw)[0]).abs().max()
+    assert err > 1e-2
+
+
+def test_unsupported_architecture_is_refused_with_the_supported_list():
+    import transformers as T
+    cfg = T.GPT2Config(n_layer=1, n_embd=16, n_head=2)
+    cfg.architectures = ["GPTJForCausalLM"]
+    with pytest.raises(UnsupportedArchitecture, match="BertForMaskedLM.*LlamaForCausalLM"):
+        spec_for_config(cfg)
+
+
+def test_spec_validates_sizes():
+    from mergekit_permute.spec.base import Bind, PermutationSpec, Space, WeightRule
+    with pytest.raises(ValueError, match="size 5 bound to ffn"):
+        PermutationSpec(family="x", architecture="X", num_layers=1,
+                        spaces=(Space(name="ffn", kind="ffn", size=4),),
+                        weights=(WeightRule(name="w", shape=(5, 3),
+                                            axes=(Bind(space="ffn", role="out"), None)),))
+    with pytest.raises(ValueError, match="extra"):
+        Bind(space="ffn", role="out", colour="red")

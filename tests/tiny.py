@@ -1,0 +1,57 @@
+"""Tiny configs of every supported architecture, built offline with the real transformers classes."""
+
+import torch
+import transformers as T
+
+BERT = dict(vocab_size=61, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+            intermediate_size=48, max_position_embeddings=40, type_vocab_size=2)
+LLAMA = dict(vocab_size=61, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+             num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=64)
+
+CONFIGS = {
+    "BertForMaskedLM": lambda: T.BertConfig(**BERT),
+    "BertForPreTraining": lambda: T.BertConfig(**BERT),
+    "BertModel": lambda: T.BertConfig(**BERT),
+    "BertForSequenceClassification": lambda: T.BertConfig(**BERT, num_labels=3),
+    "LlamaForCausalLM": lambda: T.LlamaConfig(**LLAMA, tie_word_embeddings=False),
+    "LlamaForCausalLM-tied": lambda: T.LlamaConfig(**LLAMA, tie_word_embeddings=True),
+    "LlamaForCausalLM-mha": lambda: T.LlamaConfig(**{**LLAMA, "num_key_value_heads": 8}),
+    "MistralForCausalLM": lambda: T.MistralConfig(**LLAMA),
+    "Qwen2ForCausalLM": lambda: T.Qwen2Config(**LLAMA, tie_word_embeddings=True),
+    "Qwen3ForCausalLM": lambda: T.Qwen3Config(**LLAMA, head_dim=8),
+}
+
+
+def build(name: str, seed: int = 0):
+    arch = name.split("-")[0]
+    config = CONFIGS[name]()
+    config.architectures = [arch]
+    torch.manual_seed(seed)
+    model = getattr(T, arch)(config).eval()
+    # Non-trivial norm gains and biases so a wrong permutation of them is visible.
+    with torch.no_grad():
+        for pname, p in model.named_parameters():
+            if p.ndim == 1:
+                p.add_(0.1 * torch.randn_like(p))
+    return model
+
+
+def inputs(model, batch: int = 3, length: int = 11, seed: int = 1):
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, model.config.vocab_size, (batch, length), generator=gen)
+    mask = torch.ones_like(ids)
+    mask[0, -3:] = 0
+    kw = {"input_ids": ids, "attention_mask": mask}
+    if model.config.model_type == "bert":
+        kw["token_type_ids"] = (torch.arange(length) > length // 2).long().expand(batch, -1)
+    return kw
+
+
+def outputs(model, kw):
+    with torch.no_grad():
+        out = model(**kw)
+    if hasattr(out, "logits"):
+        return [out.logits]
+    if hasattr(out, "prediction_logits"):
+        return [out.prediction_logits, out.seq_relationship_logits]
+    return [out.last_hidden_state, out.pooler_output]
