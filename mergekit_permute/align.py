@@ -196,6 +196,15 @@ def summarize(report: Dict[str, Dict]) -> Dict[str, Dict[str, float]]:
             for k, rs in sorted(by_kind.items())}
 
 
+def check_settings(spec: PermutationSpec, settings: AlignSettings) -> None:
+    """Refuse settings the architecture cannot honour, before calibration."""
+    if settings.attention == "ignore_heads":
+        gqa = [s.name for s in spec.spaces if s.heads and s.heads.num_kv_heads != s.heads.num_heads]
+        if gqa:
+            raise ValueError("attention=ignore_heads needs as many KV heads as query heads; this "
+                             f"{spec.architecture} uses grouped-query attention ({gqa[0]})")
+
+
 def align_pair(model_a: str, model_b: str, data: str, settings: AlignSettings, *,
                device: str = "cpu", use_cache: bool = True):
     """The whole pipeline in memory: (Alignment, spec, loaded model B, tokenizer)."""
@@ -204,6 +213,7 @@ def align_pair(model_a: str, model_b: str, data: str, settings: AlignSettings, *
 
     texts = load_texts(data, settings.samples)
     spec, a, b, tok = load_pair(model_a, model_b, device=device)
+    check_settings(spec, settings)
     if not settings.function_preserving:
         LOG.warning("attention=ignore_heads is NOT function-preserving (paper ablation only)")
     stats = collect_stats(spec, a, b, tok, texts, settings, device=device, use_cache=use_cache)

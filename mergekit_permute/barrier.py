@@ -138,13 +138,15 @@ def run_barrier(model_a: str, model_b: str, *, eval_data: str, calibration: str,
                 methods: Sequence[str], lambdas: int, settings: AlignSettings,
                 eval_samples: int = 256, eval_max_length: int = 128, seed: int = 0,
                 device: str = "cpu", use_cache: bool = True, label_field: str = "label") -> Dict:
-    from mergekit_permute.align import collect_stats, compute_alignment
+    from mergekit_permute.align import check_settings, collect_stats, compute_alignment
     from mergekit_permute.data import load_texts
     from mergekit_permute.models import load_pair
     from mergekit_permute.permute import apply_to_state_dict
 
     parsed = {m: parse_method(m, settings) for m in methods}  # bad names fail before loading
     spec, a, b, tok = load_pair(model_a, model_b, device=device)
+    for s in parsed.values():
+        check_settings(spec, s)
     objective = objective_for(a)
     labels: Sequence = ()
     if objective == "cls":

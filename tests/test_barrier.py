@@ -1,0 +1,89 @@
+import json
+
+import pytest
+
+from mergekit_permute.align import AlignSettings
+from mergekit_permute.barrier import barrier_values, parse_method, run_barrier
+from tests.conftest import cli, run_cli
+
+EVAL = dict(eval_data="shakespeare-eval", calibration="shakespeare-calib", eval_samples=48,
+            eval_max_length=32, settings=AlignSettings(samples=120, max_length=32))
+
+
+def test_barrier_values_match_a_hand_computed_curve():
+    lambdas = [0.0, 0.25, 0.5, 0.75, 1.0]
+    losses = [2.0, 3.0, 3.5, 2.5, 1.0]  # B = 2.0 at lambda 0, A = 1.0 at lambda 1
+    v = barrier_values(lambdas, losses)
+    # linear path: 2.0, 1.75, 1.5, 1.25, 1.0 -> excess 0, 1.25, 2.0, 1.25, 0
+    assert v["barrier"] == pytest.approx(2.0) and v["barrier_lambda"] == 0.5
+    assert v["barrier_paper"] == pytest.approx(3.5 - 1.5)
+    assert (v["loss_a"], v["loss_b"], v["midpoint_loss"]) == (1.0, 2.0, 3.5)
+
+
+def test_method_names_parse_into_settings():
+    base = AlignSettings()
+    assert parse_method("vanilla", base).model_dump(include={"ffn", "attention", "residual"}) == \
+        {"ffn": "identity", "attention": "identity", "residual": "identity"}
+    s = parse_method("head_perm+residual=first", base)
+    assert (s.ffn, s.attention, s.residual) == ("permute", "head_perm", "first")
+    s = parse_method("default", base)
+    assert (s.ffn, s.attention, s.residual) == ("permute", "head_perm", "all")
+    with pytest.raises(ValueError, match="unknown method 'headperm'"):
+        parse_method("headperm", base)
+
+
+@pytest.mark.parametrize("arch", ["bert", "llama"])
+def test_barrier_of_a_model_with_itself_is_zero(zoo, arch):
+    a, _ = zoo(arch)
+    r = run_barrier(a, a, methods=["vanilla", "default"], lambdas=5, **EVAL)
+    for m in r["methods"].values():
+        assert m["barrier"] == pytest.approx(0.0, abs=1e-9)
+        assert max(m["losses"]) - min(m["losses"]) < 1e-9
+
+
+@pytest.mark.parametrize("arch", ["bert", "llama"])
+def test_alignment_lowers_the_barrier_and_writes_reports(zoo, tmp_path, arch):
+    a, b = zoo(arch)
+    out = tmp_path / "barrier"
+    # ignore_heads (MHA only) runs on BERT; the GQA Llama refuses it (test below).
+    names = ["vanilla", "ffn_only", "head_perm", "monotonic", "default"] + \
+        (["ignore_heads"] if arch == "bert" else [])
+    r = run_cli(cli("mergekit-permute"), "barrier", a, b, "--data", "shakespeare-eval",
+                "--methods", ",".join(names),
+                "--lambdas", "7", "--eval-samples", "48", "--eval-max-length", "32",
+                "--samples", "120", "--max-length", "32", "--out", str(out))
+    assert r.returncode == 0, r.stderr[-3000:]
+    doc = json.loads((out / "barrier.json").read_text())
+    assert doc["headline"] == "barrier" and len(doc["lambdas"]) == 7
+    assert doc["objective"] == ("mlm" if arch == "bert" else "clm")
+    methods = doc["methods"]
+    assert set(methods) == set(names)
+    for m in methods.values():
+        assert len(m["losses"]) == 7
+        assert m["loss_a"] == m["losses"][-1] and m["loss_b"] == m["losses"][0]
+        assert {"barrier", "barrier_paper", "midpoint_loss", "settings"} <= set(m)
+    assert methods["default"]["barrier"] <= methods["vanilla"]["barrier"]
+    if arch == "bert":
+        assert methods["ignore_heads"]["function_preserving"] is False
+    # Every function-preserving method keeps both endpoint losses.
+    assert methods["head_perm"]["loss_b"] == pytest.approx(methods["vanilla"]["loss_b"], abs=1e-5)
+    png = (out / "barrier.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+    assert "| vanilla |" in (out / "barrier.md").read_text()
+    assert "| default |" in r.stdout
+
+
+def test_barrier_refuses_models_without_a_loss(tmp_path):
+    from tests.tiny import build
+    model = build("BertModel")
+    model.save_pretrained(tmp_path / "enc")
+    with pytest.raises(ValueError, match="no loss to measure"):
+        from mergekit_permute.barrier import objective_for
+        objective_for(model)
+
+
+def test_ignore_heads_is_refused_for_gqa_before_calibration(zoo):
+    a, b = zoo("llama")
+    with pytest.raises(ValueError, match="grouped-query attention"):
+        run_barrier(a, b, methods=["vanilla", "ignore_heads"], lambdas=3,
+                    **{**EVAL, "calibration": "/nonexistent.txt"})

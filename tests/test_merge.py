@@ -1,0 +1,98 @@
+import pytest
+import torch
+import transformers as T
+import yaml
+from safetensors.torch import load_file
+
+from tests.conftest import cli, run_cli
+
+PARAMS = {"calibration_data": "shakespeare-calib", "calibration_samples": 120, "max_length": 32}
+
+
+def recipe(tmp_path, a, b, params=None, models=None, **top):
+    doc = {"merge_method": "permute", "base_model": a, "dtype": "float32",
+           "models": models or [{"model": a}, {"model": b}],
+           "parameters": PARAMS if params is None else params, **top}
+    path = tmp_path / "recipe.yml"
+    path.write_text(yaml.safe_dump(doc))
+    return path
+
+
+@pytest.mark.parametrize("arch", ["bert", "llama"])
+@pytest.mark.parametrize("runner", ["mergekit-yaml", "mergekit-permute"])
+def test_merge_equals_average_of_a_and_aligned_b(zoo, tmp_path, arch, runner):
+    a, b = zoo(arch)
+    aligned = tmp_path / "aligned"
+    r = run_cli(cli("mergekit-permute"), "align", a, b, "--data", "shakespeare-calib",
+                "--samples", "120", "--max-length", "32", "--out", str(aligned))
+    assert r.returncode == 0, r.stderr
+    out = tmp_path / "merged"
+    cmd = [cli("mergekit-yaml"), str(recipe(tmp_path, a, b)), str(out)] if runner == "mergekit-yaml" \
+        else [cli("mergekit-permute"), "merge", str(recipe(tmp_path, a, b)), str(out)]
+    r = run_cli(*cmd)
+    assert r.returncode == 0, r.stderr[-3000:]
+    merged, wa, wb = (load_file(f"{p}/model.safetensors") for p in (out, a, aligned))
+    for k, v in merged.items():
+        torch.testing.assert_close(v, (wa[k] + wb[k]) / 2, rtol=0, atol=1e-6, msg=k)
+    model = T.AutoModelForMaskedLM.from_pretrained(out) if arch == "bert" else \
+        T.AutoModelForCausalLM.from_pretrained(out)
+    tok = T.AutoTokenizer.from_pretrained(out)
+    with torch.no_grad():
+        logits = model(**tok(["To be, or not to be"], return_tensors="pt")).logits
+    assert torch.isfinite(logits).all()
+    card = (out / "README.md").read_text()
+    assert "Alignment (mergekit-permute)" in card and "merge_method: permute" in card
+    assert (out / "alignment.json").exists() and (out / "permutations.safetensors").exists()
+
+
+@pytest.mark.parametrize("params,models_extra,message", [
+    ({**PARAMS, "calibraton_samples": 5}, None, "unknown parameter(s) ['calibraton_samples']"),
+    ({**PARAMS, "attention": "heads"}, None, "attention: Input should be"),
+    ({**PARAMS, "calibration_samples": 0}, None, "calibration_samples: Input should be greater"),
+    (PARAMS, {"max_length": 3}, "are not per-model"),
+    (PARAMS, {"weight": -1}, "weight must be a number >= 0"),
+])
+def test_bad_recipes_are_refused_clearly(zoo, tmp_path, params, models_extra, message):
+    from click.testing import CliRunner
+
+    from mergekit_permute.cli import main
+    a, b = zoo("bert")
+    models = [{"model": a}, {"model": b, **({"parameters": models_extra} if models_extra else {})}]
+    path = recipe(tmp_path, a, b, params=params, models=models)
+    out = tmp_path / "out"
+    r = CliRunner().invoke(main, ["merge", str(path), str(out)])
+    assert r.exit_code == 2, r.output
+    assert message in r.output
+    assert not out.exists()
+
+
+def test_stock_mergekit_yaml_refuses_unknown_keys(zoo, tmp_path):
+    """MergeKit ignores unknown keys; with the plugin installed `permute` recipes do not."""
+    a, b = zoo("bert")
+    out = tmp_path / "out"
+    r = run_cli(cli("mergekit-yaml"), str(recipe(tmp_path, a, b, {**PARAMS, "resdual": "all"})),
+                str(out))
+    assert r.returncode != 0 and "unknown parameter(s) ['resdual']" in r.stderr
+    assert not out.exists() or not any(out.iterdir())
+
+
+def test_three_models_and_missing_base_are_refused(zoo, tmp_path):
+    a, b = zoo("bert")
+    c, _ = zoo("llama")
+    path = recipe(tmp_path, a, b, models=[{"model": a}, {"model": b}, {"model": c}])
+    r = run_cli(cli("mergekit-permute"), "merge", str(path), str(tmp_path / "o"))
+    assert r.returncode == 2 and "exactly two models" in r.stderr
+    path = recipe(tmp_path, a, b, base_model=None)
+    r = run_cli(cli("mergekit-permute"), "merge", str(path), str(tmp_path / "o"))
+    assert r.returncode == 2 and "needs `base_model`" in r.stderr
+    assert not (tmp_path / "o").exists()
+
+
+def test_shipped_local_recipe_is_valid():
+    from pathlib import Path
+
+    from mergekit_permute.merging import load_recipe
+    from mergekit_permute.method import validate_recipe
+    for path in sorted(Path(__file__).parent.parent.joinpath("recipes").glob("*.yml")):
+        settings, data = validate_recipe(load_recipe(path))
+        assert settings.attention == "head_perm"
