@@ -14,6 +14,12 @@ from mergekit_permute.spec._build import (
 )
 from mergekit_permute.spec.base import HeadLayout, PermutationSpec, Space, WeightRule
 
+NOTES = {
+    "BertModel": "bare encoder: residual stays identity (it is the output); pooler reads R",
+    "BertForMaskedLM": "tied decoder: MLM transform.dense permuted on both axes by R",
+    "BertForPreTraining": "MultiBERTs; as MaskedLM plus pooler + NSP head (never permuted)",
+    "BertForSequenceClassification": "pooler reads R; classifier labels never permuted",
+}
 PREFIX = {"BertModel": "", "BertForMaskedLM": "bert.", "BertForPreTraining": "bert.",
           "BertForSequenceClassification": "bert."}
 

@@ -13,6 +13,12 @@ from mergekit_permute.spec._build import (
 )
 from mergekit_permute.spec.base import HeadLayout, PermutationSpec, Space, WeightRule
 
+NOTES = {
+    "LlamaForCausalLM": "RoPE: whole heads / KV groups move, V/O dims inside heads; tied or untied head",
+    "MistralForCausalLM": "as Llama",
+    "Qwen2ForCausalLM": "as Llama, with Q/K/V biases",
+    "Qwen3ForCausalLM": "as Llama, with per-head q_norm/k_norm (untouched)",
+}
 QKV_BIAS = {"Qwen2ForCausalLM"}
 QK_NORM = {"Qwen3ForCausalLM"}
 
