@@ -45,6 +45,14 @@ def main(verbose: bool) -> None:
     _setup_logging(verbose)
 
 
+def _allow_pickle(ctx, param, value):
+    if value:
+        import os
+
+        from mergekit_permute.models import ALLOW_PICKLE_ENV
+        os.environ[ALLOW_PICKLE_ENV] = "1"
+
+
 def align_options(f):
     for opt in reversed([
         click.option("--attention", type=click.Choice(ATTENTION), default="head_perm",
@@ -62,6 +70,9 @@ def align_options(f):
                      help="Leave [CLS]/[SEP]/BOS... out of the statistics."),
         click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:1..."),
         click.option("--no-cache", is_flag=True, help="Recompute calibration statistics."),
+        click.option("--allow-unsafe-pickle", is_flag=True, callback=_allow_pickle,
+                     expose_value=False, help="Fully unpickle .bin checkpoints that the "
+                     "weights-only unpickler rejects (runs their code: trusted sources only)."),
     ]):
         f = opt(f)
     return f

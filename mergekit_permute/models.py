@@ -1,6 +1,8 @@
 """Loading model pairs and checking that they can be aligned, before any expensive work."""
 
 import logging
+import os
+import pickle
 from pathlib import Path
 from typing import Tuple
 
@@ -14,6 +16,13 @@ LOG = logging.getLogger(__name__)
 
 class IncompatibleModels(ValueError):
     pass
+
+
+class UnsafeCheckpoint(ValueError):
+    pass
+
+
+ALLOW_PICKLE_ENV = "MERGEKIT_PERMUTE_ALLOW_UNSAFE_PICKLE"
 
 
 def load_config(path: str):
@@ -60,8 +69,30 @@ def load_model(path: str, device="cpu", dtype=torch.float32):
     if weights and ".safetensors" not in weights and weights & {".bin", ".pt", ".pth"}:
         LOG.warning("%s ships pickle weights only; they are read with the weights-only unpickler. "
                     "Convert them to safetensors (model.save_pretrained) to avoid pickles.", path)
-    model = cls.from_pretrained(path, dtype=dtype, trust_remote_code=False)
+    try:
+        model = cls.from_pretrained(path, dtype=dtype, trust_remote_code=False)
+    except pickle.UnpicklingError as e:
+        if os.environ.get(ALLOW_PICKLE_ENV) != "1":
+            raise UnsafeCheckpoint(
+                f"{path}: its pickle needs full unpickling, which can run arbitrary code, so it "
+                "was refused (the weights-only unpickler rejected it). Convert it to safetensors "
+                "in an environment you trust, or - only if you trust its source - pass "
+                f"--allow-unsafe-pickle (or set {ALLOW_PICKLE_ENV}=1).") from e
+        LOG.warning("%s: fully unpickling a checkpoint on explicit request", path)
+        model = _load_unsafe(cls, path, dtype)
     return model.to(device).eval()
+
+
+def _load_unsafe(cls, path: str, dtype):
+    config = load_config(path)
+    model = cls(config).to(dtype)
+    state = {}
+    for f in sorted(Path(path).glob("*.bin")):
+        state.update(torch.load(f, map_location="cpu", weights_only=False))
+    model.load_state_dict({k: v for k, v in state.items() if isinstance(v, torch.Tensor)},
+                          strict=False)
+    model.tie_weights()
+    return model
 
 
 def load_pair(path_a: str, path_b: str, device="cpu", dtype=torch.float32
