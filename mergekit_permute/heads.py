@@ -30,8 +30,9 @@ class HeadPerm:
 
     @staticmethod
     def random(layout: HeadLayout, gen: torch.Generator, qk_follows_vo: bool = False) -> "HeadPerm":
-        """Uniform over the valid set; `qk_follows_vo` restricts Q/K to V's inner permutation
-        where Q/K dims may move (what activation matching on V/O features can recover)."""
+        """Uniform over the valid set. `qk_follows_vo` restricts Q/K to what matching on V/O
+        features can recover: V's inner permutation where every Q/K dim may move, the
+        identity where some are rotary."""
         kv, g, d, f = (layout.num_kv_heads, layout.group_size, layout.head_dim,
                        layout.qk_frozen_dims)
         perm = HeadPerm(
@@ -42,8 +43,9 @@ class HeadPerm:
                                   for _ in range(kv)]),
             vo_inner=torch.stack([torch.randperm(d, generator=gen) for _ in range(kv)]),
         )
-        if qk_follows_vo and f == 0:
-            perm = HeadPerm(perm.group, perm.query, perm.vo_inner, perm.vo_inner)
+        if qk_follows_vo:
+            qk = perm.vo_inner if f == 0 else torch.arange(d).repeat(kv, 1)
+            perm = HeadPerm(perm.group, perm.query, qk, perm.vo_inner)
         return perm
 
     def views(self, layout: HeadLayout) -> Dict[str, torch.Tensor]:

@@ -3,8 +3,9 @@
 MergeKit has no plugin discovery. `install()` (run by the import hook in _autoload.py when
 MergeKit loads its merge-method registry, or directly by our CLI):
   * registers the merge method `permute`;
-  * replaces MergeKit's architecture entries that do not match what current transformers saves
-    (BertForMaskedLM, and the BERT variants it lacks) with entries derived from our specs;
+  * replaces MergeKit's architecture entries for every architecture we support with entries
+    read off our specs (MergeKit 0.1.5's BertForMaskedLM and GPT-NeoX entries do not match what
+    current transformers saves, and it has none for BertForPreTraining);
   * validates `permute` recipes and computes the alignment when MergeKit plans the merge;
   * adds our section to the model card and writes alignment.json next to the weights.
 """
@@ -16,9 +17,6 @@ from pydantic import BaseModel, ConfigDict
 
 LOG = logging.getLogger(__name__)
 _DONE = set()
-# Architectures whose MergeKit 0.1.5 entry is missing or broken; the rest keep MergeKit's own.
-OVERRIDE_ARCHITECTURES = ("BertModel", "BertForMaskedLM", "BertForPreTraining",
-                          "BertForSequenceClassification")
 
 
 def register_method() -> None:
@@ -69,12 +67,12 @@ def patch_architectures() -> None:
     if "architectures" in _DONE:
         return
     _DONE.add("architectures")
+    from mergekit_permute.spec import MODEL_TYPES
     cls = _spec_module_architecture()
-    for arch in OVERRIDE_ARCHITECTURES:
-        module = cls(architecture=arch)
+    for arch, model_type in MODEL_TYPES.items():
         NAME_TO_ARCH[arch] = [ModelArchitecture(
-            modules={"default": ModuleDefinition(architecture=module)},
-            architectures=[arch], model_type="bert")]
+            modules={"default": ModuleDefinition(architecture=cls(architecture=arch))},
+            architectures=[arch], model_type=model_type)]
 
 
 def patch_planner() -> None:

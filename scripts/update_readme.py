@@ -49,12 +49,11 @@ def demo_block(reuse: bool) -> str:
 
 
 def architectures_block() -> str:
-    from mergekit_permute.spec import BUILDERS
+    from mergekit_permute.spec import BUILDERS, NOTES
     rows = ["| architecture (config.architectures) | spec module | notes |", "|---|---|---|"]
     for arch, builder in sorted(BUILDERS.items()):
-        module = __import__(builder.__module__, fromlist=["NOTES"])
         rows.append(f"| `{arch}` | `spec/{builder.__module__.rsplit('.', 1)[-1]}.py` | "
-                    f"{module.NOTES[arch]} |")
+                    f"{NOTES[arch]} |")
     return "\n".join(rows)
 
 

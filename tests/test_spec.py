@@ -76,3 +76,20 @@ def test_spec_validates_sizes():
                                             axes=(Bind(space="ffn", role="out"), None)),))
     with pytest.raises(ValueError, match="extra"):
         Bind(space="ffn", role="out", colour="red")
+
+
+def test_moving_rotary_dims_breaks_function():
+    """Negative control for the RoPE rule: permuting rotary Q/K dims changes the logits."""
+    from mergekit_permute.spec.base import HeadLayout
+    model = build("GPTNeoXForCausalLM")
+    with torch.no_grad():  # sharpen attention so positions matter
+        for layer in model.gpt_neox.layers:
+            layer.attention.query_key_value.weight.mul_(20)
+    spec = spec_for_config(model.config)
+    free = HeadLayout(num_heads=4, num_kv_heads=4, head_dim=8, qk_frozen_dims=0)
+    spaces = tuple(s.model_copy(update={"heads": free}) if s.heads else s for s in spec.spaces)
+    unsafe = spec.model_copy(update={"spaces": spaces})
+    kw = inputs(model)
+    permuted = copy.deepcopy(model)
+    apply_to_model(unsafe, permuted, random_transforms(unsafe, seed=4))
+    assert (outputs(permuted, kw)[0] - outputs(model, kw)[0]).abs().max() > 1e-2

@@ -18,7 +18,22 @@ CONFIGS = {
     "LlamaForCausalLM-mha": lambda: T.LlamaConfig(**{**LLAMA, "num_key_value_heads": 8}),
     "MistralForCausalLM": lambda: T.MistralConfig(**LLAMA),
     "Qwen2ForCausalLM": lambda: T.Qwen2Config(**LLAMA, tie_word_embeddings=True),
+    "GPT2LMHeadModel-untied": lambda: T.GPT2Config(vocab_size=61, n_embd=32, n_layer=1, n_head=2,
+                                                   n_positions=40, tie_word_embeddings=False),
     "Qwen3ForCausalLM": lambda: T.Qwen3Config(**LLAMA, head_dim=8),
+    "RobertaForMaskedLM": lambda: T.RobertaConfig(**{**BERT, "max_position_embeddings": 48}),
+    "RobertaModel": lambda: T.RobertaConfig(**{**BERT, "max_position_embeddings": 48}),
+    "RobertaForSequenceClassification": lambda: T.RobertaConfig(
+        **{**BERT, "max_position_embeddings": 48}, num_labels=2),
+    "GPT2LMHeadModel": lambda: T.GPT2Config(vocab_size=61, n_embd=32, n_layer=2, n_head=4,
+                                            n_positions=40, bos_token_id=0, eos_token_id=0),
+    "GPTNeoXForCausalLM": lambda: T.GPTNeoXConfig(
+        vocab_size=61, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+        intermediate_size=48, max_position_embeddings=64, rotary_pct=0.5),
+    "GPTNeoXForCausalLM-sequential": lambda: T.GPTNeoXConfig(
+        vocab_size=61, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+        intermediate_size=48, max_position_embeddings=64, rotary_pct=0.25,
+        use_parallel_residual=False),
 }
 
 
@@ -42,7 +57,7 @@ def inputs(model, batch: int = 3, length: int = 11, seed: int = 1):
     mask = torch.ones_like(ids)
     mask[0, -3:] = 0
     kw = {"input_ids": ids, "attention_mask": mask}
-    if model.config.model_type == "bert":
+    if model.config.model_type in ("bert", "roberta"):
         kw["token_type_ids"] = (torch.arange(length) > length // 2).long().expand(batch, -1)
     return kw
 

@@ -1,22 +1,17 @@
-"""Registry: architecture name (config.architectures[0]) -> spec builder. Add a family here."""
+"""Registry: architecture name (config.architectures[0]) -> spec builder. Adding a family is one
+module here (a `build(config, architecture)`, NOTES and MODEL_TYPES) plus a test config."""
 
 from typing import Callable, Dict
 
-from mergekit_permute.spec import bert, llama
+from mergekit_permute.spec import bert, gpt2, gpt_neox, llama
 from mergekit_permute.spec.base import (
     Bind, FeaturePoint, Fused, HeadLayout, PermutationSpec, Space, WeightRule,
 )
 
-BUILDERS: Dict[str, Callable] = {
-    "BertModel": bert.build,
-    "BertForMaskedLM": bert.build,
-    "BertForPreTraining": bert.build,
-    "BertForSequenceClassification": bert.build,
-    "LlamaForCausalLM": llama.build,
-    "MistralForCausalLM": llama.build,
-    "Qwen2ForCausalLM": llama.build,
-    "Qwen3ForCausalLM": llama.build,
-}
+FAMILIES = (bert, llama, gpt2, gpt_neox)
+BUILDERS: Dict[str, Callable] = {arch: f.build for f in FAMILIES for arch in f.NOTES}
+MODEL_TYPES: Dict[str, str] = {arch: t for f in FAMILIES for arch, t in f.MODEL_TYPES.items()}
+NOTES: Dict[str, str] = {arch: n for f in FAMILIES for arch, n in f.NOTES.items()}
 
 
 class UnsupportedArchitecture(ValueError):
@@ -43,5 +38,6 @@ def spec_for_config(config) -> PermutationSpec:
     return BUILDERS[arch](config, arch)
 
 
-__all__ = ["BUILDERS", "Bind", "FeaturePoint", "Fused", "HeadLayout", "PermutationSpec",
-           "Space", "WeightRule", "UnsupportedArchitecture", "architecture_of", "spec_for_config"]
+__all__ = ["BUILDERS", "MODEL_TYPES", "NOTES", "Bind", "FeaturePoint", "Fused", "HeadLayout",
+           "PermutationSpec", "Space", "WeightRule", "UnsupportedArchitecture", "architecture_of",
+           "spec_for_config"]

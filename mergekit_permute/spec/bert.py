@@ -1,5 +1,5 @@
-"""BERT family (post-LN encoder): BertModel, BertForMaskedLM, BertForPreTraining,
-BertForSequenceClassification.
+"""BERT family (post-LN encoder): BERT and RoBERTa bare encoders, masked-LM, pre-training
+(MultiBERTs) and sequence-classification heads.
 
 The residual permutation R reaches every LayerNorm, the position and token-type embeddings,
 the pooler's input and - because the MLM decoder is tied to the word embeddings - BOTH axes of
@@ -19,9 +19,18 @@ NOTES = {
     "BertForMaskedLM": "tied decoder: MLM transform.dense permuted on both axes by R",
     "BertForPreTraining": "MultiBERTs; as MaskedLM plus pooler + NSP head (never permuted)",
     "BertForSequenceClassification": "pooler reads R; classifier labels never permuted",
+    "RobertaModel": "as BertModel",
+    "RobertaForMaskedLM": "tied decoder: lm_head.dense permuted on both axes by R",
+    "RobertaForSequenceClassification": "classifier.dense reads R; labels never permuted",
 }
+MODEL_TYPES = {arch: "roberta" if arch.startswith("Roberta") else "bert" for arch in NOTES}
 PREFIX = {"BertModel": "", "BertForMaskedLM": "bert.", "BertForPreTraining": "bert.",
-          "BertForSequenceClassification": "bert."}
+          "BertForSequenceClassification": "bert.", "RobertaModel": "",
+          "RobertaForMaskedLM": "roberta.", "RobertaForSequenceClassification": "roberta."}
+# Masked-LM head: (transform dense, transform norm, decoder, output bias)
+MLM_HEAD = {"bert": ("cls.predictions.transform.dense", "cls.predictions.transform.LayerNorm",
+                     "cls.predictions.decoder", "cls.predictions.bias"),
+            "roberta": ("lm_head.dense", "lm_head.layer_norm", "lm_head.decoder", "lm_head.bias")}
 
 
 def build(config, architecture: str) -> PermutationSpec:
@@ -67,29 +76,32 @@ def build(config, architecture: str) -> PermutationSpec:
         weights += layer_norm(f"{L}.output.LayerNorm", hidden, RESIDUAL, bias=True, layer=i,
                               legacy=True)
 
-    if architecture in ("BertModel", "BertForPreTraining", "BertForSequenceClassification"):
+    family = "roberta" if architecture.startswith("Roberta") else "bert"
+    if architecture in ("BertModel", "RobertaModel", "BertForPreTraining",
+                        "BertForSequenceClassification"):
         weights += linear(f"{p}pooler.dense", hidden, hidden, None, inp(RESIDUAL), bias=True)
-    if architecture in ("BertForMaskedLM", "BertForPreTraining"):
+    if architecture.endswith(("ForMaskedLM", "ForPreTraining")):
+        dense, norm, decoder, bias = MLM_HEAD[family]
         # The decoder is tied to the word embeddings, so its input axis carries R; the
         # transform feeding it must therefore write R as well as read it.
-        weights += linear("cls.predictions.transform.dense", hidden, hidden, out(RESIDUAL),
-                          inp(RESIDUAL), bias=True)
-        weights += layer_norm("cls.predictions.transform.LayerNorm", hidden, RESIDUAL, bias=True,
-                              legacy=True)
+        weights += linear(dense, hidden, hidden, out(RESIDUAL), inp(RESIDUAL), bias=True)
+        weights += layer_norm(norm, hidden, RESIDUAL, bias=True, legacy=True)
         weights += [
-            w("cls.predictions.decoder.weight", (config.vocab_size, hidden), None, inp(RESIDUAL),
+            w(f"{decoder}.weight", (config.vocab_size, hidden), None, inp(RESIDUAL),
               tied_to=f"{p}embeddings.word_embeddings.weight"),
-            w("cls.predictions.bias", (config.vocab_size,), None),
-            w("cls.predictions.decoder.bias", (config.vocab_size,), None,
-              tied_to="cls.predictions.bias"),
+            w(bias, (config.vocab_size,), None),
+            w(f"{decoder}.bias", (config.vocab_size,), None, tied_to=bias),
         ]
     if architecture == "BertForPreTraining":
         weights += linear("cls.seq_relationship", 2, hidden, None, None, bias=True)
     if architecture == "BertForSequenceClassification":
         weights += linear("classifier", config.num_labels, hidden, None, None, bias=True)
+    if architecture == "RobertaForSequenceClassification":
+        weights += linear("classifier.dense", hidden, hidden, None, inp(RESIDUAL), bias=True)
+        weights += linear("classifier.out_proj", config.num_labels, hidden, None, None, bias=True)
 
     spaces.insert(0, Space(name=RESIDUAL, kind="residual", size=hidden,
                            features=tuple(residual_points),
-                           frozen=architecture == "BertModel"))
-    return PermutationSpec(family="bert", architecture=architecture, spaces=tuple(spaces),
+                           frozen=architecture in ("BertModel", "RobertaModel")))
+    return PermutationSpec(family=family, architecture=architecture, spaces=tuple(spaces),
                            weights=tuple(weights), num_layers=n_layers)

@@ -19,6 +19,8 @@ NOTES = {
     "Qwen2ForCausalLM": "as Llama, with Q/K/V biases",
     "Qwen3ForCausalLM": "as Llama, with per-head q_norm/k_norm (untouched)",
 }
+MODEL_TYPES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral",
+               "Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3"}
 QKV_BIAS = {"Qwen2ForCausalLM"}
 QK_NORM = {"Qwen3ForCausalLM"}
 
