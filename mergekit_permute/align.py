@@ -15,9 +15,12 @@ from safetensors.torch import load_file, save_file
 from mergekit_permute import __version__
 from mergekit_permute.calibrate import calibrate, prepare_tokenizer, tokenize
 from mergekit_permute.match import (
-    AttentionMode, ResidualPolicy, match_attention, match_plain, mean_matched, residual_points,
+    AttentionMode, ResidualPolicy, match_attention, match_plain, mean_matched, procrustes,
+    residual_points,
 )
-from mergekit_permute.permute import Transforms, identity_transforms, is_permutation
+from mergekit_permute.permute import (
+    Folds, Transforms, fold_scales, identity_transforms, is_permutation,
+)
 from mergekit_permute.spec.base import PermutationSpec
 from mergekit_permute.stats import CrossStats
 
@@ -54,6 +57,9 @@ class Alignment:
     settings: AlignSettings
     report: Dict[str, Dict] = field(default_factory=dict)
     info: Dict = field(default_factory=dict)
+    # Norm gains folded into their readers (orthogonal residual only), per model.
+    fold_a: Folds = field(default_factory=dict)
+    fold_b: Folds = field(default_factory=dict)
 
 
 def calibration_spaces(spec: PermutationSpec) -> List[str]:
@@ -62,11 +68,28 @@ def calibration_spaces(spec: PermutationSpec) -> List[str]:
 
 
 def compute_alignment(spec: PermutationSpec, stats: Dict[str, CrossStats],
-                      settings: AlignSettings) -> Alignment:
+                      settings: AlignSettings, states=None) -> Alignment:
+    """Transforms from statistics. `states` (A's and B's state dicts) are needed only for the
+    orthogonal residual policy, which folds each model's norm gains first."""
     transforms = identity_transforms(spec)
     report: Dict[str, Dict] = {}
+    folds: Dict[str, Folds] = {"a": {}, "b": {}}
     for space in spec.spaces:
         if space.frozen:
+            continue
+        if space.kind == "residual" and settings.residual == "orthogonal":
+            points = [stats[f"{space.name}@{i}"] for i in range(len(space.features))]
+            q = procrustes([p.sum_ab for p in points])
+            transforms[space.name] = {"": q}
+            sum_ab = sum(p.sum_ab for p in points)
+            norm = float((sum(p.sq_a.sum() for p in points) * sum(p.sq_b.sum() for p in points)).sqrt())
+            report[space.name] = {"kind": space.kind, "size": space.size,
+                                  "measure": "uncentered cosine of H_A and H_B Q",
+                                  "mean_corr_before": round(float(torch.trace(sum_ab)) / norm, 6),
+                                  "mean_corr_after": round(float(torch.trace(sum_ab @ q)) / norm, 6)}
+            if states is None:
+                raise ValueError("residual=orthogonal needs both models' weights to fold norms")
+            folds = {"a": fold_scales(spec, states[0]), "b": fold_scales(spec, states[1])}
             continue
         if space.kind == "residual":
             points = residual_points(settings.residual, len(space.features))
@@ -95,7 +118,8 @@ def compute_alignment(spec: PermutationSpec, stats: Dict[str, CrossStats],
             "mean_corr_before": round(mean_matched(corr, torch.arange(space.size)), 6),
             "mean_corr_after": round(mean_matched(corr, perm), 6),
         }
-    return Alignment(spec=spec, transforms=transforms, settings=settings, report=report)
+    return Alignment(spec=spec, transforms=transforms, settings=settings, report=report,
+                     fold_a=folds["a"], fold_b=folds["b"])
 
 
 # ---- calibration statistics, cached on disk ---------------------------------------------------
@@ -167,6 +191,7 @@ def save_alignment(alignment: Alignment, out_dir: Path) -> None:
               metadata={"format": "mergekit-permute/1", "architecture": alignment.spec.architecture})
     doc = {
         "format": "mergekit-permute/1",
+        "folded_norms": bool(alignment.fold_b),
         "mergekit_permute_version": __version__,
         "architecture": alignment.spec.architecture,
         "function_preserving": alignment.settings.function_preserving,
@@ -198,6 +223,8 @@ def summarize(report: Dict[str, Dict]) -> Dict[str, Dict[str, float]]:
 
 def check_settings(spec: PermutationSpec, settings: AlignSettings) -> None:
     """Refuse settings the architecture cannot honour, before calibration."""
+    if settings.residual == "orthogonal" and spec.orthogonal_residual_error():
+        raise ValueError(f"residual=orthogonal: {spec.orthogonal_residual_error()}")
     if settings.attention == "ignore_heads":
         gqa = [s.name for s in spec.spaces if s.heads and s.heads.num_kv_heads != s.heads.num_heads]
         if gqa:
@@ -217,7 +244,7 @@ def align_pair(model_a: str, model_b: str, data: str, settings: AlignSettings, *
     if not settings.function_preserving:
         LOG.warning("attention=ignore_heads is NOT function-preserving (paper ablation only)")
     stats = collect_stats(spec, a, b, tok, texts, settings, device=device, use_cache=use_cache)
-    alignment = compute_alignment(spec, stats, settings)
+    alignment = compute_alignment(spec, stats, settings, states=(a.state_dict(), b.state_dict()))
     alignment.info = {"model_a": model_a, "model_b": model_b,
                       "data": {"source": data, "passages": len(texts),
                                "fingerprint": fingerprint(texts),

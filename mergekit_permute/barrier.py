@@ -141,7 +141,7 @@ def run_barrier(model_a: str, model_b: str, *, eval_data: str, calibration: str,
     from mergekit_permute.align import check_settings, collect_stats, compute_alignment
     from mergekit_permute.data import load_texts
     from mergekit_permute.models import load_pair
-    from mergekit_permute.permute import apply_to_state_dict
+    from mergekit_permute.permute import apply_to_state_dict, identity_transforms
 
     parsed = {m: parse_method(m, settings) for m in methods}  # bad names fail before loading
     spec, a, b, tok = load_pair(model_a, model_b, device=device)
@@ -172,21 +172,33 @@ def run_barrier(model_a: str, model_b: str, *, eval_data: str, calibration: str,
         if stats is None or (s.ffn, s.attention, s.residual) == ("identity",) * 3:
             aligned_b, report = state_b, {}
         else:
-            alignment = compute_alignment(spec, stats, s)
-            aligned_b, report = apply_to_state_dict(spec, state_b, alignment.transforms), alignment.report
+            alignment = compute_alignment(spec, stats, s, states=(state_a, state_b))
+            aligned_b = apply_to_state_dict(spec, state_b, alignment.transforms, alignment.fold_b)
+            report = alignment.report
+            if alignment.fold_a:  # both endpoints in the folded (same-function) form
+                a_state = apply_to_state_dict(spec, state_a, identity_transforms(spec),
+                                              alignment.fold_a)
+                losses = interpolation_losses(a, a_state, aligned_b, grid, batches, objective,
+                                              device, desc=name)
+                a.load_state_dict(state_a)
+                result["methods"][name] = _method_result(s, losses, grid, report)
+                continue
         losses = interpolation_losses(a, state_a, aligned_b, grid, batches, objective, device,
                                       desc=name)
-        from mergekit_permute.align import summarize
-        result["methods"][name] = {"settings": s.model_dump(include={"ffn", "attention", "residual"}),
-                                   "function_preserving": s.function_preserving,
-                                   "losses": losses, **barrier_values(grid, losses),
-                                   "correlation": summarize(report)}
+        result["methods"][name] = _method_result(s, losses, grid, report)
     vanilla = next((m for n, m in result["methods"].items() if parse_method(n, settings).model_dump(
         include={"ffn", "attention", "residual"}) == NOTHING), None)
     if vanilla and vanilla["barrier"] > 0:
         for m in result["methods"].values():
             m["removed_vs_vanilla"] = 1 - m["barrier"] / vanilla["barrier"]
     return result
+
+
+def _method_result(s: AlignSettings, losses, grid, report) -> Dict:
+    from mergekit_permute.align import summarize
+    return {"settings": s.model_dump(include={"ffn", "attention", "residual"}),
+            "function_preserving": s.function_preserving, "losses": losses,
+            **barrier_values(grid, losses), "correlation": summarize(report)}
 
 
 def _labelled(path: str, samples: int, field: str):

@@ -10,7 +10,7 @@ from mergekit_permute.match import AttentionMode, ResidualPolicy  # noqa: F401  
 
 LOG = logging.getLogger("mergekit_permute")
 ATTENTION = ["head_perm", "monotonic", "identity", "ignore_heads"]
-RESIDUAL = ["all", "first", "last", "identity"]
+RESIDUAL = ["all", "first", "last", "identity", "orthogonal"]
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -111,7 +111,7 @@ def align(model_a, model_b, data, out, permutations_only, overwrite, device, no_
                                                    device=device, use_cache=not no_cache)
     with atomic_dir(out, overwrite) as tmp:
         if not permutations_only:
-            apply_to_model(alignment.spec, model_b_loaded, alignment.transforms)
+            apply_to_model(alignment.spec, model_b_loaded, alignment.transforms, alignment.fold_b)
             model_b_loaded.save_pretrained(tmp)
             tok.save_pretrained(tmp)
         save_alignment(alignment, tmp)

@@ -10,7 +10,7 @@ from mergekit_permute.heads import HeadPerm, flat_views
 from mergekit_permute.spec.base import HeadLayout
 
 AttentionMode = Literal["head_perm", "monotonic", "identity", "ignore_heads"]
-ResidualPolicy = Literal["all", "first", "last", "identity"]
+ResidualPolicy = Literal["all", "first", "last", "identity", "orthogonal"]
 
 
 def assign(score: np.ndarray) -> Tuple[np.ndarray, float]:
@@ -68,7 +68,16 @@ def match_attention(corr: torch.Tensor, layout: HeadLayout, mode: AttentionMode
 def residual_points(policy: ResidualPolicy, n_points: int) -> List[int]:
     """Which residual feature points a policy pools ('all' sums every point's statistics)."""
     return {"identity": [], "first": [0], "last": [n_points - 1],
-            "all": list(range(n_points))}[policy]
+            "all": list(range(n_points)), "orthogonal": list(range(n_points))}[policy]
+
+
+def procrustes(cross_moments: List[torch.Tensor]) -> torch.Tensor:
+    """Orthogonal Q minimising sum_p ||H_B,p Q - H_A,p||^2 over residual points p, from their
+    cross second moments H_A^T H_B [dA, dB]; each point is normalised to unit scale so late,
+    large-norm layers do not drown the early ones."""
+    m = sum(c / c.norm().clamp_min(1e-30) for c in cross_moments)  # [dA, dB] = H_A^T H_B
+    u, _, vh = torch.linalg.svd(m.T)                                # H_B^T H_A = U S V^T
+    return u @ vh                                                   # [dB, dA]: h_B @ Q ~ h_A
 
 
 def mean_matched(corr: torch.Tensor, perm: torch.Tensor) -> float:

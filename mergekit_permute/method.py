@@ -95,17 +95,19 @@ class PermuteMerge(GroupMergeMethod):
         base, other = group.base, group.non_base[0]
         settings, data = settings_from_parameters(params)
         alignment = get_alignment(model_path(base.id), model_path(other.id), settings, data)
-        rule = alignment.spec.weight_map().get(group.metadata.name)
-        b = other.tensor
+        from mergekit_permute.permute import apply_to_tensor, fold_tensor
+        name = group.metadata.name
+        rule = alignment.spec.weight_map().get(name)
+        a = fold_tensor(name, base.tensor, alignment.fold_a)
+        b = fold_tensor(name, other.tensor, alignment.fold_b)
         if rule is not None:
-            from mergekit_permute.permute import apply_to_tensor
             b = apply_to_tensor(rule, b, alignment.transforms)
         elif b.is_floating_point():
-            LOG.warning("%s is not in the permutation spec; averaged as is", group.metadata.name)
+            LOG.warning("%s is not in the permutation spec; averaged as is", name)
         wa, wb = float(weight[base.id]), float(weight[other.id])
         if wa + wb == 0:
             raise RecipeError("merge_method permute: the model weights sum to zero")
-        merged = (wa * base.tensor.double() + wb * b.to(base.tensor.device).double()) / (wa + wb)
+        merged = (wa * a.double() + wb * b.to(a.device).double()) / (wa + wb)
         return merged.to(base.tensor.dtype)
 
 

@@ -85,6 +85,8 @@ def apply_to_tensor(rule: WeightRule, tensor: torch.Tensor, transforms: Transfor
             tensor = tensor.index_select(dim, t.to(tensor.device))
             continue
         if axis.role == "elem":
+            if torch.all(tensor == 1):
+                continue  # a folded (unit) gain commutes with any orthogonal map
             raise ValueError(
                 f"{rule.name}: space {axis.space} holds a matrix, but this weight scales it "
                 "elementwise; fold the norm gain into its readers first"
@@ -97,18 +99,48 @@ def apply_to_tensor(rule: WeightRule, tensor: torch.Tensor, transforms: Transfor
     return tensor
 
 
+# ---- norm folding (what admits orthogonal residual maps in RMSNorm models) ----------------------
+
+Folds = Dict[str, Optional[torch.Tensor]]  # reader weight -> its norm's gain; norm -> None (ones)
+
+
+def fold_scales(spec: PermutationSpec, state: Mapping[str, torch.Tensor]) -> Folds:
+    folds: Folds = {}
+    for fold in spec.norm_folds:
+        gain = state[fold.norm].detach().to("cpu", torch.float64)
+        folds[fold.norm] = None
+        for reader in fold.readers:
+            folds[reader] = gain
+    return folds
+
+
+def fold_tensor(name: str, tensor: torch.Tensor, folds: Folds) -> torch.Tensor:
+    """The same function with the norm gain moved into its readers' input columns."""
+    if name not in folds:
+        return tensor
+    gain = folds[name]
+    if gain is None:
+        return torch.ones_like(tensor)
+    # reader weight [out, in] * gain[in]
+    return (tensor.double() * gain.to(tensor.device)[None, :]).to(tensor.dtype)
+
+
 def apply_to_state_dict(spec: PermutationSpec, state: Mapping[str, torch.Tensor],
-                        transforms: Transforms) -> Dict[str, torch.Tensor]:
+                        transforms: Transforms, folds: Optional[Folds] = None
+                        ) -> Dict[str, torch.Tensor]:
     rules = spec.weight_map()
     out = {}
     for name, tensor in state.items():
+        if folds:
+            tensor = fold_tensor(name, tensor, folds)
         rule: Optional[WeightRule] = rules.get(name)
         out[name] = tensor if rule is None else apply_to_tensor(rule, tensor, transforms)
     return out
 
 
-def apply_to_model(spec: PermutationSpec, model: torch.nn.Module, transforms: Transforms) -> None:
-    """Permute a loaded transformers model in place (tied parameters stay tied)."""
+def apply_to_model(spec: PermutationSpec, model: torch.nn.Module, transforms: Transforms,
+                   folds: Optional[Folds] = None) -> None:
+    """Transform a loaded transformers model in place (tied parameters stay tied)."""
     rules = spec.weight_map()
     seen = set()
     with torch.no_grad():
@@ -116,4 +148,5 @@ def apply_to_model(spec: PermutationSpec, model: torch.nn.Module, transforms: Tr
             if id(param) in seen or name not in rules:
                 continue
             seen.add(id(param))
-            param.data = apply_to_tensor(rules[name], param.data, transforms).contiguous()
+            data = fold_tensor(name, param.data, folds) if folds else param.data
+            param.data = apply_to_tensor(rules[name], data, transforms).contiguous()

@@ -131,6 +131,14 @@ class WeightRule(_Frozen):
         return self
 
 
+class NormFold(_Frozen):
+    """An RMSNorm whose gain may be folded into the weights that read its output (their input
+    axis), leaving a gain of ones: then any orthogonal map of the residual commutes with it."""
+
+    norm: str
+    readers: Tuple[str, ...]
+
+
 class PermutationSpec(_Frozen):
     """The complete, self-validating table for one model configuration."""
 
@@ -139,6 +147,9 @@ class PermutationSpec(_Frozen):
     spaces: Tuple[Space, ...]
     weights: Tuple[WeightRule, ...]
     num_layers: int
+    # Present only where every residual norm is an RMSNorm that can be folded (pre-norm models
+    # with an untied head): this is what admits an orthogonal residual alignment.
+    norm_folds: Tuple[NormFold, ...] = ()
 
     @model_validator(mode="after")
     def _validate(self) -> "PermutationSpec":
@@ -167,7 +178,31 @@ class PermutationSpec(_Frozen):
         unused = set(spaces) - used
         if unused:
             raise ValueError(f"{self.family}: spaces that act on no weight: {sorted(unused)}")
+        by_name = {w.name: w for w in self.weights}
+        for fold in self.norm_folds:
+            for name in (fold.norm, *fold.readers):
+                if name not in by_name:
+                    raise ValueError(f"{self.family}: norm fold names unknown weight {name}")
         return self
+
+    def orthogonal_residual_error(self) -> Optional[str]:
+        """Why an orthogonal residual map is not function-preserving here (None if it is)."""
+        if not self.norm_folds:
+            return (f"{self.architecture} has LayerNorm (mean subtraction) or no foldable norms; "
+                    "an orthogonal residual map needs RMSNorm pre-norm models (Llama family)")
+        folded = {f.norm for f in self.norm_folds}
+        scaled = [w.name for w in self.weights
+                  if any(isinstance(a, Bind) and a.role == "elem" for a in w.axes)
+                  and w.name not in folded]
+        if scaled:
+            return f"{self.architecture}: residual gains that cannot be folded: {scaled[:3]}"
+        tied = [w.name for w in self.weights if w.tied_to and any(
+            isinstance(a, Bind) and a.space == "residual" for a in w.axes)
+            and any(w.name in f.readers for f in self.norm_folds)]
+        if tied:
+            return (f"{self.architecture}: the final norm's gain cannot be folded into a head "
+                    f"tied to the embeddings ({tied[0]}); use a permutation policy")
+        return None
 
     def space(self, name: str) -> Space:
         for s in self.spaces:

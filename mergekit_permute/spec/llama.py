@@ -11,7 +11,7 @@ from typing import List
 from mergekit_permute.spec._build import (
     RESIDUAL, inp, inputs_of, layer_norm, linear, out, outputs_of, w,
 )
-from mergekit_permute.spec.base import HeadLayout, PermutationSpec, Space, WeightRule
+from mergekit_permute.spec.base import HeadLayout, NormFold, PermutationSpec, Space, WeightRule
 
 NOTES = {
     "LlamaForCausalLM": "RoPE: whole heads / KV groups move, V/O dims inside heads; tied or untied head",
@@ -72,10 +72,18 @@ def build(config, architecture: str) -> PermutationSpec:
                           bias=mlp_bias, layer=i)
 
     weights += layer_norm("model.norm", hidden, RESIDUAL, bias=False)
+    folds = []
+    for i in range(n_layers):
+        L = f"model.layers.{i}"
+        folds += [NormFold(norm=f"{L}.input_layernorm.weight",
+                           readers=tuple(f"{L}.self_attn.{p}_proj.weight" for p in "qkv")),
+                  NormFold(norm=f"{L}.post_attention_layernorm.weight",
+                           readers=(f"{L}.mlp.gate_proj.weight", f"{L}.mlp.up_proj.weight"))]
+    folds.append(NormFold(norm="model.norm.weight", readers=("lm_head.weight",)))
     tied = bool(getattr(config, "tie_word_embeddings", False))
     weights.append(w("lm_head.weight", (config.vocab_size, hidden), None, inp(RESIDUAL),
                      tied_to="model.embed_tokens.weight" if tied else None))
     spaces.insert(0, Space(name=RESIDUAL, kind="residual", size=hidden,
                            features=tuple(residual_points)))
     return PermutationSpec(family="llama", architecture=architecture, spaces=tuple(spaces),
-                           weights=tuple(weights), num_layers=n_layers)
+                           weights=tuple(weights), num_layers=n_layers, norm_folds=tuple(folds))
