@@ -127,6 +127,48 @@ def _print_summary(alignment) -> None:
 
 
 @main.command()
+@click.argument("alignment", type=click.Path(exists=True, path_type=Path))
+@click.argument("checkpoint")
+@click.option("--out", required=True, type=click.Path(path_type=Path))
+@click.option("--overwrite", is_flag=True)
+@_friendly
+def apply(alignment, checkpoint, out, overwrite):
+    """Apply a saved alignment (a directory from `align`, or its permutations.safetensors) to
+    CHECKPOINT, e.g. a later fine-tune of model B."""
+    import json
+    import shutil
+
+    from mergekit_permute.align import ALIGNMENT_FILE, PERMUTATIONS_FILE, load_transforms
+    from mergekit_permute.models import load_model, load_tokenizer
+    from mergekit_permute.outputs import atomic_dir, check_output_dir
+    from mergekit_permute.permute import apply_to_model, check_transforms, fold_scales
+    from mergekit_permute.spec import spec_for_config
+
+    check_output_dir(out, overwrite)
+    folder = alignment if alignment.is_dir() else alignment.parent
+    perms = alignment / PERMUTATIONS_FILE if alignment.is_dir() else alignment
+    info_path = folder / ALIGNMENT_FILE
+    info = json.loads(info_path.read_text()) if info_path.is_file() else {}
+    transforms = load_transforms(perms)
+    model = load_model(checkpoint)
+    spec = spec_for_config(model.config)
+    if info.get("architecture") not in (None, spec.architecture):
+        raise UserError(f"the alignment was made for {info['architecture']}, but {checkpoint} is "
+                        f"{spec.architecture}")
+    check_transforms(spec, transforms)
+    folds = fold_scales(spec, model.state_dict()) if info.get("folded_norms") else None
+    apply_to_model(spec, model, transforms, folds)
+    with atomic_dir(out, overwrite) as tmp:
+        model.save_pretrained(tmp)
+        load_tokenizer(checkpoint).save_pretrained(tmp)
+        shutil.copy(perms, tmp / PERMUTATIONS_FILE)
+        if info:
+            (tmp / ALIGNMENT_FILE).write_text(json.dumps({**info, "applied_to": checkpoint},
+                                                         indent=2) + "\n")
+    click.echo(f"wrote {out}")
+
+
+@main.command()
 @click.argument("recipe", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.argument("out", type=click.Path(path_type=Path))
 @click.option("--device", default="cpu", show_default=True)

@@ -45,6 +45,25 @@ def invert(transforms: Transforms) -> Transforms:
     return {s: {v: inv(t) for v, t in views.items()} for s, views in transforms.items()}
 
 
+def check_transforms(spec: PermutationSpec, transforms: Transforms) -> None:
+    """Refuse a saved transform set that does not fit this model (sizes, valid permutations)."""
+    for space in spec.spaces:
+        views = transforms.get(space.name)
+        if views is None or set(views) != set(space.views):
+            raise ValueError(f"saved alignment lacks space {space.name} (or its views); it was "
+                             "made for a different architecture or configuration")
+        for view, size in space.views.items():
+            t = views[view]
+            if is_permutation(t):
+                if t.shape != (size,) or not torch.equal(t.sort().values, torch.arange(size)):
+                    raise ValueError(f"{space.name}[{view or 'all'}]: not a permutation of {size}")
+            elif t.shape != (size, size):
+                raise ValueError(f"{space.name}: matrix of shape {tuple(t.shape)}, expected {size}")
+    extra = set(transforms) - {s.name for s in spec.spaces}
+    if extra:
+        raise ValueError(f"saved alignment has spaces this model lacks: {sorted(extra)[:5]}")
+
+
 def _fused_index(axis: Fused, transforms: Transforms) -> torch.Tensor:
     """Index permutation of a fused axis built from the permutations of its parts."""
     if axis.layout == "blocks":
