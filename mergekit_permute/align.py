@@ -179,7 +179,7 @@ PERMUTATIONS_FILE = "permutations.safetensors"
 ALIGNMENT_FILE = "alignment.json"
 
 
-def save_alignment(alignment: Alignment, out_dir: Path) -> None:
+def save_alignment(alignment: Alignment, out_dir: Path, suffix: str = "") -> None:
     """permutations.safetensors (int32 index vectors; float matrices where a space holds one)
     and alignment.json (settings, data fingerprint, per-space correlations)."""
     tensors = {}
@@ -187,7 +187,8 @@ def save_alignment(alignment: Alignment, out_dir: Path) -> None:
         for view, t in views.items():
             key = f"{space}/{view}" if view else space
             tensors[key] = t.to(torch.int32) if is_permutation(t) else t.float()
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(out_dir / PERMUTATIONS_FILE),
+    perm_file = out_dir / PERMUTATIONS_FILE.replace(".safetensors", f"{suffix}.safetensors")
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(perm_file),
               metadata={"format": "mergekit-permute/1", "architecture": alignment.spec.architecture})
     doc = {
         "format": "mergekit-permute/1",
@@ -200,7 +201,8 @@ def save_alignment(alignment: Alignment, out_dir: Path) -> None:
         "spaces": alignment.report,
         "summary": summarize(alignment.report),
     }
-    (out_dir / ALIGNMENT_FILE).write_text(json.dumps(doc, indent=2) + "\n")
+    (out_dir / ALIGNMENT_FILE.replace(".json", f"{suffix}.json")).write_text(
+        json.dumps(doc, indent=2) + "\n")
 
 
 def load_transforms(path: Path) -> Transforms:

@@ -194,6 +194,75 @@ def run_barrier(model_a: str, model_b: str, *, eval_data: str, calibration: str,
     return result
 
 
+def run_multi(models: Sequence[str], *, eval_data: str, calibration: str, methods: Sequence[str],
+              settings: AlignSettings, eval_samples: int = 256, eval_max_length: int = 128,
+              seed: int = 0, device: str = "cpu", use_cache: bool = True) -> Dict:
+    """N >= 3 models: every model aligned to the first (the reference), then the N-average.
+    Reports the merge's loss against each parent's and against the vanilla N-average."""
+    from mergekit_permute.align import check_settings, collect_stats, compute_alignment
+    from mergekit_permute.data import load_texts
+    from mergekit_permute.models import load_model, load_pair
+    from mergekit_permute.permute import apply_to_state_dict, identity_transforms
+
+    parsed = {m: parse_method(m, settings) for m in methods}
+    ref = models[0]
+    spec, a, _, tok = load_pair(ref, models[1], device=device)
+    for s in parsed.values():
+        check_settings(spec, s)
+    objective = objective_for(a)
+    if objective == "cls":
+        raise ValueError("N-model evaluation supports language-model losses only")
+    batches = eval_batches(tok, load_texts(eval_data, eval_samples), objective,
+                           max_length=eval_max_length, batch_size=settings.batch_size, seed=seed)
+    calib = load_texts(calibration, settings.samples)
+    state_a = {k: v.detach().clone() for k, v in a.state_dict().items()}
+    parents, per_model = {ref: evaluate(a, batches, objective, device)}, []
+    for path in models[1:]:
+        spec_i, _, b, _ = load_pair(ref, path, device=device)
+        parents[path] = evaluate(b, batches, objective, device)
+        stats = collect_stats(spec, a, b, tok, calib, settings, device=device, use_cache=use_cache)
+        per_model.append(({k: v.detach().clone() for k, v in b.state_dict().items()}, stats))
+        del b
+    out = {"loss": LOSS_NAME[objective], "eval_data": eval_data, "models": list(models),
+           "reference": ref, "parents": parents, "methods": {}}
+    for name, s in parsed.items():
+        total = None
+        for state_b, stats in per_model:
+            alignment = compute_alignment(spec, stats, s, states=(state_a, state_b))
+            b_aligned = apply_to_state_dict(spec, state_b, alignment.transforms, alignment.fold_b)
+            if total is None:
+                total = apply_to_state_dict(spec, state_a, identity_transforms(spec),
+                                            alignment.fold_a)
+                total = {k: v.double() if v.is_floating_point() else v for k, v in total.items()}
+            for k, v in b_aligned.items():
+                if v.is_floating_point():
+                    total[k] = total[k] + v.double()
+        merged = {k: (v / len(models)).float() if v.is_floating_point() else v
+                  for k, v in total.items()}
+        a.load_state_dict(merged)
+        out["methods"][name] = {"settings": s.model_dump(include={"ffn", "attention", "residual"}),
+                                "merge_loss": evaluate(a, batches, objective, device)}
+        a.load_state_dict(state_a)
+    mean_parent = sum(parents.values()) / len(parents)
+    for m in out["methods"].values():
+        m["minus_mean_parent"] = m["merge_loss"] - mean_parent
+        m["minus_best_parent"] = m["merge_loss"] - min(parents.values())
+    return out
+
+
+def multi_table(result: Dict) -> str:
+    parents = result["parents"]
+    lines = [f"{len(parents)}-model merge ({result['loss']} on `{result['eval_data']}`; all "
+             f"aligned to `{result['reference']}`). Parents: "
+             + ", ".join(f"{v:.4f}" for v in parents.values()), "",
+             "| method | loss of the N-model merge | minus mean parent | minus best parent |",
+             "|---|---|---|---|"]
+    for name, m in result["methods"].items():
+        lines.append(f"| {name} | {m['merge_loss']:.4f} | {m['minus_mean_parent']:+.4f} | "
+                     f"{m['minus_best_parent']:+.4f} |")
+    return "\n".join(lines)
+
+
 def _method_result(s: AlignSettings, losses, grid, report) -> Dict:
     from mergekit_permute.align import summarize
     return {"settings": s.model_dump(include={"ffn", "attention", "residual"}),

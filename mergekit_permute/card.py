@@ -46,6 +46,13 @@ def barrier_table(result: Dict) -> str:
 
 def permute_card_section() -> str:
     from mergekit_permute.method import RUN
-    if RUN["last"] is None:
+    alignments = RUN["alignments"]
+    if not alignments:
         return ""
-    return alignment_markdown(RUN["last"], RUN.get("barrier"))
+    if len(alignments) == 1:
+        return alignment_markdown(next(iter(alignments.values())), RUN.get("barrier"))
+    parts = [f"\n## Alignment (mergekit-permute): {len(alignments)} models aligned to the base\n"]
+    for k, (model, alignment) in enumerate(alignments.items(), start=1):
+        parts.append(f"### Model {k}: `{model}` (alignment-{k}.json)")
+        parts.append(alignment_markdown(alignment).replace("## Alignment (mergekit-permute)", ""))
+    return "\n".join(parts)

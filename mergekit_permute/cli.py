@@ -182,8 +182,7 @@ def merge(recipe, out, device, overwrite):
 
 
 @main.command()
-@click.argument("model_a")
-@click.argument("model_b")
+@click.argument("models", nargs=-1, required=True)
 @click.option("--data", "eval_data", required=True,
               help="Evaluation text (.txt/.jsonl/dataset id; .jsonl with text+label for classifiers).")
 @click.option("--calibration", default="shakespeare-calib", show_default=True,
@@ -199,16 +198,36 @@ def merge(recipe, out, device, overwrite):
 @click.option("--overwrite", is_flag=True)
 @align_options
 @_friendly
-def barrier(model_a, model_b, eval_data, calibration, methods, lambdas, eval_samples,
+def barrier(models, eval_data, calibration, methods, lambdas, eval_samples,
             eval_max_length, seed, out, overwrite, device, no_cache, **kw):
-    """Measure the loss barrier between MODEL_A and MODEL_B for several alignment methods."""
+    """Measure the loss barrier between MODEL_A and MODEL_B for several alignment methods.
+
+    With three or more MODELS: the loss of the N-model merge (all aligned to the first) for
+    each method, against each parent and the vanilla N-average."""
     from mergekit_permute.barrier import run_barrier, write_report
     from mergekit_permute.card import barrier_table
     from mergekit_permute.outputs import atomic_dir, check_output_dir
 
+    if len(models) < 2:
+        raise UserError("barrier needs at least two models")
     if lambdas < 3:
         raise UserError("--lambdas must be at least 3 (the endpoints and one point between)")
     check_output_dir(out, overwrite)
+    if len(models) > 2:
+        import json
+
+        from mergekit_permute.barrier import multi_table, run_multi
+        result = run_multi(models, eval_data=eval_data, calibration=calibration,
+                           methods=[m for m in methods.split(",") if m.strip()],
+                           settings=_settings(**kw), eval_samples=eval_samples,
+                           eval_max_length=eval_max_length, seed=seed, device=device,
+                           use_cache=not no_cache)
+        with atomic_dir(out, overwrite) as tmp:
+            (tmp / "merge.json").write_text(json.dumps(result, indent=2) + "\n")
+            (tmp / "merge.md").write_text(multi_table(result) + "\n")
+        click.echo(multi_table(result))
+        return
+    model_a, model_b = models
     result = run_barrier(model_a, model_b, eval_data=eval_data, calibration=calibration,
                          methods=[m for m in methods.split(",") if m.strip()], lambdas=lambdas,
                          settings=_settings(**kw), eval_samples=eval_samples,

@@ -112,8 +112,11 @@ def patch_outputs() -> None:
 
             from mergekit_permute.align import save_alignment
             from mergekit_permute.method import RUN
-            if RUN["last"] is not None:
-                save_alignment(RUN["last"], Path(out_path))
+            alignments = list(RUN["alignments"].values())
+            if len(alignments) == 1:
+                save_alignment(alignments[0], Path(out_path))
+            for k, alignment in enumerate(alignments if len(alignments) > 1 else [], start=1):
+                save_alignment(alignment, Path(out_path), suffix=f"-{k}")
 
     merge.generate_card, merge._copy_tagalong_files = generate_card, copy_tagalong_files
 

@@ -27,7 +27,8 @@ SHARED = {"calibration_data": None, "calibration_samples": "samples", "max_lengt
 PER_MODEL = {"weight"}
 
 _ALIGNMENTS: Dict[Tuple, Alignment] = {}
-RUN: Dict[str, object] = {"device": "cpu", "last": None}
+# The current MergeKit run: its device, and the alignments it computed (other model -> alignment).
+RUN: Dict[str, object] = {"device": "cpu", "last": None, "alignments": {}}
 
 
 class RecipeError(ValueError):
@@ -62,6 +63,7 @@ def get_alignment(model_a: str, model_b: str, settings: AlignSettings, data: str
         alignment, *_ = align_pair(model_a, model_b, data, settings, device=str(RUN["device"]))
         _ALIGNMENTS[key] = alignment
     RUN["last"] = _ALIGNMENTS[key]
+    RUN["alignments"][model_b] = _ALIGNMENTS[key]
     return _ALIGNMENTS[key]
 
 
@@ -76,7 +78,7 @@ class PermuteMerge(GroupMergeMethod):
         name="permute",
         pretty_name="Permute (activation-matched alignment, then average)",
         reference_url="https://arxiv.org/abs/2403.00986",
-        contract=InputContract(base=BasePolicy.REQUIRED, min_inputs=2, max_inputs=2),
+        contract=InputContract(base=BasePolicy.REQUIRED, min_inputs=2),
         optional_tensor_policy=OptionalTensorPolicy.ERROR,
         parameters=(
             ParameterSpec("weight", float, ParameterScope.INPUT, default=1.0),
@@ -92,23 +94,28 @@ class PermuteMerge(GroupMergeMethod):
     )
 
     def merge_group(self, group: TensorGroup, /, weight, **params) -> torch.Tensor:
-        base, other = group.base, group.non_base[0]
-        settings, data = settings_from_parameters(params)
-        alignment = get_alignment(model_path(base.id), model_path(other.id), settings, data)
+        """Every other model is aligned to the base (the reference), then all are averaged."""
         from mergekit_permute.permute import apply_to_tensor, fold_tensor
-        name = group.metadata.name
-        rule = alignment.spec.weight_map().get(name)
-        a = fold_tensor(name, base.tensor, alignment.fold_a)
-        b = fold_tensor(name, other.tensor, alignment.fold_b)
-        if rule is not None:
-            b = apply_to_tensor(rule, b, alignment.transforms)
-        elif b.is_floating_point():
-            LOG.warning("%s is not in the permutation spec; averaged as is", name)
-        wa, wb = float(weight[base.id]), float(weight[other.id])
-        if wa + wb == 0:
+        base, name = group.base, group.metadata.name
+        settings, data = settings_from_parameters(params)
+        total = float(weight[base.id])
+        merged = None
+        for other in group.non_base:
+            alignment = get_alignment(model_path(base.id), model_path(other.id), settings, data)
+            if merged is None:
+                merged = total * fold_tensor(name, base.tensor, alignment.fold_a).double()
+            rule = alignment.spec.weight_map().get(name)
+            b = fold_tensor(name, other.tensor, alignment.fold_b)
+            if rule is not None:
+                b = apply_to_tensor(rule, b, alignment.transforms)
+            elif b.is_floating_point():
+                LOG.warning("%s is not in the permutation spec; averaged as is", name)
+            w = float(weight[other.id])
+            merged += w * b.to(merged.device).double()
+            total += w
+        if total == 0:
             raise RecipeError("merge_method permute: the model weights sum to zero")
-        merged = (wa * a.double() + wb * b.to(a.device).double()) / (wa + wb)
-        return merged.to(base.tensor.dtype)
+        return (merged / total).to(base.tensor.dtype)
 
 
 def validate_recipe(config) -> Optional[Tuple[AlignSettings, str]]:
@@ -123,9 +130,9 @@ def validate_recipe(config) -> Optional[Tuple[AlignSettings, str]]:
         raise RecipeError("merge_method permute needs `base_model` (model A, whose basis B is "
                           "aligned to)")
     refs = {m.model for m in models} | {config.base_model}
-    if len(refs) != 2:
-        raise RecipeError(f"merge_method permute merges exactly two models (base_model and one "
-                          f"other); this recipe names {len(refs)}")
+    if len(refs) < 2:
+        raise RecipeError("merge_method permute needs at least two distinct models (base_model "
+                          "and one or more others to align to it)")
     for m in models:
         extra = sorted(set(m.parameters or {}) - PER_MODEL)
         if extra:
@@ -149,5 +156,7 @@ def warm_up(config, device: str) -> None:
         return
     settings, data = checked
     RUN["device"] = device or "cpu"
-    other = next(r for r in {m.model for m in config.models} if r != config.base_model)
-    get_alignment(model_path(config.base_model), model_path(other), settings, data)
+    RUN["alignments"] = {}
+    others = sorted({m.model for m in config.models if m.model != config.base_model}, key=str)
+    for other in others:  # each model is aligned to the base (the reference)
+        get_alignment(model_path(config.base_model), model_path(other), settings, data)

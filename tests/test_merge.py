@@ -76,12 +76,11 @@ def test_stock_mergekit_yaml_refuses_unknown_keys(zoo, tmp_path):
     assert not out.exists() or not any(out.iterdir())
 
 
-def test_three_models_and_missing_base_are_refused(zoo, tmp_path):
+def test_one_model_and_missing_base_are_refused(zoo, tmp_path):
     a, b = zoo("bert")
-    c, _ = zoo("llama")
-    path = recipe(tmp_path, a, b, models=[{"model": a}, {"model": b}, {"model": c}])
+    path = recipe(tmp_path, a, b, models=[{"model": a}])
     r = run_cli(cli("mergekit-permute"), "merge", str(path), str(tmp_path / "o"))
-    assert r.returncode == 2 and "exactly two models" in r.stderr
+    assert r.returncode == 2 and "at least two distinct models" in r.stderr
     path = recipe(tmp_path, a, b, base_model=None)
     r = run_cli(cli("mergekit-permute"), "merge", str(path), str(tmp_path / "o"))
     assert r.returncode == 2 and "needs `base_model`" in r.stderr
@@ -96,3 +95,36 @@ def test_shipped_local_recipe_is_valid():
     for path in sorted(Path(__file__).parent.parent.joinpath("recipes").glob("*.yml")):
         settings, data = validate_recipe(load_recipe(path))
         assert settings.attention == "head_perm"
+
+
+def test_three_models_merge_through_mergekit_and_evaluate(zoo, tmp_path):
+    """N >= 3: every model aligned to the base; `barrier` with N models reports the merge."""
+    import shutil
+    from click.testing import CliRunner
+
+    from mergekit_permute.cli import main
+    a, b = zoo("llama")
+    c = tmp_path / "c"  # a third "seed": B with its FF neurons shuffled and nudged
+    model = T.AutoModelForCausalLM.from_pretrained(b)
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    model.save_pretrained(c)
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(f"{b}/{f}", c / f)
+    path = recipe(tmp_path, a, b, models=[{"model": a}, {"model": b}, {"model": str(c)}])
+    r = CliRunner().invoke(main, ["merge", str(path), str(tmp_path / "m")])
+    assert r.exit_code == 0, r.output
+    for f in ("alignment-1.json", "alignment-2.json", "permutations-2.safetensors"):
+        assert (tmp_path / "m" / f).exists(), f
+    assert "2 models aligned to the base" in (tmp_path / "m" / "README.md").read_text()
+    r = CliRunner().invoke(main, ["barrier", a, b, str(c), "--data", "shakespeare-eval",
+                                  "--eval-samples", "32", "--eval-max-length", "32",
+                                  "--samples", "120", "--max-length", "32",
+                                  "--methods", "vanilla,default", "--out", str(tmp_path / "ev")])
+    assert r.exit_code == 0, r.output
+    import json
+    doc = json.loads((tmp_path / "ev" / "merge.json").read_text())
+    assert len(doc["parents"]) == 3
+    assert doc["methods"]["default"]["merge_loss"] < doc["methods"]["vanilla"]["merge_loss"]
