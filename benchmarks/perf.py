@@ -4,6 +4,11 @@
 Results: benchmarks/results/perf-{device}.json
 """
 
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `benchmarks` as a package
+
 import argparse
 import json
 import os

@@ -5,6 +5,11 @@ loss barrier of every method; aggregated as mean +- standard error over pairs.
 Results: benchmarks/results/quality-{arch}.json and quality-{arch}.png.
 """
 
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `benchmarks` as a package
+
 import argparse
 import itertools
 import json

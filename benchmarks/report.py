@@ -1,0 +1,107 @@
+"""Write BENCHMARKS.md from benchmarks/results/*.json (numbers are never typed by hand)."""
+
+import json
+import math
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+
+# Verma & Elbayad 2024, MultiBERTs seeds 1-5 (10 pairs), MLM loss barrier in the paper's
+# definition, as summarised in shared/METHOD.md (secondhand; unverified against the paper).
+PAPER = {
+    "vanilla": 4.31, "monotonic": 4.13, "ignore_heads": 3.97, "head_perm": 3.71,
+    "residual identity": 4.95, "residual first": 7.58, "residual last": 7.41, "residual all": 7.34,
+}
+PAPER_ROW = {"vanilla": "vanilla", "monotonic": "monotonic", "ignore_heads": "ignore_heads",
+             "head_perm": "head_perm", "head_perm+residual=first": "residual first",
+             "head_perm+residual=last": "residual last", "head_perm+residual=all": "residual all"}
+
+
+def fmt(ms, pct=False):
+    m, se = ms
+    if m is None or (isinstance(m, float) and math.isnan(m)):
+        return "-"
+    if pct:
+        return f"{100 * m:.0f}% ± {100 * se:.0f}" if not math.isnan(se) else f"{100 * m:.0f}%"
+    return f"{m:.4f} ± {se:.4f}" if not math.isnan(se) else f"{m:.4f}"
+
+
+def quality_section(doc) -> str:
+    zoo = doc["zoo"]
+    lines = [f"### {doc['arch']} ({zoo['layers']} layers, hidden {zoo['hidden']}, "
+             f"{zoo['heads']} heads" + (f" / {zoo['kv_heads']} KV heads" if doc["arch"] == "llama"
+                                        else "") + f", FF {zoo['intermediate']}, {zoo['steps']} "
+             f"steps; {doc['seeds']} seeds, {doc['pairs']} pairs)", "",
+             f"Endpoint {doc['loss']} on held-out text: {fmt(doc['endpoint_loss'])} "
+             f"(unigram baseline {doc['unigram_eval_loss']:.4f}). Calibration: "
+             f"{doc['calibration']['samples']} passages x {doc['calibration']['max_length']} "
+             "tokens of the calibration split; barriers on the evaluation split, "
+             f"{len(doc['lambdas'])} points of lambda.", "",
+             "| method | barrier (headline) | barrier (paper's definition) | removed vs. vanilla | "
+             "paper, MultiBERTs (paper's definition) |", "|---|---|---|---|---|"]
+    for m, row in doc["summary"].items():
+        paper = PAPER.get(PAPER_ROW.get(m, ""), None)
+        lines.append(f"| {m} | {fmt(row['barrier'])} | {fmt(row['barrier_paper'])} | "
+                     f"{fmt(row['removed_vs_vanilla'], pct=True)} | "
+                     f"{paper if paper is not None else ''} |")
+    lines += ["", f"![{doc['arch']} curves](benchmarks/results/quality-{doc['arch']}.png)", ""]
+    return "\n".join(lines)
+
+
+def perf_section(doc) -> str:
+    c, e, mem = doc["calibration_overhead"], doc["end_to_end"], doc["peak_memory"]
+    lines = [f"Machine: {doc['machine']}, device `{doc['device']}`; medians of {doc['repeats']} "
+             "runs; pair: two models of the Llama zoo.", "",
+             "| measure | value | target |", "|---|---|---|",
+             f"| calibration pass / bare forwards of both models ({c['tokens']} tokens) | "
+             f"{c['ratio']:.2f}x ({c['calibration_s']:.2f} s / {c['bare_forward_s']:.2f} s) | "
+             f"{c['target']} |",
+             f"| MergeKit `permute` / `linear`, end to end | {e['ratio']:.1f}x "
+             f"({e['permute_s']:.1f} s / {e['linear_s']:.1f} s) | - |",
+             f"| peak memory of `align` on a {mem['model_fp32_bytes'] / 2**20:.0f} MiB (fp32) "
+             f"pair, above the import baseline / one model | {mem['ratio_to_one_model']:.2f}x | "
+             f"{mem['target']} |", "",
+             "Statistics: streaming cross block vs. the reference code's full 2d x 2d covariance "
+             "(8192 tokens), and the assignment (scipy linear_sum_assignment) per space:", "",
+             "| width | cross block (s) | full covariance (s) | full / cross | assignment (s) |",
+             "|---|---|---|---|---|"]
+    for r in doc["stats_scaling"]["by_width"]:
+        lines.append(f"| {r['width']} | {r['cross_block_s']:.3f} | {r['full_cov_s']:.3f} | "
+                     f"{r['full_over_cross']:.1f}x | {r['assignment_s']:.3f} |")
+    lines += ["", "Growth with calibration tokens (width 1024): " + ", ".join(
+        f"{r['tokens']} tokens {r['cross_block_s']:.3f} s" for r in doc["stats_scaling"]["by_tokens"]),
+        "", "Matching time per kind of space on the zoo pair: " + ", ".join(
+            f"{k} {v['total_s']:.3f} s ({v['spaces']} spaces)"
+            for k, v in doc["matching_per_kind"].items()), ""]
+    return "\n".join(lines)
+
+
+def main():
+    results = HERE / "results"
+    parts = ["# Benchmarks", "",
+             "Regenerate everything on this machine with `python benchmarks/run_all.py` "
+             "(trains the seed zoo if needed, then runs `benchmarks/quality.py` and "
+             "`benchmarks/perf.py`, then this report). Every number below is read from "
+             "`benchmarks/results/*.json`.", "",
+             "Headline barrier: max over lambda of L(lambda A + (1-lambda) B') minus the linear "
+             "interpolation of the endpoint losses; the paper's definition subtracts the mean "
+             "endpoint loss instead. Mean ± standard error over seed pairs.", "",
+             "## Quality: the paper's ablations on our seed zoo", ""]
+    for arch in ("bert", "llama"):
+        path = results / f"quality-{arch}.json"
+        if path.is_file():
+            parts.append(quality_section(json.loads(path.read_text())))
+    parts += ["The paper's column is MultiBERTs (BERT-base, 12 layers, MLM), a different scale "
+              "from our CPU zoo: compare the *ordering* and the fraction removed, not the "
+              "absolute numbers.", ""]
+    for name in ("perf-cpu.json", "perf-cuda.json"):
+        path = results / name
+        if path.is_file():
+            parts += [f"## Performance ({name[5:-5]})", "", perf_section(json.loads(path.read_text()))]
+    (ROOT / "BENCHMARKS.md").write_text("\n".join(parts) + "\n")
+    print("wrote BENCHMARKS.md")
+
+
+if __name__ == "__main__":
+    main()
