@@ -243,14 +243,17 @@ def barrier(models, eval_data, calibration, methods, lambdas, eval_samples,
 @click.option("--out", default="demo-output", show_default=True, type=click.Path(path_type=Path))
 @click.option("--arch", type=click.Choice(["llama", "bert"]), default="llama", show_default=True)
 @click.option("--quick", is_flag=True, help="Tiny models (CI-sized), same code path.")
+@click.option("--seed", type=int, default=1, show_default=True,
+              help="Models are trained from seeds SEED and SEED+1.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing merged model in --out.")
 @_friendly
-def demo(out, arch, quick, overwrite):
+def demo(out, arch, quick, seed, overwrite):
     """Train two small models from different seeds, measure the barrier, merge. No download."""
     from mergekit_permute.card import barrier_table
     from mergekit_permute.demo import run_demo
 
-    result = run_demo(out, arch=arch, size="quick" if quick else "full", overwrite=overwrite)
+    result = run_demo(out, arch=arch, size="quick" if quick else "full", seeds=(seed, seed + 1),
+                      overwrite=overwrite)
     click.echo(barrier_table(result))
     default = result["methods"]["default"]
     if "removed_vs_vanilla" in default:
