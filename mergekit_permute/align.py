@@ -152,7 +152,7 @@ def collect_stats(spec, model_a, model_b, tokenizer, texts: List[str], settings:
         flat = load_file(str(path))
         return _unflatten_stats(flat)
     prepare_tokenizer(tokenizer)
-    batches = tokenize(tokenizer, texts, settings.max_length, settings.batch_size)
+    batches = tokenize(tokenizer, texts, settings.max_length, settings.batch_size, model_a)
     stats = calibrate(model_a, model_b, spec, batches, calibration_spaces(spec),
                       special_ids=tokenizer.all_special_ids,
                       keep_special=settings.keep_special_tokens, device=device)

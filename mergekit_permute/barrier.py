@@ -66,9 +66,9 @@ def objective_for(model) -> Objective:
 
 
 def eval_batches(tokenizer, texts: Sequence[str], objective: Objective, *, max_length: int,
-                 batch_size: int, seed: int = 0, labels: Sequence = ()) -> List[Dict]:
+                 batch_size: int, seed: int = 0, labels: Sequence = (), model=None) -> List[Dict]:
     """Fixed batches: the same masked positions for every lambda and method (masking seed)."""
-    from mergekit_permute.calibrate import prepare_tokenizer
+    from mergekit_permute.calibrate import model_inputs, prepare_tokenizer
     from mergekit_permute.zoo import mask_tokens
     prepare_tokenizer(tokenizer)
     gen = torch.Generator().manual_seed(seed)
@@ -85,7 +85,7 @@ def eval_batches(tokenizer, texts: Sequence[str], objective: Objective, *, max_l
             enc["labels"] = ids.masked_fill(attn == 0, -100)
         else:
             enc["labels"] = torch.tensor(list(labels[i:i + batch_size]))
-        batches.append(enc)
+        batches.append(model_inputs(enc, model))
     return batches
 
 
@@ -154,7 +154,7 @@ def run_barrier(model_a: str, model_b: str, *, eval_data: str, calibration: str,
     else:
         texts = load_texts(eval_data, eval_samples)
     batches = eval_batches(tok, texts, objective, max_length=eval_max_length,
-                           batch_size=settings.batch_size, seed=seed, labels=labels)
+                           batch_size=settings.batch_size, seed=seed, labels=labels, model=a)
     stats = None
     if any(s.ffn != "identity" or s.attention != "identity" or s.residual != "identity"
            for s in parsed.values()):
@@ -213,7 +213,8 @@ def run_multi(models: Sequence[str], *, eval_data: str, calibration: str, method
     if objective == "cls":
         raise ValueError("N-model evaluation supports language-model losses only")
     batches = eval_batches(tok, load_texts(eval_data, eval_samples), objective,
-                           max_length=eval_max_length, batch_size=settings.batch_size, seed=seed)
+                           max_length=eval_max_length, batch_size=settings.batch_size, seed=seed,
+                           model=a)
     calib = load_texts(calibration, settings.samples)
     state_a = {k: v.detach().clone() for k, v in a.state_dict().items()}
     parents, per_model = {ref: evaluate(a, batches, objective, device)}, []

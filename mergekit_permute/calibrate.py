@@ -24,15 +24,25 @@ def prepare_tokenizer(tokenizer):
     return tokenizer
 
 
-def tokenize(tokenizer, texts: Sequence[str], max_length: int, batch_size: int
-             ) -> List[Dict[str, torch.Tensor]]:
+def tokenize(tokenizer, texts: Sequence[str], max_length: int, batch_size: int,
+             model=None) -> List[Dict[str, torch.Tensor]]:
     prepare_tokenizer(tokenizer)
     batches = []
     for i in range(0, len(texts), batch_size):
         enc = tokenizer(list(texts[i:i + batch_size]), padding=True, truncation=True,
                         max_length=max_length, return_tensors="pt")
-        batches.append(dict(enc))
+        batches.append(model_inputs(dict(enc), model))
     return batches
+
+
+def model_inputs(batch: Dict[str, torch.Tensor], model=None) -> Dict[str, torch.Tensor]:
+    """Drop tokenizer outputs the model's forward does not take (e.g. token_type_ids)."""
+    if model is None or "token_type_ids" not in batch:
+        return batch
+    import inspect
+    if "token_type_ids" not in inspect.signature(model.forward).parameters:
+        batch = {k: v for k, v in batch.items() if k != "token_type_ids"}
+    return batch
 
 
 def token_mask(batch: Dict[str, torch.Tensor], special_ids: Sequence[int], keep_special: bool
