@@ -55,14 +55,17 @@ def load_texts(source: str, samples: Optional[int] = None, field: str = "text") 
 
 
 def _load_hub_dataset(name: str, field: str, samples: Optional[int]) -> List[str]:
+    """`owner/name`, `name:config` or `name:config:split` (split defaults to train)."""
     try:
         import datasets
     except ImportError:  # pragma: no cover
         raise DataError(f"{name!r} is not a file, and `datasets` is not installed") from None
-    split = f"train[:{samples}]" if samples else "train"
-    LOG.info("loading dataset %s (%s) through datasets.load_dataset", name, split)
+    dataset, config, split = (name.split(":") + [None, None])[:3]
+    split = split or "train"
+    split = f"{split}[:{samples}]" if samples else split
+    LOG.info("loading dataset %s (%s, %s) through datasets.load_dataset", dataset, config, split)
     try:
-        ds = datasets.load_dataset(name, split=split)
+        ds = datasets.load_dataset(dataset, config, split=split)
     except Exception as e:
         raise DataError(f"{name!r} is neither a local file nor a loadable dataset: {e}") from e
     return [str(x) for x in ds[field]]
