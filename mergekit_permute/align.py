@@ -67,6 +67,14 @@ def calibration_spaces(spec: PermutationSpec) -> List[str]:
     return [s.name for s in spec.spaces if not s.frozen]
 
 
+def resolve_residual(spec: PermutationSpec, policy: str) -> str:
+    """`auto`: the orthogonal map where it preserves the function (RMSNorm, untied head),
+    else the pooled permutation `all`."""
+    if policy != "auto":
+        return policy
+    return "all" if spec.orthogonal_residual_error() else "orthogonal"
+
+
 def compute_alignment(spec: PermutationSpec, stats: Dict[str, CrossStats],
                       settings: AlignSettings, states=None) -> Alignment:
     """Transforms from statistics. `states` (A's and B's state dicts) are needed only for the
@@ -74,10 +82,11 @@ def compute_alignment(spec: PermutationSpec, stats: Dict[str, CrossStats],
     transforms = identity_transforms(spec)
     report: Dict[str, Dict] = {}
     folds: Dict[str, Folds] = {"a": {}, "b": {}}
+    residual = resolve_residual(spec, settings.residual)
     for space in spec.spaces:
         if space.frozen:
             continue
-        if space.kind == "residual" and settings.residual == "orthogonal":
+        if space.kind == "residual" and residual == "orthogonal":
             points = [stats[f"{space.name}@{i}"] for i in range(len(space.features))]
             q = procrustes([p.sum_ab for p in points])
             transforms[space.name] = {"": q}
@@ -92,7 +101,7 @@ def compute_alignment(spec: PermutationSpec, stats: Dict[str, CrossStats],
             folds = {"a": fold_scales(spec, states[0]), "b": fold_scales(spec, states[1])}
             continue
         if space.kind == "residual":
-            points = residual_points(settings.residual, len(space.features))
+            points = residual_points(residual, len(space.features))
             if not points:
                 continue
             pooled = stats[f"{space.name}@{points[0]}"]

@@ -10,7 +10,7 @@ from mergekit_permute.match import AttentionMode, ResidualPolicy  # noqa: F401  
 
 LOG = logging.getLogger("mergekit_permute")
 ATTENTION = ["head_perm", "monotonic", "identity", "ignore_heads"]
-RESIDUAL = ["all", "first", "last", "identity", "orthogonal"]
+RESIDUAL = ["all", "first", "last", "identity", "orthogonal", "auto"]
 
 
 def _setup_logging(verbose: bool) -> None:

@@ -10,7 +10,7 @@ from mergekit_permute.heads import HeadPerm, flat_views
 from mergekit_permute.spec.base import HeadLayout
 
 AttentionMode = Literal["head_perm", "monotonic", "identity", "ignore_heads"]
-ResidualPolicy = Literal["all", "first", "last", "identity", "orthogonal"]
+ResidualPolicy = Literal["all", "first", "last", "identity", "orthogonal", "auto"]
 
 
 def assign(score: np.ndarray) -> Tuple[np.ndarray, float]:
@@ -68,7 +68,8 @@ def match_attention(corr: torch.Tensor, layout: HeadLayout, mode: AttentionMode
 def residual_points(policy: ResidualPolicy, n_points: int) -> List[int]:
     """Which residual feature points a policy pools ('all' sums every point's statistics)."""
     return {"identity": [], "first": [0], "last": [n_points - 1],
-            "all": list(range(n_points)), "orthogonal": list(range(n_points))}[policy]
+            "all": list(range(n_points)), "orthogonal": list(range(n_points)),
+            "auto": list(range(n_points))}[policy]
 
 
 def procrustes(cross_moments: List[torch.Tensor]) -> torch.Tensor:

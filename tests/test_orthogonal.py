@@ -68,3 +68,10 @@ def test_align_orthogonal_computes_b_and_merges(zoo, tmp_path):
         expected = (folded_a.state_dict()[k] + model_b.state_dict()[k]) / 2
         torch.testing.assert_close(v, expected, rtol=0, atol=2e-6, msg=k)
     assert torch.all(merged["model.norm.weight"] == 1)
+
+
+def test_auto_policy_picks_orthogonal_only_where_it_preserves_function():
+    from mergekit_permute.align import resolve_residual
+    assert resolve_residual(spec_for_config(build("LlamaForCausalLM").config), "auto") == "orthogonal"
+    for name in ("BertForMaskedLM", "LlamaForCausalLM-tied", "GPTNeoXForCausalLM"):
+        assert resolve_residual(spec_for_config(build(name).config), "auto") == "all"
