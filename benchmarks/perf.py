@@ -78,10 +78,10 @@ def stats_scaling(repeats, device):
             s.update(a, b)
             s.correlation()
 
-        def full():
-            x = torch.cat([a, b], 1).double()
-            mean = x.mean(0)
-            cov = x.T @ x / n - mean[:, None] * mean[None, :]
+        def full():  # same arithmetic (float32 products, float64 result), all 2d x 2d entries
+            x = torch.cat([a, b], 1)
+            mean = x.mean(0, dtype=torch.float64)
+            cov = (x.T @ x).double() / n - mean[:, None] * mean[None, :]
             std = cov.diagonal().sqrt()
             (cov / std[:, None] / std[None, :])[:d, d:]
         corr = np.random.default_rng(0).standard_normal((d, d))
@@ -128,6 +128,7 @@ def end_to_end(a_path, b_path, repeats):
     """merge_method permute vs. linear through MergeKit on the same pair (fresh stats cache)."""
     import yaml
 
+    from mergekit_permute import method
     from mergekit_permute.merging import run_recipe
     times = {}
     for method in ("linear", "permute"):
@@ -141,6 +142,7 @@ def end_to_end(a_path, b_path, repeats):
                 recipe.write_text(yaml.safe_dump({
                     "merge_method": method, "base_model": a_path, "dtype": "float32",
                     "models": [{"model": a_path}, {"model": b_path}], "parameters": params}))
+                method._ALIGNMENTS.clear()  # no in-process reuse between repeats
                 t = time.perf_counter()
                 run_recipe(recipe, Path(tmp) / "out")
                 runs.append(time.perf_counter() - t)

@@ -33,7 +33,8 @@ class AlignSettings(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
     attention: AttentionMode = "head_perm"
     ffn: Literal["permute", "identity"] = "permute"
-    residual: ResidualPolicy = "all"
+    # auto = orthogonal for RMSNorm models with an untied head, else all (BENCHMARKS.md).
+    residual: ResidualPolicy = "auto"
     samples: int = Field(256, ge=1, description="calibration passages")
     max_length: int = Field(128, ge=2, description="tokens per passage")
     batch_size: int = Field(8, ge=1)

@@ -60,7 +60,7 @@ def align_options(f):
                      "function-preserving)."),
         click.option("--ffn", type=click.Choice(["permute", "identity"]), default="permute",
                      show_default=True),
-        click.option("--residual", type=click.Choice(RESIDUAL), default="all", show_default=True,
+        click.option("--residual", type=click.Choice(RESIDUAL), default="auto", show_default=True,
                      help="Residual-stream permutation policy."),
         click.option("--samples", type=int, default=256, show_default=True,
                      help="Calibration passages."),

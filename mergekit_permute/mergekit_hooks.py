@@ -20,9 +20,14 @@ _DONE = set()
 
 
 def register_method() -> None:
+    import sys
+    partial = sys.modules.get("mergekit_permute.method")
+    if partial is not None and not hasattr(partial, "PermuteMerge"):
+        return  # method.py is importing MergeKit right now; it registers itself when done
     from mergekit.merge_methods import registry
+
+    from mergekit_permute.method import PermuteMerge  # may register itself on import
     if "permute" not in registry._METHODS:
-        from mergekit_permute.method import PermuteMerge
         registry.register(PermuteMerge())
 
 

@@ -88,7 +88,7 @@ class PermuteMerge(GroupMergeMethod):
             ParameterSpec("batch_size", int, ParameterScope.SHARED, default=8),
             ParameterSpec("attention", str, ParameterScope.SHARED, default="head_perm"),
             ParameterSpec("ffn", str, ParameterScope.SHARED, default="permute"),
-            ParameterSpec("residual", str, ParameterScope.SHARED, default="all"),
+            ParameterSpec("residual", str, ParameterScope.SHARED, default="auto"),
             ParameterSpec("keep_special_tokens", bool, ParameterScope.SHARED, default=True),
         ),
     )
@@ -160,3 +160,15 @@ def warm_up(config, device: str) -> None:
     others = sorted({m.model for m in config.models if m.model != config.base_model}, key=str)
     for other in others:  # each model is aligned to the base (the reference)
         get_alignment(model_path(config.base_model), model_path(other), settings, data)
+
+
+def _register_if_mergekit_loaded() -> None:
+    """Importing this module may itself be what loaded MergeKit's registry (whose import hook
+    then had to wait for PermuteMerge to exist): register now."""
+    import sys
+    registry = sys.modules.get("mergekit.merge_methods.registry")
+    if registry is not None and "permute" not in registry._METHODS:
+        registry.register(PermuteMerge())
+
+
+_register_if_mergekit_loaded()

@@ -28,7 +28,9 @@ def _logits(path_or_model, tok_path, texts):
 def test_align_output_computes_b_and_is_permuted(zoo, tmp_path, arch):
     a, b = zoo(arch)
     out = tmp_path / "aligned"
-    r = run_cli(cli("mergekit-permute"), "align", a, b, *ALIGN_ARGS, "--out", str(out))
+    # Permutations only, so the stored weights are a reordering of B's (orthogonal: its own test).
+    r = run_cli(cli("mergekit-permute"), "align", a, b, *ALIGN_ARGS, "--residual", "all",
+                "--out", str(out))
     assert r.returncode == 0, r.stderr
     texts = ["Good morrow, my lord.", "What light through yonder window breaks?"]
     torch.testing.assert_close(_logits(str(out), b, texts), _logits(b, b, texts),
@@ -62,7 +64,7 @@ def test_alignment_recovers_a_random_permutation_of_itself(zoo, tmp_path, arch):
     model.save_pretrained(permuted)
     for f in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(f"{a}/{f}", permuted / f)
-    settings = AlignSettings(samples=120, max_length=32)
+    settings = AlignSettings(samples=120, max_length=32, residual="all")
     alignment, model_a, model_b, _ = align_pair(a, str(permuted), "shakespeare-calib", settings,
                                                 use_cache=False)
     apply_to_model(spec, model_b, alignment.transforms)

@@ -33,7 +33,8 @@ ARCHS = {
     "Qwen2ForCausalLM": (T.Qwen2Config, {**DEC, "tie_word_embeddings": True}),
     "Qwen3ForCausalLM": (T.Qwen3Config, {**DEC, "head_dim": 8}),
 }
-SETTINGS = AlignSettings(samples=64, max_length=32, batch_size=16)
+# Permutations only, so the merge is (A + aligned B)/2 with A as stored (orthogonal: test_orthogonal).
+SETTINGS = AlignSettings(samples=64, max_length=32, batch_size=16, residual="all")
 
 
 @pytest.fixture(scope="module")
@@ -93,7 +94,8 @@ def test_align_preserves_function_and_stock_mergekit_merges(pairs, tmp_path, arc
     recipe.write_text(yaml.safe_dump({
         "merge_method": "permute", "base_model": a, "dtype": "float32",
         "models": [{"model": a}, {"model": b}],
-        "parameters": {"calibration_samples": 64, "max_length": 32, "batch_size": 16}}))
+        "parameters": {"calibration_samples": 64, "max_length": 32, "batch_size": 16,
+                       "residual": "all"}}))
     r = CliRunner().invoke(mergekit_yaml, [str(recipe), str(tmp_path / "merged")])
     assert r.exit_code == 0, r.output + repr(r.exception)
     merged = getattr(T, arch).from_pretrained(tmp_path / "merged")

@@ -6,7 +6,8 @@ from safetensors.torch import load_file
 
 from tests.conftest import cli, run_cli
 
-PARAMS = {"calibration_data": "shakespeare-calib", "calibration_samples": 120, "max_length": 32}
+PARAMS = {"calibration_data": "shakespeare-calib", "calibration_samples": 120, "max_length": 32,
+          "residual": "all"}  # permutations: the merge is (A + aligned B)/2 with A as stored
 
 
 def recipe(tmp_path, a, b, params=None, models=None, **top):
@@ -24,7 +25,7 @@ def test_merge_equals_average_of_a_and_aligned_b(zoo, tmp_path, arch, runner):
     a, b = zoo(arch)
     aligned = tmp_path / "aligned"
     r = run_cli(cli("mergekit-permute"), "align", a, b, "--data", "shakespeare-calib",
-                "--samples", "120", "--max-length", "32", "--out", str(aligned))
+                "--samples", "120", "--max-length", "32", "--residual", "all", "--out", str(aligned))
     assert r.returncode == 0, r.stderr
     out = tmp_path / "merged"
     cmd = [cli("mergekit-yaml"), str(recipe(tmp_path, a, b)), str(out)] if runner == "mergekit-yaml" \
@@ -128,3 +129,15 @@ def test_three_models_merge_through_mergekit_and_evaluate(zoo, tmp_path):
     doc = json.loads((tmp_path / "ev" / "merge.json").read_text())
     assert len(doc["parents"]) == 3
     assert doc["methods"]["default"]["merge_loss"] < doc["methods"]["vanilla"]["merge_loss"]
+
+
+def test_registration_works_whichever_module_is_imported_first():
+    import subprocess
+    import sys
+    check = ("import mergekit.merge_methods as mm; "
+             "assert 'permute' in [m.spec.name for m in mm.registered_methods()]")
+    for first in ("", "import mergekit_permute.method; ", "import mergekit_permute.demo; ",
+                  "import mergekit.scripts.run_yaml; "):
+        r = subprocess.run([sys.executable, "-c", first + check], capture_output=True, text=True)
+        assert r.returncode == 0, (first, r.stderr[-1500:])
+        assert "could not hook" not in r.stderr, (first, r.stderr[-1500:])

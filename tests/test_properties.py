@@ -100,7 +100,7 @@ def test_self_alignment_recovers_the_permutation(config, seed):
                 "attention_mask": torch.ones(8, 16, dtype=torch.long)}
                for _ in range(max(4, widest // 16))]
     stats = calibrate(a, b, spec, batches, calibration_spaces(spec))
-    alignment = compute_alignment(spec, stats, AlignSettings())
+    alignment = compute_alignment(spec, stats, AlignSettings(residual="all"))
     apply_to_model(spec, b, alignment.transforms)
     kw = inputs(a, length=7)
     for x, y in zip(outputs(a, kw), outputs(b, kw)):
