@@ -115,7 +115,8 @@ def per_space(a_path, b_path):
     for space in spec.spaces:
         if space.kind == "residual":
             t = time.perf_counter()
-            compute_alignment(spec, stats, AlignSettings(ffn="identity", attention="identity"))
+            compute_alignment(spec, stats, AlignSettings(ffn="identity", attention="identity",
+                                                         residual="all"))
         else:
             corr = stats[f"{space.name}@0"].correlation()
             t = time.perf_counter()
@@ -128,7 +129,7 @@ def end_to_end(a_path, b_path, repeats):
     """merge_method permute vs. linear through MergeKit on the same pair (fresh stats cache)."""
     import yaml
 
-    from mergekit_permute import method
+    from mergekit_permute import method as permute_method
     from mergekit_permute.merging import run_recipe
     times = {}
     for method in ("linear", "permute"):
@@ -142,7 +143,7 @@ def end_to_end(a_path, b_path, repeats):
                 recipe.write_text(yaml.safe_dump({
                     "merge_method": method, "base_model": a_path, "dtype": "float32",
                     "models": [{"model": a_path}, {"model": b_path}], "parameters": params}))
-                method._ALIGNMENTS.clear()  # no in-process reuse between repeats
+                permute_method._ALIGNMENTS.clear()  # no in-process reuse between repeats
                 t = time.perf_counter()
                 run_recipe(recipe, Path(tmp) / "out")
                 runs.append(time.perf_counter() - t)
