@@ -5,6 +5,7 @@ import json
 import logging
 import os
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Dict, List, Literal, Optional
 
@@ -61,6 +62,11 @@ class Alignment:
     # Norm gains folded into their readers (orthogonal residual only), per model.
     fold_a: Folds = field(default_factory=dict)
     fold_b: Folds = field(default_factory=dict)
+
+    @cached_property
+    def rules(self):
+        """Tensor name (aliases included) -> rule; built once, looked up per tensor."""
+        return self.spec.weight_map()
 
 
 def calibration_spaces(spec: PermutationSpec) -> List[str]:
@@ -190,13 +196,13 @@ ALIGNMENT_FILE = "alignment.json"
 
 
 def save_alignment(alignment: Alignment, out_dir: Path, suffix: str = "") -> None:
-    """permutations.safetensors (int32 index vectors; float matrices where a space holds one)
+    """permutations.safetensors (int32 index vectors; float64 matrices where a space holds one)
     and alignment.json (settings, data fingerprint, per-space correlations)."""
     tensors = {}
     for space, views in alignment.transforms.items():
         for view, t in views.items():
             key = f"{space}/{view}" if view else space
-            tensors[key] = t.to(torch.int32) if is_permutation(t) else t.float()
+            tensors[key] = t.to(torch.int32) if is_permutation(t) else t.double()  # exact reuse
     perm_file = out_dir / PERMUTATIONS_FILE.replace(".safetensors", f"{suffix}.safetensors")
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(perm_file),
               metadata={"format": "mergekit-permute/1", "architecture": alignment.spec.architecture})

@@ -6,7 +6,6 @@ from pathlib import Path
 
 import click
 
-from mergekit_permute.match import AttentionMode, ResidualPolicy  # noqa: F401  (choices below)
 
 LOG = logging.getLogger("mergekit_permute")
 ATTENTION = ["head_perm", "monotonic", "identity", "ignore_heads"]

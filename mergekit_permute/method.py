@@ -28,7 +28,7 @@ PER_MODEL = {"weight"}
 
 _ALIGNMENTS: Dict[Tuple, Alignment] = {}
 # The current MergeKit run: its device, and the alignments it computed (other model -> alignment).
-RUN: Dict[str, object] = {"device": "cpu", "last": None, "alignments": {}}
+RUN: Dict[str, object] = {"device": "cpu", "alignments": {}}
 
 
 class RecipeError(ValueError):
@@ -62,7 +62,6 @@ def get_alignment(model_a: str, model_b: str, settings: AlignSettings, data: str
         LOG.info("aligning %s to %s (%s)", model_b, model_a, settings.label())
         alignment, *_ = align_pair(model_a, model_b, data, settings, device=str(RUN["device"]))
         _ALIGNMENTS[key] = alignment
-    RUN["last"] = _ALIGNMENTS[key]
     RUN["alignments"][model_b] = _ALIGNMENTS[key]
     return _ALIGNMENTS[key]
 
@@ -104,7 +103,7 @@ class PermuteMerge(GroupMergeMethod):
             alignment = get_alignment(model_path(base.id), model_path(other.id), settings, data)
             if merged is None:
                 merged = total * fold_tensor(name, base.tensor, alignment.fold_a).double()
-            rule = alignment.spec.weight_map().get(name)
+            rule = alignment.rules.get(name)
             b = fold_tensor(name, other.tensor, alignment.fold_b)
             if rule is not None:
                 b = apply_to_tensor(rule, b, alignment.transforms)
