@@ -204,8 +204,12 @@ def save_alignment(alignment: Alignment, out_dir: Path, suffix: str = "") -> Non
             key = f"{space}/{view}" if view else space
             tensors[key] = t.to(torch.int32) if is_permutation(t) else t.double()  # exact reuse
     perm_file = out_dir / PERMUTATIONS_FILE.replace(".safetensors", f"{suffix}.safetensors")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(perm_file),
-              metadata={"format": "mergekit-permute/1", "architecture": alignment.spec.architecture})
+    # One metadata key: safetensors writes the header from a hash map, so two keys would come
+    # out in a per-process order and break bit-identical reruns.
+    header = json.dumps({"format": "mergekit-permute/1",
+                         "architecture": alignment.spec.architecture}, sort_keys=True)
+    save_file({k: tensors[k].contiguous() for k in sorted(tensors)}, str(perm_file),
+              metadata={"mergekit_permute": header})
     doc = {
         "format": "mergekit-permute/1",
         "folded_norms": bool(alignment.fold_b),

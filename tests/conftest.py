@@ -33,9 +33,9 @@ def zoo(tmp_path_factory):
     return get
 
 
-def run_cli(*args, cwd=None):
+def run_cli(*args, cwd=None, env=None):
     """Run a console command the way a user does; returns CompletedProcess."""
-    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    env = dict(os.environ, PYTHONWARNINGS="ignore", **(env or {}))
     return subprocess.run(list(args), capture_output=True, text=True, cwd=cwd, env=env)
 
 
