@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 from mergekit_permute import __version__
 from mergekit_permute.calibrate import calibrate, prepare_tokenizer, tokenize
 from mergekit_permute.match import (
-    AttentionMode, ResidualPolicy, match_attention, match_plain, mean_matched, procrustes,
+    AttentionMode, QKMode, ResidualPolicy, match_attention, match_plain, mean_matched, procrustes,
     residual_points,
 )
 from mergekit_permute.permute import (
@@ -32,7 +32,13 @@ class AlignSettings(BaseModel):
     """How to align B to A. Unknown keys are errors (extra="forbid")."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
+    # activations: correlate features on calibration text; weights: data-free weight matching.
+    matching: Literal["activations", "weights"] = "activations"
     attention: AttentionMode = "head_perm"
+    # Q/K dims inside a head: follow V's permutation (paper), or matched on query/key features.
+    qk: QKMode = "follow_vo"
+    # Used when merging (recipe, barrier), not by `align`: REPAIR-style FF statistics correction.
+    repair: bool = False
     ffn: Literal["permute", "identity"] = "permute"
     # auto = orthogonal for RMSNorm models with an untied head, else all (BENCHMARKS.md).
     residual: ResidualPolicy = "auto"
@@ -46,7 +52,16 @@ class AlignSettings(BaseModel):
         return self.attention != "ignore_heads"
 
     def label(self) -> str:
-        return f"ffn={self.ffn},attention={self.attention},residual={self.residual}"
+        qk = "" if self.qk == "follow_vo" else f",qk={self.qk}"
+        repair = ",repair" if self.repair else ""
+        weights = ",matching=weights" if self.matching == "weights" else ""
+        return (f"ffn={self.ffn},attention={self.attention},residual={self.residual}"
+                f"{qk}{weights}{repair}")
+
+    @property
+    def needs_qk_features(self) -> bool:
+        return (self.qk != "follow_vo" and self.attention not in ("identity", "ignore_heads")
+                and self.matching == "activations")
 
     def calibration_key(self) -> Dict:
         return self.model_dump(include={"samples", "max_length", "batch_size", "keep_special_tokens"})
@@ -93,6 +108,7 @@ def compute_alignment(spec: PermutationSpec, stats: Dict[str, CrossStats],
     for space in spec.spaces:
         if space.frozen:
             continue
+        q_corr = None
         if space.kind == "residual" and residual == "orthogonal":
             points = [stats[f"{space.name}@{i}"] for i in range(len(space.features))]
             q = procrustes([p.sum_ab for p in points])
@@ -127,15 +143,33 @@ def compute_alignment(spec: PermutationSpec, stats: Dict[str, CrossStats],
             else:
                 if settings.attention == "identity":
                     continue
-                transforms[space.name] = match_attention(corr, space.heads, settings.attention)
+                qk = settings.qk if settings.needs_qk_features else "follow_vo"
+                q_corr = k_corr = None
+                if qk != "follow_vo":
+                    q_corr, k_corr = (_stats_for(stats, f"{space.name}@{v}", "qk")
+                                      .correlation() for v in ("q", "k"))
+                transforms[space.name] = match_attention(corr, space.heads, settings.attention,
+                                                         qk, q_corr, k_corr)
                 perm = transforms[space.name]["o"]
         report[space.name] = {
             "kind": space.kind, "size": space.size,
             "mean_corr_before": round(mean_matched(corr, torch.arange(space.size)), 6),
             "mean_corr_after": round(mean_matched(corr, perm), 6),
         }
+        if space.kind == "attention" and q_corr is not None:
+            identity = {v: torch.arange(n) for v, n in space.views.items()}
+            report[space.name]["qk_corr_before"] = round(qk_matched(q_corr, k_corr, identity), 6)
+            report[space.name]["qk_corr_after"] = round(
+                qk_matched(q_corr, k_corr, transforms[space.name]), 6)
     return Alignment(spec=spec, transforms=transforms, settings=settings, report=report,
                      fold_a=folds["a"], fold_b=folds["b"])
+
+
+def qk_matched(q_corr: torch.Tensor, k_corr: torch.Tensor, views: Dict[str, torch.Tensor]) -> float:
+    """Mean correlation of matched query and key dims (what qk=separate/joint maximise)."""
+    total = (mean_matched(q_corr, views["q"]) * len(views["q"])
+             + mean_matched(k_corr, views["k"]) * len(views["k"]))
+    return total / (len(views["q"]) + len(views["k"]))
 
 
 # ---- calibration statistics, cached on disk ---------------------------------------------------
@@ -155,12 +189,22 @@ def model_fingerprint(model) -> str:
     return h.hexdigest()[:16]
 
 
+def _stats_for(stats: Dict[str, CrossStats], key: str, setting: str) -> CrossStats:
+    if key not in stats:
+        raise ValueError(f"calibration statistics lack {key}, which {setting} needs; they were "
+                         "collected without it (pass qk=True to collect_stats)")
+    return stats[key]
+
+
 def collect_stats(spec, model_a, model_b, tokenizer, texts: List[str], settings: AlignSettings,
-                  *, device="cpu", use_cache: bool = True, data_id: str = "") -> Dict[str, CrossStats]:
+                  *, device="cpu", use_cache: bool = True, data_id: str = "",
+                  qk: Optional[bool] = None) -> Dict[str, CrossStats]:
+    """`qk`: also the query/key projection outputs (default: when `settings` needs them)."""
     from mergekit_permute.data import fingerprint
+    qk = settings.needs_qk_features if qk is None else qk
     key_src = json.dumps({"a": model_fingerprint(model_a), "b": model_fingerprint(model_b),
                           "data": fingerprint(texts), "settings": settings.calibration_key(),
-                          "version": __version__}, sort_keys=True)
+                          "qk": qk, "version": __version__}, sort_keys=True)
     key = hashlib.sha256(key_src.encode()).hexdigest()[:24]
     path = cache_dir() / f"stats-{key}.safetensors"
     if use_cache and path.is_file():
@@ -171,7 +215,7 @@ def collect_stats(spec, model_a, model_b, tokenizer, texts: List[str], settings:
     batches = tokenize(tokenizer, texts, settings.max_length, settings.batch_size, model_a)
     stats = calibrate(model_a, model_b, spec, batches, calibration_spaces(spec),
                       special_ids=tokenizer.all_special_ids,
-                      keep_special=settings.keep_special_tokens, device=device)
+                      keep_special=settings.keep_special_tokens, device=device, qk=qk)
     if use_cache:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".tmp{os.getpid()}")
@@ -243,8 +287,25 @@ def summarize(report: Dict[str, Dict]) -> Dict[str, Dict[str, float]]:
             for k, rs in sorted(by_kind.items())}
 
 
+def make_alignment(spec: PermutationSpec, stats: Optional[Dict[str, CrossStats]],
+                   settings: AlignSettings, states) -> Alignment:
+    """Activation matching from `stats`, or weight matching from `states` alone."""
+    if (settings.ffn, settings.attention, settings.residual) == ("identity",) * 3:
+        return Alignment(spec=spec, transforms=identity_transforms(spec), settings=settings)
+    if settings.matching == "weights":
+        from mergekit_permute.weight_match import weight_match_alignment
+        return weight_match_alignment(spec, states[0], states[1], settings)
+    return compute_alignment(spec, stats, settings, states=states)
+
+
 def check_settings(spec: PermutationSpec, settings: AlignSettings) -> None:
     """Refuse settings the architecture cannot honour, before calibration."""
+    if settings.matching == "weights" and settings.qk != "follow_vo":
+        raise ValueError(f"qk={settings.qk} matches query/key activations; weight matching "
+                         "(matching=weights) supports qk=follow_vo only")
+    if settings.matching == "weights" and settings.residual in ("first", "last"):
+        raise ValueError(f"residual={settings.residual} picks calibration points; weight "
+                         "matching supports residual=all, orthogonal, identity or auto")
     if settings.residual == "orthogonal" and spec.orthogonal_residual_error():
         raise ValueError(f"residual=orthogonal: {spec.orthogonal_residual_error()}")
     if settings.attention == "ignore_heads":
@@ -260,6 +321,13 @@ def align_pair(model_a: str, model_b: str, data: str, settings: AlignSettings, *
     from mergekit_permute.data import fingerprint, load_texts
     from mergekit_permute.models import load_pair
 
+    if settings.matching == "weights":
+        spec, a, b, tok = load_pair(model_a, model_b, device=device)
+        check_settings(spec, settings)
+        alignment = make_alignment(spec, None, settings, (a.state_dict(), b.state_dict()))
+        alignment.info = {"model_a": model_a, "model_b": model_b, "matching": "weights",
+                          "data": None}
+        return alignment, a, b, tok
     texts = load_texts(data, settings.samples)
     spec, a, b, tok = load_pair(model_a, model_b, device=device)
     check_settings(spec, settings)
@@ -267,7 +335,7 @@ def align_pair(model_a: str, model_b: str, data: str, settings: AlignSettings, *
         LOG.warning("attention=ignore_heads is NOT function-preserving (paper ablation only)")
     stats = collect_stats(spec, a, b, tok, texts, settings, device=device, use_cache=use_cache)
     alignment = compute_alignment(spec, stats, settings, states=(a.state_dict(), b.state_dict()))
-    alignment.info = {"model_a": model_a, "model_b": model_b,
+    alignment.info = {"model_a": model_a, "model_b": model_b, "matching": "activations",
                       "data": {"source": data, "passages": len(texts),
                                "fingerprint": fingerprint(texts),
                                "tokens": int(stats[next(iter(stats))].n)}}

@@ -28,7 +28,9 @@ PRESETS = {
     "monotonic": {"ffn": "permute", "attention": "monotonic"},
     "ignore_heads": {"ffn": "permute", "attention": "ignore_heads"},
 }
-NOTHING = {"ffn": "identity", "attention": "identity", "residual": "identity"}
+NOTHING = {"ffn": "identity", "attention": "identity", "residual": "identity", "qk": "follow_vo",
+           "matching": "activations", "repair": False}
+METHOD_FIELDS = set(NOTHING)
 
 
 def parse_method(name: str, base: AlignSettings) -> AlignSettings:
@@ -36,21 +38,31 @@ def parse_method(name: str, base: AlignSettings) -> AlignSettings:
     fields: Dict = {}
     for part in name.split("+"):
         part = part.strip()
-        if part == "default":
-            fields.update(AlignSettings().model_dump(include={"ffn", "attention", "residual"}))
+        if part == "repair":
+            fields["repair"] = True
+        elif part == "default":
+            fields.update(AlignSettings().model_dump(include=METHOD_FIELDS))
         elif part in PRESETS:
             fields.update(NOTHING, **PRESETS[part])
-        elif "=" in part and part.split("=")[0] in ("ffn", "attention", "residual"):
+        elif "=" in part and part.split("=")[0] in METHOD_FIELDS:
             key, value = part.split("=", 1)
-            fields.setdefault("ffn", "identity")
-            fields.setdefault("attention", "identity")
-            fields.setdefault("residual", "identity")
+            for k, v in NOTHING.items():
+                fields.setdefault(k, v)
             fields[key] = value
         else:
             raise ValueError(f"unknown method {part!r} in {name!r}; use {sorted(PRESETS)}, "
-                             "'default', or ffn=/attention=/residual= joined with '+'")
+                             "'default', 'repair', or ffn=/attention=/residual=/qk=/matching= "
+                             "joined with '+'")
     return base.model_copy(update=AlignSettings(**{**NOTHING, **fields}).model_dump(
-        include={"ffn", "attention", "residual"}))
+        include=METHOD_FIELDS))
+
+
+def aligns_nothing(s: AlignSettings) -> bool:
+    return (s.ffn, s.attention, s.residual) == ("identity",) * 3
+
+
+def needs_stats(s: AlignSettings) -> bool:
+    return s.repair or (s.matching == "activations" and not aligns_nothing(s))
 
 
 def objective_for(model) -> Objective:
@@ -113,12 +125,15 @@ def evaluate(model, batches: List[Dict], objective: Objective, device="cpu") -> 
 
 
 def interpolation_losses(model, state_a, state_b, lambdas: Sequence[float], batches, objective,
-                         device="cpu", desc="sweep") -> List[float]:
+                         device="cpu", desc="sweep", after_mix=None) -> List[float]:
+    """`after_mix(model, lam)` may correct each interior mix in place (REPAIR)."""
     losses = []
     for lam in tqdm(lambdas, desc=desc, unit="point"):
         mixed = {k: (lam * a + (1 - lam) * state_b[k]) if a.is_floating_point() else a
                  for k, a in state_a.items()}
         model.load_state_dict(mixed)
+        if after_mix is not None and 0.0 < lam < 1.0:
+            after_mix(model, lam)
         losses.append(evaluate(model, batches, objective, device))
     model.load_state_dict(state_a)
     return losses
@@ -138,10 +153,12 @@ def run_barrier(model_a: str, model_b: str, *, eval_data: str, calibration: str,
                 methods: Sequence[str], lambdas: int, settings: AlignSettings,
                 eval_samples: int = 256, eval_max_length: int = 128, seed: int = 0,
                 device: str = "cpu", use_cache: bool = True, label_field: str = "label") -> Dict:
-    from mergekit_permute.align import check_settings, collect_stats, compute_alignment
+    from mergekit_permute.align import check_settings, collect_stats, make_alignment
+    from mergekit_permute.calibrate import tokenize
     from mergekit_permute.data import load_texts
     from mergekit_permute.models import load_pair
     from mergekit_permute.permute import apply_to_state_dict, identity_transforms
+    from mergekit_permute.repair import repair_hook
 
     parsed = {m: parse_method(m, settings) for m in methods}  # bad names fail before loading
     spec, a, b, tok = load_pair(model_a, model_b, device=device)
@@ -155,11 +172,13 @@ def run_barrier(model_a: str, model_b: str, *, eval_data: str, calibration: str,
         texts = load_texts(eval_data, eval_samples)
     batches = eval_batches(tok, texts, objective, max_length=eval_max_length,
                            batch_size=settings.batch_size, seed=seed, labels=labels, model=a)
-    stats = None
-    if any(s.ffn != "identity" or s.attention != "identity" or s.residual != "identity"
-           for s in parsed.values()):
+    stats, calib_batches = None, None
+    if any(needs_stats(s) for s in parsed.values()):
         calib = load_texts(calibration, settings.samples)
-        stats = collect_stats(spec, a, b, tok, calib, settings, device=device, use_cache=use_cache)
+        stats = collect_stats(spec, a, b, tok, calib, settings, device=device, use_cache=use_cache,
+                              qk=any(s.needs_qk_features for s in parsed.values()))
+        if any(s.repair for s in parsed.values()):
+            calib_batches = tokenize(tok, calib, settings.max_length, settings.batch_size, a)
     state_a = {k: v.detach().clone() for k, v in a.state_dict().items()}
     state_b = {k: v.detach().clone() for k, v in b.state_dict().items()}
     del b
@@ -169,25 +188,25 @@ def run_barrier(model_a: str, model_b: str, *, eval_data: str, calibration: str,
               "lambda_meaning": "theta = lambda * A + (1 - lambda) * aligned B",
               "headline": "barrier", "lambdas": grid, "methods": {}}
     for name, s in parsed.items():
-        if stats is None or (s.ffn, s.attention, s.residual) == ("identity",) * 3:
-            aligned_b, report = state_b, {}
-        else:
-            alignment = compute_alignment(spec, stats, s, states=(state_a, state_b))
-            aligned_b = apply_to_state_dict(spec, state_b, alignment.transforms, alignment.fold_b)
-            report = alignment.report
+        transforms, report, a_state, aligned_b = identity_transforms(spec), {}, state_a, state_b
+        if not aligns_nothing(s):
+            alignment = make_alignment(spec, stats, s, (state_a, state_b))
+            transforms, report = alignment.transforms, alignment.report
+            aligned_b = apply_to_state_dict(spec, state_b, transforms, alignment.fold_b)
             if alignment.fold_a:  # both endpoints in the folded (same-function) form
                 a_state = apply_to_state_dict(spec, state_a, identity_transforms(spec),
                                               alignment.fold_a)
-                losses = interpolation_losses(a, a_state, aligned_b, grid, batches, objective,
-                                              device, desc=name)
-                a.load_state_dict(state_a)
-                result["methods"][name] = _method_result(s, losses, grid, report)
-                continue
-        losses = interpolation_losses(a, state_a, aligned_b, grid, batches, objective, device,
-                                      desc=name)
+        after_mix = None
+        if s.repair:
+            after_mix = repair_hook(spec, stats, transforms, calib_batches,
+                                    special_ids=tok.all_special_ids,
+                                    keep_special=s.keep_special_tokens, device=device)
+        losses = interpolation_losses(a, a_state, aligned_b, grid, batches, objective, device,
+                                      desc=name, after_mix=after_mix)
+        a.load_state_dict(state_a)
         result["methods"][name] = _method_result(s, losses, grid, report)
-    vanilla = next((m for n, m in result["methods"].items() if parse_method(n, settings).model_dump(
-        include={"ffn", "attention", "residual"}) == NOTHING), None)
+    vanilla = next((m for n, m in result["methods"].items()
+                    if aligns_nothing(parse_method(n, settings))), None)
     if vanilla and vanilla["barrier"] > 0:
         for m in result["methods"].values():
             m["removed_vs_vanilla"] = 1 - m["barrier"] / vanilla["barrier"]
@@ -199,7 +218,7 @@ def run_multi(models: Sequence[str], *, eval_data: str, calibration: str, method
               seed: int = 0, device: str = "cpu", use_cache: bool = True) -> Dict:
     """N >= 3 models: every model aligned to the first (the reference), then the N-average.
     Reports the merge's loss against each parent's and against the vanilla N-average."""
-    from mergekit_permute.align import check_settings, collect_stats, compute_alignment
+    from mergekit_permute.align import check_settings, collect_stats, make_alignment
     from mergekit_permute.data import load_texts
     from mergekit_permute.models import load_model, load_pair
     from mergekit_permute.permute import apply_to_state_dict, identity_transforms
@@ -221,7 +240,11 @@ def run_multi(models: Sequence[str], *, eval_data: str, calibration: str, method
     for path in models[1:]:
         spec_i, _, b, _ = load_pair(ref, path, device=device)
         parents[path] = evaluate(b, batches, objective, device)
-        stats = collect_stats(spec, a, b, tok, calib, settings, device=device, use_cache=use_cache)
+        stats = None
+        if any(needs_stats(s) for s in parsed.values()):
+            stats = collect_stats(spec, a, b, tok, calib, settings, device=device,
+                                  use_cache=use_cache,
+                                  qk=any(s.needs_qk_features for s in parsed.values()))
         per_model.append(({k: v.detach().clone() for k, v in b.state_dict().items()}, stats))
         del b
     out = {"loss": LOSS_NAME[objective], "eval_data": eval_data, "models": list(models),
@@ -229,7 +252,7 @@ def run_multi(models: Sequence[str], *, eval_data: str, calibration: str, method
     for name, s in parsed.items():
         total = None
         for state_b, stats in per_model:
-            alignment = compute_alignment(spec, stats, s, states=(state_a, state_b))
+            alignment = make_alignment(spec, stats, s, (state_a, state_b))
             b_aligned = apply_to_state_dict(spec, state_b, alignment.transforms, alignment.fold_b)
             if total is None:
                 total = apply_to_state_dict(spec, state_a, identity_transforms(spec),
@@ -241,7 +264,7 @@ def run_multi(models: Sequence[str], *, eval_data: str, calibration: str, method
         merged = {k: (v / len(models)).float() if v.is_floating_point() else v
                   for k, v in total.items()}
         a.load_state_dict(merged)
-        out["methods"][name] = {"settings": s.model_dump(include={"ffn", "attention", "residual"}),
+        out["methods"][name] = {"settings": s.model_dump(include=METHOD_FIELDS),
                                 "merge_loss": evaluate(a, batches, objective, device)}
         a.load_state_dict(state_a)
     mean_parent = sum(parents.values()) / len(parents)
@@ -266,7 +289,7 @@ def multi_table(result: Dict) -> str:
 
 def _method_result(s: AlignSettings, losses, grid, report) -> Dict:
     from mergekit_permute.align import summarize
-    return {"settings": s.model_dump(include={"ffn", "attention", "residual"}),
+    return {"settings": s.model_dump(include=METHOD_FIELDS),
             "function_preserving": s.function_preserving, "losses": losses,
             **barrier_values(grid, losses), "correlation": summarize(report)}
 

@@ -57,18 +57,41 @@ def count_tokens(batches, special_ids, keep_special: bool) -> int:
     return int(sum(token_mask(b, special_ids, keep_special).sum() for b in batches))
 
 
-def feature_points(spec: PermutationSpec, spaces: Sequence[str]) -> List[Tuple[str, int, FeaturePoint]]:
-    """(stats key, point index, point) for every feature point of the requested spaces."""
-    return [(f"{s}@{i}", i, p) for s in spaces for i, p in enumerate(spec.space(s).features)]
+def feature_points(spec: PermutationSpec, spaces: Sequence[str], qk: bool = False
+                   ) -> List[Tuple[str, FeaturePoint]]:
+    """(stats key, point) for every feature point of the requested spaces; with `qk`, also the
+    query and key projections' outputs of attention spaces (keys `attn.i@q`, `attn.i@k`)."""
+    points = [(f"{s}@{i}", p) for s in spaces for i, p in enumerate(spec.space(s).features)]
+    if qk:
+        points += [(f"{s}@{view}", spec.writer_point(s, view)) for s in spaces
+                   if spec.space(s).kind == "attention" for view in ("q", "k")]
+    return points
+
+
+def select_part(features: torch.Tensor, part) -> torch.Tensor:
+    """[..., n] -> [..., n_part]: one view out of a fused projection output."""
+    if part is None:
+        return features
+    fused, j = part
+    if fused.layout == "blocks":
+        start = sum(fused.sizes[:j])
+        return features[..., start:start + fused.sizes[j]]
+    heads = fused.num_heads
+    # [..., heads * parts * head_dim] -> [..., heads, parts, head_dim] -> [..., heads * head_dim]
+    split = features.reshape(*features.shape[:-1], heads, len(fused.parts), -1)
+    return split[..., j, :].reshape(*features.shape[:-1], -1)
 
 
 @contextmanager
 def capture(model: torch.nn.Module, points: Sequence[FeaturePoint]) -> Iterator[Dict[str, torch.Tensor]]:
     store: Dict[str, torch.Tensor] = {}
-    handles = []
+    handles, seen = [], set()
     for point in points:
-        module = model.get_submodule(point.module)
         key = f"{point.module}:{point.where}"
+        if key in seen:  # fused Q and K parts share one hooked output
+            continue
+        seen.add(key)
+        module = model.get_submodule(point.module)
         if point.where == "input":
             def pre(mod, args, kwargs, key=key):
                 store[key] = args[0] if args else next(iter(kwargs.values()))
@@ -92,9 +115,9 @@ def minimum_tokens(spec: PermutationSpec, spaces: Sequence[str]) -> int:
 @torch.no_grad()
 def calibrate(model_a, model_b, spec: PermutationSpec, batches, spaces: Sequence[str], *,
               special_ids: Sequence[int] = (), keep_special: bool = True, device="cpu",
-              desc: str = "calibrating") -> Dict[str, CrossStats]:
+              desc: str = "calibrating", qk: bool = False) -> Dict[str, CrossStats]:
     """CrossStats per `space@point` over every non-padding token of `batches`."""
-    points = feature_points(spec, spaces)
+    points = feature_points(spec, spaces, qk)
     available = count_tokens(batches, special_ids, keep_special)
     needed = minimum_tokens(spec, spaces)
     if available < needed:
@@ -104,17 +127,18 @@ def calibrate(model_a, model_b, spec: PermutationSpec, batches, spaces: Sequence
             "Pass more text (--data / calibration_data) or raise --samples/--max-length."
         )
     stats: Dict[str, CrossStats] = {}
-    fp = [p for _, _, p in points]
+    fp = [p for _, p in points]
     with capture(model_a, fp) as cap_a, capture(model_b, fp) as cap_b:
         for batch in tqdm(batches, desc=desc, unit="batch"):
             mask = token_mask(batch, special_ids, keep_special).reshape(-1).to(device)
             inputs = {k: v.to(device) for k, v in batch.items()}
             model_a(**inputs)
             model_b(**inputs)
-            for key, _, point in points:
+            for key, point in points:
                 name = f"{point.module}:{point.where}"
-                a = cap_a[name].reshape(mask.shape[0], -1)[mask]  # [B, T, d] -> [tokens, d]
-                b = cap_b[name].reshape(mask.shape[0], -1)[mask]
+                a, b = (select_part(cap[name], point.part) for cap in (cap_a, cap_b))
+                a = a.reshape(mask.shape[0], -1)[mask]  # [B, T, d] -> [tokens, d]
+                b = b.reshape(mask.shape[0], -1)[mask]
                 if key not in stats:
                     stats[key] = CrossStats.zeros(a.shape[1], b.shape[1], device=device)
                 stats[key].update(a, b)

@@ -16,14 +16,16 @@ def alignment_markdown(alignment, barrier: Optional[Dict] = None) -> str:
         + ("the permuted B computes exactly B's function." if s.function_preserving else
            "**attention=ignore_heads is not function-preserving** (paper ablation)."),
         "",
-        f"- settings: ffn `{s.ffn}`, attention `{s.attention}`, residual `{s.residual}`, "
-        f"{s.samples} passages x {s.max_length} tokens",
+        f"- settings: `{s.label()}`"
+        + (f", {s.samples} passages x {s.max_length} tokens" if s.matching == "activations"
+           else " (data-free weight matching)"),
     ]
     data = alignment.info.get("data")
     if data:
         lines.append(f"- calibration data: `{data['source']}` ({data['tokens']} tokens, "
                      f"fingerprint `{data['fingerprint']}`)")
-    lines += ["", "| space | mean matched correlation before | after |", "|---|---|---|"]
+    measure = "mean matched correlation" if s.matching == "activations" else "weight cosine"
+    lines += ["", f"| space | {measure} before | after |", "|---|---|---|"]
     for kind, row in summarize(alignment.report).items():
         lines.append(f"| {kind} | {row['mean_corr_before']:.3f} | {row['mean_corr_after']:.3f} |")
     if barrier:

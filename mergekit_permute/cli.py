@@ -10,6 +10,7 @@ import click
 LOG = logging.getLogger("mergekit_permute")
 ATTENTION = ["head_perm", "monotonic", "identity", "ignore_heads"]
 RESIDUAL = ["all", "first", "last", "identity", "orthogonal", "auto"]
+QK = ["follow_vo", "separate", "joint"]
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -60,7 +61,15 @@ def align_options(f):
         click.option("--ffn", type=click.Choice(["permute", "identity"]), default="permute",
                      show_default=True),
         click.option("--residual", type=click.Choice(RESIDUAL), default="auto", show_default=True,
-                     help="Residual-stream permutation policy."),
+                     help="Residual-stream policy (auto: orthogonal for RMSNorm models with an "
+                     "untied head, else all)."),
+        click.option("--matching", type=click.Choice(["activations", "weights"]),
+                     default="activations", show_default=True,
+                     help="activations: correlate features on calibration text (the paper); "
+                     "weights: data-free weight matching (Git Re-Basin)."),
+        click.option("--qk", type=click.Choice(QK), default="follow_vo", show_default=True,
+                     help="Q/K dims inside a head: follow V's permutation (paper), or match them "
+                     "on query/key features (separate), also when assigning heads (joint)."),
         click.option("--samples", type=int, default=256, show_default=True,
                      help="Calibration passages."),
         click.option("--max-length", type=int, default=128, show_default=True),
@@ -77,9 +86,11 @@ def align_options(f):
     return f
 
 
-def _settings(attention, ffn, residual, samples, max_length, batch_size, drop_special_tokens):
+def _settings(matching, attention, ffn, residual, qk, samples, max_length, batch_size,
+              drop_special_tokens):
     from mergekit_permute.align import AlignSettings
-    return AlignSettings(attention=attention, ffn=ffn, residual=residual, samples=samples,
+    return AlignSettings(matching=matching, attention=attention, ffn=ffn, residual=residual,
+                         qk=qk, samples=samples,
                          max_length=max_length, batch_size=batch_size,
                          keep_special_tokens=not drop_special_tokens)
 
@@ -87,8 +98,8 @@ def _settings(attention, ffn, residual, samples, max_length, batch_size, drop_sp
 @main.command()
 @click.argument("model_a")
 @click.argument("model_b")
-@click.option("--data", required=True, help=".txt (one passage per line), .jsonl with 'text', "
-              "a dataset id, or shakespeare-calib (shipped).")
+@click.option("--data", help=".txt (one passage per line), .jsonl with 'text', a dataset id, or "
+              "shakespeare-calib (shipped); not needed with --matching weights.")
 @click.option("--out", required=True, type=click.Path(path_type=Path))
 @click.option("--permutations-only", is_flag=True,
               help="Write permutations.safetensors + alignment.json, not the model.")
@@ -102,6 +113,10 @@ def align(model_a, model_b, data, out, permutations_only, overwrite, device, no_
     from mergekit_permute.permute import apply_to_model
 
     settings = _settings(**kw)
+    if data is None and settings.matching == "activations":
+        raise UserError("--data is required: activation matching correlates the models' "
+                        "features on calibration text (or pass --matching weights for data-free "
+                        "weight matching)")
     if not settings.function_preserving:
         raise UserError("attention=ignore_heads is not function-preserving, so `align` refuses "
                         "it; use it only as an ablation in `barrier` or a merge")

@@ -1,6 +1,6 @@
 """Assignment solvers: correlation matrices -> permutations, per kind of space."""
 
-from typing import Dict, List, Literal, Tuple
+from typing import Dict, List, Literal, Optional, Tuple
 
 import numpy as np
 import torch
@@ -10,6 +10,7 @@ from mergekit_permute.heads import HeadPerm, flat_views
 from mergekit_permute.spec.base import HeadLayout
 
 AttentionMode = Literal["head_perm", "monotonic", "identity", "ignore_heads"]
+QKMode = Literal["follow_vo", "separate", "joint"]
 ResidualPolicy = Literal["all", "first", "last", "identity", "orthogonal", "auto"]
 
 
@@ -25,24 +26,42 @@ def match_plain(corr: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(assign(corr.cpu().numpy())[0])
 
 
-def match_attention(corr: torch.Tensor, layout: HeadLayout, mode: AttentionMode
-                    ) -> Dict[str, torch.Tensor]:
-    """Flat q/k/v/o views from the correlation of the o_proj inputs [Hq*D, Hq*D]."""
+def match_attention(corr: torch.Tensor, layout: HeadLayout, mode: AttentionMode,
+                    qk: QKMode = "follow_vo", q_corr: Optional[torch.Tensor] = None,
+                    k_corr: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
+    """Flat q/k/v/o views from the correlation of the o_proj inputs [Hq*D, Hq*D].
+
+    qk="follow_vo" (the paper): Q/K dims take V's inner permutation (none under RoPE).
+    qk="separate": heads from V/O features, then one Q/K inner permutation per KV group from
+    the query and key correlations (q_corr [Hq*D, Hq*D], k_corr [KV*D, KV*D]); RoPE dims stay.
+    qk="joint": as separate, but the head and group assignment also scores Q/K agreement.
+    """
     if mode == "identity":
         return HeadPerm.identity(layout).views(layout)
     if mode == "ignore_heads":
         return flat_views(match_plain(corr), layout)
     h, d, g, kv = layout.num_heads, layout.head_dim, layout.group_size, layout.num_kv_heads
-    blocks = corr.cpu().numpy().reshape(h, d, h, d).transpose(0, 2, 1, 3)  # [hA, hB, d, d]
+    use_qk = qk != "follow_vo"
+    if use_qk and (q_corr is None or k_corr is None):
+        raise ValueError(f"qk={qk} needs query and key statistics")
+    blocks = _head_blocks(corr, h, d)                        # [hA, hB, d, d]
+    q_blocks = _head_blocks(q_corr, h, d) if use_qk else None
+    k_blocks = _head_blocks(k_corr, kv, d) if use_qk else None
+    joint = qk == "joint"
     if mode == "monotonic":
         group_perm = np.arange(kv)
         query = np.tile(np.arange(g), (kv, 1))
         inner = [assign(sum(blocks[a, a] for a in range(ga * g, ga * g + g)))[0]
                  for ga in range(kv)]
+        qk_inner = [_qk_assign(q_blocks, k_blocks, ga, ga, query[ga], g, layout)[0]
+                    for ga in range(kv)] if use_qk else None
     else:  # head_perm (Verma & Elbayad), generalised to GQA groups
         head_score = np.array([[assign(blocks[a, b])[1] for b in range(h)] for a in range(h)])
+        if joint:
+            head_score += np.array([[_frozen_free_assign(q_blocks[a, b], layout)[1]
+                                     for b in range(h)] for a in range(h)])
         group_score = np.zeros((kv, kv))
-        choice: Dict[Tuple[int, int], Tuple[np.ndarray, np.ndarray]] = {}
+        choice: Dict[Tuple[int, int], Tuple[np.ndarray, np.ndarray, Optional[np.ndarray]]] = {}
         for ga in range(kv):
             for gb in range(kv):
                 sa, sb = slice(ga * g, ga * g + g), slice(gb * g, gb * g + g)
@@ -50,19 +69,49 @@ def match_attention(corr: torch.Tensor, layout: HeadLayout, mode: AttentionMode
                 # One inner permutation is shared by every query head of the group (V is shared).
                 pooled = sum(blocks[ga * g + j, gb * g + q_perm[j]] for j in range(g))
                 inner_perm, score = assign(pooled)
+                qk_perm = None
+                if use_qk:
+                    qk_perm, qk_score = _qk_assign(q_blocks, k_blocks, ga, gb, q_perm, g, layout)
+                    score += qk_score if joint else 0.0
                 group_score[ga, gb] = score
-                choice[ga, gb] = (q_perm, inner_perm)
+                choice[ga, gb] = (q_perm, inner_perm, qk_perm)
         group_perm, _ = assign(group_score)
         query = np.stack([choice[ga, group_perm[ga]][0] for ga in range(kv)])
         inner = [choice[ga, group_perm[ga]][1] for ga in range(kv)]
+        qk_inner = [choice[ga, group_perm[ga]][2] for ga in range(kv)] if use_qk else None
     vo_inner = torch.from_numpy(np.stack(inner))
-    if layout.qk_frozen_dims == 0:
+    if use_qk:
+        qk_inner = torch.from_numpy(np.stack(qk_inner))
+    elif layout.qk_frozen_dims == 0:
         qk_inner = vo_inner  # the paper: Q/K take the same permutation as V
     else:
         qk_inner = torch.arange(d).repeat(kv, 1)  # RoPE: Q/K dims never move
     perm = HeadPerm(group=torch.from_numpy(group_perm), query=torch.from_numpy(query),
                     qk_inner=qk_inner, vo_inner=vo_inner)
     return perm.views(layout)
+
+
+def _head_blocks(corr: torch.Tensor, heads: int, d: int) -> np.ndarray:
+    # [heads*d, heads*d] -> [heads, d, heads, d] -> [hA, hB, d, d]
+    return corr.cpu().numpy().reshape(heads, d, heads, d).transpose(0, 2, 1, 3)
+
+
+def _frozen_free_assign(block: np.ndarray, layout: HeadLayout) -> Tuple[np.ndarray, float]:
+    """Best Q/K inner permutation of one [d, d] block: rotary dims (the first qk_frozen_dims)
+    stay in place and score their diagonal; the rest are assigned."""
+    f, d = layout.qk_frozen_dims, layout.head_dim
+    fixed = float(np.trace(block[:f, :f]))
+    if f == d:
+        return np.arange(d), fixed
+    free, score = assign(block[f:, f:])
+    return np.concatenate([np.arange(f), f + free]), fixed + score
+
+
+def _qk_assign(q_blocks, k_blocks, ga: int, gb: int, q_perm, g: int, layout: HeadLayout):
+    """Q/K inner permutation shared by KV head ga's key and its query heads (matched to gb's
+    heads through q_perm): q.k is preserved only if Q and K dims move together."""
+    pooled = k_blocks[ga, gb] + sum(q_blocks[ga * g + j, gb * g + q_perm[j]] for j in range(g))
+    return _frozen_free_assign(pooled, layout)
 
 
 def residual_points(policy: ResidualPolicy, n_points: int) -> List[int]:

@@ -23,7 +23,8 @@ DEFAULT_DATA = "shakespeare-calib"
 # Recipe parameter -> AlignSettings field (the recipe keeps the issue's names).
 SHARED = {"calibration_data": None, "calibration_samples": "samples", "max_length": "max_length",
           "batch_size": "batch_size", "attention": "attention", "ffn": "ffn",
-          "residual": "residual", "keep_special_tokens": "keep_special_tokens"}
+          "residual": "residual", "qk": "qk", "matching": "matching", "repair": "repair",
+          "keep_special_tokens": "keep_special_tokens"}
 PER_MODEL = {"weight"}
 
 _ALIGNMENTS: Dict[Tuple, Alignment] = {}
@@ -88,6 +89,9 @@ class PermuteMerge(GroupMergeMethod):
             ParameterSpec("attention", str, ParameterScope.SHARED, default="head_perm"),
             ParameterSpec("ffn", str, ParameterScope.SHARED, default="permute"),
             ParameterSpec("residual", str, ParameterScope.SHARED, default="auto"),
+            ParameterSpec("qk", str, ParameterScope.SHARED, default="follow_vo"),
+            ParameterSpec("matching", str, ParameterScope.SHARED, default="activations"),
+            ParameterSpec("repair", bool, ParameterScope.SHARED, default=False),
             ParameterSpec("keep_special_tokens", bool, ParameterScope.SHARED, default=True),
         ),
     )
@@ -97,6 +101,8 @@ class PermuteMerge(GroupMergeMethod):
         from mergekit_permute.permute import apply_to_tensor, fold_tensor
         base, name = group.base, group.metadata.name
         settings, data = settings_from_parameters(params)
+        if name in RUN.get("repaired", {}):  # computed whole-model at planning time (REPAIR)
+            return RUN["repaired"][name].to(base.tensor.device, base.tensor.dtype)
         total = float(weight[base.id])
         merged = None
         for other in group.non_base:
@@ -159,6 +165,42 @@ def warm_up(config, device: str) -> None:
     others = sorted({m.model for m in config.models if m.model != config.base_model}, key=str)
     for other in others:  # each model is aligned to the base (the reference)
         get_alignment(model_path(config.base_model), model_path(other), settings, data)
+    RUN["repaired"] = _repaired_tensors(config, others, settings, data) if settings.repair else {}
+
+
+def _repaired_tensors(config, others, settings: AlignSettings, data: str) -> Dict[str, torch.Tensor]:
+    """REPAIR needs the whole merged model: build it in memory once, correct it on the
+    calibration text, and keep the corrected tensors (the FF readers and their biases)."""
+    from mergekit_permute.calibrate import prepare_tokenizer, tokenize
+    from mergekit_permute.data import load_texts
+    from mergekit_permute.models import load_model, load_tokenizer
+    from mergekit_permute.permute import apply_to_state_dict, identity_transforms
+    from mergekit_permute.repair import reader_of, repair_merge, repairable_spaces
+
+    device = str(RUN["device"])
+    weight = {m.model: float((m.parameters or {}).get("weight", 1.0)) for m in config.models}
+    base_path = model_path(config.base_model)
+    alignments = [RUN["alignments"][model_path(o)] for o in others]
+    spec = alignments[0].spec
+    base = load_model(base_path, device=device)
+    states = [(weight.get(config.base_model, 1.0),
+               apply_to_state_dict(spec, base.state_dict(), identity_transforms(spec),
+                                   alignments[0].fold_a))]
+    for other, alignment in zip(others, alignments):
+        state = load_model(model_path(other), device=device).state_dict()
+        states.append((weight[other], apply_to_state_dict(spec, state, alignment.transforms,
+                                                          alignment.fold_b)))
+    tok = prepare_tokenizer(load_tokenizer(base_path))
+    batches = tokenize(tok, load_texts(data, settings.samples), settings.max_length,
+                       settings.batch_size, base)
+    merged, report = repair_merge(base, spec, states, batches, special_ids=tok.all_special_ids,
+                                  keep_special=settings.keep_special_tokens, device=device)
+    LOG.info("REPAIR: mean |log std ratio| before correction per FF layer: %s", report)
+    names = set()
+    for space in repairable_spaces(spec):
+        reader = reader_of(spec, space)
+        names |= {reader.weight} | ({reader.bias} if reader.bias else set())
+    return {n: merged[n].cpu() for n in names}
 
 
 def _register_if_mergekit_loaded() -> None:

@@ -6,7 +6,11 @@ import torch
 import transformers as T
 from safetensors.torch import load_file
 
-from mergekit_permute.align import AlignSettings, align_pair, load_transforms
+from mergekit_permute.align import (
+    AlignSettings, align_pair, collect_stats, compute_alignment, load_transforms, qk_matched,
+)
+from mergekit_permute.data import load_texts
+from mergekit_permute.models import load_model
 from mergekit_permute.permute import apply_to_model, random_transforms
 from mergekit_permute.spec import spec_for_config
 from tests.conftest import cli, run_cli
@@ -81,3 +85,44 @@ def test_ignore_heads_is_refused_by_align(zoo, tmp_path):
                 "ignore_heads", "--out", str(tmp_path / "x"))
     assert r.returncode == 2 and "not function-preserving" in r.stderr
     assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("qk", ["separate", "joint"])
+def test_qk_matching_keeps_b_function_and_matches_queries_better(zoo, qk):
+    a, b = zoo("bert")
+    settings = AlignSettings(samples=120, max_length=32, residual="all", qk=qk)
+    alignment, model_a, model_b, tok = align_pair(a, b, "shakespeare-calib", settings)
+    texts = ["Good morrow, my lord.", "What light through yonder window breaks?"]
+    before = _logits(model_b, b, texts)
+    apply_to_model(alignment.spec, model_b, alignment.transforms)
+    torch.testing.assert_close(_logits(model_b, b, texts), before, rtol=1e-5, atol=1e-5)
+    # Against the paper's rule (Q/K follow V) on the same statistics: the query/key agreement
+    # is higher; separate keeps the V/O assignment exactly, joint trades a little of it.
+    stats = collect_stats(alignment.spec, model_a, load_model(b), tok,
+                          load_texts("shakespeare-calib", 120), settings)
+    follow = compute_alignment(alignment.spec, stats, settings.model_copy(update={"qk": "follow_vo"}))
+    for name, space in alignment.report.items():
+        if space["kind"] != "attention":
+            continue
+        q, k = (stats[f"{name}@{v}"].correlation() for v in "qk")
+        assert space["qk_corr_after"] > qk_matched(q, k, follow.transforms[name]) + 0.05
+        if qk == "separate":
+            assert space["mean_corr_after"] == follow.report[name]["mean_corr_after"]
+    assert "qk=" + qk in alignment.settings.label()
+
+
+def test_weight_matching_needs_no_data_and_keeps_b_function(zoo, tmp_path):
+    a, b = zoo("llama")
+    r = run_cli(cli("mergekit-permute"), "align", a, b, "--out", str(tmp_path / "x"))
+    assert r.returncode == 2 and "--data is required" in r.stderr and "--matching weights" in r.stderr
+    assert not (tmp_path / "x").exists()
+    out = tmp_path / "aligned"
+    r = run_cli(cli("mergekit-permute"), "align", a, b, "--matching", "weights", "--out", str(out))
+    assert r.returncode == 0, r.stderr[-2000:]
+    texts = ["Good morrow, my lord.", "What light through yonder window breaks?"]
+    torch.testing.assert_close(_logits(str(out), b, texts), _logits(b, b, texts),
+                               rtol=1e-5, atol=1e-5)
+    doc = json.loads((out / "alignment.json").read_text())
+    assert doc["matching"] == "weights" and doc["settings"]["matching"] == "weights"
+    for space in doc["spaces"].values():
+        assert space["mean_corr_after"] >= space["mean_corr_before"] - 1e-9

@@ -52,13 +52,6 @@ class HeadLayout(_Frozen):
         return self.num_heads // self.num_kv_heads
 
 
-class FeaturePoint(_Frozen):
-    """Where a space's features are read during calibration: a module's input or output."""
-
-    module: str
-    where: Literal["input", "output"]
-
-
 class Space(_Frozen):
     name: str
     kind: Literal["residual", "ffn", "attention"]
@@ -110,6 +103,15 @@ class Fused(_Frozen):
 
 
 Axis = Union[None, Bind, Fused]
+
+
+class FeaturePoint(_Frozen):
+    """Where a space's features are read during calibration: a module's input or output;
+    `part` picks one part of a fused output (e.g. Q out of GPT-2's [Q | K | V] c_attn)."""
+
+    module: str
+    where: Literal["input", "output"]
+    part: Optional[Tuple[Fused, int]] = None
 
 
 class WeightRule(_Frozen):
@@ -204,6 +206,20 @@ class PermutationSpec(_Frozen):
                     f"tied to the embeddings ({tied[0]}); use a permutation policy")
         return None
 
+    def writer_point(self, space: str, view: str) -> Optional[FeaturePoint]:
+        """The projection output that *writes* a view (e.g. the queries of an attention space):
+        the output of the first 2-D weight with an "out" binding to it, fused part included."""
+        for w in self.weights:
+            if not w.name.endswith(".weight") or len(w.shape) != 2:
+                continue
+            for axis in w.axes:
+                parts = axis.parts if isinstance(axis, Fused) else (axis,)
+                for j, bind in enumerate(parts):
+                    if bind is not None and (bind.space, bind.view, bind.role) == (space, view, "out"):
+                        return FeaturePoint(module=w.name[: -len(".weight")], where="output",
+                                            part=(axis, j) if isinstance(axis, Fused) else None)
+        return None
+
     def space(self, name: str) -> Space:
         for s in self.spaces:
             if s.name == name:
@@ -263,3 +279,6 @@ def _bindings(axis: Axis, dim: int, weight: str):
     if sum(axis.sizes) != dim:
         raise ValueError(f"{weight}: fused sizes {axis.sizes} do not add up to {dim}")
     return [(p, s) for p, s in zip(axis.parts, axis.sizes) if p is not None]
+
+
+Space.model_rebuild()
