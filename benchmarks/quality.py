@@ -41,10 +41,12 @@ def mean_se(xs):
     return m, math.sqrt(var / len(xs))
 
 
-def run(arch: str, seeds: int, lambdas: int, extra_methods=()) -> dict:
+def run(arch: str, seeds: int, lambdas: int, extra_methods=(), methods=None,
+        name: str = "quality") -> dict:
+    """Every method on every seed pair -> results/{name}-{arch}.json and .png."""
     from benchmarks.zoo import unigram_entropy, zoo
     cfg, paths = zoo(arch, seeds)
-    methods = METHODS[arch] + list(extra_methods)
+    methods = list(methods or METHODS[arch]) + list(extra_methods)
     pairs = []
     for a, b in itertools.combinations(paths, 2):
         r = run_barrier(a, b, eval_data="shakespeare-eval", calibration="shakespeare-calib",
@@ -72,8 +74,8 @@ def run(arch: str, seeds: int, lambdas: int, extra_methods=()) -> dict:
                                                             "loss_b", "losses")}
                                      for m, v in p["methods"].items()}} for p in pairs]}
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"quality-{arch}.json").write_text(json.dumps(doc, indent=1) + "\n")
-    plot(doc, RESULTS / f"quality-{arch}.png")
+    (RESULTS / f"{name}-{arch}.json").write_text(json.dumps(doc, indent=1) + "\n")
+    plot(doc, RESULTS / f"{name}-{arch}.png")
     return doc
 
 

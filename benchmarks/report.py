@@ -84,6 +84,63 @@ def findings(docs) -> str:
     return "\n".join(lines)
 
 
+EXPLAIN = {
+    "default": "the tool's default (`residual=auto`)",
+    "vanilla+repair": "no alignment, REPAIR on every mix",
+    "default+repair": "default alignment, REPAIR on every mix",
+    "default+matching=weights": "data-free weight matching (default policies)",
+    "default+matching=weights+repair": "weight matching, then REPAIR",
+    "default+qk=separate": "Q/K dims matched on query/key features",
+    "default+qk=joint": "Q/K features also in the head assignment",
+    "head_perm+residual=all+matching=weights": "weight matching, residual permutation",
+}
+
+
+def best_method(doc) -> str:
+    """Lowest mean headline barrier among the methods that need no extra choice by the user."""
+    rows = {m: v["barrier"][0] for m, v in doc["summary"].items() if m != "vanilla"}
+    return min(rows, key=rows.get)
+
+
+def beyond_section(doc) -> str:
+    s = doc["summary"]
+    lines = [f"### {doc['arch']} ({doc['pairs']} pairs, same zoo and splits as above)", "",
+             "| method | what | barrier (headline) | removed vs. vanilla | vs. default |",
+             "|---|---|---|---|---|"]
+    base = s["default"]["barrier"][0]
+    for m, row in s.items():
+        rel = row["barrier"][0] / base - 1 if base > 0 else float("nan")
+        lines.append(f"| {m} | {EXPLAIN.get(m, '')} | {fmt(row['barrier'])} | "
+                     f"{fmt(row['removed_vs_vanilla'], pct=True)} | "
+                     f"{'' if m == 'default' else f'{100 * rel:+.0f}%'} |")
+    best = best_method(doc)
+    wins = sum(p["methods"][best]["barrier"] <= p["methods"]["default"]["barrier"]
+               for p in doc["per_pair"])
+    lines += ["", f"Lowest barrier: `{best}`, removing "
+              f"{100 * s[best]['removed_vs_vanilla'][0]:.0f}% ± "
+              f"{100 * s[best]['removed_vs_vanilla'][1]:.0f} of the vanilla barrier "
+              f"(at or below the default on {wins} of {doc['pairs']} pairs).", "",
+              f"![{doc['arch']} beyond](benchmarks/results/beyond-{doc['arch']}.png)", ""]
+    return "\n".join(lines)
+
+
+def multi_section(doc) -> str:
+    parents = doc["parents"]
+    mean_parent = sum(parents.values()) / len(parents)
+    vanilla = doc["methods"]["vanilla"]["merge_loss"]
+    lines = [f"### {doc['arch']}: {len(parents)} seeds merged into one", "",
+             f"Parents' {doc['loss']}: " + ", ".join(f"{v:.4f}" for v in parents.values())
+             + f" (mean {mean_parent:.4f}).", "",
+             "| method | merged loss | minus mean parent | share of the vanilla gap closed |",
+             "|---|---|---|---|"]
+    for m, row in doc["methods"].items():
+        closed = 1 - row["minus_mean_parent"] / (vanilla - mean_parent) \
+            if vanilla > mean_parent else float("nan")
+        lines.append(f"| {m} | {row['merge_loss']:.4f} | {row['minus_mean_parent']:+.4f} | "
+                     f"{'' if m == 'vanilla' else f'{100 * closed:.0f}%'} |")
+    return "\n".join(lines + [""])
+
+
 def perf_section(doc) -> str:
     c, e, mem = doc["calibration_overhead"], doc["end_to_end"], doc["peak_memory"]
     lines = [f"Machine: {doc['machine']}, device `{doc['device']}`; medians of {doc['repeats']} "
@@ -133,6 +190,23 @@ def main():
     parts += ["The paper's column is MultiBERTs (BERT-base, 12 layers, MLM), a different scale "
               "from our CPU zoo: compare the *ordering* and the fraction removed, not the "
               "absolute numbers.", ""]
+    beyond = [json.loads((results / f"beyond-{a}.json").read_text()) for a in ("bert", "llama")
+              if (results / f"beyond-{a}.json").is_file()]
+    if beyond:
+        parts += ["## Beyond the paper", "",
+                  "`python benchmarks/beyond.py`: Q/K matching (`qk=`), REPAIR (`repair`), "
+                  "data-free weight matching (`matching=weights`), each in the same run as "
+                  "vanilla and the default. Method names are `mergekit-permute barrier "
+                  "--methods` names; the same keys go in a recipe's `parameters:`.", ""]
+        parts += [beyond_section(doc) for doc in beyond]
+    multi = [json.loads((results / f"multi-{a}.json").read_text()) for a in ("bert", "llama")
+             if (results / f"multi-{a}.json").is_file()]
+    if multi:
+        parts += ["## N-model merges", "",
+                  "`python benchmarks/multi.py`: all zoo seeds merged at once (`mergekit-permute "
+                  "barrier A B C D`), the first seed as base; `reference=average` aligns each "
+                  "model to the running average of those before it.", ""]
+        parts += [multi_section(doc) for doc in multi]
     for name in ("perf-cpu.json", "perf-cuda.json"):
         path = results / name
         if path.is_file():

@@ -1,6 +1,7 @@
-"""One command: seed zoo -> quality benchmark -> performance benchmark -> BENCHMARKS.md.
+"""One command: seed zoo -> quality (paper's ablations) -> beyond the paper -> N-model merges
+-> performance -> BENCHMARKS.md.
 
-    python benchmarks/run_all.py            # CPU sizes (~1 hour on 2 cores, zoo cached)
+    python benchmarks/run_all.py            # CPU sizes (a few hours on 2 cores, zoo cached)
 """
 
 import subprocess
@@ -9,6 +10,8 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 
-for step in (["zoo.py", "--seeds", "4"], ["quality.py", "--seeds", "4"], ["perf.py"], ["report.py"]):
+STEPS = (["zoo.py", "--seeds", "4"], ["quality.py", "--seeds", "4"], ["beyond.py", "--seeds", "4"],
+         ["multi.py", "--seeds", "4"], ["perf.py"], ["report.py"])
+for step in STEPS:
     subprocess.run([sys.executable, str(HERE / step[0]), *step[1:]], check=True, cwd=HERE.parent,
                    env={**__import__("os").environ, "PYTHONPATH": str(HERE.parent)})

@@ -37,8 +37,10 @@ class AlignSettings(BaseModel):
     attention: AttentionMode = "head_perm"
     # Q/K dims inside a head: follow V's permutation (paper), or matched on query/key features.
     qk: QKMode = "follow_vo"
-    # Used when merging (recipe, barrier), not by `align`: REPAIR-style FF statistics correction.
+    # Used when merging (recipe, barrier), not by `align`: REPAIR-style FF statistics correction,
+    # and what models 2..N are aligned to (the base, or the running average; N >= 3 only).
     repair: bool = False
+    reference: Literal["base", "average"] = "base"
     ffn: Literal["permute", "identity"] = "permute"
     # auto = orthogonal for RMSNorm models with an untied head, else all (BENCHMARKS.md).
     residual: ResidualPolicy = "auto"
@@ -55,8 +57,9 @@ class AlignSettings(BaseModel):
         qk = "" if self.qk == "follow_vo" else f",qk={self.qk}"
         repair = ",repair" if self.repair else ""
         weights = ",matching=weights" if self.matching == "weights" else ""
+        ref = ",reference=average" if self.reference == "average" else ""
         return (f"ffn={self.ffn},attention={self.attention},residual={self.residual}"
-                f"{qk}{weights}{repair}")
+                f"{qk}{weights}{repair}{ref}")
 
     @property
     def needs_qk_features(self) -> bool:

@@ -29,7 +29,7 @@ PRESETS = {
     "ignore_heads": {"ffn": "permute", "attention": "ignore_heads"},
 }
 NOTHING = {"ffn": "identity", "attention": "identity", "residual": "identity", "qk": "follow_vo",
-           "matching": "activations", "repair": False}
+           "matching": "activations", "repair": False, "reference": "base"}
 METHOD_FIELDS = set(NOTHING)
 
 
@@ -51,8 +51,8 @@ def parse_method(name: str, base: AlignSettings) -> AlignSettings:
             fields[key] = value
         else:
             raise ValueError(f"unknown method {part!r} in {name!r}; use {sorted(PRESETS)}, "
-                             "'default', 'repair', or ffn=/attention=/residual=/qk=/matching= "
-                             "joined with '+'")
+                             "'default', 'repair', or ffn=/attention=/residual=/qk=/matching=/"
+                             "reference= joined with '+'")
     return base.model_copy(update=AlignSettings(**{**NOTHING, **fields}).model_dump(
         include=METHOD_FIELDS))
 
@@ -216,12 +216,16 @@ def run_barrier(model_a: str, model_b: str, *, eval_data: str, calibration: str,
 def run_multi(models: Sequence[str], *, eval_data: str, calibration: str, methods: Sequence[str],
               settings: AlignSettings, eval_samples: int = 256, eval_max_length: int = 128,
               seed: int = 0, device: str = "cpu", use_cache: bool = True) -> Dict:
-    """N >= 3 models: every model aligned to the first (the reference), then the N-average.
-    Reports the merge's loss against each parent's and against the vanilla N-average."""
+    """N >= 3 models aligned into the first one's basis (to it, or to the running average:
+    `reference=`), then the N-average (REPAIRed with `repair`). Reports the merge's loss
+    against each parent's and against the vanilla N-average."""
     from mergekit_permute.align import check_settings, collect_stats, make_alignment
+    from mergekit_permute.calibrate import tokenize
     from mergekit_permute.data import load_texts
-    from mergekit_permute.models import load_model, load_pair
+    from mergekit_permute.models import load_pair
+    from mergekit_permute.multi import align_to_running_average
     from mergekit_permute.permute import apply_to_state_dict, identity_transforms
+    from mergekit_permute.repair import repair_merge
 
     parsed = {m: parse_method(m, settings) for m in methods}
     ref = models[0]
@@ -235,13 +239,14 @@ def run_multi(models: Sequence[str], *, eval_data: str, calibration: str, method
                            max_length=eval_max_length, batch_size=settings.batch_size, seed=seed,
                            model=a)
     calib = load_texts(calibration, settings.samples)
+    calib_batches = tokenize(tok, calib, settings.max_length, settings.batch_size, a)
     state_a = {k: v.detach().clone() for k, v in a.state_dict().items()}
     parents, per_model = {ref: evaluate(a, batches, objective, device)}, []
     for path in models[1:]:
         spec_i, _, b, _ = load_pair(ref, path, device=device)
         parents[path] = evaluate(b, batches, objective, device)
         stats = None
-        if any(needs_stats(s) for s in parsed.values()):
+        if any(needs_stats(s) and s.reference == "base" for s in parsed.values()):
             stats = collect_stats(spec, a, b, tok, calib, settings, device=device,
                                   use_cache=use_cache,
                                   qk=any(s.needs_qk_features for s in parsed.values()))
@@ -250,19 +255,25 @@ def run_multi(models: Sequence[str], *, eval_data: str, calibration: str, method
     out = {"loss": LOSS_NAME[objective], "eval_data": eval_data, "models": list(models),
            "reference": ref, "parents": parents, "methods": {}}
     for name, s in parsed.items():
-        total = None
-        for state_b, stats in per_model:
-            alignment = make_alignment(spec, stats, s, (state_a, state_b))
-            b_aligned = apply_to_state_dict(spec, state_b, alignment.transforms, alignment.fold_b)
-            if total is None:
-                total = apply_to_state_dict(spec, state_a, identity_transforms(spec),
-                                            alignment.fold_a)
-                total = {k: v.double() if v.is_floating_point() else v for k, v in total.items()}
-            for k, v in b_aligned.items():
-                if v.is_floating_point():
-                    total[k] = total[k] + v.double()
-        merged = {k: (v / len(models)).float() if v.is_floating_point() else v
-                  for k, v in total.items()}
+        states_b = [state_b for state_b, _ in per_model]
+        if s.reference == "average" and not aligns_nothing(s):
+            alignments = align_to_running_average(
+                spec, a, [state_a, *states_b], [1.0] * len(models), tok, calib, s,
+                device=device, use_cache=use_cache)
+        else:
+            alignments = [make_alignment(spec, stats, s, (state_a, state_b))
+                          for state_b, stats in per_model]
+        aligned = [apply_to_state_dict(spec, state_a, identity_transforms(spec),
+                                       alignments[0].fold_a)]
+        aligned += [apply_to_state_dict(spec, state_b, al.transforms, al.fold_b)
+                    for state_b, al in zip(states_b, alignments)]
+        if s.repair:
+            merged, _ = repair_merge(a, spec, [(1.0, st) for st in aligned], calib_batches,
+                                     special_ids=tok.all_special_ids,
+                                     keep_special=s.keep_special_tokens, device=device)
+        else:
+            merged = {k: (sum(st[k].double() for st in aligned) / len(aligned)).to(v.dtype)
+                      if v.is_floating_point() else v for k, v in aligned[0].items()}
         a.load_state_dict(merged)
         out["methods"][name] = {"settings": s.model_dump(include=METHOD_FIELDS),
                                 "merge_loss": evaluate(a, batches, objective, device)}

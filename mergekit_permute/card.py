@@ -53,7 +53,9 @@ def permute_card_section() -> str:
         return ""
     if len(alignments) == 1:
         return alignment_markdown(next(iter(alignments.values())), RUN.get("barrier"))
-    parts = [f"\n## Alignment (mergekit-permute): {len(alignments)} models aligned to the base\n"]
+    target = ("each to the running average of the base and the models before it"
+              if next(iter(alignments.values())).settings.reference == "average" else "to the base")
+    parts = [f"\n## Alignment (mergekit-permute): {len(alignments)} models aligned {target}\n"]
     for k, (model, alignment) in enumerate(alignments.items(), start=1):
         parts.append(f"### Model {k}: `{model}` (alignment-{k}.json)")
         parts.append(alignment_markdown(alignment).replace("## Alignment (mergekit-permute)", ""))

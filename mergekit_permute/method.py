@@ -23,7 +23,7 @@ DEFAULT_DATA = "shakespeare-calib"
 # Recipe parameter -> AlignSettings field (the recipe keeps the issue's names).
 SHARED = {"calibration_data": None, "calibration_samples": "samples", "max_length": "max_length",
           "batch_size": "batch_size", "attention": "attention", "ffn": "ffn",
-          "residual": "residual", "qk": "qk", "matching": "matching", "repair": "repair",
+          "residual": "residual", "qk": "qk", "matching": "matching", "repair": "repair", "reference": "reference",
           "keep_special_tokens": "keep_special_tokens"}
 PER_MODEL = {"weight"}
 
@@ -92,12 +92,14 @@ class PermuteMerge(GroupMergeMethod):
             ParameterSpec("qk", str, ParameterScope.SHARED, default="follow_vo"),
             ParameterSpec("matching", str, ParameterScope.SHARED, default="activations"),
             ParameterSpec("repair", bool, ParameterScope.SHARED, default=False),
+            ParameterSpec("reference", str, ParameterScope.SHARED, default="base"),
             ParameterSpec("keep_special_tokens", bool, ParameterScope.SHARED, default=True),
         ),
     )
 
     def merge_group(self, group: TensorGroup, /, weight, **params) -> torch.Tensor:
-        """Every other model is aligned to the base (the reference), then all are averaged."""
+        """Every other model is in the base's basis (aligned to it, or to the running average:
+        `reference`), then all are averaged."""
         from mergekit_permute.permute import apply_to_tensor, fold_tensor
         base, name = group.base, group.metadata.name
         settings, data = settings_from_parameters(params)
@@ -163,9 +165,36 @@ def warm_up(config, device: str) -> None:
     RUN["device"] = device or "cpu"
     RUN["alignments"] = {}
     others = sorted({m.model for m in config.models if m.model != config.base_model}, key=str)
+    if settings.reference == "average" and len(others) > 1:
+        _align_to_running_average(config, others, settings, data)
     for other in others:  # each model is aligned to the base (the reference)
         get_alignment(model_path(config.base_model), model_path(other), settings, data)
     RUN["repaired"] = _repaired_tensors(config, others, settings, data) if settings.repair else {}
+
+
+def _align_to_running_average(config, others, settings: AlignSettings, data: str) -> None:
+    """Models in `others` order, each aligned to the running average; cached where
+    get_alignment looks, so merge_group finds them."""
+    from mergekit_permute.data import load_texts
+    from mergekit_permute.models import load_pair
+    from mergekit_permute.multi import align_to_running_average
+
+    device = str(RUN["device"])
+    base_path = model_path(config.base_model)
+    weight = {m.model: float((m.parameters or {}).get("weight", 1.0)) for m in config.models}
+    spec, base, _, tok = load_pair(base_path, model_path(others[0]), device=device)
+    states = [base.state_dict()]
+    for other in others:
+        _, _, model, _ = load_pair(base_path, model_path(other), device=device)  # checks each
+        states.append(model.state_dict())
+    texts = load_texts(data, settings.samples) if settings.matching == "activations" else []
+    alignments = align_to_running_average(
+        spec, base, states, [weight.get(config.base_model, 1.0)] + [weight[o] for o in others],
+        tok, texts, settings, device=device, data_source=data)
+    for other, alignment in zip(others, alignments):
+        alignment.info.update(model_a=base_path, model_b=model_path(other))
+        key = (base_path, model_path(other), settings.model_dump_json(), data, device)
+        _ALIGNMENTS[key] = alignment
 
 
 def _repaired_tensors(config, others, settings: AlignSettings, data: str) -> Dict[str, torch.Tensor]:

@@ -1,0 +1,90 @@
+"""N >= 3 models aligned to the running average (reference=average), with and without REPAIR,
+in memory, through a MergeKit recipe and through `barrier`."""
+
+import json
+import shutil
+
+import pytest
+import torch
+import transformers as T
+from click.testing import CliRunner
+
+from mergekit_permute.align import AlignSettings, collect_stats, compute_alignment
+from mergekit_permute.cli import main
+from mergekit_permute.data import load_texts
+from mergekit_permute.models import load_pair
+from mergekit_permute.multi import align_to_running_average
+from mergekit_permute.permute import apply_to_model, random_transforms
+from tests.test_merge import PARAMS, recipe
+from tests.tiny import inputs
+
+SETTINGS = AlignSettings(samples=120, max_length=32)
+
+
+@pytest.fixture(scope="module")
+def trio(zoo, tmp_path_factory):
+    """A, B and a third model: A randomly permuted (function kept), then nudged."""
+    a, b = zoo("llama")
+    c = tmp_path_factory.mktemp("third") / "c"
+    model = T.AutoModelForCausalLM.from_pretrained(a)
+    spec, *_ = load_pair(a, b)
+    apply_to_model(spec, model, random_transforms(spec, seed=5, qk_follows_vo=True))
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    model.save_pretrained(c)
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(f"{a}/{f}", c / f)
+    return a, b, str(c)
+
+
+def test_running_average_of_two_is_alignment_to_the_base_and_keeps_functions(trio):
+    a, b, c = trio
+    texts = load_texts("shakespeare-calib", 120)
+    spec, model_a, model_b, tok = load_pair(a, b)
+    _, _, model_c, _ = load_pair(a, c)
+    states = [model_a.state_dict(), model_b.state_dict(), model_c.state_dict()]
+    alignments = align_to_running_average(spec, model_a, states, [1.0, 1.0, 1.0], tok, texts,
+                                          SETTINGS)
+    # The first model's running average is the base itself (folded: the same function).
+    stats = collect_stats(spec, model_a, model_b, tok, texts, SETTINGS)
+    to_base = compute_alignment(spec, stats, SETTINGS, states=(states[0], states[1]))
+    for space, views in to_base.transforms.items():
+        for view, t in views.items():
+            # (folding the base's gains changes its features only at float32 rounding level)
+            torch.testing.assert_close(alignments[0].transforms[space][view], t, rtol=0,
+                                       atol=1e-5)
+    # Every aligned model computes its own function (fp32, tight).
+    for model, alignment in ((model_b, alignments[0]), (model_c, alignments[1])):
+        kw = inputs(model)
+        before = model(**kw).logits.detach()
+        apply_to_model(spec, model, alignment.transforms, alignment.fold_b)
+        torch.testing.assert_close(model(**kw).logits.detach(), before, rtol=1e-4, atol=1e-5)
+    assert alignments[1].info["reference"] == "average"
+
+
+def test_recipe_and_barrier_with_running_average_and_repair(trio, tmp_path):
+    a, b, c = trio
+    models = [{"model": a}, {"model": b}, {"model": c}]
+    path = recipe(tmp_path, a, b, params={**PARAMS, "reference": "average", "repair": True},
+                  models=models)
+    r = CliRunner().invoke(main, ["merge", str(path), str(tmp_path / "m")])
+    assert r.exit_code == 0, r.output
+    assert "running average" in (tmp_path / "m" / "README.md").read_text()
+    doc = json.loads((tmp_path / "m" / "alignment-2.json").read_text())
+    assert doc["settings"]["reference"] == "average" and doc["reference"] == "average"
+    merged = T.AutoModelForCausalLM.from_pretrained(tmp_path / "m")
+    with torch.no_grad():
+        assert torch.isfinite(merged(**inputs(merged)).logits).all()
+    r = CliRunner().invoke(main, ["barrier", a, b, c, "--data", "shakespeare-eval",
+                                  "--eval-samples", "32", "--eval-max-length", "32",
+                                  "--samples", "120", "--max-length", "32", "--methods",
+                                  "vanilla,default,default+reference=average,"
+                                  "default+reference=average+repair",
+                                  "--out", str(tmp_path / "ev")])
+    assert r.exit_code == 0, r.output
+    doc = json.loads((tmp_path / "ev" / "merge.json").read_text())
+    losses = {m: v["merge_loss"] for m, v in doc["methods"].items()}
+    assert losses["default+reference=average"] < losses["vanilla"]
+    assert losses["default+reference=average+repair"] != losses["default+reference=average"]
