@@ -16,13 +16,13 @@ from safetensors.torch import load_file, save_file
 from mergekit_permute import __version__
 from mergekit_permute.calibrate import calibrate, prepare_tokenizer, tokenize
 from mergekit_permute.match import (
-    AttentionMode, QKMode, ResidualPolicy, match_attention, match_plain, mean_matched, procrustes,
+    AttentionMode, QKMode, ResidualPolicy, match_attention, rotate_vo, match_plain, mean_matched, procrustes,
     residual_points,
 )
 from mergekit_permute.permute import (
     Folds, Transforms, fold_scales, identity_transforms, is_permutation,
 )
-from mergekit_permute.spec.base import PermutationSpec
+from mergekit_permute.spec.base import Fused, PermutationSpec
 from mergekit_permute.stats import CrossStats
 
 LOG = logging.getLogger(__name__)
@@ -37,6 +37,8 @@ class AlignSettings(BaseModel):
     attention: AttentionMode = "head_perm"
     # Q/K dims inside a head: follow V's permutation (paper), or matched on query/key features.
     qk: QKMode = "follow_vo"
+    # V/O dims inside a head: permuted (paper) or rotated (Procrustes per KV group).
+    vo: Literal["permute", "orthogonal"] = "permute"
     # Used when merging (recipe, barrier), not by `align`: REPAIR-style FF statistics correction,
     # and what models 2..N are aligned to (the base, or the running average; N >= 3 only).
     repair: bool = False
@@ -58,8 +60,9 @@ class AlignSettings(BaseModel):
         repair = ",repair" if self.repair else ""
         weights = ",matching=weights" if self.matching == "weights" else ""
         ref = ",reference=average" if self.reference == "average" else ""
+        vo = ",vo=orthogonal" if self.vo == "orthogonal" else ""
         return (f"ffn={self.ffn},attention={self.attention},residual={self.residual}"
-                f"{qk}{weights}{repair}{ref}")
+                f"{qk}{vo}{weights}{repair}{ref}")
 
     @property
     def needs_qk_features(self) -> bool:
@@ -154,6 +157,9 @@ def compute_alignment(spec: PermutationSpec, stats: Dict[str, CrossStats],
                 transforms[space.name] = match_attention(corr, space.heads, settings.attention,
                                                          qk, q_corr, k_corr)
                 perm = transforms[space.name]["o"]
+                if settings.vo == "orthogonal":
+                    transforms[space.name].update(rotate_vo(
+                        stats[f"{space.name}@0"].sum_ab, space.heads, transforms[space.name]))
         report[space.name] = {
             "kind": space.kind, "size": space.size,
             "mean_corr_before": round(mean_matched(corr, torch.arange(space.size)), 6),
@@ -306,6 +312,15 @@ def check_settings(spec: PermutationSpec, settings: AlignSettings) -> None:
     if settings.matching == "weights" and settings.qk != "follow_vo":
         raise ValueError(f"qk={settings.qk} matches query/key activations; weight matching "
                          "(matching=weights) supports qk=follow_vo only")
+    if settings.vo == "orthogonal":
+        if settings.matching == "weights" or settings.attention in ("identity", "ignore_heads"):
+            raise ValueError("vo=orthogonal rotates V/O inside matched heads: it needs "
+                             "matching=activations and attention=head_perm or monotonic")
+        fused = [w.name for w in spec.weights for ax in w.axes if isinstance(ax, Fused) and any(
+            p is not None and p.view in ("v", "o") for p in ax.parts)]
+        if fused:
+            raise ValueError(f"vo=orthogonal needs separate V and O projections; "
+                             f"{spec.architecture} fuses V into {fused[0]} (use vo=permute)")
     if settings.matching == "weights" and settings.residual in ("first", "last"):
         raise ValueError(f"residual={settings.residual} picks calibration points; weight "
                          "matching supports residual=all, orthogonal, identity or auto")

@@ -29,7 +29,7 @@ PRESETS = {
     "ignore_heads": {"ffn": "permute", "attention": "ignore_heads"},
 }
 NOTHING = {"ffn": "identity", "attention": "identity", "residual": "identity", "qk": "follow_vo",
-           "matching": "activations", "repair": False, "reference": "base"}
+           "matching": "activations", "repair": False, "reference": "base", "vo": "permute"}
 METHOD_FIELDS = set(NOTHING)
 
 
@@ -51,8 +51,8 @@ def parse_method(name: str, base: AlignSettings) -> AlignSettings:
             fields[key] = value
         else:
             raise ValueError(f"unknown method {part!r} in {name!r}; use {sorted(PRESETS)}, "
-                             "'default', 'repair', or ffn=/attention=/residual=/qk=/matching=/"
-                             "reference= joined with '+'")
+                             "'default', 'repair', or ffn=/attention=/residual=/qk=/vo=/"
+                             "matching=/reference= joined with '+'")
     return base.model_copy(update=AlignSettings(**{**NOTHING, **fields}).model_dump(
         include=METHOD_FIELDS))
 

@@ -67,6 +67,9 @@ def align_options(f):
                      default="activations", show_default=True,
                      help="activations: correlate features on calibration text (the paper); "
                      "weights: data-free weight matching (Git Re-Basin)."),
+        click.option("--vo", type=click.Choice(["permute", "orthogonal"]), default="permute",
+                     show_default=True, help="V/O dims inside a head: permuted (paper) or "
+                     "rotated per KV group (Procrustes; separate V/O projections only)."),
         click.option("--qk", type=click.Choice(QK), default="follow_vo", show_default=True,
                      help="Q/K dims inside a head: follow V's permutation (paper), or match them "
                      "on query/key features (separate), also when assigning heads (joint)."),
@@ -86,11 +89,11 @@ def align_options(f):
     return f
 
 
-def _settings(matching, attention, ffn, residual, qk, samples, max_length, batch_size,
+def _settings(matching, attention, ffn, residual, qk, vo, samples, max_length, batch_size,
               drop_special_tokens):
     from mergekit_permute.align import AlignSettings
     return AlignSettings(matching=matching, attention=attention, ffn=ffn, residual=residual,
-                         qk=qk, samples=samples,
+                         qk=qk, vo=vo, samples=samples,
                          max_length=max_length, batch_size=batch_size,
                          keep_special_tokens=not drop_special_tokens)
 

@@ -114,6 +114,30 @@ def _qk_assign(q_blocks, k_blocks, ga: int, gb: int, q_perm, g: int, layout: Hea
     return _frozen_free_assign(pooled, layout)
 
 
+def rotate_vo(cross: torch.Tensor, layout: HeadLayout, views: Dict[str, torch.Tensor]
+              ) -> Dict[str, torch.Tensor]:
+    """Orthogonal V/O maps replacing the inner V/O permutation: for every KV group, the
+    Procrustes rotation of the V dims shared by its query heads, from the uncentered cross
+    moments of the o_proj inputs [Hq*D, Hq*D] (A rows, B columns). The head and group
+    assignment of `views` is kept. Returns dense "v" [KV*D, KV*D] and "o" [Hq*D, Hq*D]
+    matrices in the h' = h @ M convention."""
+    h, d, g, kv = layout.num_heads, layout.head_dim, layout.group_size, layout.num_kv_heads
+    blocks = cross.double().reshape(h, d, h, d).permute(0, 2, 1, 3)  # [hA, hB, d, d]
+    src_head = views["o"].reshape(h, d)[:, 0] // d                      # [h] new -> B's head
+    src_group = views["v"].reshape(kv, d)[:, 0] // d                    # [kv]
+    m_v = torch.zeros(kv * d, kv * d, dtype=torch.float64)
+    m_o = torch.zeros(h * d, h * d, dtype=torch.float64)
+    for ga in range(kv):
+        heads = range(ga * g, ga * g + g)
+        q = procrustes([sum(blocks[i, src_head[i]] for i in heads)])  # [dB, dA]
+        gb = int(src_group[ga])
+        m_v[gb * d:(gb + 1) * d, ga * d:(ga + 1) * d] = q
+        for i in heads:
+            src = int(src_head[i])
+            m_o[src * d:(src + 1) * d, i * d:(i + 1) * d] = q
+    return {"v": m_v, "o": m_o}
+
+
 def residual_points(policy: ResidualPolicy, n_points: int) -> List[int]:
     """Which residual feature points a policy pools ('all' sums every point's statistics)."""
     return {"identity": [], "first": [0], "last": [n_points - 1],

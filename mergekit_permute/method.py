@@ -23,7 +23,7 @@ DEFAULT_DATA = "shakespeare-calib"
 # Recipe parameter -> AlignSettings field (the recipe keeps the names).
 SHARED = {"calibration_data": None, "calibration_samples": "samples", "max_length": "max_length",
           "batch_size": "batch_size", "attention": "attention", "ffn": "ffn",
-          "residual": "residual", "qk": "qk", "matching": "matching", "repair": "repair", "reference": "reference",
+          "residual": "residual", "qk": "qk", "matching": "matching", "repair": "repair", "reference": "reference", "vo": "vo",
           "keep_special_tokens": "keep_special_tokens"}
 PER_MODEL = {"weight"}
 
@@ -93,6 +93,7 @@ class PermuteMerge(GroupMergeMethod):
             ParameterSpec("matching", str, ParameterScope.SHARED, default="activations"),
             ParameterSpec("repair", bool, ParameterScope.SHARED, default=False),
             ParameterSpec("reference", str, ParameterScope.SHARED, default="base"),
+            ParameterSpec("vo", str, ParameterScope.SHARED, default="permute"),
             ParameterSpec("keep_special_tokens", bool, ParameterScope.SHARED, default=True),
         ),
     )

@@ -43,8 +43,14 @@ def test_orthogonal_refused_where_it_would_change_function(name, reason):
 
 
 def test_align_orthogonal_computes_b_and_merges(zoo, tmp_path):
+    """Residual rotation and per-KV-group V/O rotations together."""
     a, b = zoo("llama")
-    alignment, model_a, model_b, tok = align_pair(a, b, "shakespeare-calib", SETTINGS)
+    alignment, model_a, model_b, tok = align_pair(a, b, "shakespeare-calib",
+                                                  SETTINGS.model_copy(update={"vo": "orthogonal"}))
+    v = alignment.transforms["attn.0"]["v"]
+    assert v.is_floating_point() and torch.allclose(v.T @ v, torch.eye(v.shape[0], dtype=v.dtype))
+    assert not torch.equal(v.abs().max(0).values, torch.ones(v.shape[0], dtype=v.dtype))  # not a permutation
+    assert not alignment.transforms["attn.0"]["q"].is_floating_point()  # heads still permute
     reference = copy.deepcopy(model_b)
     apply_to_model(alignment.spec, model_b, alignment.transforms, alignment.fold_b)
     enc = tok(["Now is the winter of our discontent"], return_tensors="pt")
@@ -57,7 +63,7 @@ def test_align_orthogonal_computes_b_and_merges(zoo, tmp_path):
     recipe = tmp_path / "r.yml"
     recipe.write_text(f"merge_method: permute\nbase_model: {a}\ndtype: float32\nmodels:\n"
                       f"  - model: {a}\n  - model: {b}\nparameters:\n  calibration_samples: 120\n"
-                      "  max_length: 32\n  residual: orthogonal\n")
+                      "  max_length: 32\n  residual: orthogonal\n  vo: orthogonal\n")
     r = run_cli(cli("mergekit-permute"), "merge", str(recipe), str(tmp_path / "m"))
     assert r.returncode == 0, r.stderr[-2000:]
     merged = load_file(str(tmp_path / "m" / "model.safetensors"))
@@ -75,3 +81,14 @@ def test_auto_policy_picks_orthogonal_only_where_it_preserves_function():
     assert resolve_residual(spec_for_config(build("LlamaForCausalLM").config), "auto") == "orthogonal"
     for name in ("BertForMaskedLM", "LlamaForCausalLM-tied", "GPTNeoXForCausalLM"):
         assert resolve_residual(spec_for_config(build(name).config), "auto") == "all"
+
+
+@pytest.mark.parametrize("name,update,message", [
+    ("GPT2LMHeadModel", {"vo": "orthogonal"}, "fuses V into"),
+    ("LlamaForCausalLM", {"vo": "orthogonal", "matching": "weights"}, "needs matching=activations"),
+    ("LlamaForCausalLM", {"qk": "joint", "matching": "weights"}, "supports qk=follow_vo only"),
+])
+def test_settings_the_architecture_cannot_honour_are_refused(name, update, message):
+    from mergekit_permute.align import check_settings
+    with pytest.raises(ValueError, match=message):
+        check_settings(spec_for_config(build(name).config), AlignSettings(**update))
