@@ -1,5 +1,6 @@
-"""Beyond the paper (issue 7): separate/joint Q/K matching, REPAIR, data-free weight matching,
-each against vanilla and the tool's default in the same run, on every seed pair of the zoo.
+"""Beyond the paper (issue 7): separate/joint Q/K matching, V/O rotations, REPAIR, data-free
+weight matching, each against vanilla and the tool's default in the same run, on every seed
+pair of the zoo.
 
     python benchmarks/beyond.py [--arch bert|llama|both] [--seeds 4] [--lambdas 11]
 Results: benchmarks/results/beyond-{arch}.json and .png (same schema as quality-*.json).
@@ -19,14 +20,20 @@ COMMON = ["vanilla", "default", "vanilla+repair", "default+repair", "default+mat
 METHODS = {
     "bert": COMMON + ["default+qk=separate", "default+qk=joint"],
     # RoPE: Q/K dims never move, so qk=joint only adds Q/K evidence to the head assignment.
-    "llama": COMMON + ["default+qk=joint", "head_perm+residual=all+matching=weights"],
+    # Pre-LayerNorm: the orthogonal residual keeps the all-ones vector; 3/4 of each Q/K head's
+    # dims are not rotary, so qk=separate/joint can move them.
+    "neox": COMMON + ["default+qk=separate", "default+qk=joint", "default+residual=orthogonal",
+                      "default+residual=orthogonal+repair",
+                      "default+residual=orthogonal+matching=weights"],
+    "llama": COMMON + ["default+qk=joint", "default+vo=orthogonal", "default+vo=orthogonal+repair",
+                       "head_perm+residual=all+matching=weights"],
 }
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser()
     ap.add_argument("--seeds", type=int, default=4)
     ap.add_argument("--lambdas", type=int, default=11)
-    ap.add_argument("--arch", choices=["bert", "llama", "both"], default="both")
+    ap.add_argument("--arch", choices=["bert", "llama", "neox", "all"], default="all")
     args = ap.parse_args()
-    for arch in (["bert", "llama"] if args.arch == "both" else [args.arch]):
+    for arch in (list(METHODS) if args.arch == "all" else [args.arch]):
         run(arch, args.seeds, args.lambdas, methods=METHODS[arch], name="beyond")

@@ -93,6 +93,8 @@ EXPLAIN = {
     "default+qk=separate": "Q/K dims matched on query/key features",
     "default+qk=joint": "Q/K features also in the head assignment",
     "head_perm+residual=all+matching=weights": "weight matching, residual permutation",
+    "default+vo=orthogonal": "V/O rotated per KV group instead of permuted",
+    "default+vo=orthogonal+repair": "V/O rotations, then REPAIR",
 }
 
 
@@ -100,6 +102,26 @@ def best_method(doc) -> str:
     """Lowest mean headline barrier among the methods that need no extra choice by the user."""
     rows = {m: v["barrier"][0] for m, v in doc["summary"].items() if m != "vanilla"}
     return min(rows, key=rows.get)
+
+
+def versus_default(doc, method: str):
+    """Paired difference of headline barriers, method minus default, over the seed pairs."""
+    diffs = [p["methods"][method]["barrier"] - p["methods"]["default"]["barrier"]
+             for p in doc["per_pair"]]
+    m = sum(diffs) / len(diffs)
+    se = math.sqrt(sum((d - m) ** 2 for d in diffs) / (len(diffs) - 1) / len(diffs)) \
+        if len(diffs) > 1 else float("nan")
+    return m, se
+
+
+def recommendation(doc) -> str:
+    """The lowest-barrier method if it beats the default by more than two paired standard
+    errors, else the default: a method is recommended only where the numbers say so."""
+    best = best_method(doc)
+    if best == "default":
+        return "default"
+    m, se = versus_default(doc, best)
+    return best if m + 2 * se < 0 else "default"
 
 
 def beyond_section(doc) -> str:
@@ -113,13 +135,17 @@ def beyond_section(doc) -> str:
         lines.append(f"| {m} | {EXPLAIN.get(m, '')} | {fmt(row['barrier'])} | "
                      f"{fmt(row['removed_vs_vanilla'], pct=True)} | "
                      f"{'' if m == 'default' else f'{100 * rel:+.0f}%'} |")
-    best = best_method(doc)
+    best, rec = best_method(doc), recommendation(doc)
     wins = sum(p["methods"][best]["barrier"] <= p["methods"]["default"]["barrier"]
                for p in doc["per_pair"])
-    lines += ["", f"Lowest barrier: `{best}`, removing "
+    m, se = versus_default(doc, best) if best != "default" else (0.0, 0.0)
+    lines += ["", f"Lowest mean barrier: `{best}`, removing "
               f"{100 * s[best]['removed_vs_vanilla'][0]:.0f}% ± "
-              f"{100 * s[best]['removed_vs_vanilla'][1]:.0f} of the vanilla barrier "
-              f"(at or below the default on {wins} of {doc['pairs']} pairs).", "",
+              f"{100 * s[best]['removed_vs_vanilla'][1]:.0f} of the vanilla barrier (at or below "
+              f"the default on {wins} of {doc['pairs']} pairs; paired difference to the default "
+              f"{m:+.4f} ± {se:.4f}). Recommendation: `{rec}`"
+              + (" - no alternative beats it by more than two paired standard errors." if
+                 rec == "default" else "."), "",
               f"![{doc['arch']} beyond](benchmarks/results/beyond-{doc['arch']}.png)", ""]
     return "\n".join(lines)
 

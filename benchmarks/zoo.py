@@ -1,5 +1,6 @@
-"""The benchmark seed zoo: N seeds each of a small BERT masked-LM and a small Llama-style causal
-LM with GQA, trained on the shipped Shakespeare text (seed = initialization + data order).
+"""The benchmark seed zoo: N seeds each of a small BERT masked-LM, a small Llama-style causal
+LM with GQA and a small Pythia-style GPT-NeoX (pre-LayerNorm, parallel residual, partial
+rotary), trained on the shipped Shakespeare text (seed = initialization + data order).
 Cached under benchmarks/.zoo/ (a model is retrained only if its config changed).
 
     python benchmarks/zoo.py [--seeds 4] [--size cpu|gpu]
@@ -43,7 +44,8 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser()
     ap.add_argument("--seeds", type=int, default=4)
     ap.add_argument("--size", choices=sorted(SIZES), default="cpu")
+    ap.add_argument("--arch", choices=["bert", "llama", "neox", "all"], default="all")
     args = ap.parse_args()
-    for arch in ("bert", "llama"):
+    for arch in (("bert", "llama", "neox") if args.arch == "all" else (args.arch,)):
         cfg, paths = zoo(arch, args.seeds, args.size)
         print(json.dumps({"arch": arch, "models": paths, "unigram": unigram_entropy(cfg)}))

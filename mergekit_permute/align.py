@@ -16,8 +16,8 @@ from safetensors.torch import load_file, save_file
 from mergekit_permute import __version__
 from mergekit_permute.calibrate import calibrate, prepare_tokenizer, tokenize
 from mergekit_permute.match import (
-    AttentionMode, QKMode, ResidualPolicy, match_attention, rotate_vo, match_plain, mean_matched, procrustes,
-    residual_points,
+    AttentionMode, QKMode, ResidualPolicy, match_attention, match_plain, mean_matched, procrustes,
+    residual_points, rotate_vo,
 )
 from mergekit_permute.permute import (
     Folds, Transforms, fold_scales, identity_transforms, is_permutation,
@@ -96,11 +96,11 @@ def calibration_spaces(spec: PermutationSpec) -> List[str]:
 
 
 def resolve_residual(spec: PermutationSpec, policy: str) -> str:
-    """`auto`: the orthogonal map where it preserves the function (RMSNorm, untied head),
-    else the pooled permutation `all`."""
+    """`auto`: the orthogonal map where it preserves the function and was measured to help
+    (RMSNorm, untied head: BENCHMARKS.md), else the pooled permutation `all`."""
     if policy != "auto":
         return policy
-    return "all" if spec.orthogonal_residual_error() else "orthogonal"
+    return "all" if spec.orthogonal_residual_error() or spec.residual_centered else "orthogonal"
 
 
 def compute_alignment(spec: PermutationSpec, stats: Dict[str, CrossStats],
@@ -117,7 +117,7 @@ def compute_alignment(spec: PermutationSpec, stats: Dict[str, CrossStats],
         q_corr = None
         if space.kind == "residual" and residual == "orthogonal":
             points = [stats[f"{space.name}@{i}"] for i in range(len(space.features))]
-            q = procrustes([p.sum_ab for p in points])
+            q = procrustes([p.sum_ab for p in points], keep_ones=spec.residual_centered)
             transforms[space.name] = {"": q}
             sum_ab = sum(p.sum_ab for p in points)
             norm = float((sum(p.sq_a.sum() for p in points) * sum(p.sq_b.sum() for p in points)).sqrt())

@@ -145,13 +145,22 @@ def residual_points(policy: ResidualPolicy, n_points: int) -> List[int]:
             "auto": list(range(n_points))}[policy]
 
 
-def procrustes(cross_moments: List[torch.Tensor]) -> torch.Tensor:
+def procrustes(cross_moments: List[torch.Tensor], keep_ones: bool = False) -> torch.Tensor:
     """Orthogonal Q minimising sum_p ||H_B,p Q - H_A,p||^2 over residual points p, from their
     cross second moments H_A^T H_B [dA, dB]; each point is normalised to unit scale so late,
-    large-norm layers do not drown the early ones."""
-    m = sum(c / c.norm().clamp_min(1e-30) for c in cross_moments)  # [dA, dB] = H_A^T H_B
-    u, _, vh = torch.linalg.svd(m.T)                                # H_B^T H_A = U S V^T
-    return u @ vh                                                   # [dB, dA]: h_B @ Q ~ h_A
+    large-norm layers do not drown the early ones. `keep_ones`: Q maps the all-ones direction
+    to itself (what commutes with LayerNorm's mean subtraction): Q = u u^T + B R B^T with B an
+    orthonormal basis of the complement of u = 1/sqrt(d), R solved in that complement."""
+    m = sum(c.double() / c.norm().clamp_min(1e-30) for c in cross_moments)  # [dA, dB]
+    if not keep_ones:
+        u, _, vh = torch.linalg.svd(m.T)                            # H_B^T H_A = U S V^T
+        return u @ vh                                               # [dB, dA]: h_B @ Q ~ h_A
+    d = m.shape[0]
+    ones = torch.full((d, 1), d ** -0.5, dtype=torch.float64)
+    basis, _ = torch.linalg.qr(torch.cat([ones, torch.eye(d, dtype=torch.float64)], 1))
+    comp = basis[:, 1:d]                                            # [d, d-1], orthogonal to 1
+    r = procrustes([comp.T @ m @ comp])                             # [d-1, d-1]
+    return ones @ ones.T + comp @ r @ comp.T                        # [dB, dA]
 
 
 def mean_matched(corr: torch.Tensor, perm: torch.Tensor) -> float:

@@ -6,7 +6,7 @@ writers ("out" axes) take as M and readers ("in" axes) as M^-T. Norm gains ("ele
 only admit permutations.
 """
 
-from typing import Dict, Mapping, Optional
+from typing import Dict, Mapping, Optional, Tuple
 
 import torch
 
@@ -118,30 +118,43 @@ def apply_to_tensor(rule: WeightRule, tensor: torch.Tensor, transforms: Transfor
     return tensor
 
 
-# ---- norm folding (what admits orthogonal residual maps in RMSNorm models) ----------------------
+# ---- norm folding (what admits orthogonal residual maps) -----------------------------------------
 
-Folds = Dict[str, Optional[torch.Tensor]]  # reader weight -> its norm's gain; norm -> None (ones)
+# tensor -> (axis, factor): a reader's input axis times its norm's gain, a LayerNorm bias times
+# 1/gain; a norm gain -> None (it becomes ones).
+Folds = Dict[str, Optional[Tuple[int, torch.Tensor]]]
 
 
 def fold_scales(spec: PermutationSpec, state: Mapping[str, torch.Tensor]) -> Folds:
+    """LN(x) = g * n(x) + b feeds readers W: W (g * n + b) = (W diag g)(n + b / g), so the gain
+    moves into the readers' input axis and the bias becomes b / g."""
+    rules = {w.name: w for w in spec.weights}
     folds: Folds = {}
     for fold in spec.norm_folds:
         gain = state[fold.norm].detach().to("cpu", torch.float64)
         folds[fold.norm] = None
+        if fold.bias is not None:
+            if bool((gain.abs() < 1e-6).any()):
+                raise ValueError(f"{fold.norm} has a (near-)zero gain, so its bias cannot be "
+                                 "folded; use a permutation residual policy")
+            folds[fold.bias] = (0, 1.0 / gain)
         for reader in fold.readers:
-            folds[reader] = gain
+            axis = next(d for d, ax in enumerate(rules[reader].axes)
+                        if isinstance(ax, Bind) and ax.role == "in")
+            folds[reader] = (axis, gain)
     return folds
 
 
 def fold_tensor(name: str, tensor: torch.Tensor, folds: Folds) -> torch.Tensor:
-    """The same function with the norm gain moved into its readers' input columns."""
+    """The same function with norm gains moved into their readers (see fold_scales)."""
     if name not in folds:
         return tensor
-    gain = folds[name]
-    if gain is None:
+    if folds[name] is None:
         return torch.ones_like(tensor)
-    # reader weight [out, in] * gain[in]
-    return (tensor.double() * gain.to(tensor.device)[None, :]).to(tensor.dtype)
+    axis, factor = folds[name]
+    shape = [1] * tensor.ndim
+    shape[axis] = -1
+    return (tensor.double() * factor.to(tensor.device).reshape(shape)).to(tensor.dtype)
 
 
 def apply_to_state_dict(spec: PermutationSpec, state: Mapping[str, torch.Tensor],

@@ -137,13 +137,14 @@ def _attention_score(sim: Dict[str, torch.Tensor], layout: HeadLayout, mode: str
     return sim["o"] + qk(sim["q"]) + expand(sim["v"]) + expand(qk(sim["k"]))
 
 
-def _solve(space: Space, sim: Dict[str, torch.Tensor], attention: str, residual: str
-           ) -> Dict[str, torch.Tensor]:
+def _solve(space: Space, sim: Dict[str, torch.Tensor], attention: str, residual: str,
+           centered: bool = False) -> Dict[str, torch.Tensor]:
     if space.kind == "attention":
         return match_attention(_attention_score(sim, space.heads, attention), space.heads,
                                attention)
     if space.kind == "residual" and residual == "orthogonal":
-        return {"": procrustes([sim[""]])}  # S [dA, dB] plays H_A^T H_B; Q [dB, dA]
+        # S [dA, dB] plays H_A^T H_B; Q [dB, dA]
+        return {"": procrustes([sim[""]], keep_ones=centered)}
     return {"": match_plain(sim[""])}
 
 
@@ -220,7 +221,7 @@ def weight_match(spec: PermutationSpec, state_a: State, state_b: State, *,
         for k in torch.randperm(len(spaces), generator=gen).tolist():
             space = spaces[k]
             sim = weight_similarity(spec, state_a, state_b, transforms, space.name)
-            new = _solve(space, sim, attention, residual)
+            new = _solve(space, sim, attention, residual, spec.residual_centered)
             changed |= not all(_same(transforms[space.name][v], t) for v, t in new.items())
             transforms[space.name] = new
         if not changed:

@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 from mergekit_permute.data import load_texts
 
 LOG = logging.getLogger(__name__)
-Arch = Literal["bert", "llama"]
+Arch = Literal["bert", "llama", "neox"]
 SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
 
@@ -69,6 +69,15 @@ def build_model(cfg: ZooConfig, vocab_size: int, seed: int):
                               pad_token_id=0)
         config.architectures = ["BertForMaskedLM"]
         return T.BertForMaskedLM(config)
+    if cfg.arch == "neox":  # Pythia-style: parallel residual, partial rotary, untied head
+        config = T.GPTNeoXConfig(vocab_size=vocab_size, hidden_size=cfg.hidden,
+                                 intermediate_size=cfg.intermediate, num_hidden_layers=cfg.layers,
+                                 num_attention_heads=cfg.heads, rotary_pct=0.25,
+                                 max_position_embeddings=max(128, cfg.seq_len), pad_token_id=0,
+                                 bos_token_id=2, eos_token_id=3, tie_word_embeddings=False,
+                                 hidden_dropout=0.0, attention_dropout=0.0)
+        config.architectures = ["GPTNeoXForCausalLM"]
+        return T.GPTNeoXForCausalLM(config)
     config = T.LlamaConfig(vocab_size=vocab_size, hidden_size=cfg.hidden,
                            intermediate_size=cfg.intermediate, num_hidden_layers=cfg.layers,
                            num_attention_heads=cfg.heads, num_key_value_heads=cfg.kv_heads,

@@ -57,6 +57,34 @@ def architectures_block() -> str:
     return "\n".join(rows)
 
 
+def recommend_block() -> str:
+    """Per zoo architecture: the default and the lowest-barrier combination of benchmarks/beyond.py."""
+    import sys
+    sys.path.insert(0, str(ROOT))
+    from benchmarks.report import best_method, recommendation, versus_default
+    rows = ["| zoo (BENCHMARKS.md) | default removes | lowest mean barrier | it removes | "
+            "paired difference to the default | recommended |", "|---|---|---|---|---|---|"]
+    for arch, label in (("llama", "Llama, GQA (RMSNorm)"), ("neox", "GPT-NeoX (pre-LayerNorm)"),
+                        ("bert", "BERT (post-LayerNorm)")):
+        path = ROOT / "benchmarks" / "results" / f"beyond-{arch}.json"
+        if not path.is_file():
+            continue
+        doc = json.loads(path.read_text())
+        s, best = doc["summary"], best_method(doc)
+        diff, se = versus_default(doc, best) if best != "default" else (0.0, 0.0)
+
+        def pct(m):
+            removed = s[m]["removed_vs_vanilla"]
+            return f"{100 * removed[0]:.0f}% ± {100 * removed[1]:.0f}"
+        rows.append(f"| {label} | {pct('default')} | `{best}` | {pct(best)} | "
+                    f"{diff:+.4f} ± {se:.4f} ({doc['pairs']} pairs) | `{recommendation(doc)}` |")
+    rows += ["", "A combination is recommended over the default only where it lowers the barrier "
+             "by more than two paired standard errors. _Read from "
+             "`benchmarks/results/beyond-*.json` by `python scripts/update_readme.py`; method "
+             "names as in `mergekit-permute barrier --methods`._"]
+    return "\n".join(rows)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--reuse", action="store_true")
@@ -64,6 +92,7 @@ def main() -> None:
     args = ap.parse_args()
     text = README.read_text()
     text = replace_block(text, "archs", architectures_block())
+    text = replace_block(text, "recommend", recommend_block())
     if not args.skip_demo:
         text = replace_block(text, "demo", demo_block(args.reuse))
     README.write_text(text)

@@ -8,7 +8,8 @@ import torch
 from safetensors.torch import load_file
 
 from mergekit_permute.align import AlignSettings, align_pair
-from mergekit_permute.permute import apply_to_model, fold_scales
+from mergekit_permute.match import procrustes
+from mergekit_permute.permute import apply_to_model, fold_scales, identity_transforms
 from mergekit_permute.spec import spec_for_config
 from tests.conftest import cli, run_cli
 from tests.tiny import build, inputs, outputs
@@ -16,25 +17,38 @@ from tests.tiny import build, inputs, outputs
 SETTINGS = AlignSettings(samples=120, max_length=32, residual="orthogonal")
 
 
-def test_random_orthogonal_residual_preserves_function_after_folding():
-    model = build("LlamaForCausalLM")
+def _rotated(name, keep_ones):
+    model = build(name)
     spec = spec_for_config(model.config)
     assert spec.orthogonal_residual_error() is None
     kw = inputs(model)
-    before = outputs(model, kw)
-    q, _ = torch.linalg.qr(torch.randn(32, 32, dtype=torch.float64))
-    from mergekit_permute.permute import identity_transforms
+    q = procrustes([torch.randn(32, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(0))],
+                   keep_ones=keep_ones)  # a random orthogonal matrix (keeping 1 if asked)
     t = identity_transforms(spec)
     t["residual"] = {"": q}
     rotated = copy.deepcopy(model)
     apply_to_model(spec, rotated, t, fold_scales(spec, model.state_dict()))
-    assert torch.all(rotated.model.norm.weight == 1)
-    torch.testing.assert_close(outputs(rotated, kw)[0], before[0], rtol=1e-4, atol=1e-5)
+    return spec, outputs(model, kw)[0], outputs(rotated, kw)[0]
+
+
+@pytest.mark.parametrize("name", ["LlamaForCausalLM", "MistralForCausalLM", "GPTNeoXForCausalLM",
+                                  "GPTNeoXForCausalLM-sequential", "GPT2LMHeadModel-untied"])
+def test_random_orthogonal_residual_preserves_function_after_folding(name):
+    """RMSNorm: any rotation. LayerNorm (pre-norm, gains folded, biases / gain): any rotation
+    that keeps the all-ones vector."""
+    spec = spec_for_config(build(name).config)
+    spec, before, after = _rotated(name, keep_ones=spec.residual_centered)
+    torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-5)
+
+
+def test_layernorm_models_need_the_ones_vector_kept():
+    spec, before, after = _rotated("GPTNeoXForCausalLM", keep_ones=False)
+    assert spec.residual_centered and (after - before).abs().max() > 1e-2
 
 
 @pytest.mark.parametrize("name,reason", [
-    ("BertForMaskedLM", "LayerNorm"),
-    ("GPT2LMHeadModel", "LayerNorm"),
+    ("BertForMaskedLM", "post-LayerNorm"),
+    ("GPT2LMHeadModel", "tied to the embeddings"),
     ("LlamaForCausalLM-tied", "tied to the embeddings"),
 ])
 def test_orthogonal_refused_where_it_would_change_function(name, reason):
@@ -92,3 +106,25 @@ def test_settings_the_architecture_cannot_honour_are_refused(name, update, messa
     from mergekit_permute.align import check_settings
     with pytest.raises(ValueError, match=message):
         check_settings(spec_for_config(build(name).config), AlignSettings(**update))
+
+
+@pytest.mark.parametrize("name", ["GPTNeoXForCausalLM", "GPT2LMHeadModel-untied"])
+def test_pre_layernorm_orthogonal_alignment_keeps_b_function(name):
+    """Two independently initialised pre-LN models: the aligned rotation keeps the all-ones
+    vector, and B (gains folded, biases / gain) computes exactly its own function."""
+    from mergekit_permute.align import calibration_spaces, compute_alignment
+    from mergekit_permute.calibrate import calibrate
+    a, b = build(name, seed=0), build(name, seed=1)
+    spec = spec_for_config(a.config)
+    gen = torch.Generator().manual_seed(0)
+    batches = [{"input_ids": torch.randint(0, a.config.vocab_size, (8, 16), generator=gen),
+                "attention_mask": torch.ones(8, 16, dtype=torch.long)} for _ in range(8)]
+    stats = calibrate(a, b, spec, batches, calibration_spaces(spec))
+    alignment = compute_alignment(spec, stats, SETTINGS, states=(a.state_dict(), b.state_dict()))
+    q = alignment.transforms["residual"][""]
+    torch.testing.assert_close(torch.ones(32, dtype=q.dtype) @ q, torch.ones(32, dtype=q.dtype))
+    kw = inputs(b)
+    before = outputs(b, kw)[0]
+    apply_to_model(spec, b, alignment.transforms, alignment.fold_b)
+    torch.testing.assert_close(outputs(b, kw)[0], before, rtol=1e-4, atol=1e-5)
+    assert alignment.report["residual"]["mean_corr_after"] > alignment.report["residual"]["mean_corr_before"]

@@ -35,11 +35,13 @@ def linear(name: str, out_dim: int, in_dim: int, out_axis: Axis, in_axis: Axis, 
 
 def layer_norm(name: str, dim: int, space: str, *, bias: bool, layer: Optional[int] = None,
                legacy: bool = False) -> List[WeightRule]:
-    """LayerNorm / RMSNorm gain (+ bias); `legacy` also accepts TF-era gamma/beta names."""
+    """LayerNorm / RMSNorm gain (+ bias); `legacy` also accepts TF-era gamma/beta names. The
+    gain scales each feature ("elem"); the bias adds a vector in the space, so it transforms
+    like a writer's output ("out"), also under a rotation."""
     rules = [w(f"{name}.weight", (dim,), elem(space), layer=layer,
                aliases=(f"{name}.gamma",) if legacy else ())]
     if bias:
-        rules.append(w(f"{name}.bias", (dim,), elem(space), layer=layer,
+        rules.append(w(f"{name}.bias", (dim,), out(space), layer=layer,
                        aliases=(f"{name}.beta",) if legacy else ()))
     return rules
 

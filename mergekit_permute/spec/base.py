@@ -134,11 +134,14 @@ class WeightRule(_Frozen):
 
 
 class NormFold(_Frozen):
-    """An RMSNorm whose gain may be folded into the weights that read its output (their input
-    axis), leaving a gain of ones: then any orthogonal map of the residual commutes with it."""
+    """A norm whose gain may be folded into the weights that read its output (their input
+    axis), leaving a gain of ones; a LayerNorm's bias then becomes bias / gain. An RMSNorm
+    then commutes with any orthogonal map of the residual, a LayerNorm with those that keep
+    the all-ones vector (its mean subtraction)."""
 
     norm: str
     readers: Tuple[str, ...]
+    bias: Optional[str] = None
 
 
 class PermutationSpec(_Frozen):
@@ -149,9 +152,11 @@ class PermutationSpec(_Frozen):
     spaces: Tuple[Space, ...]
     weights: Tuple[WeightRule, ...]
     num_layers: int
-    # Present only where every residual norm is an RMSNorm that can be folded (pre-norm models
-    # with an untied head): this is what admits an orthogonal residual alignment.
+    # Present only where every residual norm can be folded (pre-norm models): this is what
+    # admits an orthogonal residual alignment (the head must also be untied).
     norm_folds: Tuple[NormFold, ...] = ()
+    # LayerNorm subtracts the mean: residual maps must then keep the all-ones vector.
+    residual_centered: bool = False
 
     @model_validator(mode="after")
     def _validate(self) -> "PermutationSpec":
@@ -182,7 +187,7 @@ class PermutationSpec(_Frozen):
             raise ValueError(f"{self.family}: spaces that act on no weight: {sorted(unused)}")
         by_name = {w.name: w for w in self.weights}
         for fold in self.norm_folds:
-            for name in (fold.norm, *fold.readers):
+            for name in (fold.norm, *fold.readers, *((fold.bias,) if fold.bias else ())):
                 if name not in by_name:
                     raise ValueError(f"{self.family}: norm fold names unknown weight {name}")
         return self
@@ -190,8 +195,9 @@ class PermutationSpec(_Frozen):
     def orthogonal_residual_error(self) -> Optional[str]:
         """Why an orthogonal residual map is not function-preserving here (None if it is)."""
         if not self.norm_folds:
-            return (f"{self.architecture} has LayerNorm (mean subtraction) or no foldable norms; "
-                    "an orthogonal residual map needs RMSNorm pre-norm models (Llama family)")
+            return (f"{self.architecture} normalises the residual stream itself (post-LayerNorm):"
+                    " an orthogonal residual map needs pre-norm models whose norms fold into "
+                    "their readers (Llama family, GPT-NeoX, untied GPT-2)")
         folded = {f.norm for f in self.norm_folds}
         scaled = [w.name for w in self.weights
                   if any(isinstance(a, Bind) and a.role == "elem" for a in w.axes)

@@ -6,7 +6,9 @@ from typing import List
 from mergekit_permute.spec._build import (
     RESIDUAL, inp, inputs_of, layer_norm, out, outputs_of, w,
 )
-from mergekit_permute.spec.base import Fused, HeadLayout, PermutationSpec, Space, WeightRule
+from mergekit_permute.spec.base import (
+    Fused, HeadLayout, NormFold, PermutationSpec, Space, WeightRule,
+)
 
 NOTES = {"GPT2LMHeadModel": "Conv1D [in, out]; fused c_attn = [Q | K | V] blocks; tied head"}
 MODEL_TYPES = {"GPT2LMHeadModel": "gpt2"}
@@ -51,8 +53,14 @@ def build(config, architecture: str) -> PermutationSpec:
                      tied_to="transformer.wte.weight" if tied else None))
     spaces.insert(0, Space(name=RESIDUAL, kind="residual", size=hidden,
                            features=tuple(residual_points)))
+    folds = [NormFold(norm=f"transformer.h.{i}.{ln}.weight", bias=f"transformer.h.{i}.{ln}.bias",
+                      readers=(f"transformer.h.{i}.{reader}.weight",))
+             for i in range(n_layers) for ln, reader in (("ln_1", "attn.c_attn"), ("ln_2", "mlp.c_fc"))]
+    folds.append(NormFold(norm="transformer.ln_f.weight", bias="transformer.ln_f.bias",
+                          readers=("lm_head.weight",)))
     return PermutationSpec(family="gpt2", architecture=architecture, spaces=tuple(spaces),
-                           weights=tuple(weights), num_layers=n_layers)
+                           weights=tuple(weights), num_layers=n_layers, norm_folds=tuple(folds),
+                           residual_centered=True)
 
 
 

@@ -9,7 +9,9 @@ from typing import List
 from mergekit_permute.spec._build import (
     RESIDUAL, inp, inputs_of, layer_norm, linear, out, outputs_of, w,
 )
-from mergekit_permute.spec.base import Fused, HeadLayout, PermutationSpec, Space, WeightRule
+from mergekit_permute.spec.base import (
+    Fused, HeadLayout, NormFold, PermutationSpec, Space, WeightRule,
+)
 
 NOTES = {"GPTNeoXForCausalLM": "PolyPythias; fused per-head [q,k,v]; partial rotary frees "
                                "non-rotary Q/K dims; parallel residual; untied head"}
@@ -67,5 +69,13 @@ def build(config, architecture: str) -> PermutationSpec:
                      tied_to="gpt_neox.embed_in.weight" if tied else None))
     spaces.insert(0, Space(name=RESIDUAL, kind="residual", size=hidden,
                            features=tuple(residual_points)))
+    folds = [NormFold(norm=f"gpt_neox.layers.{i}.{ln}.weight", bias=f"gpt_neox.layers.{i}.{ln}.bias",
+                      readers=(f"gpt_neox.layers.{i}.{reader}.weight",))
+             for i in range(n_layers) for ln, reader in (
+                 ("input_layernorm", "attention.query_key_value"),
+                 ("post_attention_layernorm", "mlp.dense_h_to_4h"))]
+    folds.append(NormFold(norm="gpt_neox.final_layer_norm.weight",
+                          bias="gpt_neox.final_layer_norm.bias", readers=("lm_head.weight",)))
     return PermutationSpec(family="gpt_neox", architecture=architecture, spaces=tuple(spaces),
-                           weights=tuple(weights), num_layers=n_layers)
+                           weights=tuple(weights), num_layers=n_layers, norm_folds=tuple(folds),
+                           residual_centered=True)
