@@ -22,9 +22,8 @@ METHODS = {
     # RoPE: Q/K dims never move, so qk=joint only adds Q/K evidence to the head assignment.
     # Pre-LayerNorm: the orthogonal residual keeps the all-ones vector; 3/4 of each Q/K head's
     # dims are not rotary, so qk=separate/joint can move them.
-    "neox": COMMON + ["default+qk=separate", "default+qk=joint", "default+residual=orthogonal",
-                      "default+residual=orthogonal+repair",
-                      "default+residual=orthogonal+matching=weights"],
+    # (default = residual=orthogonal here; head_perm+residual=all is the permutation policy).
+    "neox": COMMON + ["default+qk=separate", "default+qk=joint", "head_perm+residual=all"],
     "llama": COMMON + ["default+qk=joint", "default+vo=orthogonal", "default+vo=orthogonal+repair",
                        "head_perm+residual=all+matching=weights"],
 }

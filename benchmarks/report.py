@@ -85,7 +85,8 @@ def findings(docs) -> str:
 
 
 EXPLAIN = {
-    "default": "the tool's default (`residual=auto`)",
+    "default": "the tool's default (`residual=auto`: a rotation for pre-norm models, `all` for BERT)",
+    "head_perm+residual=all": "Head-Perm + the pooled residual permutation",
     "vanilla+repair": "no alignment, REPAIR on every mix",
     "default+repair": "default alignment, REPAIR on every mix",
     "default+matching=weights": "data-free weight matching (default policies)",
@@ -126,7 +127,12 @@ def recommendation(doc) -> str:
 
 def beyond_section(doc) -> str:
     s = doc["summary"]
-    lines = [f"### {doc['arch']} ({doc['pairs']} pairs, same zoo and splits as above)", "",
+    zoo = doc["zoo"]
+    lines = [f"### {doc['arch']} ({zoo['layers']} layers, hidden {zoo['hidden']}, {zoo['heads']} "
+             f"heads, FF {zoo['intermediate']}, {zoo['steps']} steps; {doc['seeds']} seeds, "
+             f"{doc['pairs']} pairs)", "",
+             f"Endpoint {doc['loss']}: {fmt(doc['endpoint_loss'])} (unigram baseline "
+             f"{doc['unigram_eval_loss']:.4f}); splits, calibration and lambdas as above.", "",
              "| method | what | barrier (headline) | removed vs. vanilla | vs. default |",
              "|---|---|---|---|---|"]
     base = s["default"]["barrier"][0]
@@ -216,13 +222,15 @@ def main():
     parts += ["The paper's column is MultiBERTs (BERT-base, 12 layers, MLM), a different scale "
               "from our CPU zoo: compare the *ordering* and the fraction removed, not the "
               "absolute numbers.", ""]
-    beyond = [json.loads((results / f"beyond-{a}.json").read_text()) for a in ("bert", "llama")
-              if (results / f"beyond-{a}.json").is_file()]
+    beyond = [json.loads((results / f"beyond-{a}.json").read_text())
+              for a in ("bert", "llama", "neox") if (results / f"beyond-{a}.json").is_file()]
     if beyond:
         parts += ["## Beyond the paper", "",
-                  "`python benchmarks/beyond.py`: Q/K matching (`qk=`), REPAIR (`repair`), "
-                  "data-free weight matching (`matching=weights`), each in the same run as "
-                  "vanilla and the default. Method names are `mergekit-permute barrier "
+                  "`python benchmarks/beyond.py`: Q/K matching (`qk=`), V/O rotations "
+                  "(`vo=orthogonal`), REPAIR (`repair`), data-free weight matching "
+                  "(`matching=weights`), and on the GPT-NeoX zoo the pre-LayerNorm rotation "
+                  "(the default there) against the best permutation policy; each in the same "
+                  "run as vanilla and the default. Method names are `mergekit-permute barrier "
                   "--methods` names; the same keys go in a recipe's `parameters:`.", ""]
         parts += [beyond_section(doc) for doc in beyond]
     multi = [json.loads((results / f"multi-{a}.json").read_text()) for a in ("bert", "llama")
@@ -231,7 +239,9 @@ def main():
         parts += ["## N-model merges", "",
                   "`python benchmarks/multi.py`: all zoo seeds merged at once (`mergekit-permute "
                   "barrier A B C D`), the first seed as base; `reference=average` aligns each "
-                  "model to the running average of those before it.", ""]
+                  "model to the running average of those before it. One merge per "
+                  "architecture, so no error bars: read differences of a few hundredths as "
+                  "noise.", ""]
         parts += [multi_section(doc) for doc in multi]
     for name in ("perf-cpu.json", "perf-cuda.json"):
         path = results / name

@@ -10,8 +10,12 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 
-STEPS = (["zoo.py", "--seeds", "4"], ["quality.py", "--seeds", "4"], ["beyond.py", "--seeds", "4"],
-         ["multi.py", "--seeds", "4"], ["perf.py"], ["report.py"])
+STEPS = (["zoo.py", "--seeds", "4", "--arch", "bert"], ["zoo.py", "--seeds", "4", "--arch", "llama"],
+         ["zoo.py", "--seeds", "3", "--arch", "neox"], ["quality.py", "--seeds", "4"],
+         ["beyond.py", "--seeds", "4", "--arch", "bert"],
+         ["beyond.py", "--seeds", "4", "--arch", "llama"],
+         ["beyond.py", "--seeds", "3", "--arch", "neox"], ["multi.py", "--seeds", "4"],
+         ["perf.py"], ["report.py"])
 for step in STEPS:
     subprocess.run([sys.executable, str(HERE / step[0]), *step[1:]], check=True, cwd=HERE.parent,
                    env={**__import__("os").environ, "PYTHONPATH": str(HERE.parent)})

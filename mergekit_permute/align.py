@@ -44,7 +44,7 @@ class AlignSettings(BaseModel):
     repair: bool = False
     reference: Literal["base", "average"] = "base"
     ffn: Literal["permute", "identity"] = "permute"
-    # auto = orthogonal for RMSNorm models with an untied head, else all (BENCHMARKS.md).
+    # auto = orthogonal for pre-norm models with an untied head, else all (BENCHMARKS.md).
     residual: ResidualPolicy = "auto"
     samples: int = Field(256, ge=1, description="calibration passages")
     max_length: int = Field(128, ge=2, description="tokens per passage")
@@ -96,11 +96,12 @@ def calibration_spaces(spec: PermutationSpec) -> List[str]:
 
 
 def resolve_residual(spec: PermutationSpec, policy: str) -> str:
-    """`auto`: the orthogonal map where it preserves the function and was measured to help
-    (RMSNorm, untied head: BENCHMARKS.md), else the pooled permutation `all`."""
+    """`auto`: the orthogonal map where it preserves the function (pre-norm models with an
+    untied head; it beat `all` on the Llama and GPT-NeoX zoos, BENCHMARKS.md), else the pooled
+    permutation `all`."""
     if policy != "auto":
         return policy
-    return "all" if spec.orthogonal_residual_error() or spec.residual_centered else "orthogonal"
+    return "all" if spec.orthogonal_residual_error() else "orthogonal"
 
 
 def compute_alignment(spec: PermutationSpec, stats: Dict[str, CrossStats],

@@ -61,7 +61,7 @@ def align_options(f):
         click.option("--ffn", type=click.Choice(["permute", "identity"]), default="permute",
                      show_default=True),
         click.option("--residual", type=click.Choice(RESIDUAL), default="auto", show_default=True,
-                     help="Residual-stream policy (auto: orthogonal for RMSNorm models with an "
+                     help="Residual-stream policy (auto: orthogonal for pre-norm models with an "
                      "untied head, else all)."),
         click.option("--matching", type=click.Choice(["activations", "weights"]),
                      default="activations", show_default=True,

@@ -92,8 +92,9 @@ def test_align_orthogonal_computes_b_and_merges(zoo, tmp_path):
 
 def test_auto_policy_picks_orthogonal_only_where_it_preserves_function():
     from mergekit_permute.align import resolve_residual
-    assert resolve_residual(spec_for_config(build("LlamaForCausalLM").config), "auto") == "orthogonal"
-    for name in ("BertForMaskedLM", "LlamaForCausalLM-tied", "GPTNeoXForCausalLM"):
+    for name in ("LlamaForCausalLM", "GPTNeoXForCausalLM", "GPT2LMHeadModel-untied"):
+        assert resolve_residual(spec_for_config(build(name).config), "auto") == "orthogonal"
+    for name in ("BertForMaskedLM", "LlamaForCausalLM-tied", "GPT2LMHeadModel"):
         assert resolve_residual(spec_for_config(build(name).config), "auto") == "all"
 
 
