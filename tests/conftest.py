@@ -41,3 +41,27 @@ def run_cli(*args, cwd=None, env=None):
 
 def cli(name: str) -> str:
     return str(Path(sys.executable).parent / name)
+
+
+def third_model(src: str, out: Path, noise: float, permute_seed=None) -> str:
+    """A third "seed" for N-model tests: a copy of a zoo model, optionally randomly permuted
+    (function kept), with its weights nudged; saved with the source's tokenizer."""
+    import shutil
+
+    import torch
+    import transformers as T
+
+    from mergekit_permute.permute import apply_to_model, random_transforms
+    from mergekit_permute.spec import spec_for_config
+    model = T.AutoModelForCausalLM.from_pretrained(src)
+    if permute_seed is not None:
+        spec = spec_for_config(model.config)
+        apply_to_model(spec, model, random_transforms(spec, seed=permute_seed, qk_follows_vo=True))
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(noise * torch.randn_like(p))
+    model.save_pretrained(out)
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(f"{src}/{f}", out / f)
+    return str(out)

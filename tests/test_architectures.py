@@ -2,7 +2,6 @@
 `mergekit-yaml` merge with merge_method: permute loads and runs (random-init pairs)."""
 
 import json
-import shutil
 
 import pytest
 import torch

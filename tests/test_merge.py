@@ -4,7 +4,7 @@ import transformers as T
 import yaml
 from safetensors.torch import load_file
 
-from tests.conftest import cli, run_cli
+from tests.conftest import cli, run_cli, third_model
 
 PARAMS = {"calibration_data": "shakespeare-calib", "calibration_samples": 120, "max_length": 32,
           "residual": "all"}  # permutations: the merge is (A + aligned B)/2 with A as stored
@@ -100,20 +100,11 @@ def test_shipped_local_recipe_is_valid():
 
 def test_three_models_merge_through_mergekit_and_evaluate(zoo, tmp_path):
     """N >= 3: every model aligned to the base; `barrier` with N models reports the merge."""
-    import shutil
     from click.testing import CliRunner
 
     from mergekit_permute.cli import main
     a, b = zoo("llama")
-    c = tmp_path / "c"  # a third "seed": B with its FF neurons shuffled and nudged
-    model = T.AutoModelForCausalLM.from_pretrained(b)
-    torch.manual_seed(3)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.02 * torch.randn_like(p))
-    model.save_pretrained(c)
-    for f in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(f"{b}/{f}", c / f)
+    c = third_model(b, tmp_path / "c", 0.02)  # a third "seed": B nudged
     path = recipe(tmp_path, a, b, models=[{"model": a}, {"model": b}, {"model": str(c)}])
     r = CliRunner().invoke(main, ["merge", str(path), str(tmp_path / "m")])
     assert r.exit_code == 0, r.output

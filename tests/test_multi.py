@@ -2,7 +2,6 @@
 in memory, through a MergeKit recipe and through `barrier`."""
 
 import json
-import shutil
 
 import pytest
 import torch
@@ -14,7 +13,8 @@ from mergekit_permute.cli import main
 from mergekit_permute.data import load_texts
 from mergekit_permute.models import load_pair
 from mergekit_permute.multi import align_to_running_average
-from mergekit_permute.permute import apply_to_model, random_transforms
+from mergekit_permute.permute import apply_to_model
+from tests.conftest import third_model
 from tests.test_merge import PARAMS, recipe
 from tests.tiny import inputs
 
@@ -25,18 +25,7 @@ SETTINGS = AlignSettings(samples=120, max_length=32)
 def trio(zoo, tmp_path_factory):
     """A, B and a third model: A randomly permuted (function kept), then nudged."""
     a, b = zoo("llama")
-    c = tmp_path_factory.mktemp("third") / "c"
-    model = T.AutoModelForCausalLM.from_pretrained(a)
-    spec, *_ = load_pair(a, b)
-    apply_to_model(spec, model, random_transforms(spec, seed=5, qk_follows_vo=True))
-    torch.manual_seed(3)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.01 * torch.randn_like(p))
-    model.save_pretrained(c)
-    for f in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(f"{a}/{f}", c / f)
-    return a, b, str(c)
+    return a, b, third_model(a, tmp_path_factory.mktemp("third") / "c", 0.01, permute_seed=5)
 
 
 def test_running_average_of_two_is_alignment_to_the_base_and_keeps_functions(trio):

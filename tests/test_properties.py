@@ -59,6 +59,15 @@ def _model(config, seed, scale=1.0):
     return model
 
 
+def _random_batches(config, spec, seed):
+    """Random token batches with at least as many tokens as the widest space has features."""
+    gen = torch.Generator().manual_seed(seed)
+    widest = max(s.size for s in spec.spaces)
+    return [{"input_ids": torch.randint(0, config.vocab_size, (8, 16), generator=gen),
+             "attention_mask": torch.ones(8, 16, dtype=torch.long)}
+            for _ in range(max(4, widest // 16))]
+
+
 SETTINGS = settings(max_examples=16, deadline=None, derandomize=True,
                     suppress_health_check=[HealthCheck.too_slow])
 
@@ -94,11 +103,7 @@ def test_self_alignment_recovers_the_permutation(config, seed):
     spec = spec_for_config(a.config)
     b = copy.deepcopy(a)
     apply_to_model(spec, b, random_transforms(spec, seed + 1, qk_follows_vo=True))
-    gen = torch.Generator().manual_seed(seed)
-    widest = max(s.size for s in spec.spaces)
-    batches = [{"input_ids": torch.randint(0, config.vocab_size, (8, 16), generator=gen),
-                "attention_mask": torch.ones(8, 16, dtype=torch.long)}
-               for _ in range(max(4, widest // 16))]
+    batches = _random_batches(config, spec, seed)
     stats = calibrate(a, b, spec, batches, calibration_spaces(spec))
     alignment = compute_alignment(spec, stats, AlignSettings(residual="all"))
     apply_to_model(spec, b, alignment.transforms)
@@ -118,11 +123,7 @@ def test_qk_matching_recovers_independent_qk_permutations(config, seed, qk):
     spec = spec_for_config(a.config)
     b = copy.deepcopy(a)
     apply_to_model(spec, b, random_transforms(spec, seed + 1, qk_follows_vo=False))
-    gen = torch.Generator().manual_seed(seed)
-    widest = max(s.size for s in spec.spaces)
-    batches = [{"input_ids": torch.randint(0, config.vocab_size, (8, 16), generator=gen),
-                "attention_mask": torch.ones(8, 16, dtype=torch.long)}
-               for _ in range(max(4, widest // 16))]
+    batches = _random_batches(config, spec, seed)
     stats = calibrate(a, b, spec, batches, calibration_spaces(spec), qk=True)
     alignment = compute_alignment(spec, stats, AlignSettings(residual="all", qk=qk))
     apply_to_model(spec, b, alignment.transforms)
