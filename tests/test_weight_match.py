@@ -4,7 +4,7 @@ is deterministic, and raises the A-B weight similarity."""
 import pytest
 import torch
 
-from mergekit_permute.align import AlignSettings
+from mergekit_permute.align import AlignSettings, resolve_residual
 from mergekit_permute.heads import HeadPerm
 from mergekit_permute.permute import (
     apply_to_state_dict, fold_scales, identity_transforms, random_transforms,
@@ -57,7 +57,7 @@ def test_alignment_of_independent_models_preserves_b(name, residual):
     settings = AlignSettings(residual=residual)
     al = weight_match_alignment(spec, model_a.state_dict(), model_b.state_dict(), settings)
     assert al.info == {"matching": "weights"}
-    orthogonal = name == "LlamaForCausalLM" and residual == "auto"
+    orthogonal = resolve_residual(spec, residual) == "orthogonal"  # pre-norm, untied head
     assert bool(al.fold_b) == orthogonal
     assert not al.transforms["residual"][""].is_floating_point() or orthogonal
     fresh = build(name, seed=2)
