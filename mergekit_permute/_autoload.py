@@ -1,25 +1,42 @@
 """Run from mergekit_permute.pth at interpreter start: one meta-path entry, nothing heavy
 imported. When MergeKit imports one of the modules below (from `mergekit-yaml` or any other
-program), the module runs as usual and then our matching hook patches it (mergekit_hooks.py).
+program), the module runs as usual and then our matching hook (mergekit/hooks.py) adds the
+`permute` method or wraps the function that a `permute` recipe needs. MERGEKIT_PERMUTE_DISABLE=1
+turns all of it off.
 """
 
 import importlib.machinery
+import os
 import sys
 
+DISABLE_ENV = "MERGEKIT_PERMUTE_DISABLE"
 HOOKS = {
     "mergekit.merge_methods.registry": "register_method",
-    "mergekit.architecture.json_definitions": "patch_architectures",
-    "mergekit.plan": "patch_planner",
-    "mergekit.merge": "patch_outputs",
+    "mergekit.architecture.json_definitions": "add_architectures",
+    "mergekit.plan": "hook_planner",
+    "mergekit.merge": "hook_merge",
 }
+
+
+def enabled() -> bool:
+    return os.environ.get(DISABLE_ENV, "") not in ("1", "true", "yes")
 
 
 def _run(hook: str) -> None:
     try:
-        from mergekit_permute import mergekit_hooks
-        getattr(mergekit_hooks, hook)()
-    except Exception as e:  # never break MergeKit itself
-        print(f"mergekit-permute: could not hook into MergeKit ({hook}): {e!r}", file=sys.stderr)
+        from mergekit_permute.mergekit import hooks
+        getattr(hooks, hook)()
+    except Exception as e:  # never break MergeKit itself; say clearly what is lost
+        try:
+            from importlib.metadata import version
+            found = version("mergekit")
+        except Exception:
+            found = "unknown"
+        print(f"mergekit-permute: could not hook into MergeKit {found} at {hook} "
+              f"({type(e).__name__}: {e}). `merge_method: permute` is unavailable in this "
+              "process (mergekit-permute supports mergekit==0.1.5); every other MergeKit "
+              f"feature is unaffected. Set {DISABLE_ENV}=1 to load MergeKit without the plugin.",
+              file=sys.stderr)
 
 
 class _MergeKitWatcher:
@@ -39,7 +56,7 @@ class _MergeKitWatcher:
         return spec
 
 
-if not any(isinstance(f, _MergeKitWatcher) for f in sys.meta_path):
+if enabled() and not any(isinstance(f, _MergeKitWatcher) for f in sys.meta_path):
     for _name, _hook in HOOKS.items():
         if _name in sys.modules:
             _run(_hook)

@@ -8,61 +8,19 @@ Every point is evaluated in memory on one loaded model; nothing is written per p
 import json
 import logging
 from pathlib import Path
-from typing import Dict, List, Literal, Sequence
+from typing import Dict, List, Literal, Optional, Sequence
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from mergekit_permute.align import AlignSettings
+from mergekit_permute.data import load_texts
+from mergekit_permute.settings import AlignSettings
 
 LOG = logging.getLogger(__name__)
 Objective = Literal["mlm", "clm", "cls"]
 LOSS_NAME = {"mlm": "masked-LM cross-entropy", "clm": "next-token cross-entropy",
              "cls": "classification cross-entropy (MSE for regression)"}
-# The ablations of the paper, as settings on top of "nothing aligned".
-PRESETS = {
-    "vanilla": {},
-    "ffn_only": {"ffn": "permute"},
-    "head_perm": {"ffn": "permute", "attention": "head_perm"},
-    "monotonic": {"ffn": "permute", "attention": "monotonic"},
-    "ignore_heads": {"ffn": "permute", "attention": "ignore_heads"},
-}
-NOTHING = {"ffn": "identity", "attention": "identity", "residual": "identity", "qk": "follow_vo",
-           "matching": "activations", "repair": False, "reference": "base", "vo": "permute"}
-METHOD_FIELDS = set(NOTHING)
-
-
-def parse_method(name: str, base: AlignSettings) -> AlignSettings:
-    """'head_perm+residual=all' -> settings; 'default' = the tool's defaults."""
-    fields: Dict = {}
-    for part in name.split("+"):
-        part = part.strip()
-        if part == "repair":
-            fields["repair"] = True
-        elif part == "default":
-            fields.update(AlignSettings().model_dump(include=METHOD_FIELDS))
-        elif part in PRESETS:
-            fields.update(NOTHING, **PRESETS[part])
-        elif "=" in part and part.split("=")[0] in METHOD_FIELDS:
-            key, value = part.split("=", 1)
-            for k, v in NOTHING.items():
-                fields.setdefault(k, v)
-            fields[key] = value
-        else:
-            raise ValueError(f"unknown method {part!r} in {name!r}; use {sorted(PRESETS)}, "
-                             "'default', 'repair', or ffn=/attention=/residual=/qk=/vo=/"
-                             "matching=/reference= joined with '+'")
-    return base.model_copy(update=AlignSettings(**{**NOTHING, **fields}).model_dump(
-        include=METHOD_FIELDS))
-
-
-def aligns_nothing(s: AlignSettings) -> bool:
-    return (s.ffn, s.attention, s.residual) == ("identity",) * 3
-
-
-def needs_stats(s: AlignSettings) -> bool:
-    return s.repair or (s.matching == "activations" and not aligns_nothing(s))
 
 
 def objective_for(model) -> Objective:
@@ -78,7 +36,8 @@ def objective_for(model) -> Objective:
 
 
 def eval_batches(tokenizer, texts: Sequence[str], objective: Objective, *, max_length: int,
-                 batch_size: int, seed: int = 0, labels: Sequence = (), model=None) -> List[Dict]:
+                 batch_size: int, seed: int = 0, labels: Sequence = (),
+                 architecture: Optional[str] = None) -> List[Dict]:
     """Fixed batches: the same masked positions for every lambda and method (masking seed)."""
     from mergekit_permute.calibrate import model_inputs, prepare_tokenizer
     from mergekit_permute.zoo import mask_tokens
@@ -97,7 +56,7 @@ def eval_batches(tokenizer, texts: Sequence[str], objective: Objective, *, max_l
             enc["labels"] = ids.masked_fill(attn == 0, -100)
         else:
             enc["labels"] = torch.tensor(list(labels[i:i + batch_size]))
-        batches.append(model_inputs(enc, model))
+        batches.append(model_inputs(enc, architecture))
     return batches
 
 
@@ -127,11 +86,10 @@ def evaluate(model, batches: List[Dict], objective: Objective, device="cpu") -> 
 def interpolation_losses(model, state_a, state_b, lambdas: Sequence[float], batches, objective,
                          device="cpu", desc="sweep", after_mix=None) -> List[float]:
     """`after_mix(model, lam)` may correct each interior mix in place (REPAIR)."""
+    from mergekit_permute.checkpoints import average_states
     losses = []
     for lam in tqdm(lambdas, desc=desc, unit="point"):
-        mixed = {k: (lam * a + (1 - lam) * state_b[k]) if a.is_floating_point() else a
-                 for k, a in state_a.items()}
-        model.load_state_dict(mixed)
+        model.load_state_dict(average_states([(lam, state_a), (1 - lam, state_b)]))
         if after_mix is not None and 0.0 < lam < 1.0:
             after_mix(model, lam)
         losses.append(evaluate(model, batches, objective, device))
@@ -149,64 +107,105 @@ def barrier_values(lambdas: Sequence[float], losses: Sequence[float]) -> Dict[st
             "midpoint_loss": float(loss[mid]), "loss_a": loss_a, "loss_b": loss_b}
 
 
+def _alignment(spec, s: AlignSettings, stats, gains, states, workers):
+    from mergekit_permute.alignment import Alignment
+    from mergekit_permute.settings import residual_policy
+    from mergekit_permute.solve import compute_alignment
+    from mergekit_permute.weight_match import weight_match_alignment
+    if s.aligns_nothing:
+        return Alignment.identity(spec, s)
+    if s.matching == "weights":
+        return weight_match_alignment(spec, states[0], states[1], s)
+    folded = residual_policy(s, spec) == "orthogonal"
+    return compute_alignment(spec, stats, s, gains if folded else ({}, {}), workers)
+
+
+class _Sweep:
+    """What every method of one barrier run shares: the pair, both models in memory (the
+    sweep evaluates whole models), evaluation and calibration batches, statistics."""
+
+    def __init__(self, model_a: str, model_b: str, *, eval_data: str, calibration: str,
+                 methods: Dict[str, AlignSettings], settings: AlignSettings, eval_samples: int,
+                 eval_max_length: int, seed: int, device: str, use_cache: bool, workers,
+                 label_field: str = "label", pair=None):
+        from mergekit_permute.checkpoints import StateSource
+        from mergekit_permute.models import load_model, open_pair, scan
+        from mergekit_permute.pipeline import pair_gains, prepare_calibration, statistics
+        from mergekit_permute.settings import check_settings
+        self.pair = pair or open_pair(model_a, model_b)
+        self.spec, self.device, self.workers = self.pair.spec, device, workers
+        for s in methods.values():
+            check_settings(self.spec, s)
+        fingerprints = (scan(self.pair.checkpoint_a), scan(self.pair.checkpoint_b))
+        self.a = load_model(model_a, device)
+        self.objective = objective_for(self.a)
+        tok, arch = self.pair.tokenizer, self.spec.architecture
+        labels: Sequence = ()
+        if self.objective == "cls":
+            texts, labels = _labelled(eval_data, eval_samples, label_field)
+        else:
+            texts = load_texts(eval_data, eval_samples)
+        self.batches = eval_batches(tok, texts, self.objective, max_length=eval_max_length,
+                                    batch_size=settings.batch_size, seed=seed, labels=labels,
+                                    architecture=arch)
+        self.state_a = {k: v.detach().clone() for k, v in self.a.state_dict().items()}
+        self.state_b = {k: v.detach().clone() for k, v in
+                        load_model(model_b, device).state_dict().items()}
+        self.sources = (StateSource(self.state_a, self.spec), StateSource(self.state_b, self.spec))
+        self.stats, self.calib = None, None
+        if any(s.needs_statistics for s in methods.values()):
+            self.calib = prepare_calibration(self.pair, calibration, settings)
+            self.stats = statistics(self.pair, self.calib, settings, device=device,
+                                    qk=any(s.needs_qk_features for s in methods.values()),
+                                    use_cache=use_cache, sources=self.sources,
+                                    fingerprints=fingerprints)
+        self.gains = pair_gains(self.pair, self.sources) if self.spec.norm_folds else ({}, {})
+
+    def alignment(self, s: AlignSettings):
+        return _alignment(self.spec, s, self.stats, self.gains, (self.state_a, self.state_b),
+                          self.workers)
+
+    def repair_hook(self, aligned_b: Dict[str, torch.Tensor]):
+        """`after_mix(model, lam)`: REPAIR each interior mix towards lam * moments(A) +
+        (1 - lam) * moments(aligned B)."""
+        from mergekit_permute.blocks import BlockModel
+        from mergekit_permute.checkpoints import StateSource
+        from mergekit_permute.repair import Moments, measure, repair
+        masks = self.calib.masks
+        ends = [measure(BlockModel.skeleton(self.spec, self.pair.config, StateSource(st, self.spec),
+                                            self.device), self.spec, self.calib.batches, masks)
+                for st in (self.state_a, aligned_b)]
+
+        def after_mix(model, lam: float) -> None:
+            targets = {s: Moments.mix([(lam, ends[0][s]), (1 - lam, ends[1][s])]) for s in ends[0]}
+            repair(BlockModel(self.spec, model, device=self.device), self.spec, targets,
+                   self.calib.batches, masks, desc=f"repair {lam:.2f}")
+        return after_mix
+
+
 def run_barrier(model_a: str, model_b: str, *, eval_data: str, calibration: str,
                 methods: Sequence[str], lambdas: int, settings: AlignSettings,
                 eval_samples: int = 256, eval_max_length: int = 128, seed: int = 0,
-                device: str = "cpu", use_cache: bool = True, label_field: str = "label") -> Dict:
-    from mergekit_permute.align import check_settings, collect_stats, make_alignment
-    from mergekit_permute.calibrate import tokenize
-    from mergekit_permute.data import load_texts
-    from mergekit_permute.models import load_pair
-    from mergekit_permute.permute import apply_to_state_dict, identity_transforms
-    from mergekit_permute.repair import repair_hook
-
-    parsed = {m: parse_method(m, settings) for m in methods}  # bad names fail before loading
-    spec, a, b, tok = load_pair(model_a, model_b, device=device)
-    for s in parsed.values():
-        check_settings(spec, s)
-    objective = objective_for(a)
-    labels: Sequence = ()
-    if objective == "cls":
-        texts, labels = _labelled(eval_data, eval_samples, label_field)
-    else:
-        texts = load_texts(eval_data, eval_samples)
-    batches = eval_batches(tok, texts, objective, max_length=eval_max_length,
-                           batch_size=settings.batch_size, seed=seed, labels=labels, model=a)
-    stats, calib_batches = None, None
-    if any(needs_stats(s) for s in parsed.values()):
-        calib = load_texts(calibration, settings.samples)
-        stats = collect_stats(spec, a, b, tok, calib, settings, device=device, use_cache=use_cache,
-                              qk=any(s.needs_qk_features for s in parsed.values()))
-        if any(s.repair for s in parsed.values()):
-            calib_batches = tokenize(tok, calib, settings.max_length, settings.batch_size, a)
-    state_a = {k: v.detach().clone() for k, v in a.state_dict().items()}
-    state_b = {k: v.detach().clone() for k, v in b.state_dict().items()}
-    del b
+                device: str = "cpu", use_cache: bool = True, label_field: str = "label",
+                workers=1) -> Dict:
+    parsed = {m: settings.with_method(m) for m in methods}  # bad names fail before loading
+    sweep = _Sweep(model_a, model_b, eval_data=eval_data, calibration=calibration,
+                   methods=parsed, settings=settings, eval_samples=eval_samples,
+                   eval_max_length=eval_max_length, seed=seed, device=device,
+                   use_cache=use_cache, workers=workers, label_field=label_field)
     grid = [float(x) for x in np.linspace(0.0, 1.0, lambdas)]
-    result = {"loss": LOSS_NAME[objective], "objective": objective, "eval_data": eval_data,
-              "calibration": calibration, "model_a": model_a, "model_b": model_b,
-              "lambda_meaning": "theta = lambda * A + (1 - lambda) * aligned B",
+    result = {"loss": LOSS_NAME[sweep.objective], "objective": sweep.objective,
+              "eval_data": eval_data, "calibration": calibration, "model_a": model_a,
+              "model_b": model_b, "lambda_meaning": "theta = lambda * A + (1 - lambda) * aligned B",
               "headline": "barrier", "lambdas": grid, "methods": {}}
     for name, s in parsed.items():
-        transforms, report, a_state, aligned_b = identity_transforms(spec), {}, state_a, state_b
-        if not aligns_nothing(s):
-            alignment = make_alignment(spec, stats, s, (state_a, state_b))
-            transforms, report = alignment.transforms, alignment.report
-            aligned_b = apply_to_state_dict(spec, state_b, transforms, alignment.fold_b)
-            if alignment.fold_a:  # both endpoints in the folded (same-function) form
-                a_state = apply_to_state_dict(spec, state_a, identity_transforms(spec),
-                                              alignment.fold_a)
-        after_mix = None
-        if s.repair:
-            after_mix = repair_hook(spec, stats, transforms, calib_batches,
-                                    special_ids=tok.all_special_ids,
-                                    keep_special=s.keep_special_tokens, device=device)
-        losses = interpolation_losses(a, a_state, aligned_b, grid, batches, objective, device,
-                                      desc=name, after_mix=after_mix)
-        a.load_state_dict(state_a)
-        result["methods"][name] = _method_result(s, losses, grid, report)
-    vanilla = next((m for n, m in result["methods"].items()
-                    if aligns_nothing(parse_method(n, settings))), None)
+        alignment = sweep.alignment(s)
+        aligned_b = alignment.state_dict(sweep.state_b)   # in A's norm gauge: A stays as is
+        after_mix = sweep.repair_hook(aligned_b) if s.repair else None
+        losses = interpolation_losses(sweep.a, sweep.state_a, aligned_b, grid, sweep.batches,
+                                      sweep.objective, device, desc=name, after_mix=after_mix)
+        result["methods"][name] = _method_result(s, losses, grid, alignment.report)
+    vanilla = next((m for n, m in result["methods"].items() if parsed[n].aligns_nothing), None)
     if vanilla and vanilla["barrier"] > 0:
         for m in result["methods"].values():
             m["removed_vs_vanilla"] = 1 - m["barrier"] / vanilla["barrier"]
@@ -215,67 +214,43 @@ def run_barrier(model_a: str, model_b: str, *, eval_data: str, calibration: str,
 
 def run_multi(models: Sequence[str], *, eval_data: str, calibration: str, methods: Sequence[str],
               settings: AlignSettings, eval_samples: int = 256, eval_max_length: int = 128,
-              seed: int = 0, device: str = "cpu", use_cache: bool = True) -> Dict:
+              seed: int = 0, device: str = "cpu", use_cache: bool = True, workers=1) -> Dict:
     """N >= 3 models aligned into the first one's basis (to it, or to the running average:
     `reference=`), then the N-average (REPAIRed with `repair`). Reports the merge's loss
     against each parent's and against the vanilla N-average."""
-    from mergekit_permute.align import check_settings, collect_stats, make_alignment
-    from mergekit_permute.calibrate import tokenize
-    from mergekit_permute.data import load_texts
-    from mergekit_permute.models import load_pair
-    from mergekit_permute.multi import align_to_running_average
-    from mergekit_permute.permute import apply_to_state_dict, identity_transforms
-    from mergekit_permute.repair import repair_merge
+    from mergekit_permute.checkpoints import average_states
+    from mergekit_permute.multi import aligned_states
+    from mergekit_permute.models import load_model, open_pair
 
-    parsed = {m: parse_method(m, settings) for m in methods}
+    parsed = {m: settings.with_method(m) for m in methods}
     ref = models[0]
-    spec, a, _, tok = load_pair(ref, models[1], device=device)
+    pair = open_pair(ref, models[1])
+    for other in models[2:]:
+        open_pair(ref, other)  # every model checked before any work
     for s in parsed.values():
-        check_settings(spec, s)
+        from mergekit_permute.settings import check_settings
+        check_settings(pair.spec, s)
+    a = load_model(ref, device)
     objective = objective_for(a)
     if objective == "cls":
         raise ValueError("N-model evaluation supports language-model losses only")
-    batches = eval_batches(tok, load_texts(eval_data, eval_samples), objective,
+    batches = eval_batches(pair.tokenizer, load_texts(eval_data, eval_samples), objective,
                            max_length=eval_max_length, batch_size=settings.batch_size, seed=seed,
-                           model=a)
-    calib = load_texts(calibration, settings.samples)
-    calib_batches = tokenize(tok, calib, settings.max_length, settings.batch_size, a)
+                           architecture=pair.spec.architecture)
     state_a = {k: v.detach().clone() for k, v in a.state_dict().items()}
-    parents, per_model = {ref: evaluate(a, batches, objective, device)}, []
+    parents = {ref: evaluate(a, batches, objective, device)}
     for path in models[1:]:
-        spec_i, _, b, _ = load_pair(ref, path, device=device)
-        parents[path] = evaluate(b, batches, objective, device)
-        stats = None
-        if any(needs_stats(s) and s.reference == "base" for s in parsed.values()):
-            stats = collect_stats(spec, a, b, tok, calib, settings, device=device,
-                                  use_cache=use_cache,
-                                  qk=any(s.needs_qk_features for s in parsed.values()))
-        per_model.append(({k: v.detach().clone() for k, v in b.state_dict().items()}, stats))
-        del b
+        parents[path] = evaluate(load_model(path, device), batches, objective, device)
     out = {"loss": LOSS_NAME[objective], "eval_data": eval_data, "models": list(models),
            "reference": ref, "parents": parents, "methods": {}}
     for name, s in parsed.items():
-        states_b = [state_b for state_b, _ in per_model]
-        if s.reference == "average" and not aligns_nothing(s):
-            alignments = align_to_running_average(
-                spec, a, [state_a, *states_b], [1.0] * len(models), tok, calib, s,
-                device=device, use_cache=use_cache)
-        else:
-            alignments = [make_alignment(spec, stats, s, (state_a, state_b))
-                          for state_b, stats in per_model]
-        aligned = [apply_to_state_dict(spec, state_a, identity_transforms(spec),
-                                       alignments[0].fold_a)]
-        aligned += [apply_to_state_dict(spec, state_b, al.transforms, al.fold_b)
-                    for state_b, al in zip(states_b, alignments)]
+        states = aligned_states(list(models), [1.0] * len(models), calibration, s,
+                                device=device, use_cache=use_cache, workers=workers)
         if s.repair:
-            merged, _ = repair_merge(a, spec, [(1.0, st) for st in aligned], calib_batches,
-                                     special_ids=tok.all_special_ids,
-                                     keep_special=s.keep_special_tokens, device=device)
-        else:
-            merged = {k: (sum(st[k].double() for st in aligned) / len(aligned)).to(v.dtype)
-                      if v.is_floating_point() else v for k, v in aligned[0].items()}
+            states = [_repaired(pair, states, calibration, s, device)]
+        merged = average_states([(1.0, st) for st in states])
         a.load_state_dict(merged)
-        out["methods"][name] = {"settings": s.model_dump(include=METHOD_FIELDS),
+        out["methods"][name] = {"settings": s.method_fields(),
                                 "merge_loss": evaluate(a, batches, objective, device)}
         a.load_state_dict(state_a)
     mean_parent = sum(parents.values()) / len(parents)
@@ -283,6 +258,24 @@ def run_multi(models: Sequence[str], *, eval_data: str, calibration: str, method
         m["minus_mean_parent"] = m["merge_loss"] - mean_parent
         m["minus_best_parent"] = m["merge_loss"] - min(parents.values())
     return out
+
+
+def _repaired(pair, states, calibration: str, s: AlignSettings, device: str):
+    """The N-average REPAIRed towards the mix of every parent's FF moments."""
+    from mergekit_permute.blocks import BlockModel
+    from mergekit_permute.checkpoints import StateSource, average_states
+    from mergekit_permute.pipeline import prepare_calibration
+    from mergekit_permute.repair import Moments, measure, repair
+    calib = prepare_calibration(pair, calibration, s)
+    spec = pair.spec
+
+    def runner(state):
+        return BlockModel.skeleton(spec, pair.config, StateSource(state, spec), device)
+    moments = [measure(runner(st), spec, calib.batches, calib.masks) for st in states]
+    targets = {k: Moments.mix([(1.0, m[k]) for m in moments]) for k in moments[0]}
+    merged = average_states([(1.0, st) for st in states])
+    corrected, _ = repair(runner(merged), spec, targets, calib.batches, calib.masks)
+    return {**merged, **corrected}
 
 
 def multi_table(result: Dict) -> str:
@@ -299,14 +292,15 @@ def multi_table(result: Dict) -> str:
 
 
 def _method_result(s: AlignSettings, losses, grid, report) -> Dict:
-    from mergekit_permute.align import summarize
-    return {"settings": s.model_dump(include=METHOD_FIELDS),
+    from mergekit_permute.alignment import summarize
+    return {"settings": s.method_fields(),
             "function_preserving": s.function_preserving, "losses": losses,
             **barrier_values(grid, losses), "correlation": summarize(report)}
 
 
 def _labelled(path: str, samples: int, field: str):
-    rows = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    rows = [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines()
+            if line.strip()]
     if not rows or "text" not in rows[0] or field not in rows[0]:
         raise ValueError(f"{path}: classification evaluation needs a .jsonl with 'text' and "
                          f"'{field}' fields")

@@ -1,17 +1,23 @@
-"""Calibration: run A and B over the same batches, capture features at the spec's feature
-points with forward hooks, drop padding, and stream them into CrossStats."""
+"""Calibration: run A and B over the same batches, block by block (blocks.py), capture
+features at the spec's feature points with forward hooks, drop padding, and stream them into
+statistics. A layer's statistics are handed on as soon as its block has run."""
 
+import inspect
 import logging
 from contextlib import contextmanager
-from typing import Dict, Iterator, List, Sequence, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 from tqdm.auto import tqdm
 
+from mergekit_permute.blocks import BlockModel
 from mergekit_permute.spec.base import FeaturePoint, PermutationSpec
-from mergekit_permute.stats import CrossStats
+from mergekit_permute.stats import CrossStats, Statistics
 
 LOG = logging.getLogger(__name__)
+Points = List[Tuple[str, FeaturePoint]]
+# Called once per completed layer (None: the embeddings) with that layer's statistics.
+OnLayer = Callable[[Optional[int], Dict[str, CrossStats]], None]
 
 
 class NotEnoughTokens(ValueError):
@@ -25,22 +31,24 @@ def prepare_tokenizer(tokenizer):
 
 
 def tokenize(tokenizer, texts: Sequence[str], max_length: int, batch_size: int,
-             model=None) -> List[Dict[str, torch.Tensor]]:
+             architecture: Optional[str] = None) -> List[Dict[str, torch.Tensor]]:
     prepare_tokenizer(tokenizer)
     batches = []
     for i in range(0, len(texts), batch_size):
         enc = tokenizer(list(texts[i:i + batch_size]), padding=True, truncation=True,
                         max_length=max_length, return_tensors="pt")
-        batches.append(model_inputs(dict(enc), model))
+        batches.append(model_inputs(dict(enc), architecture))
     return batches
 
 
-def model_inputs(batch: Dict[str, torch.Tensor], model=None) -> Dict[str, torch.Tensor]:
+def model_inputs(batch: Dict[str, torch.Tensor], architecture: Optional[str] = None
+                 ) -> Dict[str, torch.Tensor]:
     """Drop tokenizer outputs the model's forward does not take (e.g. token_type_ids)."""
-    if model is None or "token_type_ids" not in batch:
+    if architecture is None or "token_type_ids" not in batch:
         return batch
-    import inspect
-    if "token_type_ids" not in inspect.signature(model.forward).parameters:
+    import transformers
+    forward = getattr(transformers, architecture).forward
+    if "token_type_ids" not in inspect.signature(forward).parameters:
         batch = {k: v for k, v in batch.items() if k != "token_type_ids"}
     return batch
 
@@ -57,8 +65,7 @@ def count_tokens(batches, special_ids, keep_special: bool) -> int:
     return int(sum(token_mask(b, special_ids, keep_special).sum() for b in batches))
 
 
-def feature_points(spec: PermutationSpec, spaces: Sequence[str], qk: bool = False
-                   ) -> List[Tuple[str, FeaturePoint]]:
+def feature_points(spec: PermutationSpec, spaces: Sequence[str], qk: bool = False) -> Points:
     """(stats key, point) for every feature point of the requested spaces; with `qk`, also the
     query and key projections' outputs of attention spaces (keys `attn.i@q`, `attn.i@k`)."""
     points = [(f"{s}@{i}", p) for s in spaces for i, p in enumerate(spec.space(s).features)]
@@ -73,13 +80,7 @@ def select_part(features: torch.Tensor, part) -> torch.Tensor:
     if part is None:
         return features
     fused, j = part
-    if fused.layout == "blocks":
-        start = sum(fused.sizes[:j])
-        return features[..., start:start + fused.sizes[j]]
-    heads = fused.num_heads
-    # [..., heads * parts * head_dim] -> [..., heads, parts, head_dim] -> [..., heads * head_dim]
-    split = features.reshape(*features.shape[:-1], heads, len(fused.parts), -1)
-    return split[..., j, :].reshape(*features.shape[:-1], -1)
+    return features.index_select(-1, fused.part_index(j).to(features.device))
 
 
 @contextmanager
@@ -112,13 +113,7 @@ def minimum_tokens(spec: PermutationSpec, spaces: Sequence[str]) -> int:
     return max(spec.space(s).size for s in spaces) if spaces else 0
 
 
-@torch.no_grad()
-def calibrate(model_a, model_b, spec: PermutationSpec, batches, spaces: Sequence[str], *,
-              special_ids: Sequence[int] = (), keep_special: bool = True, device="cpu",
-              desc: str = "calibrating", qk: bool = False) -> Dict[str, CrossStats]:
-    """CrossStats per `space@point` over every non-padding token of `batches`."""
-    points = feature_points(spec, spaces, qk)
-    available = count_tokens(batches, special_ids, keep_special)
+def check_tokens(available: int, spec: PermutationSpec, spaces: Sequence[str]) -> None:
     needed = minimum_tokens(spec, spaces)
     if available < needed:
         raise NotEnoughTokens(
@@ -126,20 +121,88 @@ def calibrate(model_a, model_b, spec: PermutationSpec, batches, spaces: Sequence
             f"features: at least {needed} tokens are needed (10x that for a good estimate). "
             "Pass more text (--data / calibration_data) or raise --samples/--max-length."
         )
-    stats: Dict[str, CrossStats] = {}
-    fp = [p for _, p in points]
-    with capture(model_a, fp) as cap_a, capture(model_b, fp) as cap_b:
-        for batch in tqdm(batches, desc=desc, unit="batch"):
-            mask = token_mask(batch, special_ids, keep_special).reshape(-1).to(device)
-            inputs = {k: v.to(device) for k, v in batch.items()}
-            model_a(**inputs)
-            model_b(**inputs)
-            for key, point in points:
-                name = f"{point.module}:{point.where}"
-                a, b = (select_part(cap[name], point.part) for cap in (cap_a, cap_b))
-                a = a.reshape(mask.shape[0], -1)[mask]  # [B, T, d] -> [tokens, d]
-                b = b.reshape(mask.shape[0], -1)[mask]
-                if key not in stats:
-                    stats[key] = CrossStats.zeros(a.shape[1], b.shape[1], device=device)
-                stats[key].update(a, b)
-    return {k: v.to("cpu") for k, v in stats.items()}
+
+
+@torch.no_grad()
+def calibrate_pair(spec: PermutationSpec, model_a: BlockModel, model_b: BlockModel, batches,
+                   points: Points, masks: Sequence[torch.Tensor], *,
+                   on_layer: Optional[OnLayer] = None, reduce=None, desc: str = "calibrating",
+                   keep: bool = True) -> Statistics:
+    """Statistics of every point over every unmasked token of `batches`, layer by layer:
+    residual points go into the residual summary in depth order, the others are handed to
+    `on_layer` (and kept in memory when `keep`). `reduce` (an all-reduce over ranks) is
+    applied to each layer's sums before use."""
+    by_layer: Dict[Optional[int], Points] = {}
+    for key, point in points:
+        by_layer.setdefault(spec.layer_of(point.module), []).append((key, point))
+    stats = Statistics()
+    flat_masks = [m.reshape(-1) for m in masks]
+
+    def finish(layer: Optional[int], layer_stats: Dict[str, CrossStats]) -> None:
+        if reduce is not None:
+            layer_stats = reduce(layer_stats)
+        for key, point in by_layer.get(layer, []):
+            if key.startswith("residual@"):
+                stats.residual.add(layer_stats.pop(key))
+        if on_layer is not None:
+            on_layer(layer, layer_stats)
+        if keep:
+            stats._layers.update(layer_stats)
+
+    def update(layer_stats, layer_points, cap_a, cap_b, mask):
+        for key, point in layer_points:
+            name = f"{point.module}:{point.where}"
+            a, b = (select_part(cap[name], point.part) for cap in (cap_a, cap_b))
+            a = a.reshape(mask.shape[0], -1)[mask]  # [B, T, d] -> [tokens, d]
+            b = b.reshape(mask.shape[0], -1)[mask]
+            if key not in layer_stats:
+                layer_stats[key] = CrossStats.zeros(a.shape[1], b.shape[1], device=a.device)
+            layer_stats[key].update(a, b)
+
+    # The embeddings: catch every block's inputs, with the pre-block feature points hooked.
+    pre_points = by_layer.get(None, [])
+    calls_a, calls_b, hidden_a, hidden_b = [], [], [], []
+    pre_stats: Dict[str, CrossStats] = {}
+    for model in (model_a, model_b):
+        model.load(None)
+    with capture(model_a.model, [p for _, p in pre_points]) as cap_a, \
+            capture(model_b.model, [p for _, p in pre_points]) as cap_b:
+        for batch, mask in zip(batches, flat_masks):
+            ha, ca = model_a.catch(batch)
+            hb, cb = model_b.catch(batch)
+            hidden_a.append(ha)
+            hidden_b.append(hb)
+            calls_a.append(ca)
+            calls_b.append(cb)
+            update(pre_stats, pre_points, cap_a, cap_b, mask.to(ha.device))
+    for model in (model_a, model_b):
+        model.free(None)
+    finish(None, {k: v.to("cpu") for k, v in pre_stats.items()})
+
+    for layer in tqdm(range(spec.num_layers), desc=desc, unit="layer"):
+        layer_points = by_layer.get(layer, [])
+        layer_stats: Dict[str, CrossStats] = {}
+        model_a.load(layer)
+        model_b.load(layer)
+        with capture(model_a.model, [p for _, p in layer_points]) as cap_a, \
+                capture(model_b.model, [p for _, p in layer_points]) as cap_b:
+            for j, mask in enumerate(flat_masks):
+                hidden_a[j] = model_a.run(layer, hidden_a[j], calls_a[j][layer])
+                hidden_b[j] = model_b.run(layer, hidden_b[j], calls_b[j][layer])
+                update(layer_stats, layer_points, cap_a, cap_b, mask.to(hidden_a[j].device))
+        model_a.free(layer)
+        model_b.free(layer)
+        finish(layer, {k: v.to("cpu") for k, v in layer_stats.items()})
+    stats.tokens = int(sum(int(m.sum()) for m in flat_masks))
+    return stats
+
+
+def calibrate(model_a, model_b, spec: PermutationSpec, batches, spaces: Sequence[str], *,
+              special_ids: Sequence[int] = (), keep_special: bool = True, device="cpu",
+              desc: str = "calibrating", qk: bool = False) -> Statistics:
+    """Statistics of two models already in memory (same code path as from disk)."""
+    check_tokens(count_tokens(batches, special_ids, keep_special), spec, spaces)
+    masks = [token_mask(b, special_ids, keep_special) for b in batches]
+    return calibrate_pair(spec, BlockModel(spec, model_a, device=device),
+                          BlockModel(spec, model_b, device=device), batches,
+                          feature_points(spec, spaces, qk), masks, desc=desc)

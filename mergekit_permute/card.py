@@ -1,37 +1,122 @@
-"""Model-card text: what the alignment did (and, when measured, the loss barrier)."""
+"""Model cards: the card of a `permute` merge (Hub-ready front matter, what the alignment did,
+the recipe) and the loss-barrier table."""
 
-from typing import Dict, Optional
+from pathlib import Path
+from typing import Dict, List
+
+import yaml
+
+from mergekit_permute.alignment import summarize
+from mergekit_permute.settings import AlignSettings
+
+PLUGIN_URL = "https://github.com/arcee-ai/mergekit"
+PAPER = "[Verma & Elbayad 2024](https://arxiv.org/abs/2403.00986)"
 
 
-def alignment_markdown(alignment, barrier: Optional[Dict] = None) -> str:
-    from mergekit_permute.align import summarize
+def is_hub_id(path: str) -> bool:
+    """`owner/name` (or `name`) that is not a local path: what the Hub's base_model means."""
+    return not Path(path).expanduser().exists() and not path.startswith(("/", ".", "~")) \
+        and path.count("/") <= 1 and bool(path.strip())
+
+
+def what_was_done(settings: AlignSettings, alignments: List, n_models: int) -> List[str]:
+    """Sentences saying what the alignment actually did to the non-base models."""
+    s = settings
+    first = alignments[0] if alignments else None
+    policy = (first.info.get("residual_policy") if first else None) or s.residual
+    how = ("data-free weight matching (Git Re-Basin)" if s.matching == "weights" else
+           "activation correlations on calibration text")
+    if n_models > 2:
+        target = ("each to the running average of the base and the models before it"
+                  if s.reference == "average" else "each to the base model")
+        lines = [f"{n_models - 1} models were aligned {target}, from {how}."]
+    else:
+        lines = [f"The second model was aligned to the base model from {how}."]
+    if s.ffn == "permute":
+        lines.append("Feed-forward neurons: permuted per layer.")
+    if s.attention in ("head_perm", "monotonic"):
+        heads = ("heads (whole KV groups under GQA) assigned by Head-Perm" if s.attention ==
+                 "head_perm" else "heads kept in place (monotonic)")
+        vo = ("V/O dims rotated per KV group (orthogonal Procrustes)" if s.vo == "orthogonal"
+              else "V/O dims permuted inside each head")
+        qk = {"follow_vo": "Q/K dims following V's permutation where RoPE allows",
+              "separate": "Q/K dims matched on query/key features",
+              "joint": "Q/K dims matched on query/key features, also in the head assignment"}[s.qk]
+        lines.append(f"Attention: {heads}; {vo}; {qk}.")
+    elif s.attention == "ignore_heads":
+        lines.append("Attention: one flat permutation across heads (**ignore_heads: not "
+                     "function-preserving**, a paper ablation).")
+    if policy == "orthogonal":
+        lines.append("Residual stream: rotated by an orthogonal map (orthogonal Procrustes on "
+                     "the residual features); each model's norm gains were folded into the "
+                     "weights that read them and the aligned models written in the base's norm "
+                     "gauge.")
+    elif policy in ("all", "first", "last"):
+        lines.append(f"Residual stream: one permutation from the {policy} residual point(s).")
+    else:
+        lines.append("Residual stream: left in place.")
+    if s.repair:
+        lines.append("REPAIR: every feed-forward neuron of the merge was rescaled to the "
+                     "parents' interpolated statistics (folded into the down projection).")
+    if s.function_preserving:
+        lines.append("Each aligned model computes exactly its original function; the merge is "
+                     "their weighted average.")
+    return lines
+
+
+def alignment_section(alignment, heading: str = "### Alignment") -> List[str]:
     s = alignment.settings
-    lines = [
-        "",
-        "## Alignment (mergekit-permute)",
-        "",
-        "Before averaging, model B was permuted into model A's basis from activation "
-        "correlations on calibration text (Verma & Elbayad 2024, "
-        "[arXiv:2403.00986](https://arxiv.org/abs/2403.00986)); "
-        + ("the permuted B computes exactly B's function." if s.function_preserving else
-           "**attention=ignore_heads is not function-preserving** (paper ablation)."),
-        "",
-        f"- settings: `{s.label()}`"
-        + (f", {s.samples} passages x {s.max_length} tokens" if s.matching == "activations"
-           else " (data-free weight matching)"),
-    ]
+    lines = [heading, "", f"- settings: `{s.label()}`"]
     data = alignment.info.get("data")
     if data:
-        lines.append(f"- calibration data: `{data['source']}` ({data['tokens']} tokens, "
-                     f"fingerprint `{data['fingerprint']}`)")
+        lines.append(f"- calibration data: `{data['source']}` ({data['passages']} passages x "
+                     f"{s.max_length} tokens max, {data['tokens']} tokens, fingerprint "
+                     f"`{data['fingerprint']}`)")
+    elif s.matching == "weights":
+        lines.append("- data-free weight matching (no calibration text)")
     measure = "mean matched correlation" if s.matching == "activations" else "weight cosine"
     lines += ["", f"| space | {measure} before | after |", "|---|---|---|"]
     for kind, row in summarize(alignment.report).items():
         lines.append(f"| {kind} | {row['mean_corr_before']:.3f} | {row['mean_corr_after']:.3f} |")
-    if barrier:
-        lines += ["", barrier_table(barrier)]
-    lines += ["", "Full per-space numbers: `alignment.json`; the permutations: "
-              "`permutations.safetensors`.", ""]
+    return lines + [""]
+
+
+def merge_card(run, config_yaml: str, name: str) -> str:
+    """The whole README.md of a `permute` merge."""
+    models = run.models()
+    alignments = list(run.alignments.values())
+    meta = {"base_model": [m for m in models if is_hub_id(m)],
+            "library_name": "transformers",
+            "tags": ["mergekit", "merge", "mergekit-permute"]}
+    lines = ["---", yaml.safe_dump(meta, sort_keys=True).strip(), "---", f"# {name}", "",
+             f"This is a merge of pre-trained language models trained from different random "
+             f"initializations, created using [mergekit]({PLUGIN_URL}) with the "
+             f"mergekit-permute plugin (the alignment method of {PAPER}, with extensions).", "",
+             "## Merge Details", "### Merge Method", "",
+             f"This model was merged using the `permute` merge method with `{run.base}` as the "
+             "base: every other model was first aligned into the base's basis, then all were "
+             "averaged with their weights.", ""]
+    lines += [f"- {sentence}" for sentence in what_was_done(run.settings, alignments,
+                                                            len(models))]
+    lines += ["", "### Models Merged", ""]
+    lines += [f"* `{m}` (weight {run.weights[m]:g})" + (" - base" if m == run.base else "")
+              for m in models]
+    lines += ["", "## Alignment (mergekit-permute)", ""]
+    if len(alignments) == 1:
+        lines += alignment_section(alignments[0], "### Alignment of the second model")
+        files = "`alignment.json` and `permutations.safetensors`"
+    else:
+        for k, (model, alignment) in enumerate(run.alignments.items(), start=1):
+            lines += alignment_section(alignment, f"### Model {k}: `{model}` "
+                                                  f"(alignment-{k}.json)")
+        files = "`alignment-K.json` and `permutations-K.safetensors`"
+    if run.barrier:
+        lines += [barrier_table(run.barrier), ""]
+    lines += [f"Full per-space numbers: {files} beside the weights; "
+              "`mergekit-permute apply` replays them on another checkpoint of the same model.",
+              "", "### Configuration", "",
+              "The following YAML configuration was used to produce this model:", "",
+              "```yaml", config_yaml.strip(), "```", ""]
     return "\n".join(lines)
 
 
@@ -44,19 +129,3 @@ def barrier_table(result: Dict) -> str:
         lines.append(f"| {name} | {m['barrier']:.4f} | {m['barrier_paper']:.4f} | "
                      f"{m['midpoint_loss']:.4f} | {m['loss_a']:.4f} | {m['loss_b']:.4f} |")
     return "\n".join(lines)
-
-
-def permute_card_section() -> str:
-    from mergekit_permute.method import RUN
-    alignments = RUN["alignments"]
-    if not alignments:
-        return ""
-    if len(alignments) == 1:
-        return alignment_markdown(next(iter(alignments.values())), RUN.get("barrier"))
-    target = ("each to the running average of the base and the models before it"
-              if next(iter(alignments.values())).settings.reference == "average" else "to the base")
-    parts = [f"\n## Alignment (mergekit-permute): {len(alignments)} models aligned {target}\n"]
-    for k, (model, alignment) in enumerate(alignments.items(), start=1):
-        parts.append(f"### Model {k}: `{model}` (alignment-{k}.json)")
-        parts.append(alignment_markdown(alignment).replace("## Alignment (mergekit-permute)", ""))
-    return "\n".join(parts)

@@ -9,7 +9,7 @@ from typing import Dict
 
 import yaml
 
-from mergekit_permute.align import AlignSettings
+from mergekit_permute.settings import AlignSettings
 from mergekit_permute.zoo import ZooConfig, train_pair
 
 LOG = logging.getLogger(__name__)
@@ -29,9 +29,8 @@ EVAL = {"full": dict(samples=256, max_length=64, calib=512, lambdas=21),
 def run_demo(out: Path, arch: str = "llama", size: str = "full", seeds=(1, 2),
              overwrite: bool = False) -> Dict:
     from mergekit_permute.barrier import run_barrier, write_report
-    from mergekit_permute.merging import run_recipe
-    from mergekit_permute.method import RUN
     from mergekit_permute.outputs import check_output_dir
+    from mergekit_permute.recipes import run_recipe
 
     out = Path(out)
     check_output_dir(out / "merged", overwrite)
@@ -54,10 +53,7 @@ def run_demo(out: Path, arch: str = "llama", size: str = "full", seeds=(1, 2),
                        "calibration_samples": settings.samples, "max_length": settings.max_length},
     }
     (out / "recipe.yml").write_text(yaml.safe_dump(recipe, sort_keys=False))
-    RUN["barrier"] = result  # the merged model's card states the measured barrier
-    try:
-        run_recipe(out / "recipe.yml", out / "merged", overwrite=overwrite)
-    finally:
-        RUN["barrier"] = None
+    # The merged model's card states the measured barrier.
+    run_recipe(out / "recipe.yml", out / "merged", overwrite=overwrite, barrier=result)
     result["seconds"] = round(time.time() - start, 1)
     return result

@@ -11,7 +11,6 @@ from mergekit_permute.spec.base import HeadLayout
 
 AttentionMode = Literal["head_perm", "monotonic", "identity", "ignore_heads"]
 QKMode = Literal["follow_vo", "separate", "joint"]
-ResidualPolicy = Literal["all", "first", "last", "identity", "orthogonal", "auto"]
 
 
 def assign(score: np.ndarray) -> Tuple[np.ndarray, float]:
@@ -138,20 +137,19 @@ def rotate_vo(cross: torch.Tensor, layout: HeadLayout, views: Dict[str, torch.Te
     return {"v": m_v, "o": m_o}
 
 
-def residual_points(policy: ResidualPolicy, n_points: int) -> List[int]:
-    """Which residual feature points a policy pools ('all' sums every point's statistics)."""
-    return {"identity": [], "first": [0], "last": [n_points - 1],
-            "all": list(range(n_points)), "orthogonal": list(range(n_points)),
-            "auto": list(range(n_points))}[policy]
-
-
 def procrustes(cross_moments: List[torch.Tensor], keep_ones: bool = False) -> torch.Tensor:
-    """Orthogonal Q minimising sum_p ||H_B,p Q - H_A,p||^2 over residual points p, from their
-    cross second moments H_A^T H_B [dA, dB]; each point is normalised to unit scale so late,
-    large-norm layers do not drown the early ones. `keep_ones`: Q maps the all-ones direction
-    to itself (what commutes with LayerNorm's mean subtraction): Q = u u^T + B R B^T with B an
-    orthonormal basis of the complement of u = 1/sqrt(d), R solved in that complement."""
+    """Orthogonal Q minimising sum_p ||H_B,p Q - H_A,p||^2 over points p, from their cross
+    second moments H_A^T H_B [dA, dB]; each point is normalised to unit scale so late,
+    large-norm layers do not drown the early ones."""
     m = sum(c.double() / c.norm().clamp_min(1e-30) for c in cross_moments)  # [dA, dB]
+    return procrustes_from_moments(m, keep_ones)
+
+
+def procrustes_from_moments(m: torch.Tensor, keep_ones: bool = False) -> torch.Tensor:
+    """Q [dB, dA] maximising trace(m Q). `keep_ones`: Q maps the all-ones direction to itself
+    (what commutes with LayerNorm's mean subtraction): Q = u u^T + B R B^T with B an
+    orthonormal basis of the complement of u = 1/sqrt(d), R solved in that complement."""
+    m = m.double()
     if not keep_ones:
         u, _, vh = torch.linalg.svd(m.T)                            # H_B^T H_A = U S V^T
         return u @ vh                                               # [dB, dA]: h_B @ Q ~ h_A

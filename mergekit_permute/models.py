@@ -1,36 +1,33 @@
-"""Loading model pairs and checking that they can be aligned, before any expensive work."""
+"""Opening model pairs and checking that they can be aligned, before any expensive work;
+loading whole models where a caller needs one in memory (barrier sweeps, weight matching)."""
 
 import logging
-import os
 import pickle
-from pathlib import Path
-from typing import Tuple
+from dataclasses import dataclass
+from typing import Dict, Tuple
 
 import torch
 import transformers
 
+from mergekit_permute.checkpoints import (
+    ALLOW_PICKLE_ENV, Checkpoint, CheckpointSource, UnsafeCheckpoint, resolve,
+)
 from mergekit_permute.spec import PermutationSpec, architecture_of, spec_for_config
 
 LOG = logging.getLogger(__name__)
+__all__ = ["ALLOW_PICKLE_ENV", "IncompatibleModels", "Pair", "UnsafeCheckpoint", "check_pair",
+           "load_config", "load_model", "load_tokenizer", "open_pair"]
 
 
 class IncompatibleModels(ValueError):
     pass
 
 
-class UnsafeCheckpoint(ValueError):
-    pass
-
-
-ALLOW_PICKLE_ENV = "MERGEKIT_PERMUTE_ALLOW_UNSAFE_PICKLE"
-
-
 def load_config(path: str):
-    if not Path(path).exists() and (path.startswith(("/", ".", "~")) or path.count("/") > 1):
-        raise FileNotFoundError(f"model {path!r} does not exist (neither a directory nor a hub id)")
+    root = resolve(path)
     try:
-        return transformers.AutoConfig.from_pretrained(path, trust_remote_code=False)
-    except OSError as e:
+        return transformers.AutoConfig.from_pretrained(root, trust_remote_code=False)
+    except (OSError, ValueError) as e:
         raise FileNotFoundError(f"cannot read a model config from {path!r}: {e}") from e
 
 
@@ -59,53 +56,92 @@ def check_tokenizers(tok_a, tok_b) -> None:
 
 
 def load_tokenizer(path: str):
-    return transformers.AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+    return transformers.AutoTokenizer.from_pretrained(resolve(path), trust_remote_code=False)
+
+
+@dataclass
+class Pair:
+    """Two checkpoints of one architecture, opened (not loaded) and checked."""
+
+    spec: PermutationSpec
+    path_a: str
+    path_b: str
+    config: object
+    checkpoint_a: Checkpoint
+    checkpoint_b: Checkpoint
+    tokenizer: object
+
+    def source(self, which: str) -> CheckpointSource:
+        return CheckpointSource(self.checkpoint_a if which == "a" else self.checkpoint_b,
+                                self.spec)
+
+
+def open_checkpoint(path: str, spec: PermutationSpec) -> Checkpoint:
+    checkpoint = Checkpoint(path)
+    if checkpoint.is_pickle:
+        LOG.warning("%s ships pickle weights only; they are read with the weights-only "
+                    "unpickler. Convert them to safetensors (model.save_pretrained) to avoid "
+                    "pickles.", path)
+    spec.check_state_dict({k: checkpoint.meta(k)[0] for k in checkpoint.keys()})
+    return checkpoint
+
+
+def open_pair(path_a: str, path_b: str) -> Pair:
+    """Configs, architectures, widths, tokenizers and checkpoint contents, all checked."""
+    config_a = load_config(path_a)
+    spec = check_pair(config_a, load_config(path_b))
+    tok_a, tok_b = load_tokenizer(path_a), load_tokenizer(path_b)
+    check_tokenizers(tok_a, tok_b)
+    return Pair(spec, path_a, path_b, config_a, open_checkpoint(path_a, spec),
+                open_checkpoint(path_b, spec), tok_a)
+
+
+def scan(checkpoint: Checkpoint) -> str:
+    """Content hash of the weights (the statistics-cache key); refuses NaN or inf."""
+    import hashlib
+    h = hashlib.blake2b(digest_size=16)
+    bad = []
+    for key in sorted(checkpoint.keys()):
+        t = checkpoint.get(key)
+        h.update(key.encode())
+        h.update(str(t.dtype).encode())
+        if t.numel():
+            h.update(t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            bad.append(key)
+    if bad:
+        raise IncompatibleModels(f"{checkpoint.path}: NaN or inf in {bad[:5]}")
+    return h.hexdigest()
+
+
+def load_state(checkpoint: Checkpoint, dtype=None) -> Dict[str, torch.Tensor]:
+    """A whole checkpoint in memory (weight matching and learned alignment need one)."""
+    return {k: (t.to(dtype) if dtype is not None and t.is_floating_point() else t)
+            for k, t in ((k, checkpoint.get(k)) for k in checkpoint.keys())}
 
 
 def load_model(path: str, device="cpu", dtype=torch.float32):
+    """A whole model in memory (barrier sweeps evaluate whole models)."""
     config = load_config(path)
     cls = getattr(transformers, architecture_of(config))
-    weights = {p.suffix for p in Path(path).glob("*") if p.is_file()} if Path(path).is_dir() else set()
-    if weights and ".safetensors" not in weights and weights & {".bin", ".pt", ".pth"}:
-        LOG.warning("%s ships pickle weights only; they are read with the weights-only unpickler. "
-                    "Convert them to safetensors (model.save_pretrained) to avoid pickles.", path)
     try:
-        model = cls.from_pretrained(path, dtype=dtype, trust_remote_code=False)
+        model = cls.from_pretrained(resolve(path), dtype=dtype, trust_remote_code=False)
     except pickle.UnpicklingError as e:
-        if os.environ.get(ALLOW_PICKLE_ENV) != "1":
-            raise UnsafeCheckpoint(
-                f"{path}: its pickle needs full unpickling, which can run arbitrary code, so it "
-                "was refused (the weights-only unpickler rejected it). Convert it to safetensors "
-                "in an environment you trust, or - only if you trust its source - pass "
-                f"--allow-unsafe-pickle (or set {ALLOW_PICKLE_ENV}=1).") from e
-        LOG.warning("%s: fully unpickling a checkpoint on explicit request", path)
-        model = _load_unsafe(cls, path, dtype)
+        checkpoint = Checkpoint(path)       # our loader refuses (or, opted in, allows) it
+        model = cls(config).to(dtype)
+        state = load_state(checkpoint)
+        if not state:
+            raise UnsafeCheckpoint(f"{path}: unreadable pickle ({e})") from e
+        model.load_state_dict(state, strict=False)
+        model.tie_weights()
     return model.to(device).eval()
-
-
-def _load_unsafe(cls, path: str, dtype):
-    config = load_config(path)
-    model = cls(config).to(dtype)
-    state = {}
-    for f in sorted(Path(path).glob("*.bin")):
-        state.update(torch.load(f, map_location="cpu", weights_only=False))
-    model.load_state_dict({k: v for k, v in state.items() if isinstance(v, torch.Tensor)},
-                          strict=False)
-    model.tie_weights()
-    return model
 
 
 def load_pair(path_a: str, path_b: str, device="cpu", dtype=torch.float32
               ) -> Tuple[PermutationSpec, object, object, object]:
-    """(spec, model A, model B, tokenizer), checked for compatibility first."""
-    spec = check_pair(load_config(path_a), load_config(path_b))
-    tok_a, tok_b = load_tokenizer(path_a), load_tokenizer(path_b)
-    check_tokenizers(tok_a, tok_b)
-    model_a, model_b = load_model(path_a, device, dtype), load_model(path_b, device, dtype)
-    for model in (model_a, model_b):
-        state = model.state_dict()
-        spec.check_state_dict({k: tuple(v.shape) for k, v in state.items()})
-        bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
-        if bad:
-            raise IncompatibleModels(f"{model.name_or_path}: NaN or inf in {bad[:5]}")
-    return spec, model_a, model_b, tok_a
+    """(spec, model A, model B, tokenizer) in memory, checked for compatibility first."""
+    pair = open_pair(path_a, path_b)
+    for checkpoint in (pair.checkpoint_a, pair.checkpoint_b):
+        scan(checkpoint)
+    return (pair.spec, load_model(path_a, device, dtype), load_model(path_b, device, dtype),
+            pair.tokenizer)

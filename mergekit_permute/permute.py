@@ -3,15 +3,20 @@
 A transform set maps space name -> view name -> tensor. A 1-D integer tensor is a permutation
 (new = old[p]); a 2-D float tensor M is a general change of basis (features h' = h @ M), which
 writers ("out" axes) take as M and readers ("in" axes) as M^-T. Norm gains ("elem" axes)
-only admit permutations.
+only admit permutations (a folded, unit gain commutes with any map).
+
+A `Gauge` moves norm gains into or out of the weights that read the norm's output: folding
+(gains -> 1) is what lets an orthogonal map pass a norm; unfolding with model A's gains writes
+an aligned B whose norms look like A's, so any stock merge of A with it is exact.
 """
 
+from dataclasses import dataclass, field
 from typing import Dict, Mapping, Optional, Tuple
 
 import torch
 
 from mergekit_permute.heads import HeadPerm
-from mergekit_permute.spec.base import Bind, Fused, PermutationSpec, WeightRule
+from mergekit_permute.spec.base import Bind, PermutationSpec, WeightRule
 
 Transforms = Dict[str, Dict[str, torch.Tensor]]
 
@@ -57,38 +62,28 @@ def check_transforms(spec: PermutationSpec, transforms: Transforms) -> None:
             if is_permutation(t):
                 if t.shape != (size,) or not torch.equal(t.sort().values, torch.arange(size)):
                     raise ValueError(f"{space.name}[{view or 'all'}]: not a permutation of {size}")
-            elif t.shape != (size, size):
-                raise ValueError(f"{space.name}: matrix of shape {tuple(t.shape)}, expected {size}")
+            elif t.shape != (size, size) or not torch.isfinite(t).all():
+                raise ValueError(f"{space.name}[{view or 'all'}]: matrix of shape "
+                                 f"{tuple(t.shape)} (or not finite), expected {size} x {size}")
     extra = set(transforms) - {s.name for s in spec.spaces}
     if extra:
         raise ValueError(f"saved alignment has spaces this model lacks: {sorted(extra)[:5]}")
 
 
-def _fused_index(axis: Fused, transforms: Transforms) -> torch.Tensor:
-    """Index permutation of a fused axis built from the permutations of its parts."""
-    if axis.layout == "blocks":
-        pieces, offset = [], 0
-        for part, size in zip(axis.parts, axis.sizes):
-            perm = torch.arange(size) if part is None else _perm(transforms, part)
-            pieces.append(perm + offset)
-            offset += size
-        return torch.cat(pieces)
-    # per_head: the axis is [heads, parts, head_dim] flattened (GPT-NeoX query_key_value).
-    n_parts, heads = len(axis.parts), axis.num_heads
-    head_dim = axis.sizes[0] // heads
-    index = torch.empty(heads, n_parts, head_dim, dtype=torch.long)
-    for j, (part, size) in enumerate(zip(axis.parts, axis.sizes)):
-        perm = torch.arange(size) if part is None else _perm(transforms, part)
-        src = perm.reshape(heads, head_dim)                   # [heads, head_dim] flat source
-        index[:, j, :] = (src // head_dim) * (n_parts * head_dim) + j * head_dim + src % head_dim
-    return index.reshape(-1)
-
-
-def _perm(transforms: Transforms, bind: Bind) -> torch.Tensor:
-    t = transforms[bind.space][bind.view]
-    if not is_permutation(t):
-        raise ValueError(f"space {bind.space} holds a matrix; a fused axis needs a permutation")
-    return t
+def _along(tensor: torch.Tensor, dim: int, t: torch.Tensor, role: str, name: str) -> torch.Tensor:
+    """One axis of a tensor through one view's transform."""
+    if is_permutation(t):
+        return tensor.index_select(dim, t.to(tensor.device))
+    if role == "elem":
+        if torch.all(tensor == 1):
+            return tensor  # a folded (unit) gain commutes with any map
+        raise ValueError(f"{name}: this weight scales a space that holds a matrix; fold the "
+                         "norm gain into its readers first")
+    m = t.to(device=tensor.device, dtype=torch.float64)
+    m = m if role == "out" else torch.linalg.inv(m).T
+    # new[..., i, ...] = sum_j m[j, i] * old[..., j, ...]
+    moved = torch.movedim(tensor.to(torch.float64), dim, -1) @ m
+    return torch.movedim(moved, -1, dim).to(tensor.dtype)
 
 
 def apply_to_tensor(rule: WeightRule, tensor: torch.Tensor, transforms: Transforms) -> torch.Tensor:
@@ -96,82 +91,122 @@ def apply_to_tensor(rule: WeightRule, tensor: torch.Tensor, transforms: Transfor
     for dim, axis in enumerate(rule.axes):
         if axis is None:
             continue
-        if isinstance(axis, Fused):
-            tensor = tensor.index_select(dim, _fused_index(axis, transforms).to(tensor.device))
+        if isinstance(axis, Bind):
+            tensor = _along(tensor, dim, transforms[axis.space][axis.view], axis.role, rule.name)
             continue
-        t = transforms[axis.space][axis.view]
-        if is_permutation(t):
-            tensor = tensor.index_select(dim, t.to(tensor.device))
-            continue
-        if axis.role == "elem":
-            if torch.all(tensor == 1):
-                continue  # a folded (unit) gain commutes with any orthogonal map
-            raise ValueError(
-                f"{rule.name}: space {axis.space} holds a matrix, but this weight scales it "
-                "elementwise; fold the norm gain into its readers first"
-            )
-        m = t.to(device=tensor.device, dtype=torch.float64)
-        m = m if axis.role == "out" else torch.linalg.inv(m).T
-        # new[..., i, ...] = sum_j m[j, i] * old[..., j, ...]
-        moved = torch.movedim(tensor.to(torch.float64), dim, -1) @ m
-        tensor = torch.movedim(moved, -1, dim).to(tensor.dtype)
+        # A fused axis: each part through its own view, then put back in place.
+        out = tensor.clone()
+        for j, part in enumerate(axis.parts):
+            if part is None:
+                continue
+            idx = axis.part_index(j).to(tensor.device)
+            piece = _along(tensor.index_select(dim, idx), dim, transforms[part.space][part.view],
+                           part.role, rule.name)
+            out.index_copy_(dim, idx, piece)
+        tensor = out
     return tensor
 
 
-# ---- norm folding (what admits orthogonal residual maps) -----------------------------------------
+# ---- gauges: norm gains moved into (or out of) their readers --------------------------------------
 
-# tensor -> (axis, factor): a reader's input axis times its norm's gain, a LayerNorm bias times
-# 1/gain; a norm gain -> None (it becomes ones).
-Folds = Dict[str, Optional[Tuple[int, torch.Tensor]]]
+@dataclass(frozen=True)
+class Gauge:
+    """tensor name -> ("scale", axis, factor) or ("set", value): what folding (or unfolding)
+    does to it. LN(x) = g * n(x) + b read by W: W (g * n + b) = (W diag g)(n + b / g)."""
+
+    ops: Dict[str, Tuple] = field(default_factory=dict)
+
+    def __bool__(self) -> bool:
+        return bool(self.ops)
+
+    def apply(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
+        op = self.ops.get(name)
+        if op is None:
+            return tensor
+        if op[0] == "set":
+            return op[1].to(tensor.device, tensor.dtype).clone()
+        _, axis, factor = op
+        shape = [1] * tensor.ndim
+        shape[axis] = -1
+        return (tensor.double() * factor.to(tensor.device).reshape(shape)).to(tensor.dtype)
 
 
-def fold_scales(spec: PermutationSpec, state: Mapping[str, torch.Tensor]) -> Folds:
-    """LN(x) = g * n(x) + b feeds readers W: W (g * n + b) = (W diag g)(n + b / g), so the gain
-    moves into the readers' input axis and the bias becomes b / g."""
+def norm_gains(spec: PermutationSpec, state: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """The gains of every foldable norm, float64 on the CPU."""
+    return {f.norm: state[f.norm].detach().to("cpu", torch.float64) for f in spec.norm_folds}
+
+
+def _reader_axis(rule: WeightRule) -> int:
+    return next(d for d, ax in enumerate(rule.axes) if isinstance(ax, Bind) and ax.role == "in")
+
+
+def _check_gain(norm: str, gain: torch.Tensor, why: str) -> None:
+    if bool((gain.abs() < 1e-6).any()):
+        raise ValueError(f"{norm} has a (near-)zero gain, so {why}; use a permutation residual "
+                         "policy (residual=all)")
+
+
+def fold_gauge(spec: PermutationSpec, gains: Mapping[str, torch.Tensor]) -> Gauge:
+    """Gains -> ones: readers' input axes times the gain, LayerNorm biases divided by it."""
     rules = {w.name: w for w in spec.weights}
-    folds: Folds = {}
+    ops: Dict[str, Tuple] = {}
     for fold in spec.norm_folds:
-        gain = state[fold.norm].detach().to("cpu", torch.float64)
-        folds[fold.norm] = None
+        gain = gains[fold.norm]
+        ops[fold.norm] = ("set", torch.ones_like(gain))
         if fold.bias is not None:
-            if bool((gain.abs() < 1e-6).any()):
-                raise ValueError(f"{fold.norm} has a (near-)zero gain, so its bias cannot be "
-                                 "folded; use a permutation residual policy")
-            folds[fold.bias] = (0, 1.0 / gain)
+            _check_gain(fold.norm, gain, "its bias cannot be folded")
+            ops[fold.bias] = ("scale", 0, 1.0 / gain)
         for reader in fold.readers:
-            axis = next(d for d, ax in enumerate(rules[reader].axes)
-                        if isinstance(ax, Bind) and ax.role == "in")
-            folds[reader] = (axis, gain)
-    return folds
+            ops[reader] = ("scale", _reader_axis(rules[reader]), gain)
+    return Gauge(ops)
 
 
-def fold_tensor(name: str, tensor: torch.Tensor, folds: Folds) -> torch.Tensor:
-    """The same function with norm gains moved into their readers (see fold_scales)."""
-    if name not in folds:
-        return tensor
-    if folds[name] is None:
-        return torch.ones_like(tensor)
-    axis, factor = folds[name]
-    shape = [1] * tensor.ndim
-    shape[axis] = -1
-    return (tensor.double() * factor.to(tensor.device).reshape(shape)).to(tensor.dtype)
+def unfold_gauge(spec: PermutationSpec, gains: Mapping[str, torch.Tensor]) -> Gauge:
+    """Ones -> these gains (model A's): the inverse of fold_gauge for the same gains."""
+    rules = {w.name: w for w in spec.weights}
+    ops: Dict[str, Tuple] = {}
+    for fold in spec.norm_folds:
+        gain = gains[fold.norm]
+        _check_gain(fold.norm, gain, "aligned B cannot be written in A's norm gauge")
+        ops[fold.norm] = ("set", gain)
+        if fold.bias is not None:
+            ops[fold.bias] = ("scale", 0, gain)
+        for reader in fold.readers:
+            ops[reader] = ("scale", _reader_axis(rules[reader]), 1.0 / gain)
+    return Gauge(ops)
+
+
+def fold_scales(spec: PermutationSpec, state: Mapping[str, torch.Tensor]) -> Gauge:
+    return fold_gauge(spec, norm_gains(spec, state))
+
+
+# ---- whole state dicts and models (tests, barrier sweeps, small models) ---------------------------
+
+def transform_tensor(spec_rules: Mapping[str, WeightRule], name: str, tensor: torch.Tensor,
+                     transforms: Transforms, fold: Optional[Gauge] = None,
+                     unfold: Optional[Gauge] = None) -> torch.Tensor:
+    """fold (B's gains -> 1), transform, unfold (1 -> A's gains): one tensor of aligned B."""
+    rule = spec_rules.get(name)
+    key = rule.name if rule is not None else name   # gauges use the spec's names, not aliases
+    if fold:
+        tensor = fold.apply(key, tensor)
+    if rule is not None:
+        tensor = apply_to_tensor(rule, tensor, transforms)
+    if unfold:
+        tensor = unfold.apply(key, tensor)
+    return tensor
 
 
 def apply_to_state_dict(spec: PermutationSpec, state: Mapping[str, torch.Tensor],
-                        transforms: Transforms, folds: Optional[Folds] = None
-                        ) -> Dict[str, torch.Tensor]:
+                        transforms: Transforms, fold: Optional[Gauge] = None,
+                        unfold: Optional[Gauge] = None) -> Dict[str, torch.Tensor]:
     rules = spec.weight_map()
-    out = {}
-    for name, tensor in state.items():
-        if folds:
-            tensor = fold_tensor(name, tensor, folds)
-        rule: Optional[WeightRule] = rules.get(name)
-        out[name] = tensor if rule is None else apply_to_tensor(rule, tensor, transforms)
-    return out
+    return {name: transform_tensor(rules, name, t, transforms, fold, unfold)
+            for name, t in state.items()}
 
 
 def apply_to_model(spec: PermutationSpec, model: torch.nn.Module, transforms: Transforms,
-                   folds: Optional[Folds] = None) -> None:
+                   fold: Optional[Gauge] = None, unfold: Optional[Gauge] = None) -> None:
     """Transform a loaded transformers model in place (tied parameters stay tied)."""
     rules = spec.weight_map()
     seen = set()
@@ -180,5 +215,5 @@ def apply_to_model(spec: PermutationSpec, model: torch.nn.Module, transforms: Tr
             if id(param) in seen or name not in rules:
                 continue
             seen.add(id(param))
-            data = fold_tensor(name, param.data, folds) if folds else param.data
-            param.data = apply_to_tensor(rules[name], data, transforms).contiguous()
+            param.data = transform_tensor(rules, name, param.data, transforms, fold,
+                                          unfold).contiguous()

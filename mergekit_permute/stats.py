@@ -3,10 +3,14 @@
 Only the A x B cross block is kept (the reference code builds the full 2d x 2d covariance).
 Sums from different batches, processes or machines combine with `+` (or an all-reduce of
 `tensors()`), so memory does not grow with the amount of calibration text.
+
+Per-layer spaces (FF, attention) are complete once their block has run and can be matched or
+spilled right away; the residual stream is seen at every layer, so it is kept as a
+`ResidualSummary` of what each residual policy needs, not point by point.
 """
 
 from dataclasses import dataclass
-from typing import Dict
+from typing import Dict, Iterator, Mapping, Optional
 
 import torch
 
@@ -47,7 +51,7 @@ class CrossStats:
                 "sq_b": self.sq_b, "sum_ab": self.sum_ab}
 
     @staticmethod
-    def from_tensors(t: Dict[str, torch.Tensor]) -> "CrossStats":
+    def from_tensors(t: Mapping[str, torch.Tensor]) -> "CrossStats":
         return CrossStats(t["n"], t["sum_a"], t["sum_b"], t["sq_a"], t["sq_b"], t["sum_ab"])
 
     def to(self, device) -> "CrossStats":
@@ -63,3 +67,77 @@ class CrossStats:
         denom = std_a[:, None] * std_b[None, :]
         corr = torch.where(denom > eps, cov / denom.clamp_min(eps), torch.zeros_like(cov))
         return corr.clamp(-1.0, 1.0)
+
+
+@dataclass
+class ResidualSummary:
+    """What every residual policy needs, accumulated point by point in depth order:
+    first / last point (policies first, last), the pooled sums (all), and the sum of the
+    points' cross second moments, each normalised to unit scale (orthogonal Procrustes, so
+    late, large-norm layers do not drown the early ones)."""
+
+    first: Optional[CrossStats] = None
+    last: Optional[CrossStats] = None
+    pooled: Optional[CrossStats] = None
+    unit_moments: Optional[torch.Tensor] = None   # [da, db] float64
+    points: int = 0
+
+    def add(self, point: CrossStats) -> None:
+        self.first = point if self.first is None else self.first
+        self.last = point
+        self.pooled = point if self.pooled is None else self.pooled + point
+        unit = point.sum_ab / point.sum_ab.norm().clamp_min(1e-30)
+        self.unit_moments = unit if self.unit_moments is None else self.unit_moments + unit
+        self.points += 1
+
+    def tensors(self) -> Dict[str, torch.Tensor]:
+        out = {"points": torch.tensor(float(self.points), dtype=torch.float64)}
+        if self.points:
+            for name in ("first", "last", "pooled"):
+                out.update({f"{name}.{k}": v for k, v in getattr(self, name).tensors().items()})
+            out["unit_moments"] = self.unit_moments
+        return out
+
+    @staticmethod
+    def from_tensors(t: Mapping[str, torch.Tensor]) -> "ResidualSummary":
+        s = ResidualSummary(points=int(t["points"]))
+        if s.points:
+            for name in ("first", "last", "pooled"):
+                setattr(s, name, CrossStats.from_tensors(
+                    {k.split(".", 1)[1]: v for k, v in t.items() if k.startswith(name + ".")}))
+            s.unit_moments = t["unit_moments"]
+        return s
+
+
+class Statistics(Mapping[str, CrossStats]):
+    """Calibration statistics of one model pair: `space@point` -> CrossStats for per-layer
+    spaces (FF, attention, query/key), and the residual stream's summary. Layer statistics
+    may live on disk (a stats-cache entry) and are then read one layer file at a time."""
+
+    def __init__(self, layers: Optional[Dict[str, CrossStats]] = None,
+                 residual: Optional[ResidualSummary] = None, tokens: int = 0, loader=None):
+        self._layers = dict(layers or {})
+        self.residual = residual or ResidualSummary()
+        self.tokens = tokens
+        self._loader = loader          # key -> CrossStats, for statistics kept on disk
+        self._keys = None
+
+    def __getitem__(self, key: str) -> CrossStats:
+        if key in self._layers:
+            return self._layers[key]
+        if self._loader is not None:
+            return self._loader(key)
+        raise KeyError(key)
+
+    def __iter__(self) -> Iterator[str]:
+        if self._loader is not None and hasattr(self._loader, "keys"):
+            return iter(self._loader.keys())
+        return iter(self._layers)
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
+
+    def __contains__(self, key) -> bool:
+        if key in self._layers:
+            return True
+        return self._loader is not None and key in set(self)

@@ -15,12 +15,12 @@ from typing import Dict, List, Mapping, Tuple
 
 import torch
 
-from mergekit_permute.align import AlignSettings, Alignment, resolve_residual
+from mergekit_permute.alignment import Alignment
 from mergekit_permute.match import match_attention, match_plain, procrustes
 from mergekit_permute.permute import (
-    Folds, Transforms, apply_to_tensor, fold_scales, fold_tensor, identity_transforms,
-    is_permutation,
+    Transforms, apply_to_tensor, fold_gauge, identity_transforms, is_permutation, norm_gains,
 )
+from mergekit_permute.settings import AlignSettings, residual_policy
 from mergekit_permute.spec.base import Bind, Fused, HeadLayout, PermutationSpec, Space, WeightRule
 
 LOG = logging.getLogger(__name__)
@@ -55,19 +55,6 @@ def _by_rule(spec: PermutationSpec, state: State) -> Dict[str, torch.Tensor]:
     return {k: t for k, t in found.items() if not (rules[k].tied_to in found)}
 
 
-def _part_index(axis: Fused, j: int) -> torch.Tensor:
-    """Positions of part j along a fused axis (ordered as that part's view)."""
-    if axis.layout == "blocks":
-        start = sum(axis.sizes[:j])
-        return torch.arange(start, start + axis.sizes[j])
-    # per_head: the axis is [heads, parts, head_dim] flattened; part j is [:, j, :]
-    heads, n_parts = axis.num_heads, len(axis.parts)
-    head_dim = axis.sizes[j] // heads
-    idx = torch.arange(heads)[:, None] * (n_parts * head_dim) + j * head_dim \
-        + torch.arange(head_dim)[None, :]                                  # [heads, head_dim]
-    return idx.reshape(-1)
-
-
 def _similarity(spec: PermutationSpec, state_a: State, state_b: State, transforms: Transforms,
                 space_name: str):
     """view -> S [n_A, n_B], plus view -> squared row norms of A [n_A] and of B [n_B]."""
@@ -88,7 +75,7 @@ def _similarity(spec: PermutationSpec, state_a: State, state_b: State, transform
         for view, j in parts:
             pa, pb = ta, tb
             if j is not None:
-                idx = _part_index(rule.axes[dim], j)
+                idx = rule.axes[dim].part_index(j)
                 pa, pb = ta.index_select(dim, idx), tb.index_select(dim, idx)
             # [..., n, ...] -> [n, rest]; a 1-D bias or gain gives rows of length 1
             xa = pa.movedim(dim, 0).reshape(pa.shape[dim], -1)
@@ -174,9 +161,9 @@ def _same(old: torch.Tensor, new: torch.Tensor) -> bool:
 def _fold(spec: PermutationSpec, state: State) -> Dict[str, torch.Tensor]:
     """Norm gains moved into their readers; the (now unit) gains dropped, since an orthogonal
     map leaves them alone and they carry no evidence."""
-    folds = fold_scales(spec, state)
-    return {n: fold_tensor(n, t, folds) for n, t in state.items()
-            if not (n in folds and folds[n] is None)}
+    gauge = fold_gauge(spec, norm_gains(spec, state))
+    return {n: gauge.apply(n, t) for n, t in state.items()
+            if gauge.ops.get(n, ("",))[0] != "set"}
 
 
 # ---- coordinate descent -------------------------------------------------------------------------
@@ -195,7 +182,7 @@ def weight_match(spec: PermutationSpec, state_a: State, state_b: State, *,
     residual: "all" (one permutation from every binding), "identity", "orthogonal" (norm
     gains folded first: the transforms then apply to fold_scales(spec, state_b)-folded B, see
     weight_match_alignment), or "auto" (orthogonal where it preserves the function)."""
-    residual = resolve_residual(spec, residual)
+    residual = residual_policy(AlignSettings(residual=residual), spec)
     if residual not in RESIDUAL_POLICIES:
         raise ValueError(f"residual={residual!r} does not apply to weight matching (it pools "
                          f"calibration points); use one of {', '.join(RESIDUAL_POLICIES)}")
@@ -243,12 +230,12 @@ def weight_match_alignment(spec: PermutationSpec, state_a: State, state_b: State
                            settings: AlignSettings, *, max_iter: int = 50, seed: int = 0
                            ) -> Alignment:
     """A full Alignment from weights alone (the calibration fields of `settings` are unused)."""
-    residual = resolve_residual(spec, settings.residual)
+    residual = residual_policy(settings, spec)
     transforms, report = weight_match(spec, state_a, state_b, attention=settings.attention,
                                       ffn=settings.ffn, residual=residual, max_iter=max_iter,
                                       seed=seed)
-    folds: Dict[str, Folds] = {"a": {}, "b": {}}
+    alignment = Alignment(spec=spec, transforms=transforms, settings=settings, report=report,
+                          info={"matching": "weights", "residual_policy": residual})
     if residual == "orthogonal":
-        folds = {"a": fold_scales(spec, state_a), "b": fold_scales(spec, state_b)}
-    return Alignment(spec=spec, transforms=transforms, settings=settings, report=report,
-                     info={"matching": "weights"}, fold_a=folds["a"], fold_b=folds["b"])
+        alignment.gains_a, alignment.gains_b = norm_gains(spec, state_a), norm_gains(spec, state_b)
+    return alignment

@@ -23,7 +23,9 @@ def _cache_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def zoo(tmp_path_factory):
     """Two tiny trained models per architecture, trained once per test session."""
-    root = tmp_path_factory.mktemp("zoo")
+    # MERGEKIT_PERMUTE_TEST_ZOO: a directory kept between sessions (trained models are reused).
+    keep = os.environ.get("MERGEKIT_PERMUTE_TEST_ZOO")
+    root = Path(keep) if keep else tmp_path_factory.mktemp("zoo")
     cache = {}
 
     def get(arch: str):

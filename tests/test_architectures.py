@@ -9,8 +9,8 @@ import transformers as T
 import yaml
 from click.testing import CliRunner
 
-from mergekit_permute.align import AlignSettings, align_pair
-from mergekit_permute.permute import apply_to_model
+from mergekit_permute.pipeline import align_pair
+from mergekit_permute.settings import AlignSettings
 
 ENC = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48,
            max_position_embeddings=64)
@@ -81,7 +81,7 @@ def test_align_preserves_function_and_stock_mergekit_merges(pairs, tmp_path, arc
     a, b = pairs(arch)
     alignment, _, model_b, tok = align_pair(a, b, "shakespeare-calib", SETTINGS)
     reference = getattr(T, arch).from_pretrained(b)
-    apply_to_model(alignment.spec, model_b, alignment.transforms)
+    alignment.apply_to_model(model_b)
     for x, y in zip(_outputs(model_b, tok), _outputs(reference, tok)):
         torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-5)
     moved = [k for k, v in model_b.state_dict().items()

@@ -2,8 +2,8 @@ import json
 
 import pytest
 
-from mergekit_permute.align import AlignSettings
-from mergekit_permute.barrier import barrier_values, parse_method, run_barrier
+from mergekit_permute.barrier import barrier_values, run_barrier
+from mergekit_permute.settings import AlignSettings
 from tests.conftest import cli, run_cli
 
 EVAL = dict(eval_data="shakespeare-eval", calibration="shakespeare-calib", eval_samples=48,
@@ -21,15 +21,18 @@ def test_barrier_values_match_a_hand_computed_curve():
 
 
 def test_method_names_parse_into_settings():
-    base = AlignSettings()
-    assert parse_method("vanilla", base).model_dump(include={"ffn", "attention", "residual"}) == \
+    base = AlignSettings(samples=7)
+    assert base.with_method("vanilla").model_dump(include={"ffn", "attention", "residual"}) == \
         {"ffn": "identity", "attention": "identity", "residual": "identity"}
-    s = parse_method("head_perm+residual=first", base)
-    assert (s.ffn, s.attention, s.residual) == ("permute", "head_perm", "first")
-    s = parse_method("default", base)
-    assert (s.ffn, s.attention, s.residual) == ("permute", "head_perm", "auto")
+    s = base.with_method("head_perm+residual=first")
+    assert (s.ffn, s.attention, s.residual, s.samples) == ("permute", "head_perm", "first", 7)
+    s = base.with_method("default+vo=orthogonal+repair")
+    assert (s.ffn, s.attention, s.residual, s.vo, s.repair) == \
+        ("permute", "head_perm", "auto", "orthogonal", True)
     with pytest.raises(ValueError, match="unknown method 'headperm'"):
-        parse_method("headperm", base)
+        base.with_method("headperm")
+    with pytest.raises(ValueError, match="vo"):
+        base.with_method("default+vo=rotate")
 
 
 @pytest.mark.parametrize("arch", ["bert", "llama"])

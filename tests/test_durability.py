@@ -1,7 +1,9 @@
 """Atomic outputs, cached statistics, bit-identical reruns, nothing written outside --out."""
 
 import hashlib
+import json
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -14,7 +16,7 @@ ARGS = ["--data", "shakespeare-calib", "--samples", "120", "--max-length", "32"]
 # Run `align`, but stall inside the output directory write so the test can kill it there.
 STALLING_ALIGN = """
 import sys, time
-import mergekit_permute.align as align
+import mergekit_permute.alignment as align
 real = align.save_alignment
 def stall(alignment, out_dir):
     real(alignment, out_dir)
@@ -37,9 +39,13 @@ def test_killed_run_leaves_no_finished_looking_directory(zoo, tmp_path):
     proc = subprocess.Popen([sys.executable, "-c", STALLING_ALIGN, "align", a, b, *ARGS,
                              "--out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
                             text=True)
-    deadline = time.time() + 300
-    while time.time() < deadline and "WRITING" not in (proc.stdout.readline() or ""):
-        pass
+    deadline, seen = time.time() + 300, ""
+    while time.time() < deadline and "WRITING" not in seen:
+        if proc.poll() is not None:  # the child died: fail now, with its exit status
+            raise AssertionError(f"align exited with {proc.returncode} before writing")
+        if select.select([proc.stdout], [], [], 1.0)[0]:
+            seen += proc.stdout.readline()
+    assert "WRITING" in seen, "align never reached the output write"
     partial = [p for p in tmp_path.iterdir() if p.name.startswith(".aligned.partial-")]
     assert partial and (partial[0] / "model.safetensors").exists()
     proc.send_signal(signal.SIGKILL)
@@ -72,8 +78,13 @@ def test_same_inputs_give_bit_identical_outputs(zoo, tmp_path):
         r = run_cli(cli("mergekit-permute"), "align", a, b, *ARGS, "--no-cache",
                     "--out", str(tmp_path / run), env={"PYTHONHASHSEED": hash_seed})
         assert r.returncode == 0, r.stderr[-2000:]
-    for f in ("model.safetensors", "permutations.safetensors", "alignment.json"):
+    for f in ("model.safetensors", "permutations.safetensors", "config.json"):
         assert _sha(tmp_path / "r1" / f) == _sha(tmp_path / "r2" / f), f
+    # alignment.json: identical but for its wall-clock timings.
+    docs = [json.loads((tmp_path / r / "alignment.json").read_text()) for r in ("r1", "r2")]
+    for doc in docs:
+        assert doc.pop("timings")["total_seconds"] > 0
+    assert docs[0] == docs[1]
 
 
 def test_nothing_is_written_outside_out_and_cache(zoo, tmp_path):

@@ -91,10 +91,10 @@ def test_one_model_and_missing_base_are_refused(zoo, tmp_path):
 def test_shipped_local_recipe_is_valid():
     from pathlib import Path
 
-    from mergekit_permute.merging import load_recipe
-    from mergekit_permute.method import validate_recipe
+    from mergekit_permute.recipes import load_recipe
+    from mergekit_permute.mergekit.run import validate_recipe
     for path in sorted(Path(__file__).parent.parent.joinpath("recipes").glob("*.yml")):
-        settings, data = validate_recipe(load_recipe(path))
+        settings, data, *_ = validate_recipe(load_recipe(path))
         assert settings.attention == "head_perm"
 
 
@@ -110,7 +110,7 @@ def test_three_models_merge_through_mergekit_and_evaluate(zoo, tmp_path):
     assert r.exit_code == 0, r.output
     for f in ("alignment-1.json", "alignment-2.json", "permutations-2.safetensors"):
         assert (tmp_path / "m" / f).exists(), f
-    assert "2 models aligned to the base" in (tmp_path / "m" / "README.md").read_text()
+    assert "2 models were aligned each to the base model" in (tmp_path / "m" / "README.md").read_text()
     r = CliRunner().invoke(main, ["barrier", a, b, str(c), "--data", "shakespeare-eval",
                                   "--eval-samples", "32", "--eval-max-length", "32",
                                   "--samples", "120", "--max-length", "32",
@@ -127,7 +127,7 @@ def test_registration_works_whichever_module_is_imported_first():
     import sys
     check = ("import mergekit.merge_methods as mm; "
              "assert 'permute' in [m.spec.name for m in mm.registered_methods()]")
-    for first in ("", "import mergekit_permute.method; ", "import mergekit_permute.demo; ",
+    for first in ("", "import mergekit_permute.mergekit.method; ", "import mergekit_permute.demo; ",
                   "import mergekit.scripts.run_yaml; "):
         r = subprocess.run([sys.executable, "-c", first + check], capture_output=True, text=True)
         assert r.returncode == 0, (first, r.stderr[-1500:])

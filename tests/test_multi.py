@@ -8,17 +8,16 @@ import torch
 import transformers as T
 from click.testing import CliRunner
 
-from mergekit_permute.align import AlignSettings, collect_stats, compute_alignment
 from mergekit_permute.cli import main
-from mergekit_permute.data import load_texts
-from mergekit_permute.models import load_pair
-from mergekit_permute.multi import align_to_running_average
-from mergekit_permute.permute import apply_to_model
+from mergekit_permute.models import load_model
+from mergekit_permute.multi import align_all
+from mergekit_permute.pipeline import align
+from mergekit_permute.settings import AlignSettings
 from tests.conftest import third_model
 from tests.test_merge import PARAMS, recipe
 from tests.tiny import inputs
 
-SETTINGS = AlignSettings(samples=120, max_length=32)
+SETTINGS = AlignSettings(samples=120, max_length=32, reference="average")
 
 
 @pytest.fixture(scope="module")
@@ -30,27 +29,23 @@ def trio(zoo, tmp_path_factory):
 
 def test_running_average_of_two_is_alignment_to_the_base_and_keeps_functions(trio):
     a, b, c = trio
-    texts = load_texts("shakespeare-calib", 120)
-    spec, model_a, model_b, tok = load_pair(a, b)
-    _, _, model_c, _ = load_pair(a, c)
-    states = [model_a.state_dict(), model_b.state_dict(), model_c.state_dict()]
-    alignments = align_to_running_average(spec, model_a, states, [1.0, 1.0, 1.0], tok, texts,
-                                          SETTINGS)
-    # The first model's running average is the base itself (folded: the same function).
-    stats = collect_stats(spec, model_a, model_b, tok, texts, SETTINGS)
-    to_base = compute_alignment(spec, stats, SETTINGS, states=(states[0], states[1]))
+    alignments = align_all([a, b, c], [1.0, 1.0, 1.0], "shakespeare-calib", SETTINGS)
+    # The first model's running average is the base itself.
+    to_base = align(a, b, "shakespeare-calib", SETTINGS.model_copy(update={"reference": "base"}))
     for space, views in to_base.transforms.items():
         for view, t in views.items():
-            # (folding the base's gains changes its features only at float32 rounding level)
-            torch.testing.assert_close(alignments[0].transforms[space][view], t, rtol=0,
-                                       atol=1e-5)
-    # Every aligned model computes its own function (fp32, tight).
-    for model, alignment in ((model_b, alignments[0]), (model_c, alignments[1])):
+            torch.testing.assert_close(alignments[0].transforms[space][view], t, rtol=0, atol=0)
+    # The third model is matched against a blend, and C is (almost) a permuted A: aligning it
+    # must undo most of that permutation, and it computes its own function (fp32, tight).
+    assert alignments[1].info["reference"] == "average"
+    for path, alignment in ((b, alignments[0]), (c, alignments[1])):
+        model = load_model(path)
         kw = inputs(model)
         before = model(**kw).logits.detach()
-        apply_to_model(spec, model, alignment.transforms, alignment.fold_b)
+        alignment.apply_to_model(model)
         torch.testing.assert_close(model(**kw).logits.detach(), before, rtol=1e-4, atol=1e-5)
-    assert alignments[1].info["reference"] == "average"
+    ffn = alignments[1].report["ffn.0"]
+    assert ffn["mean_corr_after"] > ffn["mean_corr_before"] + 0.3
 
 
 def test_recipe_and_barrier_with_running_average_and_repair(trio, tmp_path):

@@ -7,9 +7,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from mergekit_permute.align import AlignSettings, align_pair
 from mergekit_permute.match import procrustes
 from mergekit_permute.permute import apply_to_model, fold_scales, identity_transforms
+from mergekit_permute.pipeline import align_pair
+from mergekit_permute.settings import AlignSettings, check_settings, residual_policy
 from mergekit_permute.spec import spec_for_config
 from tests.conftest import cli, run_cli
 from tests.tiny import build, inputs, outputs
@@ -66,14 +67,17 @@ def test_align_orthogonal_computes_b_and_merges(zoo, tmp_path):
     assert not torch.equal(v.abs().max(0).values, torch.ones(v.shape[0], dtype=v.dtype))  # not a permutation
     assert not alignment.transforms["attn.0"]["q"].is_floating_point()  # heads still permute
     reference = copy.deepcopy(model_b)
-    apply_to_model(alignment.spec, model_b, alignment.transforms, alignment.fold_b)
+    alignment.apply_to_model(model_b)
     enc = tok(["Now is the winter of our discontent"], return_tensors="pt")
     with torch.no_grad():
         torch.testing.assert_close(model_b(**enc).logits, reference(**enc).logits,
                                    rtol=1e-4, atol=1e-4)
+    # Aligned B is written in A's norm gauge: A's gains, B's function.
+    for name, gain in alignment.gains_a.items():
+        assert torch.equal(model_b.state_dict()[name], model_a.state_dict()[name]), name
     res = alignment.report["residual"]
     assert res["mean_corr_after"] > res["mean_corr_before"]
-    # Through MergeKit: the merge is the average of folded A and rotated, folded B.
+    # Through MergeKit: the merge is the average of A as stored and aligned B.
     recipe = tmp_path / "r.yml"
     recipe.write_text(f"merge_method: permute\nbase_model: {a}\ndtype: float32\nmodels:\n"
                       f"  - model: {a}\n  - model: {b}\nparameters:\n  calibration_samples: 120\n"
@@ -81,21 +85,17 @@ def test_align_orthogonal_computes_b_and_merges(zoo, tmp_path):
     r = run_cli(cli("mergekit-permute"), "merge", str(recipe), str(tmp_path / "m"))
     assert r.returncode == 0, r.stderr[-2000:]
     merged = load_file(str(tmp_path / "m" / "model.safetensors"))
-    folded_a = copy.deepcopy(model_a)
-    from mergekit_permute.permute import identity_transforms
-    apply_to_model(alignment.spec, folded_a, identity_transforms(alignment.spec), alignment.fold_a)
     for k, v in merged.items():
-        expected = (folded_a.state_dict()[k] + model_b.state_dict()[k]) / 2
+        expected = (model_a.state_dict()[k] + model_b.state_dict()[k]) / 2
         torch.testing.assert_close(v, expected, rtol=0, atol=2e-6, msg=k)
-    assert torch.all(merged["model.norm.weight"] == 1)
+    torch.testing.assert_close(merged["model.norm.weight"], model_a.state_dict()["model.norm.weight"])
 
 
 def test_auto_policy_picks_orthogonal_only_where_it_preserves_function():
-    from mergekit_permute.align import resolve_residual
     for name in ("LlamaForCausalLM", "GPTNeoXForCausalLM", "GPT2LMHeadModel-untied"):
-        assert resolve_residual(spec_for_config(build(name).config), "auto") == "orthogonal"
+        assert residual_policy(AlignSettings(), spec_for_config(build(name).config)) == "orthogonal"
     for name in ("BertForMaskedLM", "LlamaForCausalLM-tied", "GPT2LMHeadModel"):
-        assert resolve_residual(spec_for_config(build(name).config), "auto") == "all"
+        assert residual_policy(AlignSettings(), spec_for_config(build(name).config)) == "all"
 
 
 @pytest.mark.parametrize("name,update,message", [
@@ -104,7 +104,6 @@ def test_auto_policy_picks_orthogonal_only_where_it_preserves_function():
     ("LlamaForCausalLM", {"qk": "joint", "matching": "weights"}, "supports qk=follow_vo only"),
 ])
 def test_settings_the_architecture_cannot_honour_are_refused(name, update, message):
-    from mergekit_permute.align import check_settings
     with pytest.raises(ValueError, match=message):
         check_settings(spec_for_config(build(name).config), AlignSettings(**update))
 
@@ -113,19 +112,22 @@ def test_settings_the_architecture_cannot_honour_are_refused(name, update, messa
 def test_pre_layernorm_orthogonal_alignment_keeps_b_function(name):
     """Two independently initialised pre-LN models: the aligned rotation keeps the all-ones
     vector, and B (gains folded, biases / gain) computes exactly its own function."""
-    from mergekit_permute.align import calibration_spaces, compute_alignment
     from mergekit_permute.calibrate import calibrate
+    from mergekit_permute.permute import norm_gains
+    from mergekit_permute.pipeline import calibration_spaces
+    from mergekit_permute.solve import compute_alignment
     a, b = build(name, seed=0), build(name, seed=1)
     spec = spec_for_config(a.config)
     gen = torch.Generator().manual_seed(0)
     batches = [{"input_ids": torch.randint(0, a.config.vocab_size, (8, 16), generator=gen),
                 "attention_mask": torch.ones(8, 16, dtype=torch.long)} for _ in range(8)]
     stats = calibrate(a, b, spec, batches, calibration_spaces(spec))
-    alignment = compute_alignment(spec, stats, SETTINGS, states=(a.state_dict(), b.state_dict()))
+    alignment = compute_alignment(spec, stats, SETTINGS,
+                                  gains=(norm_gains(spec, a.state_dict()), norm_gains(spec, b.state_dict())))
     q = alignment.transforms["residual"][""]
     torch.testing.assert_close(torch.ones(32, dtype=q.dtype) @ q, torch.ones(32, dtype=q.dtype))
     kw = inputs(b)
     before = outputs(b, kw)[0]
-    apply_to_model(spec, b, alignment.transforms, alignment.fold_b)
+    alignment.apply_to_model(b)
     torch.testing.assert_close(outputs(b, kw)[0], before, rtol=1e-4, atol=1e-5)
     assert alignment.report["residual"]["mean_corr_after"] > alignment.report["residual"]["mean_corr_before"]

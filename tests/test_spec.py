@@ -70,7 +70,7 @@ def test_unsupported_architecture_is_refused_with_the_supported_list():
 def test_spec_validates_sizes():
     from mergekit_permute.spec.base import Bind, PermutationSpec, Space, WeightRule
     with pytest.raises(ValueError, match="size 5 bound to ffn"):
-        PermutationSpec(family="x", architecture="X", num_layers=1,
+        PermutationSpec(family="x", architecture="X", num_layers=1, blocks="layers",
                         spaces=(Space(name="ffn", kind="ffn", size=4),),
                         weights=(WeightRule(name="w", shape=(5, 3),
                                             axes=(Bind(space="ffn", role="out"), None)),))

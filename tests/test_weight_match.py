@@ -4,8 +4,8 @@ is deterministic, and raises the A-B weight similarity."""
 import pytest
 import torch
 
-from mergekit_permute.align import AlignSettings, resolve_residual
 from mergekit_permute.heads import HeadPerm
+from mergekit_permute.settings import AlignSettings, residual_policy
 from mergekit_permute.permute import (
     apply_to_state_dict, fold_scales, identity_transforms, random_transforms,
 )
@@ -56,12 +56,11 @@ def test_alignment_of_independent_models_preserves_b(name, residual):
     spec, model_a, model_b = _pair(name)
     settings = AlignSettings(residual=residual)
     al = weight_match_alignment(spec, model_a.state_dict(), model_b.state_dict(), settings)
-    assert al.info == {"matching": "weights"}
-    orthogonal = resolve_residual(spec, residual) == "orthogonal"  # pre-norm, untied head
-    assert bool(al.fold_b) == orthogonal
+    orthogonal = residual_policy(settings, spec) == "orthogonal"  # pre-norm, untied head
+    assert al.info["matching"] == "weights" and al.folded == orthogonal
     assert not al.transforms["residual"][""].is_floating_point() or orthogonal
     fresh = build(name, seed=2)
-    fresh.load_state_dict(apply_to_state_dict(spec, model_b.state_dict(), al.transforms, al.fold_b))
+    fresh.load_state_dict(al.state_dict(model_b.state_dict()))
     kw = inputs(model_b)
     for got, want in zip(outputs(fresh, kw), outputs(model_b, kw)):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

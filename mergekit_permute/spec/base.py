@@ -16,8 +16,9 @@ MergeKit's weight list - is generic code driven by this table.
 
 from __future__ import annotations
 
-from typing import Dict, Literal, Optional, Tuple, Union
+from typing import Dict, List, Literal, Optional, Tuple, Union
 
+import torch
 from pydantic import BaseModel, ConfigDict, model_validator
 
 Role = Literal["out", "in", "elem"]
@@ -101,6 +102,17 @@ class Fused(_Frozen):
     layout: Literal["blocks", "per_head"] = "blocks"
     num_heads: int = 1
 
+    def part_index(self, j: int) -> torch.Tensor:
+        """Positions of part j along the fused axis, in the order of that part's view."""
+        if self.layout == "blocks":
+            start = sum(self.sizes[:j])
+            return torch.arange(start, start + self.sizes[j])
+        # per_head: the axis is [heads, parts, head_dim] flattened; part j is [:, j, :]
+        head_dim = self.sizes[j] // self.num_heads
+        idx = (torch.arange(self.num_heads)[:, None] * (len(self.parts) * head_dim)
+               + j * head_dim + torch.arange(head_dim)[None, :])           # [heads, head_dim]
+        return idx.reshape(-1)
+
 
 Axis = Union[None, Bind, Fused]
 
@@ -125,6 +137,9 @@ class WeightRule(_Frozen):
     aliases: Tuple[str, ...] = ()
     # Saved checkpoints may omit it because it is tied to another weight.
     tied_to: Optional[str] = None
+    # The axis that indexes the vocabulary (embeddings, LM heads, output biases): MergeKit
+    # resizes and reorders it when tokenizers are merged.
+    vocab_axis: Optional[int] = None
 
     @model_validator(mode="after")
     def _check(self) -> "WeightRule":
@@ -152,6 +167,9 @@ class PermutationSpec(_Frozen):
     spaces: Tuple[Space, ...]
     weights: Tuple[WeightRule, ...]
     num_layers: int
+    # Module path of the ModuleList holding the blocks (layer-wise execution runs them one by
+    # one); every tensor with `layer = i` lives under f"{blocks}.{i}.".
+    blocks: str
     # Present only where every residual norm can be folded (pre-norm models): this is what
     # admits an orthogonal residual alignment (the head must also be untied).
     norm_folds: Tuple[NormFold, ...] = ()
@@ -182,6 +200,9 @@ class PermutationSpec(_Frozen):
                             f"[{bind.view or 'all'}] of size {views[bind.view]}"
                         )
                     used.add(space.name)
+        for w in self.weights:
+            if w.layer is not None and not w.name.startswith(f"{self.blocks}.{w.layer}."):
+                raise ValueError(f"{w.name}: layer {w.layer} tensor outside {self.blocks}")
         unused = set(spaces) - used
         if unused:
             raise ValueError(f"{self.family}: spaces that act on no weight: {sorted(unused)}")
@@ -225,6 +246,25 @@ class PermutationSpec(_Frozen):
                         return FeaturePoint(module=w.name[: -len(".weight")], where="output",
                                             part=(axis, j) if isinstance(axis, Fused) else None)
         return None
+
+    def reader(self, space: str) -> Tuple[WeightRule, int]:
+        """The 2-D weight that reads a space (its "in" axis), e.g. the FF down projection."""
+        for w in self.weights:
+            for axis, bind in enumerate(w.axes):
+                if len(w.shape) == 2 and isinstance(bind, Bind) and bind.space == space \
+                        and bind.role == "in":
+                    return w, axis
+        raise ValueError(f"space {space} has no reading weight")
+
+    def layer_of(self, module: str) -> Optional[int]:
+        """The block a module path lies in (None: embeddings or head)."""
+        prefix = self.blocks + "."
+        if not module.startswith(prefix):
+            return None
+        return int(module[len(prefix):].split(".", 1)[0])
+
+    def layer_tensors(self, layer: Optional[int]) -> List[WeightRule]:
+        return [w for w in self.weights if w.layer == layer]
 
     def space(self, name: str) -> Space:
         for s in self.spaces:

@@ -43,7 +43,8 @@ def build(config, architecture: str) -> PermutationSpec:
     residual_points = [outputs_of(f"{p}embeddings.LayerNorm")]
     spaces: List[Space] = []
     weights: List[WeightRule] = [
-        w(f"{p}embeddings.word_embeddings.weight", (config.vocab_size, hidden), None, out(RESIDUAL)),
+        w(f"{p}embeddings.word_embeddings.weight", (config.vocab_size, hidden), None,
+          out(RESIDUAL), vocab_axis=0),
         w(f"{p}embeddings.position_embeddings.weight", (config.max_position_embeddings, hidden),
           None, out(RESIDUAL)),
         w(f"{p}embeddings.token_type_embeddings.weight", (config.type_vocab_size, hidden),
@@ -88,9 +89,9 @@ def build(config, architecture: str) -> PermutationSpec:
         weights += layer_norm(norm, hidden, RESIDUAL, bias=True, legacy=True)
         weights += [
             w(f"{decoder}.weight", (config.vocab_size, hidden), None, inp(RESIDUAL),
-              tied_to=f"{p}embeddings.word_embeddings.weight"),
-            w(bias, (config.vocab_size,), None),
-            w(f"{decoder}.bias", (config.vocab_size,), None, tied_to=bias),
+              tied_to=f"{p}embeddings.word_embeddings.weight", vocab_axis=0),
+            w(bias, (config.vocab_size,), None, vocab_axis=0),
+            w(f"{decoder}.bias", (config.vocab_size,), None, tied_to=bias, vocab_axis=0),
         ]
     if architecture == "BertForPreTraining":
         weights += linear("cls.seq_relationship", 2, hidden, None, None, bias=True)
@@ -104,4 +105,5 @@ def build(config, architecture: str) -> PermutationSpec:
                            features=tuple(residual_points),
                            frozen=architecture in ("BertModel", "RobertaModel")))
     return PermutationSpec(family=family, architecture=architecture, spaces=tuple(spaces),
-                           weights=tuple(weights), num_layers=n_layers)
+                           weights=tuple(weights), num_layers=n_layers,
+                           blocks=f"{p}encoder.layer")

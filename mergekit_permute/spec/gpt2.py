@@ -27,7 +27,8 @@ def build(config, architecture: str) -> PermutationSpec:
     residual_points = [outputs_of("transformer.drop")]
     spaces: List[Space] = []
     weights: List[WeightRule] = [
-        w("transformer.wte.weight", (config.vocab_size, hidden), None, out(RESIDUAL)),
+        w("transformer.wte.weight", (config.vocab_size, hidden), None, out(RESIDUAL),
+          vocab_axis=0),
         w("transformer.wpe.weight", (config.n_positions, hidden), None, out(RESIDUAL)),
     ]
     for i in range(n_layers):
@@ -50,7 +51,7 @@ def build(config, architecture: str) -> PermutationSpec:
     weights += layer_norm("transformer.ln_f", hidden, RESIDUAL, bias=True)
     tied = bool(getattr(config, "tie_word_embeddings", True))
     weights.append(w("lm_head.weight", (config.vocab_size, hidden), None, inp(RESIDUAL),
-                     tied_to="transformer.wte.weight" if tied else None))
+                     tied_to="transformer.wte.weight" if tied else None, vocab_axis=0))
     spaces.insert(0, Space(name=RESIDUAL, kind="residual", size=hidden,
                            features=tuple(residual_points)))
     folds = [NormFold(norm=f"transformer.h.{i}.{ln}.weight", bias=f"transformer.h.{i}.{ln}.bias",
@@ -60,7 +61,7 @@ def build(config, architecture: str) -> PermutationSpec:
                           readers=("lm_head.weight",)))
     return PermutationSpec(family="gpt2", architecture=architecture, spaces=tuple(spaces),
                            weights=tuple(weights), num_layers=n_layers, norm_folds=tuple(folds),
-                           residual_centered=True)
+                           residual_centered=True, blocks="transformer.h")
 
 
 

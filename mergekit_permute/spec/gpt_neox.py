@@ -38,7 +38,8 @@ def build(config, architecture: str) -> PermutationSpec:
     residual_points = [outputs_of("gpt_neox.embed_in")]
     spaces: List[Space] = []
     weights: List[WeightRule] = [
-        w("gpt_neox.embed_in.weight", (config.vocab_size, hidden), None, out(RESIDUAL)),
+        w("gpt_neox.embed_in.weight", (config.vocab_size, hidden), None, out(RESIDUAL),
+          vocab_axis=0),
     ]
     for i in range(n_layers):
         L = f"gpt_neox.layers.{i}"
@@ -66,7 +67,7 @@ def build(config, architecture: str) -> PermutationSpec:
     tied = bool(getattr(config, "tie_word_embeddings", False))
     weights.append(w("lm_head.weight", (config.vocab_size, hidden), None, inp(RESIDUAL),
                      aliases=("embed_out.weight",),
-                     tied_to="gpt_neox.embed_in.weight" if tied else None))
+                     tied_to="gpt_neox.embed_in.weight" if tied else None, vocab_axis=0))
     spaces.insert(0, Space(name=RESIDUAL, kind="residual", size=hidden,
                            features=tuple(residual_points)))
     folds = [NormFold(norm=f"gpt_neox.layers.{i}.{ln}.weight", bias=f"gpt_neox.layers.{i}.{ln}.bias",
@@ -78,4 +79,4 @@ def build(config, architecture: str) -> PermutationSpec:
                           bias="gpt_neox.final_layer_norm.bias", readers=("lm_head.weight",)))
     return PermutationSpec(family="gpt_neox", architecture=architecture, spaces=tuple(spaces),
                            weights=tuple(weights), num_layers=n_layers, norm_folds=tuple(folds),
-                           residual_centered=True)
+                           residual_centered=True, blocks="gpt_neox.layers")

@@ -40,7 +40,8 @@ def build(config, architecture: str) -> PermutationSpec:
     residual_points = [outputs_of("model.embed_tokens")]
     spaces: List[Space] = []
     weights: List[WeightRule] = [
-        w("model.embed_tokens.weight", (config.vocab_size, hidden), None, out(RESIDUAL)),
+        w("model.embed_tokens.weight", (config.vocab_size, hidden), None, out(RESIDUAL),
+          vocab_axis=0),
     ]
     for i in range(n_layers):
         L = f"model.layers.{i}"
@@ -82,8 +83,9 @@ def build(config, architecture: str) -> PermutationSpec:
     folds.append(NormFold(norm="model.norm.weight", readers=("lm_head.weight",)))
     tied = bool(getattr(config, "tie_word_embeddings", False))
     weights.append(w("lm_head.weight", (config.vocab_size, hidden), None, inp(RESIDUAL),
-                     tied_to="model.embed_tokens.weight" if tied else None))
+                     tied_to="model.embed_tokens.weight" if tied else None, vocab_axis=0))
     spaces.insert(0, Space(name=RESIDUAL, kind="residual", size=hidden,
                            features=tuple(residual_points)))
     return PermutationSpec(family="llama", architecture=architecture, spaces=tuple(spaces),
-                           weights=tuple(weights), num_layers=n_layers, norm_folds=tuple(folds))
+                           weights=tuple(weights), num_layers=n_layers, norm_folds=tuple(folds),
+                           blocks="model.layers")

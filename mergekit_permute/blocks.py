@@ -1,0 +1,146 @@
+"""Layer-wise execution: a model run one block at a time over fixed calibration batches.
+
+The "catch the first layer's inputs" pattern of GPTQ / AutoAWQ / llm-compressor: the model is
+built on the meta device, only its embeddings are loaded, and one forward pass per batch stops
+at the blocks, recording what each block receives (hidden states of block 0, masks, position
+embeddings; per block, since some families give layers different masks). Then each block is
+loaded alone, run over every batch's hidden states, and freed. Memory: one block plus the
+hidden-state buffer, flat in depth. A model already in memory runs the same way (nothing is
+loaded or freed), so every caller shares one code path.
+"""
+
+import logging
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+
+from mergekit_permute.spec.base import PermutationSpec
+
+LOG = logging.getLogger(__name__)
+Caught = Tuple[torch.Tensor, List[Tuple[tuple, Dict[str, Any]]]]  # hidden, per block (args, kwargs)
+
+
+class _Stop(Exception):
+    """Raised by the last block's recorder: nothing after the blocks is needed."""
+
+
+class BlockRunError(RuntimeError):
+    """A block that cannot run standalone (the message names it and what failed)."""
+
+
+class BlockModel:
+    """One model, executed block by block. `source` (a TensorSource) supplies the weights of
+    a skeleton built on the meta device; without it `model` already holds its weights."""
+
+    def __init__(self, spec: PermutationSpec, model: torch.nn.Module, source=None,
+                 device="cpu", dtype: Optional[torch.dtype] = None):
+        self.spec, self.model, self.source = spec, model.eval(), source
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.blocks = model.get_submodule(spec.blocks)
+        if len(self.blocks) != spec.num_layers:
+            raise BlockRunError(f"{spec.blocks} holds {len(self.blocks)} blocks, the config "
+                                f"{spec.num_layers}")
+        if source is not None:  # buffers (rotary frequencies, position ids) are built on init
+            for name, buf in list(model.named_buffers()):
+                module, _, attr = name.rpartition(".")
+                model.get_submodule(module)._buffers[attr] = buf.to(self.device)
+
+    @staticmethod
+    def skeleton(spec: PermutationSpec, config, source, device="cpu",
+                 dtype: torch.dtype = torch.float32) -> "BlockModel":
+        """A model with no weights yet: parameters on the meta device, buffers real."""
+        import transformers
+        from accelerate import init_empty_weights
+        cls = getattr(transformers, spec.architecture)
+        with init_empty_weights(include_buffers=False):
+            model = cls(config)
+        return BlockModel(spec, model, source, device, dtype)
+
+    # ---- weights ----
+    def _params(self, layer: Optional[int]):
+        prefix = f"{self.spec.blocks}."
+        for name, _ in self.model.named_parameters(remove_duplicate=False):
+            inside = name.startswith(prefix)
+            if (layer is None and not inside) or \
+                    (layer is not None and name.startswith(f"{prefix}{layer}.")):
+                yield name
+
+    def _set(self, name: str, tensor: torch.Tensor) -> None:
+        module, _, attr = name.rpartition(".")
+        self.model.get_submodule(module)._parameters[attr] = torch.nn.Parameter(
+            tensor, requires_grad=False)
+
+    def load(self, layer: Optional[int]) -> None:
+        """Materialise block `layer` (None: everything outside the blocks) from the source."""
+        if self.source is None:
+            return
+        for name in self._params(layer):
+            tensor = self.source.get(name)
+            if tensor is None:  # e.g. a head tied to the embeddings and not stored
+                continue
+            dtype = self.dtype if tensor.is_floating_point() and self.dtype else tensor.dtype
+            # a copy: callers may correct a loaded block in place (REPAIR), never the source
+            self._set(name, tensor.to(self.device, dtype, copy=True))
+
+    def free(self, layer: Optional[int]) -> None:
+        if self.source is None:
+            return
+        for name in self._params(layer):
+            module, _, attr = name.rpartition(".")
+            param = self.model.get_submodule(module)._parameters[attr]
+            self._set(name, torch.empty(param.shape, dtype=param.dtype, device="meta"))
+
+    # ---- execution ----
+    def catch(self, batch: Dict[str, torch.Tensor]) -> Caught:
+        """Run the embeddings on one batch and record every block's inputs."""
+        calls: List[Optional[Tuple[tuple, Dict[str, Any]]]] = [None] * len(self.blocks)
+
+        def recorder(i: int):
+            def forward(*args, **kwargs):
+                calls[i] = (args, kwargs)
+                if i == len(self.blocks) - 1:
+                    raise _Stop()
+                return args[0] if args else kwargs["hidden_states"]
+            return forward
+
+        for i, block in enumerate(self.blocks):
+            block.forward = recorder(i)
+        inputs = {k: v.to(self.device) for k, v in batch.items() if k != "labels"}
+        try:
+            self.model(**inputs, **_no_cache(self.model))
+        except _Stop:
+            pass
+        except Exception as e:
+            raise BlockRunError(f"{self.spec.architecture}: the embeddings could not run on "
+                                f"their own before the blocks ({type(e).__name__}: {e})") from e
+        finally:
+            for block in self.blocks:
+                del block.forward
+        if any(c is None for c in calls):
+            raise BlockRunError(f"{self.spec.architecture}: not every block of {self.spec.blocks}"
+                                " was called in order, so the model cannot run block by block")
+        args, kwargs = calls[0]
+        hidden = args[0] if args else kwargs["hidden_states"]
+        return hidden, calls
+
+    def run(self, layer: int, hidden: torch.Tensor, call: Tuple[tuple, Dict[str, Any]]
+            ) -> torch.Tensor:
+        args, kwargs = call
+        if args:
+            args = (hidden, *args[1:])
+        else:
+            kwargs = {**kwargs, "hidden_states": hidden}
+        try:
+            out = self.blocks[layer](*args, **kwargs)
+        except Exception as e:
+            raise BlockRunError(f"{self.spec.architecture}: block {layer} of {self.spec.blocks} "
+                                f"could not run standalone ({type(e).__name__}: {e})") from e
+        return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def _no_cache(model) -> Dict[str, Any]:
+    """A KV cache would grow with every batch and leak state between runs of a block."""
+    import inspect
+    return {"use_cache": False} if "use_cache" in inspect.signature(model.forward).parameters \
+        else {}

@@ -1,0 +1,356 @@
+"""Checkpoints on disk, read one tensor at a time, and written the same way.
+
+`Checkpoint` opens a model directory (or a Hub id, downloaded once) without loading it:
+safetensors shards are read lazily per tensor; pickles (`pytorch_model.bin`, as MultiBERTs
+ship) go through the weights-only unpickler with mmap, and a pickle that needs full unpickling
+is refused unless the user opts in. `write_like` streams a transformed copy out in the input's
+shard layout, holding one tensor at a time.
+"""
+
+import hashlib
+import json
+import logging
+import os
+import pickle
+import shutil
+import struct
+from pathlib import Path
+from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+
+import torch
+
+LOG = logging.getLogger(__name__)
+ALLOW_PICKLE_ENV = "MERGEKIT_PERMUTE_ALLOW_UNSAFE_PICKLE"
+SAFE_INDEX, BIN_INDEX = "model.safetensors.index.json", "pytorch_model.bin.index.json"
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+# What `write_like` copies beside the weights (config, tokenizer, generation settings).
+SIDECARS = (".json", ".txt", ".model", ".jinja", ".tiktoken")
+
+
+class UnsafeCheckpoint(ValueError):
+    pass
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read; the message names the file."""
+
+
+def resolve(path: str) -> Path:
+    """A local directory, or a Hub id downloaded (weights, config, tokenizer) to the HF cache."""
+    local = Path(path).expanduser()
+    if local.exists():
+        if not local.is_dir():
+            raise CheckpointError(f"model {path!r} is a file; pass the model's directory")
+        return local
+    if path.startswith(("/", ".", "~")) or path.count("/") > 1:
+        raise FileNotFoundError(f"model {path!r} does not exist (neither a directory nor a hub id)")
+    from huggingface_hub import snapshot_download
+    try:
+        return Path(snapshot_download(path, allow_patterns=[
+            "*.json", "*.safetensors", "*.bin", "*.txt", "*.model", "*.jinja", "*.tiktoken"]))
+    except Exception as e:
+        raise FileNotFoundError(f"model {path!r} is not a local directory and could not be "
+                                f"fetched from the Hugging Face Hub: {e}") from None
+
+
+class Checkpoint:
+    """The weight files of one model directory: names, shapes, dtypes, tensors on demand."""
+
+    def __init__(self, path: str):
+        self.path = str(path)
+        self.root = resolve(path)
+        self._open: Dict[str, object] = {}
+        self.files, self.key_file = self._index()
+
+    def _index(self) -> Tuple[List[str], Dict[str, str]]:
+        for index, kind in ((SAFE_INDEX, "safetensors"), (BIN_INDEX, "bin")):
+            if (self.root / index).is_file():
+                try:
+                    weight_map = json.loads((self.root / index).read_text())["weight_map"]
+                except (ValueError, KeyError) as e:
+                    raise CheckpointError(f"{self.root / index}: not a valid shard index ({e})") \
+                        from None
+                return sorted(set(weight_map.values())), dict(weight_map)
+        for single in ("model.safetensors", "pytorch_model.bin"):
+            if (self.root / single).is_file():
+                return [single], {k: single for k in self._read_keys(single)}
+        raise CheckpointError(f"{self.root}: no model.safetensors, pytorch_model.bin or shard "
+                              "index found")
+
+    def _read_keys(self, file: str) -> List[str]:
+        return list(self._handle(file).keys())
+
+    def _handle(self, file: str):
+        if file not in self._open:
+            full = self.root / file
+            if not full.is_file():
+                raise CheckpointError(f"{full}: listed in the shard index but missing")
+            if file.endswith(".safetensors"):
+                from safetensors import safe_open
+                try:
+                    self._open[file] = safe_open(str(full), framework="pt")
+                except Exception as e:
+                    raise CheckpointError(f"{full}: not a readable safetensors file ({e})") \
+                        from None
+            else:
+                self._open[file] = _load_pickle(full)
+        return self._open[file]
+
+    @property
+    def is_pickle(self) -> bool:
+        return not all(f.endswith(".safetensors") for f in self.files)
+
+    def keys(self) -> List[str]:
+        return list(self.key_file)
+
+    def get(self, key: str) -> torch.Tensor:
+        handle = self._handle(self.key_file[key])
+        try:
+            return handle.get_tensor(key) if hasattr(handle, "get_tensor") else handle[key]
+        except Exception as e:
+            raise CheckpointError(f"{self.root / self.key_file[key]}: cannot read {key} ({e})") \
+                from None
+
+    def meta(self, key: str) -> Tuple[Tuple[int, ...], torch.dtype]:
+        """(shape, dtype) without reading the data."""
+        handle = self._handle(self.key_file[key])
+        if hasattr(handle, "get_slice"):
+            piece = handle.get_slice(key)
+            return tuple(piece.get_shape()), _FROM_NAME[piece.get_dtype()]
+        return tuple(handle[key].shape), handle[key].dtype
+
+    def dtype(self) -> torch.dtype:
+        """The dtype of the floating-point weights (the most common one)."""
+        counts: Dict[torch.dtype, int] = {}
+        for key in self.keys():
+            dtype = self.meta(key)[1]
+            if dtype.is_floating_point:
+                counts[dtype] = counts.get(dtype, 0) + 1
+        return max(counts, key=counts.get) if counts else torch.float32
+
+    def fingerprint(self) -> str:
+        """Content hash of the weight files (robust to paths and copies)."""
+        h = hashlib.blake2b(digest_size=16)
+        for file in self.files:
+            h.update(file.encode())
+            with open(self.root / file, "rb") as f:
+                for chunk in iter(lambda: f.read(1 << 24), b""):
+                    h.update(chunk)
+        return h.hexdigest()
+
+
+def _load_pickle(path: Path):
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except pickle.UnpicklingError as e:
+        if os.environ.get(ALLOW_PICKLE_ENV) != "1":
+            raise UnsafeCheckpoint(
+                f"{path}: its pickle needs full unpickling, which can run arbitrary code, so it "
+                "was refused (the weights-only unpickler rejected it). Convert it to safetensors "
+                "in an environment you trust, or - only if you trust its source - pass "
+                f"--allow-unsafe-pickle (or set {ALLOW_PICKLE_ENV}=1).") from e
+        LOG.warning("%s: fully unpickling a checkpoint on explicit request", path)
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        return {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+    except RuntimeError as e:
+        if "mmap" not in str(e):
+            raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({e})") from None
+        return torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) format
+
+
+# ---- tensor sources: what a layer-wise runner reads weights from ----------------------------------
+
+class CheckpointSource:
+    """Tensors of a checkpoint by the model's parameter names (spec aliases and tied weights
+    resolved)."""
+
+    def __init__(self, checkpoint: Checkpoint, spec):
+        self.checkpoint, self.rules = checkpoint, spec.weight_map()
+        self._keys = set(checkpoint.keys())
+
+    def key(self, name: str) -> Optional[str]:
+        if name in self._keys:
+            return name
+        rule = self.rules.get(name)
+        if rule is None:
+            return None
+        for candidate in (rule.name, *rule.aliases):
+            if candidate in self._keys:
+                return candidate
+        return self.key(rule.tied_to) if rule.tied_to else None
+
+    def get(self, name: str) -> Optional[torch.Tensor]:
+        key = self.key(name)
+        return None if key is None else self.checkpoint.get(key)
+
+
+class StateSource:
+    """Tensors of a state dict already in memory."""
+
+    def __init__(self, state: Mapping[str, torch.Tensor], spec=None):
+        self.state, self.rules = state, spec.weight_map() if spec is not None else {}
+
+    def get(self, name: str) -> Optional[torch.Tensor]:
+        if name in self.state:
+            return self.state[name]
+        rule = self.rules.get(name)
+        for candidate in ((rule.name, *rule.aliases) if rule else ()):
+            if candidate in self.state:
+                return self.state[candidate]
+        return self.get(rule.tied_to) if rule is not None and rule.tied_to else None
+
+
+class AlignedSource:
+    """Another source's tensors through an alignment (B in A's basis)."""
+
+    def __init__(self, source, alignment):
+        self.source, self.alignment = source, alignment
+
+    def get(self, name: str) -> Optional[torch.Tensor]:
+        t = self.source.get(name)
+        return None if t is None else self.alignment.tensor(name, t)
+
+
+class BlendSource:
+    """The weighted average of several sources already in one basis."""
+
+    def __init__(self, parts: Sequence[Tuple[float, object]]):
+        self.parts = list(parts)
+
+    def get(self, name: str) -> Optional[torch.Tensor]:
+        tensors = [(w, s.get(name)) for w, s in self.parts]
+        if any(t is None for _, t in tensors):
+            return None
+        return weighted_average([t for _, t in tensors], [w for w, _ in tensors])
+
+
+def weighted_average(tensors: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
+    """The one weighted average of this package: float64 accumulation, the first tensor's
+    dtype out; non-floating tensors (index buffers) are taken from the first."""
+    first = tensors[0]
+    if not first.is_floating_point():
+        return first
+    total = float(sum(weights))
+    if total == 0:
+        raise ValueError("the model weights sum to zero")
+    acc = None
+    for t, w in zip(tensors, weights):
+        term = float(w) * t.to(first.device, torch.float64)
+        acc = term if acc is None else acc + term
+    return (acc / total).to(first.dtype)
+
+
+def average_states(weighted: Sequence[Tuple[float, Mapping[str, torch.Tensor]]]
+                   ) -> Dict[str, torch.Tensor]:
+    first = weighted[0][1]
+    return {k: weighted_average([s[k] for _, s in weighted], [w for w, _ in weighted])
+            for k in first}
+
+
+def state_fingerprint(state: Mapping[str, torch.Tensor]) -> str:
+    h = hashlib.blake2b(digest_size=16)
+    for name, t in sorted(state.items()):
+        h.update(name.encode())
+        t = t.detach().to("cpu").contiguous()
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+# ---- streaming writer -----------------------------------------------------------------------------
+
+_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+           torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
+           torch.uint8: "U8", torch.bool: "BOOL"}
+_FROM_NAME = {v: k for k, v in _DTYPES.items()}
+
+
+def stream_safetensors(path: Path, layout: Sequence[Tuple[str, Tuple[int, ...], torch.dtype]],
+                       produce: Callable[[str], torch.Tensor],
+                       metadata: Optional[Dict[str, str]] = None) -> None:
+    """Write a safetensors file whose tensors are produced one at a time, in `layout` order:
+    the header (names, dtypes, shapes, offsets) first, then each tensor's bytes."""
+    header: Dict[str, object] = {"__metadata__": dict(metadata or {"format": "pt"})}
+    offset = 0
+    for name, shape, dtype in layout:
+        size = int(torch.tensor([], dtype=dtype).element_size()) * int(torch.Size(shape).numel())
+        header[name] = {"dtype": _DTYPES[dtype], "shape": list(shape),
+                        "data_offsets": [offset, offset + size]}
+        offset += size
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)  # the data starts 8-byte aligned
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(blob)))
+        f.write(blob)
+        for name, shape, dtype in layout:
+            t = produce(name)
+            if tuple(t.shape) != tuple(shape) or t.dtype != dtype:
+                raise RuntimeError(f"{name}: produced {tuple(t.shape)} {t.dtype}, expected "
+                                   f"{tuple(shape)} {dtype}")
+            t = t.detach().to("cpu").contiguous()
+            if t.numel():
+                f.write(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+
+
+def write_like(src: Checkpoint, out_dir: Path, transform: Callable[[str, torch.Tensor], torch.Tensor],
+               dtype: Optional[torch.dtype] = None, desc: str = "writing") -> None:
+    """A transformed copy of `src` in `out_dir`, shard by shard like the input (pickles become
+    safetensors), one tensor in memory at a time; config and tokenizer files copied beside."""
+    from tqdm.auto import tqdm
+    out_dir = Path(out_dir)
+    names = _output_names(src.files)
+    shards: Dict[str, List[str]] = {}
+    for key, file in src.key_file.items():
+        shards.setdefault(names[file], []).append(key)
+    total = sum(len(v) for v in shards.values())
+    bar = tqdm(total=total, desc=desc, unit="tensor")
+    weight_map = {}
+    for out_file, keys in sorted(shards.items()):
+        keys = sorted(keys)
+        layout = []
+        for key in keys:
+            shape, stored = src.meta(key)
+            layout.append((key, shape, dtype if dtype is not None and stored.is_floating_point
+                           else stored))
+            weight_map[key] = out_file
+        kinds = dict((k, d) for k, _, d in layout)
+
+        def produce(key: str) -> torch.Tensor:
+            bar.update(1)
+            return transform(key, src.get(key)).to(kinds[key])
+        stream_safetensors(out_dir / out_file, layout, produce)
+    bar.close()
+    if len(shards) > 1:
+        (out_dir / SAFE_INDEX).write_text(json.dumps(
+            {"metadata": {}, "weight_map": dict(sorted(weight_map.items()))}, indent=2) + "\n")
+    copy_sidecars(src.root, out_dir)
+    if dtype is not None:
+        _set_config_dtype(out_dir / "config.json", dtype)
+
+
+def _output_names(files: Sequence[str]) -> Dict[str, str]:
+    if len(files) == 1:
+        return {files[0]: "model.safetensors"}
+    n = len(files)
+    return {f: f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i, f in enumerate(sorted(files))}
+
+
+def copy_sidecars(src: Path, dst: Path) -> None:
+    for f in sorted(Path(src).iterdir()):
+        if f.is_file() and f.suffix in SIDECARS and f.name not in (SAFE_INDEX, BIN_INDEX):
+            shutil.copy(f, Path(dst) / f.name)
+
+
+def _set_config_dtype(path: Path, dtype: torch.dtype) -> None:
+    if not path.is_file():
+        return
+    config = json.loads(path.read_text())
+    name = str(dtype).replace("torch.", "")
+    for key in ("torch_dtype", "dtype"):
+        if key in config:
+            config[key] = name
+    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def iter_tensors(src: Checkpoint, names: Iterable[str]) -> Iterable[Tuple[str, torch.Tensor]]:
+    for name in names:
+        yield name, src.get(name)

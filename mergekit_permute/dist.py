@@ -1,0 +1,81 @@
+"""torch.distributed: calibration batches split across ranks, statistics all-reduced.
+
+Run under `torchrun --nproc-per-node N -m mergekit_permute align ...` (NCCL on GPUs, gloo on
+CPU): every rank tokenizes the same text, calibrates every N-th batch, and the layer sums are
+added across ranks as each layer completes; rank 0 solves and writes. With one process (no
+torchrun) every method here is the identity, so the plain run is the same code.
+"""
+
+import logging
+import os
+from typing import Dict, List, Sequence, TypeVar
+
+import torch
+
+from mergekit_permute.stats import CrossStats
+
+LOG = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+class Distributed:
+    """The current process group (or a single process)."""
+
+    def __init__(self):
+        import torch.distributed as td
+        self.active = td.is_available() and td.is_initialized()
+        self.rank = td.get_rank() if self.active else 0
+        self.size = td.get_world_size() if self.active else 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def shard(self, items: Sequence[T]) -> List[T]:
+        return list(items[self.rank::self.size])
+
+    def reduce(self, stats: Dict[str, CrossStats]) -> Dict[str, CrossStats]:
+        """Sum every rank's statistics (in a fixed key order, so every rank agrees)."""
+        if not self.active:
+            return stats
+        import torch.distributed as td
+        device = _device()
+        out = {}
+        for key in sorted(stats):
+            tensors = {n: t.to(device) for n, t in stats[key].tensors().items()}
+            for t in tensors.values():
+                td.all_reduce(t)
+            out[key] = CrossStats.from_tensors({n: t.cpu() for n, t in tensors.items()})
+        return out
+
+    def total(self, count: int) -> int:
+        if not self.active:
+            return count
+        import torch.distributed as td
+        t = torch.tensor(float(count), dtype=torch.float64, device=_device())
+        td.all_reduce(t)
+        return int(t.item())
+
+    def barrier(self) -> None:
+        if self.active:
+            import torch.distributed as td
+            td.barrier()
+
+
+def _device() -> torch.device:
+    import torch.distributed as td
+    if td.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def init_from_env(device: str) -> Distributed:
+    """Join the process group torchrun describes (WORLD_SIZE > 1), else a single process."""
+    import torch.distributed as td
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not td.is_initialized():
+        backend = "nccl" if torch.device(device).type == "cuda" else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        td.init_process_group(backend)
+        LOG.info("rank %d of %d (%s)", td.get_rank(), td.get_world_size(), backend)
+    return Distributed()

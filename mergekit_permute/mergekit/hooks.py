@@ -1,0 +1,127 @@
+"""Everything that touches MergeKit 0.1.5, in one place.
+
+MergeKit has no plugin discovery, so `install()` (run by the import hook in _autoload.py when
+MergeKit loads, or directly by our CLI):
+  * registers the merge method `permute` (MergeKit's own `register`);
+  * adds the architecture MergeKit lacks (BertForPreTraining) with `setdefault`;
+  * wraps four functions, each of which hands anything but a `permute` recipe straight to
+    MergeKit's original:
+      get_architecture_info  a `permute` recipe: validated, aligned (a PermuteRun, attached to
+                             that configuration object) and planned with our weight list;
+      MergePlanner.plan_tensor  that run's tensor tasks get the run as a parameter;
+      generate_card          that run's card;
+      _copy_tagalong_files   that run's alignment.json / permutations.safetensors.
+A non-`permute` merge runs exactly MergeKit's code (tests/test_mergekit_harm.py compares the
+outputs byte for byte against MergeKit without the plugin).
+"""
+
+import functools
+import logging
+
+LOG = logging.getLogger(__name__)
+_MARK = "__mergekit_permute_original__"
+
+
+def _is_permute(config) -> bool:
+    return getattr(config, "merge_method", None) == "permute"
+
+
+def _wrap(owner, name: str, make):
+    """Replace owner.name by make(original), once; the original stays reachable."""
+    current = getattr(owner, name)
+    if getattr(current, _MARK, None) is not None:
+        return
+    wrapper = functools.wraps(current)(make(current))
+    setattr(wrapper, _MARK, current)
+    setattr(owner, name, wrapper)
+
+
+def register_method() -> None:
+    import sys
+    partial = sys.modules.get("mergekit_permute.mergekit.method")
+    if partial is not None and not hasattr(partial, "PermuteMerge"):
+        return  # method.py is importing MergeKit right now; it registers itself when done
+    from mergekit.merge_methods import registry
+
+    from mergekit_permute.mergekit.method import PermuteMerge
+    if "permute" not in registry._METHODS:
+        registry.register(PermuteMerge())
+
+
+def add_architectures() -> None:
+    from mergekit_permute.mergekit.architecture import add_missing_architectures
+    add_missing_architectures()
+
+
+def hook_planner() -> None:
+    from mergekit import plan
+
+    def make(original):
+        def plan_tensor(self, weight, weights_in, models, cfg_reader):
+            count = len(self._tensors)
+            original(self, weight, weights_in, models, cfg_reader)
+            run = _run_of(self.config)
+            if run is None or len(self._tensors) == count:
+                return
+            import immutables
+            from mergekit.common import ImmutableMap
+
+            from mergekit_permute.mergekit.method import RUN_PARAM
+            info, task = self._tensors[-1]
+            params = dict(task.parameters.items())
+            params[RUN_PARAM] = run
+            self._tensors[-1] = (info, task.model_copy(
+                update={"parameters": ImmutableMap(immutables.Map(params))}))
+        return plan_tensor
+    _wrap(plan.MergePlanner, "plan_tensor", make)
+
+
+def hook_merge() -> None:
+    from mergekit import merge
+
+    def make_arch(original):
+        def get_architecture_info(config, options):
+            if not _is_permute(config):
+                return original(config, options)
+            from mergekit_permute.mergekit.run import PermuteRun
+            run = PermuteRun.of(config) or PermuteRun(config, options.device).attach()
+            if run.spec is None:
+                run.plan()
+            return run.architecture()
+        return get_architecture_info
+
+    def make_card(original):
+        def generate_card(config, config_yaml, name=None, *args, **kwargs):
+            run = _run_of(config)
+            if run is None:
+                return original(config, config_yaml, name, *args, **kwargs)
+            return run.card(config_yaml, name)
+        return generate_card
+
+    def make_tagalong(original):
+        def copy_tagalong_files(merge_config, out_path, *args, **kwargs):
+            original(merge_config, out_path, *args, **kwargs)
+            run = _run_of(merge_config)
+            if run is not None:
+                run.write_files(out_path)
+        return copy_tagalong_files
+
+    _wrap(merge, "get_architecture_info", make_arch)
+    _wrap(merge, "generate_card", make_card)
+    _wrap(merge, "_copy_tagalong_files", make_tagalong)
+
+
+def _run_of(config):
+    if not _is_permute(config):
+        return None
+    from mergekit_permute.mergekit.run import PermuteRun
+    return PermuteRun.of(config)
+
+
+def install() -> None:
+    """Idempotent; safe after the import hook has run, as our CLI calls it."""
+    import mergekit.merge  # noqa: F401  (loads every module below)
+    register_method()
+    add_architectures()
+    hook_planner()
+    hook_merge()

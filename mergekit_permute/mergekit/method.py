@@ -1,0 +1,51 @@
+"""The MergeKit merge method `permute`: align every other model to the base, then average.
+
+MergeKit calls a method one tensor at a time. Everything a `permute` run computes before the
+first tensor (alignments, REPAIR corrections) lives in that run's `PermuteRun`, which the
+planner hands to each tensor task as a parameter (hooks.py); the method itself holds no state.
+"""
+
+import torch
+from mergekit.merge_methods.base import (
+    BasePolicy, GroupMergeMethod, InputContract, MergeMethodSpec, OptionalTensorPolicy,
+    TensorGroup,
+)
+
+from mergekit_permute.settings import RecipeError, parameter_specs
+
+RUN_PARAM = "mergekit_permute_run"   # the run object, added by the planner hook
+
+
+class PermuteMerge(GroupMergeMethod):
+    spec = MergeMethodSpec(
+        name="permute",
+        pretty_name="Permute (activation-matched alignment, then average)",
+        reference_url="https://arxiv.org/abs/2403.00986",
+        contract=InputContract(base=BasePolicy.REQUIRED, min_inputs=2),
+        optional_tensor_policy=OptionalTensorPolicy.ERROR,
+        parameters=parameter_specs(),
+    )
+
+    def merge_group(self, group: TensorGroup, /, weight, **params) -> torch.Tensor:
+        run = params.get(RUN_PARAM)
+        if run is None:
+            raise RecipeError(
+                "merge_method permute needs model paths, not bare tensors: it aligns whole "
+                "models on calibration text before averaging. Run it from a MergeKit recipe "
+                "(mergekit-yaml, or mergekit-permute merge), or align first "
+                "(mergekit-permute align) and merge the aligned checkpoints with any method.")
+        return run.merge_tensor(group, weight)
+
+
+def _register_if_loaded() -> None:
+    """Importing this module may itself be what loaded MergeKit's registry (whose import hook
+    then had to wait for PermuteMerge to exist): register now, if the plugin is enabled."""
+    import sys
+
+    from mergekit_permute._autoload import enabled
+    if enabled() and "mergekit.merge_methods.registry" in sys.modules:
+        from mergekit_permute.mergekit.hooks import register_method
+        register_method()
+
+
+_register_if_loaded()

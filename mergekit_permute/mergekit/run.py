@@ -1,0 +1,152 @@
+"""One `permute` merge: what MergeKit's planner asked for, and everything computed for it
+before the first tensor is merged (alignments, REPAIR corrections). Created when MergeKit
+plans a `permute` recipe, attached to that run's configuration object, and handed to every
+tensor task; nothing lives at module level."""
+
+import logging
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import torch
+
+from mergekit_permute.settings import AlignSettings, RecipeError, WEIGHT_PARAM
+
+LOG = logging.getLogger(__name__)
+ATTRIBUTE = "_mergekit_permute_run"
+
+
+def model_path(ref) -> str:
+    if getattr(ref, "lora", None) is not None:
+        raise RecipeError(f"{ref}: LoRA inputs are not supported by merge_method permute")
+    return ref.model.path if hasattr(ref, "model") else str(ref)
+
+
+def validate_recipe(config):
+    """(settings, data, base, others, weights) of a `permute` recipe, or a RecipeError
+    naming the problem, before MergeKit plans any tensor."""
+    if config.slices or config.modules:
+        raise RecipeError("merge_method permute needs the `models:` form (whole models, same "
+                          "layer count); slices and modules are not supported")
+    if config.base_model is None:
+        raise RecipeError("merge_method permute needs `base_model` (model A, whose basis the "
+                          "others are aligned to)")
+    models = config.models or []
+    refs = {m.model for m in models} | {config.base_model}
+    if len(refs) < 2:
+        raise RecipeError("merge_method permute needs at least two distinct models (base_model "
+                          "and one or more others to align to it)")
+    weights: Dict[str, float] = {}
+    for m in models:
+        extra = sorted(set(m.parameters or {}) - {WEIGHT_PARAM})
+        if extra:
+            raise RecipeError(f"model {m.model}: parameter(s) {extra} are not per-model; "
+                              "put them under the top-level `parameters:`")
+        w = (m.parameters or {}).get(WEIGHT_PARAM, 1.0)
+        if isinstance(w, bool) or not isinstance(w, (int, float)) or w < 0:
+            raise RecipeError(f"model {m.model}: weight must be a number >= 0, got {w!r}")
+        weights[model_path(m.model)] = float(w)
+    settings, data = AlignSettings.from_recipe(dict(config.parameters or {}))
+    base = model_path(config.base_model)
+    others = sorted({model_path(m.model) for m in models} - {base})
+    weights.setdefault(base, 1.0)
+    if sum(weights.values()) == 0:
+        raise RecipeError("merge_method permute: the model weights sum to zero")
+    return settings, data, base, others, weights
+
+
+class PermuteRun:
+    def __init__(self, config, device: str = "cpu"):
+        self.config = config
+        self.settings, self.data, self.base, self.others, self.weights = validate_recipe(config)
+        self.device = device or "cpu"
+        self.alignments: Dict[str, object] = {}       # other model's path -> Alignment
+        self.repaired: Dict[str, torch.Tensor] = {}   # REPAIR-corrected merged tensors
+        self.repair_report: Dict[str, float] = {}
+        self.barrier: Optional[Dict] = None           # a measured barrier, for the card
+        self.output_name: Optional[str] = None        # the card's title, if not the out dir
+        self.spec = None
+        self._unknown: set = set()
+
+    # ---- the run on its configuration object ----
+    @staticmethod
+    def of(config) -> Optional["PermuteRun"]:
+        return getattr(config, ATTRIBUTE, None)
+
+    def attach(self) -> "PermuteRun":
+        object.__setattr__(self.config, ATTRIBUTE, self)
+        return self
+
+    # ---- before any tensor ----
+    def plan(self) -> None:
+        """Check every model against the base, then align them (and REPAIR the merge)."""
+        from mergekit_permute.models import open_pair
+        from mergekit_permute.multi import align_all
+        from mergekit_permute.settings import check_settings
+        pairs = [open_pair(self.base, other) for other in self.others]
+        self.spec = pairs[0].spec
+        check_settings(self.spec, self.settings)
+        if self.settings.reference == "average" and len(self.others) < 2:
+            LOG.info("reference=average with one other model is alignment to the base")
+        models = [self.base, *self.others]
+        alignments = align_all(models, [self.weights[m] for m in models], self.data,
+                               self.settings, device=self.device)
+        self.alignments = dict(zip(self.others, alignments))
+        if self.settings.repair:
+            self._repair(pairs)
+
+    def _repair(self, pairs) -> None:
+        from mergekit_permute.blocks import BlockModel
+        from mergekit_permute.checkpoints import AlignedSource, BlendSource
+        from mergekit_permute.pipeline import prepare_calibration
+        from mergekit_permute.repair import Moments, measure, repair
+        spec, calib = self.spec, prepare_calibration(pairs[0], self.data, self.settings)
+        parents = [(self.weights[self.base], pairs[0].source("a"))] + [
+            (self.weights[o], AlignedSource(p.source("b"), self.alignments[o]))
+            for o, p in zip(self.others, pairs)]
+
+        def runner(source):
+            return BlockModel.skeleton(spec, pairs[0].config, source, self.device)
+        moments = [(w, measure(runner(s), spec, calib.batches, calib.masks)) for w, s in parents]
+        targets = {k: Moments.mix([(w, m[k]) for w, m in moments]) for k in moments[0][1]}
+        self.repaired, self.repair_report = repair(runner(BlendSource(parents)), spec, targets,
+                                                   calib.batches, calib.masks)
+        LOG.info("REPAIR: mean |log std ratio| before correction per FF layer: %s",
+                 self.repair_report)
+
+    def architecture(self):
+        from mergekit_permute.mergekit.architecture import run_architecture
+        return run_architecture(self.spec)
+
+    # ---- one tensor ----
+    def merge_tensor(self, group, weight) -> torch.Tensor:
+        from mergekit_permute.checkpoints import weighted_average
+        base, name = group.base, group.metadata.name
+        if name in self.repaired:
+            return self.repaired[name].to(base.tensor.device, base.tensor.dtype)
+        tensors, weights = [base.tensor], [float(weight[base.id])]
+        for entry in group.non_base:
+            alignment = self.alignments[model_path(entry.id)]
+            if name not in alignment.rules and entry.tensor.is_floating_point() \
+                    and name not in self._unknown:
+                self._unknown.add(name)
+                LOG.warning("%s is not in the permutation spec; averaged as is", name)
+            tensors.append(alignment.tensor(name, entry.tensor).to(base.tensor.device))
+            weights.append(float(weight[entry.id]))
+        return weighted_average(tensors, weights)
+
+    # ---- after the tensors ----
+    def write_files(self, out_dir: Path) -> None:
+        from mergekit_permute.alignment import save_alignment
+        alignments = list(self.alignments.values())
+        if len(alignments) == 1:
+            save_alignment(alignments[0], Path(out_dir))
+        else:
+            for k, alignment in enumerate(alignments, start=1):
+                save_alignment(alignment, Path(out_dir), suffix=f"-{k}")
+
+    def card(self, config_yaml: str, name: str) -> str:
+        from mergekit_permute.card import merge_card
+        return merge_card(self, config_yaml, self.output_name or name)
+
+    def models(self) -> List[str]:
+        return [self.base, *self.others]

@@ -1,0 +1,202 @@
+"""align(): the one entry point every caller uses (the CLI, a MergeKit `permute` run, barrier
+sweeps, the demo): checkpoints -> calibration batches -> layer-wise statistics (cached) ->
+transforms solved on every core as layers complete -> an Alignment."""
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Sequence
+
+import torch
+
+from mergekit_permute.alignment import Alignment
+from mergekit_permute.blocks import BlockModel
+from mergekit_permute.calibrate import (
+    calibrate_pair, check_tokens, count_tokens, feature_points, tokenize, token_mask,
+)
+from mergekit_permute.data import fingerprint, load_texts
+from mergekit_permute.dist import Distributed
+from mergekit_permute.models import Pair, load_state, open_pair, scan
+from mergekit_permute.settings import AlignSettings, check_settings, residual_policy
+from mergekit_permute.solve import Solver, assemble
+from mergekit_permute.spec.base import PermutationSpec
+from mergekit_permute.stats import Statistics
+from mergekit_permute.stats_cache import StatsCache, cache_key
+
+LOG = logging.getLogger(__name__)
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def calibration_spaces(spec: PermutationSpec) -> List[str]:
+    """Every space whose statistics any setting could use."""
+    return [s.name for s in spec.spaces if not s.frozen]
+
+
+def compute_dtype(device: str, dtype: Optional[str], stored: torch.dtype) -> torch.dtype:
+    """Forwards run in the checkpoint's dtype on a GPU (`auto`) and in float32 on the CPU."""
+    if torch.device(device).type == "cpu":
+        return torch.float32
+    return stored if dtype in (None, "auto") else DTYPES[dtype]
+
+
+@dataclass
+class Calibration:
+    """Tokenized calibration text for one pair, with its provenance."""
+
+    texts: List[str]
+    batches: List[Dict[str, torch.Tensor]]
+    masks: List[torch.Tensor]
+    source: str
+
+    @property
+    def tokens(self) -> int:
+        return int(sum(int(m.sum()) for m in self.masks))
+
+    def info(self, tokens: int) -> Dict:
+        return {"source": self.source, "passages": len(self.texts),
+                "fingerprint": fingerprint(self.texts), "tokens": tokens}
+
+
+def prepare_calibration(pair: Pair, data: str, settings: AlignSettings) -> Calibration:
+    texts = load_texts(data, settings.samples)
+    tok = pair.tokenizer
+    batches = tokenize(tok, texts, settings.max_length, settings.batch_size,
+                       pair.spec.architecture)
+    special = tok.all_special_ids
+    check_tokens(count_tokens(batches, special, settings.keep_special_tokens), pair.spec,
+                 calibration_spaces(pair.spec))
+    masks = [token_mask(b, special, settings.keep_special_tokens) for b in batches]
+    return Calibration(texts, batches, masks, data)
+
+
+def block_models(pair: Pair, device: str, dtype: Optional[str], sources=None):
+    stored = pair.checkpoint_a.dtype()
+    run_dtype = compute_dtype(device, dtype, stored)
+    sources = sources or (pair.source("a"), pair.source("b"))
+    return tuple(BlockModel.skeleton(pair.spec, pair.config, s, device, run_dtype)
+                 for s in sources)
+
+
+def statistics(pair: Pair, calib: Calibration, settings: AlignSettings, *, qk: bool,
+               device: str = "cpu", dtype: Optional[str] = None, use_cache: bool = True,
+               on_layer: Optional[Callable] = None, keep: bool = True, sources=None,
+               fingerprints: Optional[Sequence[str]] = None,
+               dist: Optional[Distributed] = None) -> Statistics:
+    """Calibration statistics of a pair: from a valid cache entry, or computed layer by layer
+    (and cached). `on_layer(layer, stats)` sees every layer's statistics either way; `keep`
+    holds them in memory for later (several methods on one set of statistics). `sources`
+    replace the checkpoints' weights (e.g. a running average); they are not cached unless
+    `fingerprints` name them."""
+    spec = pair.spec
+    dist = dist or Distributed()
+    points = feature_points(spec, calibration_spaces(spec), qk)
+    cache = None
+    if sources is None or fingerprints is not None:
+        fa, fb = fingerprints or (scan(pair.checkpoint_a), scan(pair.checkpoint_b))
+        key = cache_key(fa, fb, fingerprint(calib.texts), settings.calibration_key(), qk)
+        cache = StatsCache(key, expected_shapes(spec, points), spec.space("residual").size)
+    entry = cache.load() if cache is not None and use_cache else None
+    if entry is not None:
+        stats = entry.statistics() if not keep else Statistics(residual=entry.residual,
+                                                               tokens=entry.statistics().tokens)
+        for _, layer_stats in entry.layers():
+            if on_layer is not None:
+                on_layer(None, layer_stats)
+            if keep:
+                stats._layers.update(layer_stats)
+        return stats
+    writer = cache.writer() if cache is not None and dist.is_main else None
+
+    def layer_done(layer, layer_stats):
+        if writer is not None:
+            writer.layer(layer, layer_stats)
+        if on_layer is not None:
+            on_layer(layer, layer_stats)
+
+    model_a, model_b = block_models(pair, device, dtype, sources)
+    batches, masks = dist.shard(calib.batches), dist.shard(calib.masks)
+    try:
+        stats = calibrate_pair(spec, model_a, model_b, batches, points, masks,
+                               on_layer=layer_done, keep=keep, reduce=dist.reduce)
+    except BaseException:
+        if writer is not None:
+            writer.abandon()
+        raise
+    stats.tokens = dist.total(sum(int(m.sum()) for m in masks))
+    if writer is not None:
+        writer.finish(stats.residual, stats.tokens)
+    return stats
+
+
+def expected_shapes(spec: PermutationSpec, points) -> Dict[str, tuple]:
+    """Stats key -> (features of A, features of B) for every non-residual point."""
+    shapes = {}
+    for key, _ in points:
+        space, point = key.split("@")
+        if space == "residual":
+            continue
+        n = spec.space(space).views[point] if point in ("q", "k") else spec.space(space).size
+        shapes[key] = (n, n)
+    return shapes
+
+
+def pair_gains(pair: Pair, sources=None):
+    """A's and B's norm gains (float64) for folding; read from the checkpoints."""
+    sa, sb = sources or (pair.source("a"), pair.source("b"))
+    names = [f.norm for f in pair.spec.norm_folds]
+    return tuple({n: s.get(n).detach().to("cpu", torch.float64) for n in names} for s in (sa, sb))
+
+
+def align(model_a: str, model_b: str, data: Optional[str], settings: AlignSettings, *,
+          device: str = "cpu", dtype: Optional[str] = None, workers: Optional[int] = None,
+          use_cache: bool = True, pair: Optional[Pair] = None, sources=None,
+          dist: Optional[Distributed] = None) -> Alignment:
+    """B's transforms into A's basis. Activation matching: layer-wise calibration, each
+    layer's spaces solved in a process pool while later layers are calibrated. Weight
+    matching: both whole models in memory (it reads every weight of every space at once)."""
+    start = time.perf_counter()
+    dist = dist or Distributed()
+    pair = pair or open_pair(model_a, model_b)
+    spec = pair.spec
+    check_settings(spec, settings)
+    if not settings.function_preserving:
+        LOG.warning("attention=ignore_heads is NOT function-preserving (paper ablation only)")
+    info: Dict = {"model_a": model_a, "model_b": model_b, "matching": settings.matching}
+    if settings.aligns_nothing:
+        alignment = Alignment.identity(spec, settings)
+    elif settings.matching == "weights":
+        from mergekit_permute.weight_match import weight_match_alignment
+        sa, sb = sources or (pair.source("a"), pair.source("b"))
+        states = [load_state(c) for c in (pair.checkpoint_a, pair.checkpoint_b)] \
+            if sources is None else [_state_of(s, pair) for s in (sa, sb)]
+        alignment = weight_match_alignment(spec, states[0], states[1], settings)
+        info["data"] = None
+    else:
+        calib = prepare_calibration(pair, data, settings)
+        solver = Solver(spec, settings, workers if dist.is_main else 1)
+        stats = statistics(pair, calib, settings, qk=settings.needs_qk_features, device=device,
+                           dtype=dtype, use_cache=use_cache, keep=False, sources=sources,
+                           on_layer=lambda _, s: dist.is_main and solver.submit_layer(s),
+                           dist=dist)
+        gains = pair_gains(pair, sources) if residual_policy(settings, spec) == "orthogonal" \
+            else ({}, {})
+        alignment = assemble(spec, settings, solver.results(), stats.residual, gains)
+        info["data"] = calib.info(stats.tokens)
+    alignment.info = {**info, **alignment.info}
+    alignment.timings["total_seconds"] = round(time.perf_counter() - start, 2)
+    return alignment
+
+
+def _state_of(source, pair: Pair) -> Dict[str, torch.Tensor]:
+    return {name: source.get(name) for name in pair.checkpoint_a.keys()}
+
+
+def align_pair(model_a: str, model_b: str, data: Optional[str], settings: AlignSettings, *,
+               device: str = "cpu", use_cache: bool = True, workers: Optional[int] = 1):
+    """align(), then both models loaded whole: (alignment, model A, model B, tokenizer). For
+    small models and tests; the CLI streams instead."""
+    from mergekit_permute.models import load_model
+    pair = open_pair(model_a, model_b)
+    alignment = align(model_a, model_b, data, settings, device=device, workers=workers,
+                      use_cache=use_cache, pair=pair)
+    return alignment, load_model(model_a, device), load_model(model_b, device), pair.tokenizer

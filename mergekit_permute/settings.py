@@ -1,0 +1,321 @@
+"""The one settings schema: every option of an alignment, once.
+
+Each `AlignSettings` field carries its recipe name (MergeKit `parameters:` key), its CLI flag,
+its help text and its role. The click options, MergeKit's ParameterSpecs, recipe validation,
+the `barrier --methods` grammar and the label written into cards and alignment.json are all
+generated from these fields: adding an option is adding one field.
+
+Roles:
+  method       what is aligned and how (a `barrier --methods` suffix, e.g. `+vo=orthogonal`);
+               `vanilla` is its value in the "nothing aligned" baseline.
+  calibration  how the statistics are gathered (part of the statistics cache key).
+  run          how the work is executed (does not change the result beyond float rounding).
+Scope `merge`: used when merging (recipes, barrier sweeps), not by `align`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, List, Literal, Optional, Tuple, get_args, get_origin
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+DEFAULT_DATA = "shakespeare-calib"
+DATA_PARAM = "calibration_data"      # recipe key of the calibration text (CLI: --data)
+WEIGHT_PARAM = "weight"              # the one per-model recipe parameter
+
+
+def option(default: Any, help: str, *, role: str, recipe: Optional[str] = None,
+           cli: Optional[str] = None, vanilla: Any = None, scope: str = "align",
+           **constraints) -> Any:
+    """A settings field with its recipe name, CLI flag and help in one place."""
+    return Field(default, description=help, json_schema_extra={
+        "role": role, "recipe": recipe, "cli": cli, "vanilla": vanilla, "scope": scope},
+        **constraints)
+
+
+class RecipeError(ValueError):
+    """A `permute` recipe that cannot run; the message names the key and the fix."""
+
+
+class AlignSettings(BaseModel):
+    """How to align B to A. Unknown keys are errors (extra="forbid")."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    # ---- method ----
+    matching: Literal["activations", "weights"] = option(
+        "activations", "activations: correlate features on calibration text (the paper); "
+        "weights: data-free weight matching (Git Re-Basin).", role="method",
+        vanilla="activations")
+    ffn: Literal["permute", "identity"] = option(
+        "permute", "Feed-forward neurons: permuted per layer, or left in place.",
+        role="method", vanilla="identity")
+    attention: Literal["head_perm", "monotonic", "identity", "ignore_heads"] = option(
+        "head_perm", "Attention matching: head_perm (the paper), monotonic (head i to head i), "
+        "identity, ignore_heads (ablation, not function-preserving).", role="method",
+        vanilla="identity")
+    residual: Literal["auto", "all", "first", "last", "identity", "orthogonal"] = option(
+        "auto", "Residual stream: auto (orthogonal for pre-norm models with an untied head, "
+        "else all), all/first/last (a permutation from those points), identity, orthogonal.",
+        role="method", vanilla="identity")
+    qk: Literal["follow_vo", "separate", "joint"] = option(
+        "follow_vo", "Q/K dims inside a head: follow V's permutation (paper), matched on "
+        "query/key features (separate), also when assigning heads (joint).", role="method",
+        vanilla="follow_vo")
+    vo: Literal["permute", "orthogonal"] = option(
+        "permute", "V/O dims inside a head: permuted (paper) or rotated per KV group "
+        "(Procrustes; separate V/O projections only).", role="method", vanilla="permute")
+    repair: bool = option(
+        False, "REPAIR: rescale every FF neuron of the merge to the parents' interpolated "
+        "statistics (folded into the down projection).", role="method", vanilla=False,
+        scope="merge")
+    reference: Literal["base", "average"] = option(
+        "base", "N >= 3 models: align each to the base, or to the running average of the base "
+        "and the models before it.", role="method", vanilla="base", scope="merge")
+
+    # ---- calibration ----
+    samples: int = option(256, "Calibration passages.", role="calibration",
+                          recipe="calibration_samples", cli="--samples", ge=1)
+    max_length: int = option(128, "Tokens per passage (at most the models' positions).",
+                             role="calibration", ge=2)
+    batch_size: int = option(8, "Passages per forward batch.", role="calibration", ge=1)
+    keep_special_tokens: bool = option(
+        True, "Keep [CLS]/[SEP]/BOS... in the statistics.", role="calibration",
+        cli="--keep-special-tokens/--drop-special-tokens")
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_for_numbers(cls, value, info):
+        # YAML `samples: true` must not silently become 1.
+        if isinstance(value, bool) and cls.model_fields[info.field_name].annotation in (int, float):
+            raise ValueError("expected a number, got a boolean")
+        return value
+
+    # ---- derived ----
+    @property
+    def function_preserving(self) -> bool:
+        return self.attention != "ignore_heads"
+
+    @property
+    def aligns_nothing(self) -> bool:
+        return (self.ffn, self.attention, self.residual) == ("identity",) * 3
+
+    @property
+    def needs_qk_features(self) -> bool:
+        return (self.qk != "follow_vo" and self.attention not in ("identity", "ignore_heads")
+                and self.matching == "activations")
+
+    @property
+    def needs_statistics(self) -> bool:
+        return self.repair or (self.matching == "activations" and not self.aligns_nothing)
+
+    def label(self) -> str:
+        """Every method field, in declaration order: `ffn=permute,attention=head_perm,...`."""
+        return ",".join(f"{name}={_text(getattr(self, name))}" for name in fields("method"))
+
+    def method_fields(self) -> Dict[str, Any]:
+        return self.model_dump(include=set(fields("method")))
+
+    def calibration_key(self) -> Dict[str, Any]:
+        return self.model_dump(include=set(fields("calibration")))
+
+    # ---- recipes ----
+    @classmethod
+    def from_recipe(cls, params: Dict[str, Any]) -> Tuple["AlignSettings", str]:
+        """(settings, calibration data) from a recipe's shared `parameters:`."""
+        known = recipe_names()
+        unknown = sorted(set(params) - set(known) - {DATA_PARAM})
+        if unknown:
+            raise RecipeError(f"merge_method permute: unknown parameter(s) {unknown}; known: "
+                              f"{sorted([*known, DATA_PARAM])} (and per-model '{WEIGHT_PARAM}')")
+        for key, value in params.items():
+            if isinstance(value, (list, dict)) or hasattr(value, "filter"):
+                raise RecipeError(f"merge_method permute: {key} must be a single value, not a "
+                                  "gradient or filtered list")
+        try:
+            settings = cls(**{known[k]: v for k, v in params.items() if k in known})
+        except ValidationError as e:
+            by_field = {v: k for k, v in known.items()}
+            problems = "; ".join(f"{by_field.get(err['loc'][0], err['loc'][0])}: {err['msg']}"
+                                 for err in e.errors())
+            raise RecipeError(f"merge_method permute: invalid parameter value(s): {problems}"
+                              ) from None
+        data = params.get(DATA_PARAM, DEFAULT_DATA)
+        if not isinstance(data, str) or not data.strip():
+            raise RecipeError(f"merge_method permute: {DATA_PARAM} must be a path or dataset id")
+        return settings, data
+
+    # ---- barrier method names ----
+    @classmethod
+    def vanilla_fields(cls) -> Dict[str, Any]:
+        return {name: _meta(name)["vanilla"] for name in fields("method")}
+
+    def with_method(self, name: str) -> "AlignSettings":
+        """`head_perm+residual=all`, `default+vo=orthogonal+repair`, `vanilla` -> settings
+        (calibration fields kept). Parts: a preset, `default`, a bare boolean field, key=value."""
+        method = set(fields("method"))
+        chosen: Dict[str, Any] = {}
+        for part in (p.strip() for p in name.split("+")):
+            if part == "default":
+                chosen.update(AlignSettings().method_fields())
+            elif part in PRESETS:
+                chosen.update(self.vanilla_fields(), **PRESETS[part])
+            elif part in method and type(self).model_fields[part].annotation is bool:
+                chosen[part] = True
+            elif "=" in part and part.split("=", 1)[0] in method:
+                key, value = part.split("=", 1)
+                chosen = {**self.vanilla_fields(), **chosen, key: value}
+            else:
+                raise ValueError(
+                    f"unknown method {part!r} in {name!r}; use {sorted(PRESETS)}, 'default', "
+                    + ", ".join(f"'{f}'" for f in method if type(self).model_fields[f].annotation is bool)
+                    + " or " + "/".join(f"{f}=" for f in method
+                                        if type(self).model_fields[f].annotation is not bool)
+                    + " joined with '+'")
+        merged = {**self.vanilla_fields(), **chosen}
+        return self.model_copy(update=AlignSettings(**merged).method_fields())
+
+
+# The paper's ablations, on top of "nothing aligned" (barrier --methods).
+PRESETS: Dict[str, Dict[str, Any]] = {
+    "vanilla": {},
+    "ffn_only": {"ffn": "permute"},
+    "head_perm": {"ffn": "permute", "attention": "head_perm"},
+    "monotonic": {"ffn": "permute", "attention": "monotonic"},
+    "ignore_heads": {"ffn": "permute", "attention": "ignore_heads"},
+}
+
+
+class RunSettings(BaseModel):
+    """How a command runs (same result up to float rounding): CLI options only."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    device: str = option("cpu", "cpu, cuda, cuda:1 ... (under torchrun: each rank its own GPU).",
+                         role="run")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = option(
+        "auto", "Forward dtype on a GPU and the dtype written (auto: the checkpoint's; forwards "
+        "on the CPU run in float32).", role="run")
+    workers: Optional[int] = option(None, "Processes solving assignments (default: every core).",
+                                    role="run", ge=1)
+
+
+def _meta(name: str, model=AlignSettings) -> Dict[str, Any]:
+    return model.model_fields[name].json_schema_extra
+
+
+def _text(value: Any) -> str:
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def fields(role: Optional[str] = None, scope: Optional[str] = None) -> List[str]:
+    """Field names, in declaration order, with that role (and scope)."""
+    return [n for n in AlignSettings.model_fields
+            if (role is None or _meta(n)["role"] == role)
+            and (scope is None or _meta(n)["scope"] == scope)]
+
+
+def recipe_names() -> Dict[str, str]:
+    """Recipe key -> field name."""
+    return {(_meta(n)["recipe"] or n): n for n in AlignSettings.model_fields}
+
+
+def choices(name: str, model=AlignSettings) -> Optional[Tuple[str, ...]]:
+    ann = model.model_fields[name].annotation
+    return tuple(get_args(ann)) if get_origin(ann) is Literal else None
+
+
+def value_type(name: str, model=AlignSettings) -> type:
+    ann = model.model_fields[name].annotation
+    if get_origin(ann) is Literal:
+        return str
+    args = [a for a in get_args(ann) if a is not type(None)]   # Optional[int] -> int
+    return args[0] if args else ann
+
+
+# ---- generated front ends ----------------------------------------------------------------------
+
+def click_options(model=AlignSettings, *, exclude_scope: Tuple[str, ...] = ("merge",)):
+    """Decorator adding one click option per field (`--max-length`, `--qk`, ...)."""
+    import click
+
+    def decorate(f):
+        for name in reversed(list(model.model_fields)):
+            meta, info = _meta(name, model), model.model_fields[name]
+            if meta["scope"] in exclude_scope:
+                continue
+            flag = meta["cli"] or "--" + name.replace("_", "-")
+            kind = value_type(name, model)
+            if kind is bool and "/" not in flag:
+                flag = f"{flag}/--no-{flag[2:]}"
+            opts = dict(default=info.default, show_default=info.default is not None,
+                        help=info.description)
+            if choices(name, model):
+                opts["type"] = click.Choice(choices(name, model))
+            elif kind is int:
+                low = next((m.ge for m in info.metadata if hasattr(m, "ge")), None)
+                opts["type"] = click.IntRange(min=low) if low is not None else int
+            elif kind is not bool:
+                opts["type"] = kind
+            f = click.option(flag, name, **opts)(f)
+        return f
+    return decorate
+
+
+def settings_from_cli(kwargs: Dict[str, Any], model=AlignSettings):
+    """Pop one model's fields out of a click command's kwargs."""
+    return model(**{n: kwargs.pop(n) for n in list(kwargs) if n in model.model_fields})
+
+
+def parameter_specs():
+    """MergeKit ParameterSpecs for `merge_method: permute` (documentation and defaults;
+    values are validated by AlignSettings.from_recipe)."""
+    from mergekit.merge_methods.base import ParameterScope, ParameterSpec
+    specs = [ParameterSpec(WEIGHT_PARAM, float, ParameterScope.INPUT, default=1.0,
+                           description="Per-model weight of the average."),
+             ParameterSpec(DATA_PARAM, str, ParameterScope.SHARED, default=DEFAULT_DATA,
+                           description="Calibration text: .txt, .jsonl, dataset id or "
+                           "shakespeare-calib (shipped).")]
+    for key, name in recipe_names().items():
+        info = AlignSettings.model_fields[name]
+        specs.append(ParameterSpec(key, value_type(name), ParameterScope.SHARED,
+                                   default=info.default, description=info.description))
+    return tuple(specs)
+
+
+# ---- settings against an architecture ---------------------------------------------------------
+
+def residual_policy(settings: AlignSettings, spec) -> str:
+    """`auto`: the orthogonal map where it preserves the function (pre-norm models with an
+    untied head; it beat `all` on the Llama and GPT-NeoX zoos, BENCHMARKS.md), else the pooled
+    permutation `all`."""
+    if settings.residual != "auto":
+        return settings.residual
+    return "all" if spec.orthogonal_residual_error() else "orthogonal"
+
+
+def check_settings(spec, settings: AlignSettings) -> None:
+    """Refuse settings the architecture cannot honour, before any expensive work."""
+    from mergekit_permute.spec.base import Fused
+    if settings.matching == "weights" and settings.qk != "follow_vo":
+        raise ValueError(f"qk={settings.qk} matches query/key activations; weight matching "
+                         "(matching=weights) supports qk=follow_vo only")
+    if settings.vo == "orthogonal":
+        if settings.matching == "weights" or settings.attention in ("identity", "ignore_heads"):
+            raise ValueError("vo=orthogonal rotates V/O inside matched heads: it needs "
+                             "matching=activations and attention=head_perm or monotonic")
+        fused = [w.name for w in spec.weights for ax in w.axes if isinstance(ax, Fused) and any(
+            p is not None and p.view in ("v", "o") for p in ax.parts)]
+        if fused:
+            raise ValueError(f"vo=orthogonal needs separate V and O projections; "
+                             f"{spec.architecture} fuses V into {fused[0]} (use vo=permute)")
+    if settings.matching == "weights" and settings.residual in ("first", "last"):
+        raise ValueError(f"residual={settings.residual} picks calibration points; weight "
+                         "matching supports residual=all, orthogonal, identity or auto")
+    if settings.residual == "orthogonal" and spec.orthogonal_residual_error():
+        raise ValueError(f"residual=orthogonal: {spec.orthogonal_residual_error()}")
+    if settings.attention == "ignore_heads":
+        gqa = [s.name for s in spec.spaces if s.heads and s.heads.num_kv_heads != s.heads.num_heads]
+        if gqa:
+            raise ValueError("attention=ignore_heads needs as many KV heads as query heads; this "
+                             f"{spec.architecture} uses grouped-query attention ({gqa[0]})")

@@ -1,0 +1,192 @@
+"""Statistics -> transforms, one space at a time, on every core.
+
+`solve_space` is a pure function of one space's statistics, so FF and attention spaces are
+solved in a process pool as soon as their layer's statistics are complete (while later layers
+are still being calibrated); the residual stream is solved last from its summary.
+"""
+
+import logging
+import multiprocessing
+import os
+import time
+from concurrent.futures import Future, ProcessPoolExecutor
+from typing import Dict, Mapping, Optional, Tuple
+
+import torch
+
+from mergekit_permute.alignment import Alignment
+from mergekit_permute.match import (
+    match_attention, match_plain, mean_matched, procrustes_from_moments, rotate_vo,
+)
+from mergekit_permute.settings import AlignSettings, residual_policy
+from mergekit_permute.spec.base import PermutationSpec, Space
+from mergekit_permute.stats import CrossStats, ResidualSummary
+
+LOG = logging.getLogger(__name__)
+Solved = Tuple[Dict[str, torch.Tensor], Dict, float]   # views, report row, seconds
+# Below this many features a space is solved in-process (a pool costs more than it saves).
+POOL_MIN_FEATURES = 512
+
+
+def default_workers() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover (not Linux)
+        return max(1, os.cpu_count() or 1)
+
+
+def qk_matched(q_corr: torch.Tensor, k_corr: torch.Tensor, views: Dict[str, torch.Tensor]) -> float:
+    """Mean correlation of matched query and key dims (what qk=separate/joint maximise)."""
+    total = (mean_matched(q_corr, views["q"]) * len(views["q"])
+             + mean_matched(k_corr, views["k"]) * len(views["k"]))
+    return total / (len(views["q"]) + len(views["k"]))
+
+
+def solve_space(space: Space, stats: Mapping[str, CrossStats], settings: AlignSettings) -> Solved:
+    """One FF or attention space: `stats` holds its `@0` point (and `@q`, `@k` for qk
+    matching). Returns its views (None if it stays in place), its report row, the seconds."""
+    start = time.perf_counter()
+    corr = stats["0"].correlation()
+    identity = torch.arange(space.size)
+    report: Dict = {"kind": space.kind, "size": space.size}
+    if space.kind == "ffn":
+        views = {"": match_plain(corr)}
+        perm = views[""]
+    else:
+        qk = settings.qk if settings.needs_qk_features else "follow_vo"
+        q_corr = k_corr = None
+        if qk != "follow_vo":
+            if "q" not in stats or "k" not in stats:
+                raise ValueError(f"calibration statistics lack {space.name}@q/k, which "
+                                 f"qk={qk} needs; they were collected without them")
+            q_corr, k_corr = stats["q"].correlation(), stats["k"].correlation()
+        views = match_attention(corr, space.heads, settings.attention, qk, q_corr, k_corr)
+        perm = views["o"]
+        if settings.vo == "orthogonal":
+            views.update(rotate_vo(stats["0"].sum_ab, space.heads, views))
+        if q_corr is not None:
+            ident = {v: torch.arange(n) for v, n in space.views.items()}
+            report["qk_corr_before"] = round(qk_matched(q_corr, k_corr, ident), 6)
+            report["qk_corr_after"] = round(qk_matched(q_corr, k_corr, views), 6)
+    report["mean_corr_before"] = round(mean_matched(corr, identity), 6)
+    report["mean_corr_after"] = round(mean_matched(corr, perm), 6)
+    return views, report, time.perf_counter() - start
+
+
+def _space_stats(stats: Mapping[str, CrossStats], space: str) -> Dict[str, CrossStats]:
+    return {key.split("@", 1)[1]: stats[key] for key in (f"{space}@0", f"{space}@q", f"{space}@k")
+            if key in stats}
+
+
+def active(space: Space, settings: AlignSettings) -> bool:
+    """Whether the settings move this space at all."""
+    if space.frozen:
+        return False
+    return {"ffn": settings.ffn, "attention": settings.attention,
+            "residual": settings.residual}[space.kind] != "identity"
+
+
+class Solver:
+    """Solves spaces as they are handed in: in a process pool (forkserver: a clean process,
+    not a fork of one holding model weights and torch threads) when it pays, else in-process.
+    Results are identical either way (the assignment is deterministic)."""
+
+    def __init__(self, spec: PermutationSpec, settings: AlignSettings,
+                 workers: Optional[int] = None):
+        self.spec, self.settings = spec, settings
+        self.workers = default_workers() if workers is None else max(1, workers)
+        self._pool: Optional[ProcessPoolExecutor] = None
+        self._jobs: Dict[str, Future] = {}
+        self._done: Dict[str, Solved] = {}
+
+    def submit(self, space_name: str, stats: Mapping[str, CrossStats]) -> None:
+        space = self.spec.space(space_name)
+        if not active(space, self.settings) or space.kind == "residual":
+            return
+        own = _space_stats(stats, space_name)
+        if self.workers > 1 and space.size >= POOL_MIN_FEATURES:
+            if self._pool is None:
+                method = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() \
+                    else "spawn"
+                self._pool = ProcessPoolExecutor(self.workers,
+                                                 mp_context=multiprocessing.get_context(method))
+            self._jobs[space_name] = self._pool.submit(solve_space, space, own, self.settings)
+        else:
+            self._done[space_name] = solve_space(space, own, self.settings)
+
+    def submit_layer(self, stats: Mapping[str, CrossStats]) -> None:
+        for name in sorted({k.split("@", 1)[0] for k in stats}):
+            self.submit(name, stats)
+
+    def results(self) -> Dict[str, Solved]:
+        try:
+            for name, job in self._jobs.items():
+                self._done[name] = job.result()
+        finally:
+            if self._pool is not None:
+                self._pool.shutdown(cancel_futures=True)
+                self._pool = None
+        return self._done
+
+
+def solve_residual(spec: PermutationSpec, summary: ResidualSummary, policy: str
+                   ) -> Tuple[Optional[torch.Tensor], Dict]:
+    """The residual transform (a permutation, or an orthogonal Q [dB, dA]) from its summary."""
+    space = spec.space("residual")
+    start = time.perf_counter()
+    if policy == "orthogonal":
+        q = procrustes_from_moments(summary.unit_moments, keep_ones=spec.residual_centered)
+        pooled = summary.pooled
+        norm = float((pooled.sq_a.sum() * pooled.sq_b.sum()).sqrt())
+        report = {"kind": "residual", "size": space.size,
+                  "measure": "uncentered cosine of H_A and H_B Q",
+                  "mean_corr_before": round(float(torch.trace(pooled.sum_ab)) / norm, 6),
+                  "mean_corr_after": round(float(torch.trace(pooled.sum_ab @ q)) / norm, 6)}
+    else:
+        chosen = {"first": summary.first, "last": summary.last, "all": summary.pooled}[policy]
+        corr = chosen.correlation()
+        q = match_plain(corr)
+        report = {"kind": "residual", "size": space.size,
+                  "mean_corr_before": round(mean_matched(corr, torch.arange(space.size)), 6),
+                  "mean_corr_after": round(mean_matched(corr, q), 6)}
+    report["seconds"] = time.perf_counter() - start
+    return q, report
+
+
+def assemble(spec: PermutationSpec, settings: AlignSettings, solved: Mapping[str, Solved],
+             residual: Optional[ResidualSummary], gains: Tuple[Dict, Dict] = ({}, {})
+             ) -> Alignment:
+    """An Alignment from solved spaces and the residual summary. `gains` (A's and B's norm
+    gains) are needed only for the orthogonal residual, which folds them."""
+    alignment = Alignment.identity(spec, settings)
+    seconds: Dict[str, float] = {}
+    for name, (views, report, spent) in sorted(solved.items()):
+        alignment.transforms[name].update(views)
+        alignment.report[name] = report
+        seconds[name] = round(spent, 3)
+    policy = residual_policy(settings, spec)
+    space = spec.space("residual")
+    if active(space, settings) and residual is not None and residual.points:
+        q, report = solve_residual(spec, residual, policy)
+        seconds["residual"] = round(report.pop("seconds"), 3)
+        alignment.transforms["residual"] = {"": q}
+        alignment.report["residual"] = report
+        if policy == "orthogonal":
+            if not gains[0] or not gains[1]:
+                raise ValueError("residual=orthogonal needs both models' norm gains to fold them")
+            alignment.gains_a, alignment.gains_b = dict(gains[0]), dict(gains[1])
+    alignment.info["residual_policy"] = policy if active(space, settings) else "identity"
+    alignment.timings["solve_seconds"] = seconds
+    return alignment
+
+
+def compute_alignment(spec: PermutationSpec, stats, settings: AlignSettings,
+                      gains: Tuple[Dict, Dict] = ({}, {}), workers: Optional[int] = 1
+                      ) -> Alignment:
+    """Transforms from complete statistics (a Statistics or a mapping with the residual
+    summary under `.residual`)."""
+    solver = Solver(spec, settings, workers)
+    for space in spec.spaces:
+        if space.kind != "residual" and active(space, settings):
+            solver.submit(space.name, stats)
+    return assemble(spec, settings, solver.results(), getattr(stats, "residual", None), gains)
