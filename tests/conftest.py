@@ -67,3 +67,24 @@ def third_model(src: str, out: Path, noise: float, permute_seed=None) -> str:
     for f in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(f"{src}/{f}", out / f)
     return str(out)
+
+
+class Result:
+    """What a command run in-process returned (the shape of a CompletedProcess)."""
+
+    def __init__(self, r):
+        self.returncode = r.exit_code
+        self.stdout = r.stdout
+        self.stderr = r.stderr + (repr(r.exception) if r.exception and r.exit_code not in (0, 2)
+                                  else "")
+
+
+def invoke(command: str, *args) -> Result:
+    """A console command run in-process (click's CliRunner): `mergekit-permute` or
+    `mergekit-yaml`. Subprocesses are kept for what needs a process boundary."""
+    from click.testing import CliRunner
+    if command == "mergekit-yaml":
+        from mergekit.scripts.run_yaml import main as entry
+    else:
+        from mergekit_permute.cli import main as entry
+    return Result(CliRunner().invoke(entry, [str(a) for a in args]))

@@ -4,7 +4,7 @@ import pytest
 
 from mergekit_permute.barrier import barrier_values, run_barrier
 from mergekit_permute.settings import AlignSettings
-from tests.conftest import cli, run_cli
+from tests.conftest import invoke
 
 EVAL = dict(eval_data="shakespeare-eval", calibration="shakespeare-calib", eval_samples=48,
             eval_max_length=32, settings=AlignSettings(samples=120, max_length=32))
@@ -51,7 +51,7 @@ def test_alignment_lowers_the_barrier_and_writes_reports(zoo, tmp_path, arch):
     # ignore_heads (MHA only) runs on BERT; the GQA Llama refuses it (test below).
     names = ["vanilla", "ffn_only", "head_perm", "monotonic", "default"] + \
         (["ignore_heads"] if arch == "bert" else [])
-    r = run_cli(cli("mergekit-permute"), "barrier", a, b, "--data", "shakespeare-eval",
+    r = invoke("mergekit-permute", "barrier", a, b, "--data", "shakespeare-eval",
                 "--methods", ",".join(names),
                 "--lambdas", "7", "--eval-samples", "48", "--eval-max-length", "32",
                 "--samples", "120", "--max-length", "32", "--out", str(out))

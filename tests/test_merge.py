@@ -4,7 +4,7 @@ import transformers as T
 import yaml
 from safetensors.torch import load_file
 
-from tests.conftest import cli, run_cli, third_model
+from tests.conftest import invoke, third_model
 
 PARAMS = {"calibration_data": "shakespeare-calib", "calibration_samples": 120, "max_length": 32,
           "residual": "all"}  # permutations: the merge is (A + aligned B)/2 with A as stored
@@ -24,13 +24,13 @@ def recipe(tmp_path, a, b, params=None, models=None, **top):
 def test_merge_equals_average_of_a_and_aligned_b(zoo, tmp_path, arch, runner):
     a, b = zoo(arch)
     aligned = tmp_path / "aligned"
-    r = run_cli(cli("mergekit-permute"), "align", a, b, "--data", "shakespeare-calib",
+    r = invoke("mergekit-permute", "align", a, b, "--data", "shakespeare-calib",
                 "--samples", "120", "--max-length", "32", "--residual", "all", "--out", str(aligned))
     assert r.returncode == 0, r.stderr
     out = tmp_path / "merged"
-    cmd = [cli("mergekit-yaml"), str(recipe(tmp_path, a, b)), str(out)] if runner == "mergekit-yaml" \
-        else [cli("mergekit-permute"), "merge", str(recipe(tmp_path, a, b)), str(out)]
-    r = run_cli(*cmd)
+    cmd = ["mergekit-yaml", str(recipe(tmp_path, a, b)), str(out)] if runner == "mergekit-yaml" \
+        else ["mergekit-permute", "merge", str(recipe(tmp_path, a, b)), str(out)]
+    r = invoke(*cmd)
     assert r.returncode == 0, r.stderr[-3000:]
     merged, wa, wb = (load_file(f"{p}/model.safetensors") for p in (out, a, aligned))
     for k, v in merged.items():
@@ -71,7 +71,7 @@ def test_stock_mergekit_yaml_refuses_unknown_keys(zoo, tmp_path):
     """MergeKit ignores unknown keys; with the plugin installed `permute` recipes do not."""
     a, b = zoo("bert")
     out = tmp_path / "out"
-    r = run_cli(cli("mergekit-yaml"), str(recipe(tmp_path, a, b, {**PARAMS, "resdual": "all"})),
+    r = invoke("mergekit-yaml", str(recipe(tmp_path, a, b, {**PARAMS, "resdual": "all"})),
                 str(out))
     assert r.returncode != 0 and "unknown parameter(s) ['resdual']" in r.stderr
     assert not out.exists() or not any(out.iterdir())
@@ -80,10 +80,10 @@ def test_stock_mergekit_yaml_refuses_unknown_keys(zoo, tmp_path):
 def test_one_model_and_missing_base_are_refused(zoo, tmp_path):
     a, b = zoo("bert")
     path = recipe(tmp_path, a, b, models=[{"model": a}])
-    r = run_cli(cli("mergekit-permute"), "merge", str(path), str(tmp_path / "o"))
+    r = invoke("mergekit-permute", "merge", str(path), str(tmp_path / "o"))
     assert r.returncode == 2 and "at least two distinct models" in r.stderr
     path = recipe(tmp_path, a, b, base_model=None)
-    r = run_cli(cli("mergekit-permute"), "merge", str(path), str(tmp_path / "o"))
+    r = invoke("mergekit-permute", "merge", str(path), str(tmp_path / "o"))
     assert r.returncode == 2 and "needs `base_model`" in r.stderr
     assert not (tmp_path / "o").exists()
 
@@ -132,3 +132,45 @@ def test_registration_works_whichever_module_is_imported_first():
         r = subprocess.run([sys.executable, "-c", first + check], capture_output=True, text=True)
         assert r.returncode == 0, (first, r.stderr[-1500:])
         assert "could not hook" not in r.stderr, (first, r.stderr[-1500:])
+
+
+def test_merge_card_is_hub_ready_and_says_what_was_done(zoo, tmp_path):
+    """The card of `mergekit-permute merge`: titled with the output's final name (not the
+    temporary directory), Hub metadata that huggingface_hub parses, the method as run."""
+    from click.testing import CliRunner
+    from huggingface_hub import ModelCard
+
+    from mergekit_permute.cli import main
+    a, b = zoo("llama")
+    params = {**PARAMS, "residual": "orthogonal", "vo": "orthogonal", "repair": True}
+    out = tmp_path / "my-merge"
+    r = CliRunner().invoke(main, ["merge", str(recipe(tmp_path, a, b, params)), str(out)])
+    assert r.exit_code == 0, r.output
+    card = ModelCard.load(out / "README.md")
+    assert card.data.library_name == "transformers"
+    assert {"mergekit", "merge", "mergekit-permute"} <= set(card.data.tags)
+    assert card.data.base_model == []   # local paths are not Hub ids
+    text = card.text
+    assert text.lstrip().startswith("# my-merge\n")
+    for said in ("rotated by an orthogonal map", "V/O dims rotated per KV group", "REPAIR",
+                 "vo=orthogonal,repair=true,reference=base", "Feed-forward neurons: permuted"):
+        assert said in text, said
+    assert "permuted into model A's basis from activation" not in text
+
+
+def test_card_lists_hub_ids_as_base_models(tmp_path):
+    from types import SimpleNamespace
+
+    import yaml as pyyaml
+
+    from mergekit_permute.card import merge_card
+    from mergekit_permute.settings import AlignSettings
+    local = tmp_path / "local-model"
+    local.mkdir()
+    run = SimpleNamespace(models=lambda: ["google/multiberts-seed_1", str(local)], alignments={},
+                          settings=AlignSettings(matching="weights"), base="google/multiberts-seed_1",
+                          weights={"google/multiberts-seed_1": 1.0, str(local): 1.0}, barrier=None)
+    text = merge_card(run, "merge_method: permute\n", "out")
+    meta = pyyaml.safe_load(text.split("---")[1])
+    assert meta["base_model"] == ["google/multiberts-seed_1"]
+    assert "data-free weight matching" in text

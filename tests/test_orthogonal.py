@@ -12,7 +12,7 @@ from mergekit_permute.permute import apply_to_model, fold_scales, identity_trans
 from mergekit_permute.pipeline import align_pair
 from mergekit_permute.settings import AlignSettings, check_settings, residual_policy
 from mergekit_permute.spec import spec_for_config
-from tests.conftest import cli, run_cli
+from tests.conftest import invoke
 from tests.tiny import build, inputs, outputs
 
 SETTINGS = AlignSettings(samples=120, max_length=32, residual="orthogonal")
@@ -82,7 +82,7 @@ def test_align_orthogonal_computes_b_and_merges(zoo, tmp_path):
     recipe.write_text(f"merge_method: permute\nbase_model: {a}\ndtype: float32\nmodels:\n"
                       f"  - model: {a}\n  - model: {b}\nparameters:\n  calibration_samples: 120\n"
                       "  max_length: 32\n  residual: orthogonal\n  vo: orthogonal\n")
-    r = run_cli(cli("mergekit-permute"), "merge", str(recipe), str(tmp_path / "m"))
+    r = invoke("mergekit-permute", "merge", str(recipe), str(tmp_path / "m"))
     assert r.returncode == 0, r.stderr[-2000:]
     merged = load_file(str(tmp_path / "m" / "model.safetensors"))
     for k, v in merged.items():

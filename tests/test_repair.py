@@ -13,7 +13,7 @@ from mergekit_permute.models import open_pair
 from mergekit_permute.pipeline import align_pair, prepare_calibration
 from mergekit_permute.repair import Moments, measure, reader_of, repair, repairable_spaces
 from mergekit_permute.settings import AlignSettings
-from tests.conftest import cli, run_cli
+from tests.conftest import invoke
 from tests.test_merge import PARAMS, recipe
 
 SETTINGS = AlignSettings(samples=120, max_length=32, residual="all")
@@ -77,7 +77,7 @@ def test_mergekit_recipe_with_repair_writes_the_repaired_model(zoo, tmp_path):
     a, b = zoo("bert")
     _, _, _, _, expected, *_ = _merge_in_memory(zoo, "bert")
     out = tmp_path / "merged"
-    r = run_cli(cli("mergekit-yaml"), str(recipe(tmp_path, a, b, {**PARAMS, "repair": True})),
+    r = invoke("mergekit-yaml", str(recipe(tmp_path, a, b, {**PARAMS, "repair": True})),
                 str(out))
     assert r.returncode == 0, r.stderr[-3000:]
     merged = load_file(f"{out}/model.safetensors")
@@ -91,7 +91,7 @@ def test_mergekit_recipe_with_repair_writes_the_repaired_model(zoo, tmp_path):
 
 def test_barrier_repair_method_runs_and_keeps_endpoints(zoo, tmp_path):
     a, b = zoo("llama")
-    r = run_cli(cli("mergekit-permute"), "barrier", a, b, "--data", "shakespeare-eval",
+    r = invoke("mergekit-permute", "barrier", a, b, "--data", "shakespeare-eval",
                 "--calibration", "shakespeare-calib", "--samples", "120", "--max-length", "32",
                 "--eval-samples", "48", "--lambdas", "3", "--methods", "default,default+repair",
                 "--out", str(tmp_path / "b"))
