@@ -24,7 +24,7 @@ class _Stop(Exception):
     """Raised by the last block's recorder: nothing after the blocks is needed."""
 
 
-class BlockRunError(RuntimeError):
+class BlockRunError(ValueError):
     """A block that cannot run standalone (the message names it and what failed)."""
 
 
@@ -104,6 +104,8 @@ class BlockModel:
                 return args[0] if args else kwargs["hidden_states"]
             return forward
 
+        # A block may carry its own instance-level forward (e.g. an accelerate hook): restore it.
+        own = [block.__dict__.get("forward") for block in self.blocks]
         for i, block in enumerate(self.blocks):
             block.forward = recorder(i)
         inputs = {k: v.to(self.device) for k, v in batch.items() if k != "labels"}
@@ -115,8 +117,10 @@ class BlockModel:
             raise BlockRunError(f"{self.spec.architecture}: the embeddings could not run on "
                                 f"their own before the blocks ({type(e).__name__}: {e})") from e
         finally:
-            for block in self.blocks:
+            for block, forward in zip(self.blocks, own):
                 del block.forward
+                if forward is not None:
+                    block.forward = forward
         if any(c is None for c in calls):
             raise BlockRunError(f"{self.spec.architecture}: not every block of {self.spec.blocks}"
                                 " was called in order, so the model cannot run block by block")

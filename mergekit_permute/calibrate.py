@@ -127,11 +127,12 @@ def check_tokens(available: int, spec: PermutationSpec, spaces: Sequence[str]) -
 def calibrate_pair(spec: PermutationSpec, model_a: BlockModel, model_b: BlockModel, batches,
                    points: Points, masks: Sequence[torch.Tensor], *,
                    on_layer: Optional[OnLayer] = None, reduce=None, desc: str = "calibrating",
-                   keep: bool = True) -> Statistics:
+                   keep: bool = True, buffer_device=None) -> Statistics:
     """Statistics of every point over every unmasked token of `batches`, layer by layer:
     residual points go into the residual summary in depth order, the others are handed to
     `on_layer` (and kept in memory when `keep`). `reduce` (an all-reduce over ranks) is
-    applied to each layer's sums before use."""
+    applied to each layer's sums before use. `buffer_device` (e.g. "cpu" for a small GPU)
+    holds the hidden states between blocks; by default they stay where the block ran."""
     by_layer: Dict[Optional[int], Points] = {}
     for key, point in points:
         by_layer.setdefault(spec.layer_of(point.module), []).append((key, point))
@@ -170,8 +171,8 @@ def calibrate_pair(spec: PermutationSpec, model_a: BlockModel, model_b: BlockMod
         for batch, mask in zip(batches, flat_masks):
             ha, ca = model_a.catch(batch)
             hb, cb = model_b.catch(batch)
-            hidden_a.append(ha)
-            hidden_b.append(hb)
+            hidden_a.append(_park(ha, buffer_device))
+            hidden_b.append(_park(hb, buffer_device))
             calls_a.append(ca)
             calls_b.append(cb)
             update(pre_stats, pre_points, cap_a, cap_b, mask.to(ha.device))
@@ -187,14 +188,22 @@ def calibrate_pair(spec: PermutationSpec, model_a: BlockModel, model_b: BlockMod
         with capture(model_a.model, [p for _, p in layer_points]) as cap_a, \
                 capture(model_b.model, [p for _, p in layer_points]) as cap_b:
             for j, mask in enumerate(flat_masks):
-                hidden_a[j] = model_a.run(layer, hidden_a[j], calls_a[j][layer])
-                hidden_b[j] = model_b.run(layer, hidden_b[j], calls_b[j][layer])
-                update(layer_stats, layer_points, cap_a, cap_b, mask.to(hidden_a[j].device))
+                ha = model_a.run(layer, hidden_a[j].to(model_a.device), calls_a[j][layer])
+                hb = model_b.run(layer, hidden_b[j].to(model_b.device), calls_b[j][layer])
+                update(layer_stats, layer_points, cap_a, cap_b, mask.to(ha.device))
+                hidden_a[j], hidden_b[j] = _park(ha, buffer_device), _park(hb, buffer_device)
         model_a.free(layer)
         model_b.free(layer)
         finish(layer, {k: v.to("cpu") for k, v in layer_stats.items()})
     stats.tokens = int(sum(int(m.sum()) for m in flat_masks))
     return stats
+
+
+def _park(hidden: torch.Tensor, device) -> torch.Tensor:
+    if device is None or hidden.device == torch.device(device):
+        return hidden
+    out = hidden.to(device)
+    return out.pin_memory() if out.device.type == "cpu" and torch.cuda.is_available() else out
 
 
 def calibrate(model_a, model_b, spec: PermutationSpec, batches, spaces: Sequence[str], *,

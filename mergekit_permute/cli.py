@@ -30,7 +30,8 @@ def _friendly(fn):
         from pydantic import ValidationError
         try:
             return fn(*args, **kwargs)
-        except (ValueError, FileNotFoundError, FileExistsError, ValidationError) as e:
+        except (ValueError, FileNotFoundError, FileExistsError, MemoryError,
+                ValidationError) as e:
             raise UserError(str(e)) from e
     return wrapper
 

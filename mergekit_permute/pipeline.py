@@ -69,6 +69,72 @@ def prepare_calibration(pair: Pair, data: str, settings: AlignSettings) -> Calib
     return Calibration(texts, batches, masks, data)
 
 
+GiB = float(1 << 30)
+
+
+def available_memory(device: str) -> int:
+    """Bytes free on the device (a GPU's free memory, or the host's MemAvailable)."""
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        return int(torch.cuda.mem_get_info(dev)[0])
+    try:
+        for line in open("/proc/meminfo"):
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 1 << 62   # unknown: do not refuse
+
+
+def memory_plan(pair: Pair, calib: Calibration, device: str, dtype: Optional[str]) -> Dict:
+    """What layer-wise calibration needs at its peak: both models' embeddings and head or two
+    blocks (the larger), the two hidden-state buffers, one block's activations, and one
+    layer's statistics (float64 sums and their correlation, on the host). Decides whether the
+    hidden states stay on the device or wait on the host."""
+    spec, ckpt = pair.spec, pair.checkpoint_a
+    size = compute_dtype(device, dtype, ckpt.dtype()).itemsize
+    source = pair.source("a")
+
+    def weight_bytes(rules) -> int:
+        total = 0
+        for rule in rules:
+            key = source.key(rule.name)
+            if key is not None:
+                shape = ckpt.meta(key)[0]
+                total += int(torch.Size(shape).numel()) * size
+        return total
+    outside = weight_bytes([w for w in spec.weights if w.layer is None])
+    block = weight_bytes(spec.layer_tensors(0))
+    hidden_size = spec.space("residual").size
+    padded = sum(int(b["input_ids"].numel()) for b in calib.batches)
+    widest = max(s.size for s in spec.spaces)
+    batch_tokens = max(int(b["input_ids"].numel()) for b in calib.batches)
+    plan = {"weights": 2 * max(outside, block),
+            "hidden": 2 * padded * hidden_size * size,
+            "activations": 8 * batch_tokens * widest * size,
+            "statistics": 3 * widest * widest * 8}
+    free = available_memory(device)
+    plan["buffer_device"] = None
+    on_device = plan["weights"] + plan["activations"] + plan["hidden"]
+    if torch.device(device).type == "cuda" and on_device > 0.9 * free:
+        plan["buffer_device"] = "cpu"   # the hidden states wait on the host between blocks
+        on_device -= plan["hidden"]
+    host = plan["statistics"] + (plan["hidden"] if plan["buffer_device"] == "cpu" else 0)
+    if torch.device(device).type == "cpu":
+        host += on_device
+        on_device = 0
+    for where, need, have in (("device " + device, on_device, free),
+                              ("host", host, available_memory("cpu"))):
+        if need > have:
+            raise MemoryError(
+                f"layer-wise calibration needs about {need / GiB:.1f} GiB on the {where} "
+                f"(two blocks or the embeddings {plan['weights'] / GiB:.2f}, hidden states "
+                f"{plan['hidden'] / GiB:.2f}, one layer's statistics "
+                f"{plan['statistics'] / GiB:.2f}), but {have / GiB:.1f} GiB are free. Lower "
+                "--samples, --max-length or --batch-size, or use a larger device.")
+    return plan
+
+
 def block_models(pair: Pair, device: str, dtype: Optional[str], sources=None):
     stored = pair.checkpoint_a.dtype()
     run_dtype = compute_dtype(device, dtype, stored)
@@ -113,11 +179,13 @@ def statistics(pair: Pair, calib: Calibration, settings: AlignSettings, *, qk: b
         if on_layer is not None:
             on_layer(layer, layer_stats)
 
+    plan = memory_plan(pair, calib, device, dtype)
     model_a, model_b = block_models(pair, device, dtype, sources)
     batches, masks = dist.shard(calib.batches), dist.shard(calib.masks)
     try:
         stats = calibrate_pair(spec, model_a, model_b, batches, points, masks,
-                               on_layer=layer_done, keep=keep, reduce=dist.reduce)
+                               on_layer=layer_done, keep=keep, reduce=dist.reduce,
+                               buffer_device=plan["buffer_device"])
     except BaseException:
         if writer is not None:
             writer.abandon()

@@ -1,0 +1,172 @@
+"""Real-size machinery on tiny models: layer-wise calibration (one block in memory, the same
+statistics as a whole-model forward), the checkpoint's dtype, parallel solving, sharded
+streaming output, torch.distributed, and the refusals before any work."""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+import transformers as T
+from safetensors.torch import load_file
+
+from mergekit_permute.blocks import BlockModel, BlockRunError
+from mergekit_permute.calibrate import calibrate, capture, feature_points, token_mask, tokenize
+from mergekit_permute.data import load_texts
+from mergekit_permute.pipeline import align
+from mergekit_permute.settings import AlignSettings
+from mergekit_permute.spec import spec_for_config
+from mergekit_permute.stats import CrossStats
+from tests.conftest import invoke
+
+SETTINGS = AlignSettings(samples=120, max_length=32)
+ARGS = ["--data", "shakespeare-calib", "--samples", "120", "--max-length", "32"]
+
+
+def _copy(src, dst, dtype=None, shard=None):
+    model = T.AutoModelForCausalLM.from_pretrained(src, dtype=dtype or torch.float32)
+    model.save_pretrained(dst, **({"max_shard_size": shard} if shard else {}))
+    T.AutoTokenizer.from_pretrained(src).save_pretrained(dst)
+    return str(dst)
+
+
+def test_calibration_from_disk_holds_one_block_at_a_time(zoo, monkeypatch):
+    a, b = zoo("llama")
+    seen = []
+    original = BlockModel.run
+
+    def run(self, layer, hidden, call):
+        live = {name.split(".")[2] for name, p in self.model.named_parameters()
+                if name.startswith(self.spec.blocks + ".") and p.device.type != "meta"}
+        seen.append(live)
+        assert live == {str(layer)}, live   # only the block being run is in memory
+        return original(self, layer, hidden, call)
+    monkeypatch.setattr(BlockModel, "run", run)
+    align(a, b, "shakespeare-calib", SETTINGS, use_cache=False)
+    assert len(seen) >= 2 * 2   # two models, two layers
+
+
+def test_layerwise_statistics_equal_a_whole_model_forward(zoo):
+    """The block-by-block pass computes exactly what hooks on one full forward see."""
+    a, b = zoo("bert")
+    model_a, model_b = (T.AutoModelForMaskedLM.from_pretrained(p).eval() for p in (a, b))
+    spec = spec_for_config(model_a.config)
+    tok = T.AutoTokenizer.from_pretrained(a)
+    batches = tokenize(tok, load_texts("shakespeare-calib", 64), 32, 8, spec.architecture)
+    stats = calibrate(model_a, model_b, spec, batches, ["ffn.1", "attn.0", "residual"])
+    points = dict(feature_points(spec, ["ffn.1", "attn.0"]))
+    whole = {k: CrossStats.zeros(spec.space(k.split("@")[0]).size,
+                                 spec.space(k.split("@")[0]).size) for k in points}
+    with capture(model_a, list(points.values())) as ca, capture(model_b, list(points.values())) as cb:
+        for batch in batches:
+            mask = token_mask(batch, (), True).reshape(-1)
+            with torch.no_grad():
+                model_a(**batch)
+                model_b(**batch)
+            for key, p in points.items():
+                name = f"{p.module}:{p.where}"
+                fa, fb = (c[name].reshape(mask.shape[0], -1)[mask] for c in (ca, cb))
+                whole[key].update(fa, fb)
+    for key in points:
+        for name, t in whole[key].tensors().items():
+            torch.testing.assert_close(stats[key].tensors()[name], t, rtol=1e-6, atol=1e-6)
+    # The residual summary pools every residual point (embeddings + 2 per BERT layer).
+    assert stats.residual.points == 1 + 2 * spec.num_layers
+
+
+@pytest.mark.parametrize("residual,tolerance", [("all", 1e-5), ("orthogonal", 3e-2)])
+def test_bfloat16_checkpoints_stay_bfloat16(zoo, tmp_path, residual, tolerance):
+    a, b = zoo("llama")
+    a16, b16 = _copy(a, tmp_path / "a16", torch.bfloat16), _copy(b, tmp_path / "b16", torch.bfloat16)
+    out = tmp_path / "aligned"
+    r = invoke("mergekit-permute", "align", a16, b16, *ARGS, "--residual", residual,
+               "--out", out)
+    assert r.returncode == 0, r.stdout + r.stderr
+    weights = load_file(out / "model.safetensors")
+    assert {t.dtype for t in weights.values()} == {torch.bfloat16}
+    # Compared in float32 (bf16 weights upcast exactly): permutations are exact in any dtype;
+    # a rotation rounds each weight back to bf16, which bf16 allows.
+    ids = torch.tensor([[2, 40, 41, 42, 43, 44]])
+    with torch.no_grad():
+        x = T.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)(input_ids=ids).logits
+        y = T.AutoModelForCausalLM.from_pretrained(b16, dtype=torch.float32)(input_ids=ids).logits
+    assert float((x - y).norm() / y.norm()) < tolerance
+
+
+def test_parallel_solving_equals_serial(zoo, monkeypatch):
+    import mergekit_permute.solve as solve
+    a, b = zoo("llama")
+    serial = align(a, b, "shakespeare-calib", SETTINGS, workers=1)
+    monkeypatch.setattr(solve, "POOL_MIN_FEATURES", 0)   # every space through the pool
+    parallel = align(a, b, "shakespeare-calib", SETTINGS, workers=2)
+    for space, views in serial.transforms.items():
+        for view, t in views.items():
+            assert torch.equal(parallel.transforms[space][view], t), (space, view)
+    assert set(parallel.timings["solve_seconds"]) == set(serial.report)
+
+
+def test_sharded_checkpoint_is_written_shard_by_shard(zoo, tmp_path):
+    a, b = zoo("llama")
+    sharded = _copy(b, tmp_path / "b_sharded", shard="200KB")
+    index = json.loads((tmp_path / "b_sharded" / "model.safetensors.index.json").read_text())
+    out = tmp_path / "aligned"
+    r = invoke("mergekit-permute", "align", a, sharded, *ARGS, "--out", out)
+    assert r.returncode == 0, r.stdout + r.stderr
+    written = json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(set(written.values())) == len(shards) > 1
+    assert {k: shards.index(v) for k, v in index["weight_map"].items()} == \
+        {k: sorted(set(written.values())).index(v) for k, v in written.items()}
+    ids = torch.tensor([[2, 40, 41, 42, 43, 44]])
+    with torch.no_grad():
+        x = T.AutoModelForCausalLM.from_pretrained(out)(input_ids=ids).logits
+        y = T.AutoModelForCausalLM.from_pretrained(b)(input_ids=ids).logits
+    torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-4)
+
+
+def test_two_gloo_processes_give_the_permutations_of_one(zoo, tmp_path):
+    a, b = zoo("llama")
+    one = tmp_path / "one"
+    r = invoke("mergekit-permute", "align", a, b, *ARGS, "--residual", "all", "--no-cache",
+               "--permutations-only", "--out", one)
+    assert r.returncode == 0, r.stdout + r.stderr
+    two = tmp_path / "two"
+    torchrun = shutil.which("torchrun", path=str(__import__("pathlib").Path(sys.executable).parent))
+    r = subprocess.run([torchrun, "--standalone", "--nproc-per-node", "2", "-m", "mergekit_permute",
+                        "align", a, b, *ARGS, "--residual", "all", "--no-cache",
+                        "--permutations-only", "--out", str(two)],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    p1, p2 = load_file(one / "permutations.safetensors"), load_file(two / "permutations.safetensors")
+    assert p1.keys() == p2.keys()
+    for key in p1:
+        assert torch.equal(p1[key], p2[key]), key
+    docs = [json.loads((d / "alignment.json").read_text()) for d in (one, two)]
+    assert docs[0]["data"]["tokens"] == docs[1]["data"]["tokens"]
+
+
+def test_too_little_memory_is_refused_before_any_work(zoo, tmp_path, monkeypatch):
+    import mergekit_permute.pipeline as pipeline
+    a, b = zoo("llama")
+    monkeypatch.setattr(pipeline, "available_memory", lambda device: 1 << 20)
+    ran = []
+    monkeypatch.setattr(BlockModel, "catch", lambda *a, **k: ran.append(1))
+    r = invoke("mergekit-permute", "align", a, b, *ARGS, "--no-cache", "--out", tmp_path / "o")
+    assert r.returncode == 2 and "needs about" in r.stderr and "GiB are free" in r.stderr
+    assert not ran and not (tmp_path / "o").exists()
+
+
+def test_a_block_that_cannot_run_alone_is_named(zoo):
+    a, b = zoo("llama")
+    model_a, model_b = (T.AutoModelForCausalLM.from_pretrained(p).eval() for p in (a, b))
+    spec = spec_for_config(model_a.config)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("needs the state of the layer before")
+    model_b.model.layers[1].forward = broken
+    batches = tokenize(T.AutoTokenizer.from_pretrained(a), load_texts("shakespeare-calib", 64),
+                       32, 8, spec.architecture)
+    with pytest.raises(BlockRunError, match="block 1 of model.layers could not run standalone"):
+        calibrate(model_a, model_b, spec, batches, ["ffn.1"])
