@@ -133,6 +133,7 @@ def calibrate_pair(spec: PermutationSpec, model_a: BlockModel, model_b: BlockMod
     `on_layer` (and kept in memory when `keep`). `reduce` (an all-reduce over ranks) is
     applied to each layer's sums before use. `buffer_device` (e.g. "cpu" for a small GPU)
     holds the hidden states between blocks; by default they stay where the block ran."""
+    flat_heap()
     by_layer: Dict[Optional[int], Points] = {}
     for key, point in points:
         by_layer.setdefault(spec.layer_of(point.module), []).append((key, point))
@@ -195,8 +196,32 @@ def calibrate_pair(spec: PermutationSpec, model_a: BlockModel, model_b: BlockMod
         model_a.free(layer)
         model_b.free(layer)
         finish(layer, {k: v.to("cpu") for k, v in layer_stats.items()})
+        release_memory()
     stats.tokens = int(sum(int(m.sum()) for m in flat_masks))
     return stats
+
+
+def flat_heap() -> None:
+    """Large buffers (features, statistics, blocks) straight from mmap and back on free: glibc
+    otherwise raises its mmap threshold after the first large free and keeps every later
+    buffer of that size in its heap, so the process would look as if it grew with depth."""
+    import ctypes
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(-3, 128 * 1024)   # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
+def release_memory() -> None:
+    """Hand freed heap pages back to the OS after each block (glibc keeps them otherwise, and
+    the process would look as if it grew with depth)."""
+    import ctypes
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def _park(hidden: torch.Tensor, device) -> torch.Tensor:

@@ -70,6 +70,15 @@ def check_transforms(spec: PermutationSpec, transforms: Transforms) -> None:
         raise ValueError(f"saved alignment has spaces this model lacks: {sorted(extra)[:5]}")
 
 
+def _reader_matrix(m: torch.Tensor) -> torch.Tensor:
+    """M^-T, computed once per matrix (readers of one space share it)."""
+    cached = getattr(m, "_mergekit_permute_inv_t", None)
+    if cached is None:
+        cached = torch.linalg.inv(m.to(torch.float64)).T.contiguous()
+        m._mergekit_permute_inv_t = cached
+    return cached
+
+
 def _along(tensor: torch.Tensor, dim: int, t: torch.Tensor, role: str, name: str) -> torch.Tensor:
     """One axis of a tensor through one view's transform."""
     if is_permutation(t):
@@ -79,8 +88,8 @@ def _along(tensor: torch.Tensor, dim: int, t: torch.Tensor, role: str, name: str
             return tensor  # a folded (unit) gain commutes with any map
         raise ValueError(f"{name}: this weight scales a space that holds a matrix; fold the "
                          "norm gain into its readers first")
-    m = t.to(device=tensor.device, dtype=torch.float64)
-    m = m if role == "out" else torch.linalg.inv(m).T
+    m = t if role == "out" else _reader_matrix(t)
+    m = m.to(device=tensor.device, dtype=torch.float64)
     # new[..., i, ...] = sum_j m[j, i] * old[..., j, ...]
     moved = torch.movedim(tensor.to(torch.float64), dim, -1) @ m
     return torch.movedim(moved, -1, dim).to(tensor.dtype)

@@ -12,7 +12,7 @@ import torch
 from mergekit_permute.alignment import Alignment
 from mergekit_permute.blocks import BlockModel
 from mergekit_permute.calibrate import (
-    calibrate_pair, check_tokens, count_tokens, feature_points, tokenize, token_mask,
+    calibrate_pair, check_tokens, count_tokens, feature_points, flat_heap, tokenize, token_mask,
 )
 from mergekit_permute.data import fingerprint, load_texts
 from mergekit_permute.dist import Distributed
@@ -223,6 +223,7 @@ def align(model_a: str, model_b: str, data: Optional[str], settings: AlignSettin
     layer's spaces solved in a process pool while later layers are calibrated. Weight
     matching: both whole models in memory (it reads every weight of every space at once)."""
     start = time.perf_counter()
+    flat_heap()
     dist = dist or Distributed()
     pair = pair or open_pair(model_a, model_b)
     spec = pair.spec

@@ -24,8 +24,9 @@ from mergekit_permute.stats import CrossStats, ResidualSummary
 
 LOG = logging.getLogger(__name__)
 Solved = Tuple[Dict[str, torch.Tensor], Dict, float]   # views, report row, seconds
-# Below this many features a space is solved in-process (a pool costs more than it saves).
-POOL_MIN_FEATURES = 512
+# Below this many features a space is solved in-process: a worker costs seconds to start, a
+# 2048-wide assignment about one (an 11008-wide one, FF of a 7B model: ~40 s).
+POOL_MIN_FEATURES = 2048
 
 
 def default_workers() -> int:
@@ -108,8 +109,14 @@ class Solver:
             if self._pool is None:
                 method = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() \
                     else "spawn"
-                self._pool = ProcessPoolExecutor(self.workers,
-                                                 mp_context=multiprocessing.get_context(method))
+                context = multiprocessing.get_context(method)
+                if method == "forkserver":  # workers fork with the solvers already imported
+                    context.set_forkserver_preload(["mergekit_permute.solve"])
+                self._pool = ProcessPoolExecutor(self.workers, mp_context=context)
+            # Backpressure: a queued job holds its space's statistics; never let them pile up.
+            waiting = [n for n, j in self._jobs.items() if not j.done()]
+            if len(waiting) >= 2 * self.workers:
+                self._done[waiting[0]] = self._jobs.pop(waiting[0]).result()
             self._jobs[space_name] = self._pool.submit(solve_space, space, own, self.settings)
         else:
             self._done[space_name] = solve_space(space, own, self.settings)
@@ -120,7 +127,7 @@ class Solver:
 
     def results(self) -> Dict[str, Solved]:
         try:
-            for name, job in self._jobs.items():
+            for name, job in list(self._jobs.items()):
                 self._done[name] = job.result()
         finally:
             if self._pool is not None:

@@ -41,7 +41,7 @@ class CrossStats:
         self.sum_b += b.sum(0, dtype=torch.float64)
         self.sq_a += (a * a).sum(0, dtype=torch.float64)
         self.sq_b += (b * b).sum(0, dtype=torch.float64)
-        self.sum_ab += (a.T @ b).to(torch.float64)
+        self.sum_ab.add_(a.T @ b)   # float32 product, added in place into the float64 sum
 
     def __add__(self, other: "CrossStats") -> "CrossStats":
         return CrossStats(*(x + y for x, y in zip(self.tensors().values(), other.tensors().values())))
@@ -61,12 +61,16 @@ class CrossStats:
         """Pearson correlation [da, db]; a zero-variance feature correlates 0, never NaN."""
         n = self.n.clamp_min(1.0)
         mean_a, mean_b = self.sum_a / n, self.sum_b / n
-        cov = self.sum_ab / n - mean_a[:, None] * mean_b[None, :]
         std_a = (self.sq_a / n - mean_a**2).clamp_min(0).sqrt()
         std_b = (self.sq_b / n - mean_b**2).clamp_min(0).sqrt()
-        denom = std_a[:, None] * std_b[None, :]
-        corr = torch.where(denom > eps, cov / denom.clamp_min(eps), torch.zeros_like(cov))
-        return corr.clamp(-1.0, 1.0)
+        # One [da, db] buffer, updated in place (these matrices are the largest of a run).
+        corr = self.sum_ab / n
+        corr.addr_(mean_a, mean_b, alpha=-1)                   # covariance
+        corr.div_(std_a[:, None]).div_(std_b[None, :])
+        # A (near-)constant feature correlates 0 with everything, never NaN.
+        corr.masked_fill_((std_a <= eps ** 0.5)[:, None], 0.0)
+        corr.masked_fill_((std_b <= eps ** 0.5)[None, :], 0.0)
+        return corr.clamp_(-1.0, 1.0)
 
 
 @dataclass

@@ -1,0 +1,174 @@
+"""Scale benchmark (issue 11): memory flat in depth, time against the floor, solving on every
+core. Random-init Llama pairs (hidden 512, FF 1408, 8 query / 2 KV heads, vocab 2048, bf16
+safetensors) at 8, 16 and 32 layers; 64 passages x 64 tokens on the CPU.
+
+Every measurement runs in its own process, which reports its own peak RSS, so the numbers are
+not polluted by each other:
+  floor   load both models (fp32) and run their bare forwards over the same batches;
+  align   `mergekit-permute align --no-cache` (calibration, solving, writing aligned B);
+  solve   solving alone: eight 3072-wide FF-like spaces, 1 worker vs every core.
+Peak memory is reported above the import baseline (a process that imports the same modules)
+and as a multiple of one bf16 checkpoint.
+
+    python benchmarks/scale.py [--layers 8 16 32] [--device cpu]
+Results: benchmarks/results/scale-cpu.json
+"""
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+SHAPE = dict(hidden_size=512, intermediate_size=1408, num_attention_heads=8,
+             num_key_value_heads=2, vocab_size=2048, max_position_embeddings=256)
+CALIB = ["--data", "shakespeare-calib", "--samples", "64", "--max-length", "64",
+         "--batch-size", "8"]
+
+PROBE = """
+import resource, sys, time, json
+mode, args = sys.argv[1], sys.argv[2:]
+import torch, transformers, mergekit_permute.cli  # the same imports in every mode
+from transformers.models.llama import modeling_llama  # noqa: F401  (the model code itself)
+from transformers import PreTrainedTokenizerFast  # noqa: F401
+start = time.perf_counter()
+if mode == "floor":
+    from mergekit_permute.calibrate import tokenize
+    from mergekit_permute.data import load_texts
+    a, b, device = args
+    tok = transformers.AutoTokenizer.from_pretrained(a)
+    tok.pad_token = tok.pad_token or tok.eos_token
+    models = [transformers.AutoModelForCausalLM.from_pretrained(p, dtype=torch.float32).to(device)
+              for p in (a, b)]
+    batches = tokenize(tok, load_texts("shakespeare-calib", 64), 64, 8)
+    with torch.no_grad():
+        for m in models:
+            for batch in batches:
+                m(**{k: v.to(device) for k, v in batch.items()}, use_cache=False)
+elif mode == "cli":
+    sys.argv = ["mergekit-permute", *args]
+    try:
+        mergekit_permute.cli.main()
+    except SystemExit as e:
+        assert not e.code, e.code
+seconds = time.perf_counter() - start
+print(json.dumps({"seconds": seconds,
+                  "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+"""
+
+
+def probe(mode: str, *args: str, env=None) -> dict:
+    r = subprocess.run([sys.executable, "-c", PROBE, mode, *args], capture_output=True,
+                       text=True, env={**os.environ, "TQDM_DISABLE": "1", **(env or {})})
+    if r.returncode:
+        raise RuntimeError(r.stderr[-3000:])
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def make_pair(root: Path, layers: int):
+    import torch
+    import transformers as T
+
+    from mergekit_permute.data import load_texts
+    from mergekit_permute.zoo import build_tokenizer
+    tok = build_tokenizer(SHAPE["vocab_size"], "llama", load_texts("shakespeare-train", 4000))
+    paths = []
+    for seed in (0, 1):
+        path = root / f"llama-{layers}-{seed}"
+        if not (path / "model.safetensors").exists():
+            torch.manual_seed(seed)
+            config = T.LlamaConfig(num_hidden_layers=layers, pad_token_id=0, bos_token_id=2,
+                                   eos_token_id=3, tie_word_embeddings=False, **SHAPE)
+            config.architectures = ["LlamaForCausalLM"]
+            T.LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(path)
+            tok.save_pretrained(path)
+        paths.append(str(path))
+    return paths
+
+
+def solve_benchmark(width: int = 3072, spaces: int = 8) -> dict:
+    """Solving alone: `spaces` FF-like spaces of `width` noisy features, by 1 worker and by
+    every core (the pool path real models take)."""
+    import torch
+
+    from mergekit_permute.settings import AlignSettings
+    from mergekit_permute.solve import Solver
+    from mergekit_permute.spec.base import PermutationSpec, Space, WeightRule, Bind
+    from mergekit_permute.stats import CrossStats
+    names = [f"ffn.{i}" for i in range(spaces)]
+    spec = PermutationSpec(family="bench", architecture="Bench", num_layers=spaces, blocks="h",
+                           spaces=tuple(Space(name=n, kind="ffn", size=width, layer=i)
+                                        for i, n in enumerate(names)),
+                           weights=tuple(WeightRule(name=f"h.{i}.w", shape=(width,), layer=i,
+                                                    axes=(Bind(space=n, role="out"),))
+                                         for i, n in enumerate(names)))
+    gen = torch.Generator().manual_seed(0)
+    stats = {}
+    for n in names:
+        s = CrossStats.zeros(width, width)
+        a = torch.randn(4 * width, width, generator=gen)
+        s.update(a, a[:, torch.randperm(width, generator=gen)] + 2 * torch.randn(4 * width, width, generator=gen))
+        stats[f"{n}@0"] = s
+    out = {}
+    for workers in (1, os.cpu_count() or 1):
+        start = time.perf_counter()
+        solver = Solver(spec, AlignSettings(), workers)
+        for n in names:
+            solver.submit(n, stats)
+        solver.results()
+        out[str(workers)] = round(time.perf_counter() - start, 2)
+    return {"width": width, "spaces": spaces, "seconds_by_workers": out}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--layers", type=int, nargs="+", default=[8, 16, 32])
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--work", default=None, help="where the random pairs are kept")
+    args = ap.parse_args()
+    work = Path(args.work or tempfile.mkdtemp(prefix="mkp-scale-"))
+    cache = work / "cache"
+    env = {"MERGEKIT_PERMUTE_CACHE": str(cache)}
+    baseline = probe("none")
+    rows = []
+    for layers in args.layers:
+        a, b = make_pair(work, layers)
+        checkpoint_mib = (Path(b) / "model.safetensors").stat().st_size / 2**20
+        floor = probe("floor", a, b, args.device)
+        out = work / f"aligned-{layers}"
+        run = probe("cli", "align", a, b, *CALIB, "--device", args.device, "--no-cache",
+                    "--out", str(out), "--overwrite", env=env)
+        written = {str(t.dtype) for t in __import__("safetensors.torch", fromlist=["load_file"])
+                   .load_file(str(out / "model.safetensors")).values()}
+        above = run["peak_rss_mib"] - baseline["peak_rss_mib"]
+        row = {"layers": layers, "checkpoint_mib": round(checkpoint_mib, 1),
+               "align_seconds": round(run["seconds"], 2), "floor_seconds": round(floor["seconds"], 2),
+               "time_vs_floor": round(run["seconds"] / floor["seconds"], 2),
+               "peak_rss_above_import_mib": round(above, 1),
+               "peak_vs_checkpoint": round(above / checkpoint_mib, 2),
+               "floor_peak_rss_above_import_mib": round(floor["peak_rss_mib"]
+                                                        - baseline["peak_rss_mib"], 1),
+               "written_dtypes": sorted(written)}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    doc = {"benchmark": "scale", "device": args.device, "shape": SHAPE, "calibration": CALIB,
+           "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
+           "import_baseline_rss_mib": round(baseline["peak_rss_mib"], 1), "rows": rows,
+           "date": time.strftime("%Y-%m-%d")}
+    doc["solve"] = solve_benchmark()
+    print(json.dumps(doc["solve"]), flush=True)
+    if len(rows) > 1:
+        doc["peak_growth_first_to_last_depth"] = round(
+            rows[-1]["peak_rss_above_import_mib"] / rows[0]["peak_rss_above_import_mib"], 2)
+    (HERE / "results").mkdir(exist_ok=True)
+    (HERE / "results" / f"scale-{args.device.split(':')[0]}.json").write_text(
+        json.dumps(doc, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
