@@ -70,6 +70,7 @@ class CrossStats:
         # A (near-)constant feature correlates 0 with everything, never NaN.
         corr.masked_fill_((std_a <= eps ** 0.5)[:, None], 0.0)
         corr.masked_fill_((std_b <= eps ** 0.5)[None, :], 0.0)
+        corr.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)   # overflowed (fp16) inputs
         return corr.clamp_(-1.0, 1.0)
 
 
