@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 
 from mergekit_permute import __version__
 from mergekit_permute.permute import (
-    Gauge, Transforms, apply_to_model, fold_gauge, identity_transforms, is_permutation,
+    Gauge, Scaled, Transforms, apply_to_model, fold_gauge, identity_transforms, is_permutation,
     transform_tensor, unfold_gauge,
 )
 from mergekit_permute.settings import AlignSettings
@@ -22,6 +22,7 @@ PERMUTATIONS_FILE = "permutations.safetensors"
 ALIGNMENT_FILE = "alignment.json"
 FORMAT = "mergekit-permute/2"
 GAIN_PREFIX = "gauge/"
+SCALE_SUFFIX = "#scale"
 
 
 @dataclass
@@ -118,7 +119,11 @@ def save_alignment(alignment: Alignment, out_dir: Path, suffix: str = "") -> Non
     for space, views in alignment.transforms.items():
         for view, t in views.items():
             key = f"{space}/{view}" if view else space
-            tensors[key] = t.to(torch.int32) if is_permutation(t) else t.double()  # exact reuse
+            if isinstance(t, Scaled):
+                tensors[key] = t.index.to(torch.int32)
+                tensors[key + SCALE_SUFFIX] = t.scale.double()
+            else:
+                tensors[key] = t.to(torch.int32) if is_permutation(t) else t.double()  # exact
     for norm, gain in alignment.gains_a.items():
         tensors[GAIN_PREFIX + norm] = gain.double()
     # One metadata key: safetensors writes the header from a hash map, so two keys would come
@@ -150,8 +155,13 @@ def read_alignment_files(path: Path) -> Tuple[Transforms, Dict[str, torch.Tensor
         if key.startswith(GAIN_PREFIX):
             gains[key[len(GAIN_PREFIX):]] = t.double()
             continue
+        if key.endswith(SCALE_SUFFIX):
+            continue
         space, _, view = key.partition("/")
-        transforms.setdefault(space, {})[view] = t.long() if not t.is_floating_point() else t
+        t = t.long() if not t.is_floating_point() else t
+        if key + SCALE_SUFFIX in flat:
+            t = Scaled(t, flat[key + SCALE_SUFFIX].double())
+        transforms.setdefault(space, {})[view] = t
     info_path = folder / _file(ALIGNMENT_FILE, perms.stem[len("permutations"):])
     doc = json.loads(info_path.read_text()) if info_path.is_file() else {}
     return transforms, gains, doc

@@ -24,7 +24,8 @@ LOSS_NAME = {"mlm": "masked-LM cross-entropy", "clm": "next-token cross-entropy"
 
 
 def objective_for(model) -> Objective:
-    arch = model.config.architectures[0]
+    """The loss of an architecture (a model or its architecture name)."""
+    arch = model if isinstance(model, str) else model.config.architectures[0]
     if arch.endswith(("ForMaskedLM", "ForPreTraining")):
         return "mlm"
     if arch.endswith("ForCausalLM") or arch.endswith("LMHeadModel"):

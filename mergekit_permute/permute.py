@@ -1,9 +1,11 @@
 """Apply, invert and draw transforms, generically over a PermutationSpec.
 
-A transform set maps space name -> view name -> tensor. A 1-D integer tensor is a permutation
-(new = old[p]); a 2-D float tensor M is a general change of basis (features h' = h @ M), which
-writers ("out" axes) take as M and readers ("in" axes) as M^-T. Norm gains ("elem" axes)
-only admit permutations (a folded, unit gain commutes with any map).
+A transform set maps space name -> view name -> transform. A 1-D integer tensor is a
+permutation (new = old[p]); `Scaled(p, s)` a permutation with per-feature scales (new_i =
+s_i * old[p_i], e.g. SwiGLU's up / down); a 2-D float tensor M a general change of basis
+(features h' = h @ M). Writers ("out" axes) take the map, readers ("in" axes) its inverse
+transpose. Norm gains ("elem" axes) only admit permutations (a folded, unit gain commutes with
+any map).
 
 A `Gauge` moves norm gains into or out of the weights that read the norm's output: folding
 (gains -> 1) is what lets an orthogonal map pass a norm; unfolding with model A's gains writes
@@ -11,18 +13,58 @@ an aligned B whose norms look like A's, so any stock merge of A with it is exact
 """
 
 from dataclasses import dataclass, field
-from typing import Dict, Mapping, Optional, Tuple
+from typing import Dict, Mapping, NamedTuple, Optional, Tuple, Union
 
 import torch
 
 from mergekit_permute.heads import HeadPerm
 from mergekit_permute.spec.base import Bind, PermutationSpec, WeightRule
 
-Transforms = Dict[str, Dict[str, torch.Tensor]]
 
 
-def is_permutation(t: torch.Tensor) -> bool:
-    return t.ndim == 1 and not t.is_floating_point()
+class Scaled(NamedTuple):
+    """new_i = scale_i * old[index_i]: a permutation with per-feature scales."""
+
+    index: torch.Tensor   # [n] long
+    scale: torch.Tensor   # [n] float64
+
+
+Transform = Union[torch.Tensor, Scaled]
+Transforms = Dict[str, Dict[str, Transform]]
+
+
+def is_permutation(t) -> bool:
+    return isinstance(t, torch.Tensor) and t.ndim == 1 and not t.is_floating_point()
+
+
+def as_matrix(t: Transform, n: Optional[int] = None) -> torch.Tensor:
+    """The dense M (h' = h @ M, float64) of any transform."""
+    if isinstance(t, Scaled) or is_permutation(t):
+        index, scale = (t.index, t.scale) if isinstance(t, Scaled) else \
+            (t, torch.ones(len(t), dtype=torch.float64))
+        m = torch.zeros(len(index), len(index), dtype=torch.float64)
+        m[index, torch.arange(len(index))] = scale.to(torch.float64)
+        return m
+    return t.to(torch.float64)
+
+
+def compose(first: Transform, then: Transform) -> Transform:
+    """The transform of applying `first`, then `then` (h'' = h @ M_first @ M_then)."""
+    if is_permutation(first) and is_permutation(then):
+        return first[then]
+    if not (isinstance(first, torch.Tensor) and first.ndim == 2) and \
+            not (isinstance(then, torch.Tensor) and then.ndim == 2):
+        i0, s0 = (first.index, first.scale) if isinstance(first, Scaled) else \
+            (first, torch.ones(len(first), dtype=torch.float64))
+        i1, s1 = (then.index, then.scale) if isinstance(then, Scaled) else \
+            (then, torch.ones(len(then), dtype=torch.float64))
+        return Scaled(i0[i1], s0[i1] * s1)
+    return as_matrix(first) @ as_matrix(then)
+
+
+def plain_views(space, perm: torch.Tensor) -> Dict[str, torch.Tensor]:
+    """One permutation on every view of a non-attention space (a gated FF's gate too)."""
+    return {view: perm for view in space.views}
 
 
 def identity_transforms(spec: PermutationSpec) -> Transforms:
@@ -40,12 +82,15 @@ def random_transforms(spec: PermutationSpec, seed: int = 0, qk_follows_vo: bool 
         elif space.heads is not None:
             out[space.name] = HeadPerm.random(space.heads, gen, qk_follows_vo).views(space.heads)
         else:
-            out[space.name] = {"": torch.randperm(space.size, generator=gen)}
+            out[space.name] = plain_views(space, torch.randperm(space.size, generator=gen))
     return out
 
 
 def invert(transforms: Transforms) -> Transforms:
-    def inv(t: torch.Tensor) -> torch.Tensor:
+    def inv(t: Transform) -> Transform:
+        if isinstance(t, Scaled):
+            back = torch.argsort(t.index)
+            return Scaled(back, 1.0 / t.scale[back])
         return torch.argsort(t) if is_permutation(t) else torch.linalg.inv(t.double()).to(t.dtype)
     return {s: {v: inv(t) for v, t in views.items()} for s, views in transforms.items()}
 
@@ -59,12 +104,22 @@ def check_transforms(spec: PermutationSpec, transforms: Transforms) -> None:
                              "made for a different architecture or configuration")
         for view, size in space.views.items():
             t = views[view]
-            if is_permutation(t):
-                if t.shape != (size,) or not torch.equal(t.sort().values, torch.arange(size)):
+            index = t.index if isinstance(t, Scaled) else t
+            if isinstance(t, Scaled) and (t.scale.shape != (size,) or not torch.isfinite(t.scale).all()
+                                          or bool((t.scale == 0).any())):
+                raise ValueError(f"{space.name}[{view or 'all'}]: scales not {size} finite non-zeros")
+            if is_permutation(index):
+                if index.shape != (size,) or not torch.equal(index.sort().values, torch.arange(size)):
                     raise ValueError(f"{space.name}[{view or 'all'}]: not a permutation of {size}")
             elif t.shape != (size, size) or not torch.isfinite(t).all():
                 raise ValueError(f"{space.name}[{view or 'all'}]: matrix of shape "
                                  f"{tuple(t.shape)} (or not finite), expected {size} x {size}")
+        if space.gated:
+            gate, up = views["gate"], views[""]
+            up_index = up.index if isinstance(up, Scaled) else up
+            if not is_permutation(gate) or not is_permutation(up_index) \
+                    or not torch.equal(gate, up_index):
+                raise ValueError(f"{space.name}: the gate must move with up (one permutation)")
     extra = set(transforms) - {s.name for s in spec.spaces}
     if extra:
         raise ValueError(f"saved alignment has spaces this model lacks: {sorted(extra)[:5]}")
@@ -79,29 +134,51 @@ def _reader_matrix(m: torch.Tensor) -> torch.Tensor:
     return cached
 
 
-def _along(tensor: torch.Tensor, dim: int, t: torch.Tensor, role: str, name: str) -> torch.Tensor:
-    """One axis of a tensor through one view's transform."""
+def _along(tensor: torch.Tensor, dim: int, t: Transform, role: str, name: str,
+           exact: bool = True) -> torch.Tensor:
+    """One axis of a tensor through one view's transform (float64 arithmetic when `exact`,
+    else the tensor's own dtype: differentiable either way)."""
     if is_permutation(t):
         return tensor.index_select(dim, t.to(tensor.device))
+    if isinstance(t, Scaled):
+        moved = tensor.index_select(dim, t.index.to(tensor.device))
+        if role == "elem":
+            if torch.all(t.scale == 1):
+                return moved
+            raise ValueError(f"{name}: a norm gain cannot follow per-feature scales")
+        shape = [1] * tensor.ndim
+        shape[dim] = -1
+        scale = t.scale.to(tensor.device).reshape(shape)
+        scale = scale if role == "out" else 1.0 / scale
+        work = torch.float64 if exact else tensor.dtype
+        return (moved.to(work) * scale.to(work)).to(tensor.dtype)
     if role == "elem":
         if torch.all(tensor == 1):
             return tensor  # a folded (unit) gain commutes with any map
         raise ValueError(f"{name}: this weight scales a space that holds a matrix; fold the "
                          "norm gain into its readers first")
-    m = t if role == "out" else _reader_matrix(t)
-    m = m.to(device=tensor.device, dtype=torch.float64)
+    work = torch.float64 if exact else tensor.dtype
+    if role == "out":
+        m = t
+    elif exact:
+        m = _reader_matrix(t)
+    else:
+        m = torch.linalg.inv(t).T     # differentiable (learned alignment)
+    m = m.to(device=tensor.device, dtype=work)
     # new[..., i, ...] = sum_j m[j, i] * old[..., j, ...]
-    moved = torch.movedim(tensor.to(torch.float64), dim, -1) @ m
+    moved = torch.movedim(tensor.to(work), dim, -1) @ m
     return torch.movedim(moved, -1, dim).to(tensor.dtype)
 
 
-def apply_to_tensor(rule: WeightRule, tensor: torch.Tensor, transforms: Transforms) -> torch.Tensor:
+def apply_to_tensor(rule: WeightRule, tensor: torch.Tensor, transforms: Transforms,
+                    exact: bool = True) -> torch.Tensor:
     """One tensor of B, expressed in A's basis."""
     for dim, axis in enumerate(rule.axes):
         if axis is None:
             continue
         if isinstance(axis, Bind):
-            tensor = _along(tensor, dim, transforms[axis.space][axis.view], axis.role, rule.name)
+            tensor = _along(tensor, dim, transforms[axis.space][axis.view], axis.role, rule.name,
+                            exact)
             continue
         # A fused axis: each part through its own view, then put back in place.
         out = tensor.clone()
@@ -110,8 +187,8 @@ def apply_to_tensor(rule: WeightRule, tensor: torch.Tensor, transforms: Transfor
                 continue
             idx = axis.part_index(j).to(tensor.device)
             piece = _along(tensor.index_select(dim, idx), dim, transforms[part.space][part.view],
-                           part.role, rule.name)
-            out.index_copy_(dim, idx, piece)
+                           part.role, rule.name, exact)
+            out = out.index_copy(dim, idx, piece)
         tensor = out
     return tensor
 

@@ -233,6 +233,15 @@ def align(model_a: str, model_b: str, data: Optional[str], settings: AlignSettin
     info: Dict = {"model_a": model_a, "model_b": model_b, "matching": settings.matching}
     if settings.aligns_nothing:
         alignment = Alignment.identity(spec, settings)
+    elif settings.matching == "learned":
+        start_settings = settings.model_copy(update={"matching": "activations"})
+        alignment = align(model_a, model_b, data, start_settings, device=device, dtype=dtype,
+                          workers=workers, use_cache=use_cache, pair=pair, sources=sources,
+                          dist=dist)
+        if dist.is_main:
+            alignment = learn_alignment(pair, alignment, data, settings, device, sources)
+        alignment.settings = settings
+        info["data"] = alignment.info.get("data")
     elif settings.matching == "weights":
         from mergekit_permute.weight_match import weight_match_alignment
         sa, sb = sources or (pair.source("a"), pair.source("b"))
@@ -254,6 +263,38 @@ def align(model_a: str, model_b: str, data: Optional[str], settings: AlignSettin
     alignment.info = {**info, **alignment.info}
     alignment.timings["total_seconds"] = round(time.perf_counter() - start, 2)
     return alignment
+
+
+def learn_alignment(pair: Pair, start: Alignment, data: str, settings: AlignSettings,
+                    device: str = "cpu", sources=None) -> Alignment:
+    """`start` refined by learned exact symmetries (learn.py) on the calibration text: both
+    models whole in memory, a held-out tenth of the batches for early stopping."""
+    import transformers
+
+    from mergekit_permute.barrier import eval_batches, objective_for
+    from mergekit_permute.learn import learn
+    from mergekit_permute.settings import lambdas_of
+    spec = pair.spec
+    objective = objective_for(spec.architecture)
+    if objective == "cls":
+        raise ValueError(f"matching=learned needs a language-model loss; {spec.architecture} "
+                         "has a task head (align it with matching=activations)")
+    texts = load_texts(data, settings.samples)
+    batches = eval_batches(pair.tokenizer, texts, objective, max_length=settings.max_length,
+                           batch_size=settings.batch_size, seed=0,
+                           architecture=spec.architecture)
+    if len(batches) < 2:
+        raise ValueError("matching=learned needs at least two calibration batches (one held "
+                         "out to stop early); raise --samples or lower --batch-size")
+    held = max(1, len(batches) // 10)
+    sa, sb = sources or (pair.source("a"), pair.source("b"))
+    names = pair.checkpoint_a.keys()
+    state_a = {n: sa.get(n).float() if sa.get(n).is_floating_point() else sa.get(n) for n in names}
+    state_b = {n: sb.get(n).float() if sb.get(n).is_floating_point() else sb.get(n) for n in names}
+    container = getattr(transformers, spec.architecture)(pair.config)
+    return learn(spec, container, state_a, state_b, start, batches[:-held], batches[-held:],
+                 steps=settings.learn_steps, lr=settings.learn_lr,
+                 lambdas=lambdas_of(settings.learn_lambdas), device=device)
 
 
 def _state_of(source, pair: Pair) -> Dict[str, torch.Tensor]:

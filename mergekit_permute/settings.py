@@ -26,11 +26,12 @@ WEIGHT_PARAM = "weight"              # the one per-model recipe parameter
 
 def option(default: Any, help: str, *, role: str, recipe: Optional[str] = None,
            cli: Optional[str] = None, vanilla: Any = None, scope: str = "align",
-           **constraints) -> Any:
-    """A settings field with its recipe name, CLI flag and help in one place."""
+           only_if: Optional[Tuple[str, Any]] = None, **constraints) -> Any:
+    """A settings field with its recipe name, CLI flag and help in one place. `only_if`
+    (field, value): the option matters only then (it is left out of labels otherwise)."""
     return Field(default, description=help, json_schema_extra={
-        "role": role, "recipe": recipe, "cli": cli, "vanilla": vanilla, "scope": scope},
-        **constraints)
+        "role": role, "recipe": recipe, "cli": cli, "vanilla": vanilla, "scope": scope,
+        "only_if": list(only_if) if only_if else None}, **constraints)
 
 
 class RecipeError(ValueError):
@@ -43,9 +44,11 @@ class AlignSettings(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     # ---- method ----
-    matching: Literal["activations", "weights"] = option(
+    matching: Literal["activations", "weights", "learned"] = option(
         "activations", "activations: correlate features on calibration text (the paper); "
-        "weights: data-free weight matching (Git Re-Basin).", role="method",
+        "weights: data-free weight matching (Git Re-Basin); learned: activation matching, then "
+        "exact symmetries (residual rotation, V/O and Q/K maps, SwiGLU scales) learned against "
+        "the merged model's loss (both models whole in memory).", role="method",
         vanilla="activations")
     ffn: Literal["permute", "identity"] = option(
         "permute", "Feed-forward neurons: permuted per layer, or left in place.",
@@ -72,6 +75,14 @@ class AlignSettings(BaseModel):
     reference: Literal["base", "average"] = option(
         "base", "N >= 3 models: align each to the base, or to the running average of the base "
         "and the models before it.", role="method", vanilla="base", scope="merge")
+    learn_steps: int = option(300, "matching=learned: Adam steps (at most; a held-out slice of "
+                              "the calibration text stops it early).", role="method",
+                              vanilla=300, only_if=("matching", "learned"), ge=1)
+    learn_lr: float = option(1e-2, "matching=learned: Adam learning rate.", role="method",
+                             vanilla=1e-2, only_if=("matching", "learned"), gt=0)
+    learn_lambdas: str = option("0.5", "matching=learned: interpolation weights of A whose "
+                                "merged losses are minimised (comma-separated).", role="method",
+                                vanilla="0.5", only_if=("matching", "learned"))
 
     # ---- calibration ----
     samples: int = option(256, "Calibration passages.", role="calibration",
@@ -103,15 +114,25 @@ class AlignSettings(BaseModel):
     @property
     def needs_qk_features(self) -> bool:
         return (self.qk != "follow_vo" and self.attention not in ("identity", "ignore_heads")
-                and self.matching == "activations")
+                and self.matching != "weights")
 
     @property
     def needs_statistics(self) -> bool:
-        return self.repair or (self.matching == "activations" and not self.aligns_nothing)
+        return self.repair or (self.matching != "weights" and not self.aligns_nothing)
+
+    @field_validator("learn_lambdas")
+    @classmethod
+    def _lambdas(cls, value: str) -> str:
+        return ",".join(f"{v:g}" for v in lambdas_of(value))
+
+    def applies(self, name: str) -> bool:
+        only_if = _meta(name)["only_if"]
+        return only_if is None or getattr(self, only_if[0]) == only_if[1]
 
     def label(self) -> str:
-        """Every method field, in declaration order: `ffn=permute,attention=head_perm,...`."""
-        return ",".join(f"{name}={_text(getattr(self, name))}" for name in fields("method"))
+        """Every method field that applies, in declaration order: `ffn=permute,...`."""
+        return ",".join(f"{name}={_text(getattr(self, name))}" for name in fields("method")
+                        if self.applies(name))
 
     def method_fields(self) -> Dict[str, Any]:
         return self.model_dump(include=set(fields("method")))
@@ -174,6 +195,18 @@ class AlignSettings(BaseModel):
                     + " joined with '+'")
         merged = {**self.vanilla_fields(), **chosen}
         return self.model_copy(update=AlignSettings(**merged).method_fields())
+
+
+def lambdas_of(text: str) -> List[float]:
+    """'0.25,0.5,0.75' -> [0.25, 0.5, 0.75], each strictly between 0 and 1."""
+    try:
+        values = [float(x) for x in str(text).split(",") if x.strip()]
+    except ValueError:
+        values = []
+    if not values or any(not 0.0 < v < 1.0 for v in values):
+        raise ValueError(f"learn_lambdas={text!r}: interpolation weights strictly between 0 and "
+                         "1, comma-separated (e.g. 0.5 or 0.25,0.5,0.75)")
+    return values
 
 
 # The paper's ablations, on top of "nothing aligned" (barrier --methods).
@@ -300,10 +333,14 @@ def check_settings(spec, settings: AlignSettings) -> None:
     if settings.matching == "weights" and settings.qk != "follow_vo":
         raise ValueError(f"qk={settings.qk} matches query/key activations; weight matching "
                          "(matching=weights) supports qk=follow_vo only")
+    if settings.matching == "learned" and not settings.function_preserving:
+        raise ValueError("matching=learned learns exact symmetries on top of a function-"
+                         "preserving alignment; attention=ignore_heads is not one")
     if settings.vo == "orthogonal":
         if settings.matching == "weights" or settings.attention in ("identity", "ignore_heads"):
             raise ValueError("vo=orthogonal rotates V/O inside matched heads: it needs "
-                             "matching=activations and attention=head_perm or monotonic")
+                             "matching=activations (or learned) and attention=head_perm or "
+                             "monotonic")
         fused = [w.name for w in spec.weights for ax in w.axes if isinstance(ax, Fused) and any(
             p is not None and p.view in ("v", "o") for p in ax.parts)]
         if fused:

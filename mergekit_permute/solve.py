@@ -18,6 +18,7 @@ from mergekit_permute.alignment import Alignment
 from mergekit_permute.match import (
     match_attention, match_plain, mean_matched, procrustes_from_moments, rotate_vo,
 )
+from mergekit_permute.permute import plain_views
 from mergekit_permute.settings import AlignSettings, residual_policy
 from mergekit_permute.spec.base import PermutationSpec, Space
 from mergekit_permute.stats import CrossStats, ResidualSummary
@@ -51,7 +52,7 @@ def solve_space(space: Space, stats: Mapping[str, CrossStats], settings: AlignSe
     identity = torch.arange(space.size)
     report: Dict = {"kind": space.kind, "size": space.size}
     if space.kind == "ffn":
-        views = {"": match_plain(corr)}
+        views = plain_views(space, match_plain(corr))
         perm = views[""]
     else:
         qk = settings.qk if settings.needs_qk_features else "follow_vo"

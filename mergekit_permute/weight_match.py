@@ -19,6 +19,7 @@ from mergekit_permute.alignment import Alignment
 from mergekit_permute.match import match_attention, match_plain, procrustes
 from mergekit_permute.permute import (
     Transforms, apply_to_tensor, fold_gauge, identity_transforms, is_permutation, norm_gains,
+    plain_views,
 )
 from mergekit_permute.settings import AlignSettings, residual_policy
 from mergekit_permute.spec.base import Bind, Fused, HeadLayout, PermutationSpec, Space, WeightRule
@@ -132,7 +133,8 @@ def _solve(space: Space, sim: Dict[str, torch.Tensor], attention: str, residual:
     if space.kind == "residual" and residual == "orthogonal":
         # S [dA, dB] plays H_A^T H_B; Q [dB, dA]
         return {"": procrustes([sim[""]], keep_ones=centered)}
-    return {"": match_plain(sim[""])}
+    # A gated FF's gate and up rows move together: their evidence adds up.
+    return plain_views(space, match_plain(sum(sim.values())))
 
 
 def _score(sim: Dict[str, torch.Tensor], views: Dict[str, torch.Tensor]) -> float:

@@ -63,6 +63,9 @@ class Space(_Frozen):
     # The model's output is expressed in this basis (a bare encoder's hidden states), so only
     # the identity keeps its function.
     frozen: bool = False
+    # SwiGLU: the gate projection writes the FF space through a non-homogeneous activation, so
+    # it is its own view ("gate": permuted only) while up / down (view "") may also be scaled.
+    gated: bool = False
 
     @model_validator(mode="after")
     def _check(self) -> "Space":
@@ -76,7 +79,7 @@ class Space(_Frozen):
     def views(self) -> Dict[str, int]:
         """View name -> length of the axis it indexes."""
         if self.heads is None:
-            return {"": self.size}
+            return {"": self.size, "gate": self.size} if self.gated else {"": self.size}
         kv = self.heads.num_kv_heads * self.heads.head_dim
         return {"q": self.size, "k": kv, "v": kv, "o": self.size}
 

@@ -49,7 +49,7 @@ def build(config, architecture: str) -> PermutationSpec:
         spaces += [
             Space(name=attn, kind="attention", size=heads * head_dim, heads=layout, layer=i,
                   features=(inputs_of(f"{L}.self_attn.o_proj"),)),
-            Space(name=ffn, kind="ffn", size=inter, layer=i,
+            Space(name=ffn, kind="ffn", size=inter, layer=i, gated=True,
                   features=(inputs_of(f"{L}.mlp.down_proj"),)),
         ]
         residual_points.append(outputs_of(L))
@@ -66,8 +66,8 @@ def build(config, architecture: str) -> PermutationSpec:
                         w(f"{L}.self_attn.k_norm.weight", (head_dim,), None, layer=i)]
         weights += layer_norm(f"{L}.post_attention_layernorm", hidden, RESIDUAL, bias=False,
                               layer=i)
-        for proj in ("gate_proj", "up_proj"):
-            weights += linear(f"{L}.mlp.{proj}", inter, hidden, out(ffn), inp(RESIDUAL),
+        for proj, view in (("gate_proj", "gate"), ("up_proj", "")):
+            weights += linear(f"{L}.mlp.{proj}", inter, hidden, out(ffn, view), inp(RESIDUAL),
                               bias=mlp_bias, layer=i)
         weights += linear(f"{L}.mlp.down_proj", hidden, inter, out(RESIDUAL), inp(ffn),
                           bias=mlp_bias, layer=i)

@@ -1,0 +1,214 @@
+"""Learned alignment (`matching: learned`): start from the activation-matching solution, then
+learn further exact symmetries of B against the merged model's loss.
+
+Every learned map is a reparametrisation of B, so aligned B computes exactly B's function by
+construction (the maps are composed into the saved transforms, which `apply` and MergeKit
+replay unchanged):
+  residual   a rotation exp(S), S skew (and S 1 = 0 for LayerNorm models, so the all-ones
+             vector is kept); pre-norm models with foldable norms only;
+  V/O        per KV group an invertible map exp(A) on the values, its inverse on W_O's columns;
+  Q/K        per KV group a map M on the queries and M^-T on the keys (q.k is unchanged):
+             on rotary dims a 2x2 rotation-scaling per frequency pair (it commutes with RoPE),
+             on non-rotary dims a general exp(A); not where per-head Q/K norms sit in between;
+  SwiGLU     per FF neuron a scale s on the up projection and 1/s on the down projection.
+Optimised with Adam on the merged model's loss at lambda = 0.5 (or several lambdas) over the
+calibration text; a held-out slice of it stops the run early and picks the best step. Both
+models are held whole in memory (the loss needs the whole merged model): a tool for models
+that fit one device.
+"""
+
+import copy
+import logging
+import time
+from typing import Dict, List, Optional, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from mergekit_permute.alignment import Alignment
+from mergekit_permute.permute import (
+    Scaled, Transforms, apply_to_tensor, compose, fold_gauge, identity_transforms,
+)
+from mergekit_permute.spec.base import HeadLayout, PermutationSpec
+
+LOG = logging.getLogger(__name__)
+
+
+def _block_diag(blocks: torch.Tensor, owners: Sequence[int]) -> torch.Tensor:
+    """[len(owners) * d] square matrix with blocks[owners[i]] on its i-th diagonal block."""
+    return torch.block_diag(*[blocks[o] for o in owners])
+
+
+def _qk_norms(spec: PermutationSpec) -> bool:
+    return any(w.name.endswith(("q_norm.weight", "k_norm.weight")) for w in spec.weights)
+
+
+class Maps(torch.nn.Module):
+    """The learnable exact symmetries of one architecture, all at the identity at the start."""
+
+    def __init__(self, spec: PermutationSpec, rotate_residual: bool):
+        super().__init__()
+        self.spec = spec
+        d = spec.space("residual").size
+        self.rotate_residual = rotate_residual
+        self.residual = torch.nn.Parameter(torch.zeros(d, d)) if rotate_residual else None
+        self.vo = torch.nn.ParameterDict()
+        self.qk_free = torch.nn.ParameterDict()
+        self.qk_log_r = torch.nn.ParameterDict()
+        self.qk_angle = torch.nn.ParameterDict()
+        self.ffn = torch.nn.ParameterDict()
+        learn_qk = not _qk_norms(spec)
+        for space in spec.spaces:
+            key = space.name.replace(".", "_")
+            if space.kind == "attention":
+                h = space.heads
+                self.vo[key] = torch.nn.Parameter(torch.zeros(h.num_kv_heads, h.head_dim, h.head_dim))
+                if learn_qk:
+                    rot, free = h.qk_frozen_dims, h.head_dim - h.qk_frozen_dims
+                    if rot:
+                        self.qk_log_r[key] = torch.nn.Parameter(torch.zeros(h.num_kv_heads, rot // 2))
+                        self.qk_angle[key] = torch.nn.Parameter(torch.zeros(h.num_kv_heads, rot // 2))
+                    if free:
+                        self.qk_free[key] = torch.nn.Parameter(torch.zeros(h.num_kv_heads, free, free))
+            elif space.kind == "ffn" and space.gated:
+                self.ffn[key] = torch.nn.Parameter(torch.zeros(space.size))
+
+    def _qk_block(self, key: str, h: HeadLayout) -> torch.Tensor:
+        """[kv, d, d]: per KV group the map on query dims (h' = h @ M)."""
+        d, rot = h.head_dim, h.qk_frozen_dims
+        m = torch.zeros(h.num_kv_heads, d, d)
+        m = m + torch.eye(d)
+        if key in self.qk_log_r:
+            half = rot // 2
+            r = self.qk_log_r[key].exp()
+            c, s = r * self.qk_angle[key].cos(), r * self.qk_angle[key].sin()   # [kv, half]
+            g = torch.arange(h.num_kv_heads)[:, None]                          # [kv, 1]
+            i = torch.arange(half)[None, :]
+            j = i + half                 # rotate_half pairs dim i with i + rot/2
+            m = m.index_put((g, i, i), c).index_put((g, j, j), c)
+            m = m.index_put((g, i, j), s).index_put((g, j, i), -s)
+        if key in self.qk_free:
+            free = torch.matrix_exp(self.qk_free[key])                          # [kv, f, f]
+            m = torch.cat([m[:, :rot], torch.cat([m[:, rot:, :rot], free], 2)], 1)
+        return m
+
+    def transforms(self) -> Transforms:
+        """The learned maps as a transform set (identity where nothing is learned)."""
+        out: Transforms = identity_transforms(self.spec)
+        if self.residual is not None:
+            a = self.residual - self.residual.T
+            if self.spec.residual_centered:   # keep the all-ones vector: S 1 = 0
+                d = a.shape[0]
+                p = torch.eye(d) - torch.full((d, d), 1.0 / d)
+                a = p @ a @ p
+            out["residual"] = {"": torch.matrix_exp(a)}
+        for space in self.spec.spaces:
+            key = space.name.replace(".", "_")
+            if space.kind == "attention":
+                h = space.heads
+                groups = [i // h.group_size for i in range(h.num_heads)]
+                c = torch.matrix_exp(self.vo[key])                              # [kv, d, d]
+                views = {"v": _block_diag(c, range(h.num_kv_heads)), "o": _block_diag(c, groups)}
+                if key in self.qk_log_r or key in self.qk_free:
+                    b = self._qk_block(key, h)
+                    views["q"] = _block_diag(b, groups)
+                    views["k"] = _block_diag(torch.linalg.inv(b).transpose(1, 2),
+                                             range(h.num_kv_heads))
+                out[space.name].update(views)
+            elif key in self.ffn:
+                out[space.name][""] = Scaled(torch.arange(space.size), self.ffn[key].exp())
+        return out
+
+
+def _state(model) -> Dict[str, torch.Tensor]:
+    return {k: v.detach() for k, v in model.state_dict().items()}
+
+
+def learn(spec: PermutationSpec, model, state_a: Dict[str, torch.Tensor],
+          state_b: Dict[str, torch.Tensor], start: Alignment, train: List[Dict],
+          held_out: List[Dict], *, steps: int, lr: float, lambdas: Sequence[float],
+          device: str = "cpu", eval_every: int = 25, patience: int = 4) -> Alignment:
+    """`start` (activation matching) refined by gradient descent. `model` is any instance of
+    the architecture (a container for functional calls); `train` / `held_out` are loss
+    batches (with labels) of the calibration text."""
+    started = time.perf_counter()
+    rules = spec.weight_map()
+    folded = start.folded
+    gauge_a = fold_gauge(spec, start.gains_a) if folded else None
+    # The frame the maps act in: A with its gains folded, B aligned and folded the same way.
+    a_frame = {k: (gauge_a.apply(rules[k].name, v) if gauge_a and k in rules else v).to(device)
+               for k, v in state_a.items()}
+    b_frame = {}
+    for k, v in state_b.items():
+        t = start.fold.apply(rules[k].name, v) if folded and k in rules else v
+        b_frame[k] = (apply_to_tensor(rules[k], t, start.transforms) if k in rules else t).to(device)
+    maps = Maps(spec, rotate_residual=folded).to(device)
+    work = copy.deepcopy(model).to(device).eval()
+    for p in work.parameters():
+        p.requires_grad_(False)
+    names = list(state_a)
+
+    def merged_loss(batches, lams) -> torch.Tensor:
+        t = maps.transforms()
+        b = {k: apply_to_tensor(rules[k], v, t, exact=False) if k in rules else v
+             for k, v in b_frame.items()}
+        total = 0.0
+        for lam in lams:
+            params = {k: (lam * a_frame[k] + (1 - lam) * b[k]) if a_frame[k].is_floating_point()
+                      else a_frame[k] for k in names}
+            for batch in batches:
+                inputs = {k: v.to(device) for k, v in batch.items()}
+                out = torch.func.functional_call(work, params, args=(), kwargs=inputs)
+                total = total + out.loss
+        return total / (len(lams) * len(batches))
+
+    opt = torch.optim.Adam(maps.parameters(), lr=lr)
+    with torch.no_grad():
+        best = float(merged_loss(held_out, lambdas))
+    start_loss, best_step, best_state, bad = best, 0, copy.deepcopy(maps.state_dict()), 0
+    bar = tqdm(range(1, steps + 1), desc="learning maps", unit="step")
+    for step in bar:
+        batch = [train[(step - 1) % len(train)]]
+        loss = merged_loss(batch, lambdas)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        bar.set_postfix(loss=f"{loss.item():.4f}", held_out=f"{best:.4f}")
+        if step % eval_every == 0 or step == steps:
+            with torch.no_grad():
+                val = float(merged_loss(held_out, lambdas))
+            if val < best - 1e-6:
+                best, best_step, best_state, bad = val, step, copy.deepcopy(maps.state_dict()), 0
+            else:
+                bad += 1
+                if bad >= patience:
+                    LOG.info("held-out loss stopped improving at step %d", best_step)
+                    break
+    bar.close()
+    maps.load_state_dict(best_state)
+    with torch.no_grad():
+        learned = maps.transforms()
+    transforms: Transforms = {}
+    for space, views in start.transforms.items():
+        transforms[space] = {}
+        for view, t0 in views.items():
+            t1 = learned[space][view]
+            if isinstance(t1, Scaled):
+                t1 = Scaled(t1.index.cpu(), t1.scale.detach().cpu().double())
+            elif t1.is_floating_point():
+                t1 = t1.detach().cpu().double()
+            transforms[space][view] = compose(t0, t1)
+    out = Alignment(spec=spec, transforms=transforms, settings=start.settings,
+                    report=start.report, info=dict(start.info), gains_a=start.gains_a,
+                    gains_b=start.gains_b, timings=dict(start.timings))
+    out.info["learned"] = {"steps_run": step, "best_step": best_step,
+                           "held_out_loss_start": round(start_loss, 6),
+                           "held_out_loss_best": round(best, 6),
+                           "lambdas": list(lambdas), "lr": lr,
+                           "maps": sorted({n.split(".")[0] for n, _ in maps.named_parameters()})}
+    out.timings["learn_seconds"] = round(time.perf_counter() - started, 2)
+    LOG.info("learned alignment: held-out merged loss %.4f -> %.4f (step %d of %d)",
+             start_loss, best, best_step, step)
+    return out
+
+

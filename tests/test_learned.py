@@ -1,0 +1,161 @@
+"""Learned alignment: every learned symmetry is exact (random maps keep B's function; a
+near-miss of each breaks it), and `matching: learned` end to end."""
+
+import copy
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import load_file
+
+from mergekit_permute.alignment import Alignment
+from mergekit_permute.cli import main
+from mergekit_permute.learn import Maps
+from mergekit_permute.permute import (
+    Scaled, apply_to_model, as_matrix, compose, fold_scales, identity_transforms, norm_gains,
+)
+from mergekit_permute.settings import AlignSettings
+from mergekit_permute.spec import spec_for_config
+from tests.conftest import invoke
+from tests.tiny import build, inputs, outputs
+
+ARCHS = ["LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "GPTNeoXForCausalLM",
+         "BertForMaskedLM", "GPT2LMHeadModel-untied"]
+
+
+def _random_maps(spec, folded: bool, seed: int = 0, scale: float = 0.3) -> Maps:
+    maps = Maps(spec, rotate_residual=folded)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in maps.parameters():
+            p.copy_(scale * torch.randn(p.shape, generator=gen))
+    return maps
+
+
+def _apply(model, spec, transforms, folded):
+    out = copy.deepcopy(model)
+    fold = fold_scales(spec, model.state_dict()) if folded else None
+    apply_to_model(spec, out, transforms, fold)
+    return out
+
+
+@pytest.mark.parametrize("name", ARCHS)
+def test_random_learned_maps_keep_the_function(name):
+    model = build(name)
+    spec = spec_for_config(model.config)
+    folded = spec.orthogonal_residual_error() is None
+    maps = _random_maps(spec, folded)
+    with torch.no_grad():
+        transforms = {s: {v: (t if not isinstance(t, torch.Tensor) or not t.is_floating_point()
+                              else t.double()) for v, t in views.items()}
+                      for s, views in maps.transforms().items()}
+    kw = inputs(model)
+    for x, y in zip(outputs(_apply(model, spec, transforms, folded), kw), outputs(model, kw)):
+        torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-4)
+    learned = {n.split(".")[0] for n, _ in maps.named_parameters()}
+    assert "vo" in learned and ("residual" in learned) == folded
+    assert ("qk_angle" in learned) == (spec.space("attn.0").heads.qk_frozen_dims > 0
+                                       and name != "Qwen3ForCausalLM")
+    assert ("ffn" in learned) == name.startswith(("Llama", "Qwen"))
+
+
+def _broken(name, what):
+    model = build(name)
+    with torch.no_grad():  # sharpen attention, so scores matter
+        for pname, p in model.named_parameters():
+            if pname.endswith(("q_proj.weight", "query.weight")):
+                p.mul_(20)
+    spec = spec_for_config(model.config)
+    folded = spec.orthogonal_residual_error() is None
+    with torch.no_grad():
+        t = _random_maps(spec, folded, scale=1.0).transforms()
+    t = {s: {v: (x.double() if isinstance(x, torch.Tensor) and x.is_floating_point() else x)
+             for v, x in views.items()} for s, views in t.items()}
+    attn, ffn = t["attn.0"], t["ffn.0"]
+    if what == "gate_scaled":        # SwiGLU: the gate does not commute with a scale
+        ffn["gate"] = Scaled(ffn[""].index, ffn[""].scale)
+    elif what == "qk_not_inverse":   # keys must take M^-T, not M
+        attn["k"] = torch.linalg.inv(attn["k"]).T
+    elif what == "qk_adjacent_pairs":  # RoPE pairs dim i with i + d/2, not with i + 1
+        d = spec.space("attn.0").heads.head_dim
+        p = torch.arange(attn["q"].shape[0]).reshape(-1, d)
+        swap = torch.cat([p[:, 0::2], p[:, 1::2]], 1).reshape(-1)   # interleave -> halves
+        attn["q"] = attn["q"][swap][:, swap]
+        attn["k"] = attn["k"][swap[:attn["k"].shape[0]]][:, swap[:attn["k"].shape[0]]]
+    elif what == "residual_unfolded":  # a rotation needs the norm gains folded first
+        folded = False
+        t = {s: {v: x for v, x in views.items()} for s, views in t.items()}
+    model_t = copy.deepcopy(model)
+    fold = fold_scales(spec, model.state_dict()) if folded else None
+    try:
+        apply_to_model(spec, model_t, t, fold)
+    except ValueError:
+        return float("inf")   # refused: as good as broken
+    kw = inputs(model)
+    return float((outputs(model_t, kw)[0] - outputs(model, kw)[0]).abs().max())
+
+
+@pytest.mark.parametrize("name,what", [
+    ("LlamaForCausalLM", "gate_scaled"),
+    ("LlamaForCausalLM", "qk_not_inverse"),
+    ("LlamaForCausalLM", "qk_adjacent_pairs"),
+    ("LlamaForCausalLM", "residual_unfolded"),
+    ("BertForMaskedLM", "qk_not_inverse"),
+])
+def test_near_misses_of_each_symmetry_break_the_function(name, what):
+    """Negative controls: the rules above are what makes the maps exact."""
+    assert _broken(name, what) > 1e-3
+
+
+def test_compose_and_invert_scaled_permutations():
+    gen = torch.Generator().manual_seed(0)
+    p0, p1 = torch.randperm(6, generator=gen), torch.randperm(6, generator=gen)
+    s0, s1 = torch.rand(6, generator=gen, dtype=torch.float64) + 0.5, \
+        torch.rand(6, generator=gen, dtype=torch.float64) + 0.5
+    both = compose(Scaled(p0, s0), Scaled(p1, s1))
+    torch.testing.assert_close(as_matrix(both), as_matrix(Scaled(p0, s0)) @ as_matrix(Scaled(p1, s1)))
+    dense = torch.randn(6, 6, generator=gen, dtype=torch.float64)
+    torch.testing.assert_close(compose(p0, dense), as_matrix(p0) @ dense)
+
+
+def test_learned_alignment_end_to_end(zoo, tmp_path):
+    a, b = zoo("llama")
+    out = tmp_path / "aligned"
+    r = CliRunner().invoke(main, ["align", a, b, "--data", "shakespeare-calib", "--samples", "120",
+                                  "--max-length", "32", "--matching", "learned",
+                                  "--learn-steps", "40", "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    doc = json.loads((out / "alignment.json").read_text())
+    learned = doc["learned"]
+    assert learned["held_out_loss_best"] <= learned["held_out_loss_start"]
+    assert {"residual", "vo", "ffn", "qk_angle"} <= set(learned["maps"])
+    assert "matching=learned" in doc["label"] and "learn_steps=40" in doc["label"]
+    assert doc["timings"]["learn_seconds"] > 0
+    # B's function, exactly (fp32), from the written checkpoint.
+    import transformers as T
+    ids = torch.tensor([[2, 40, 41, 42, 43, 44]])
+    with torch.no_grad():
+        x = T.AutoModelForCausalLM.from_pretrained(out)(input_ids=ids).logits
+        y = T.AutoModelForCausalLM.from_pretrained(b)(input_ids=ids).logits
+    torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-4)
+    # The saved transforms replay exactly (apply), and carry the SwiGLU scales.
+    perms = load_file(out / "permutations.safetensors")
+    assert "ffn.0#scale" in perms and not torch.all(perms["ffn.0#scale"] == 1)
+    r = CliRunner().invoke(main, ["apply", str(out), b, "--out", str(tmp_path / "applied")])
+    assert r.exit_code == 0, r.output
+    for k, v in load_file(tmp_path / "applied" / "model.safetensors").items():
+        torch.testing.assert_close(v, load_file(out / "model.safetensors")[k], rtol=0, atol=0)
+
+
+def test_learned_in_a_recipe_and_as_a_barrier_method(zoo, tmp_path):
+    a, b = zoo("llama")
+    r = invoke("mergekit-permute", "barrier", a, b, "--data", "shakespeare-eval",
+               "--samples", "120", "--max-length", "32", "--eval-samples", "32",
+               "--eval-max-length", "32", "--lambdas", "3", "--learn-steps", "30",
+               "--methods", "default,default+matching=learned", "--out", tmp_path / "b")
+    assert r.returncode == 0, r.stderr
+    doc = json.loads((tmp_path / "b" / "barrier.json").read_text())
+    plain, learned = doc["methods"]["default"], doc["methods"]["default+matching=learned"]
+    assert learned["loss_b"] == pytest.approx(plain["loss_b"], abs=1e-4)   # B unchanged
+    assert learned["settings"]["matching"] == "learned"
