@@ -163,6 +163,14 @@ class _Sweep:
         self.gains = pair_gains(self.pair, self.sources) if self.spec.norm_folds else ({}, {})
 
     def alignment(self, s: AlignSettings):
+        if s.matching == "learned":
+            from mergekit_permute.pipeline import learn_alignment
+            start = _alignment(self.spec, s.model_copy(update={"matching": "activations"}),
+                               self.stats, self.gains, (self.state_a, self.state_b), self.workers)
+            learned = learn_alignment(self.pair, start, self.calib.source, s, self.device,
+                                      self.sources)
+            learned.settings = s
+            return learned
         return _alignment(self.spec, s, self.stats, self.gains, (self.state_a, self.state_b),
                           self.workers)
 
@@ -206,6 +214,9 @@ def run_barrier(model_a: str, model_b: str, *, eval_data: str, calibration: str,
         losses = interpolation_losses(sweep.a, sweep.state_a, aligned_b, grid, sweep.batches,
                                       sweep.objective, device, desc=name, after_mix=after_mix)
         result["methods"][name] = _method_result(s, losses, grid, alignment.report)
+        if "learned" in alignment.info:
+            result["methods"][name]["learned"] = alignment.info["learned"]
+        result["methods"][name]["seconds"] = alignment.timings.get("learn_seconds", 0.0)
     vanilla = next((m for n, m in result["methods"].items() if parsed[n].aligns_nothing), None)
     if vanilla and vanilla["barrier"] > 0:
         for m in result["methods"].values():
