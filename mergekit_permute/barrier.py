@@ -72,6 +72,8 @@ def evaluate(model, batches: List[Dict], objective: Objective, device="cpu") -> 
         logits = out.logits if hasattr(out, "logits") else out.prediction_logits
         if objective == "clm":
             logits, labels = logits[:, :-1], labels[:, 1:]
+        if labels.numel() == 0:
+            continue
         if objective == "cls" and logits.shape[-1] == 1:
             total += float(torch.nn.functional.mse_loss(logits.squeeze(-1), labels.float(),
                                                         reduction="sum"))
@@ -146,9 +148,12 @@ class _Sweep:
             texts, labels = _labelled(eval_data, eval_samples, label_field)
         else:
             texts = load_texts(eval_data, eval_samples)
+        from mergekit_permute.preflight import check_max_length, check_scorable
+        check_max_length(eval_max_length, [("model A", self.pair.config)], "--eval-max-length")
         self.batches = eval_batches(tok, texts, self.objective, max_length=eval_max_length,
                                     batch_size=settings.batch_size, seed=seed, labels=labels,
                                     architecture=arch)
+        check_scorable(self.batches, self.objective)
         self.state_a = {k: v.detach().clone() for k, v in self.a.state_dict().items()}
         self.state_b = {k: v.detach().clone() for k, v in
                         load_model(model_b, device).state_dict().items()}
@@ -246,9 +251,12 @@ def run_multi(models: Sequence[str], *, eval_data: str, calibration: str, method
     objective = objective_for(a)
     if objective == "cls":
         raise ValueError("N-model evaluation supports language-model losses only")
+    from mergekit_permute.preflight import check_max_length, check_scorable
+    check_max_length(eval_max_length, [("model A", pair.config)], "--eval-max-length")
     batches = eval_batches(pair.tokenizer, load_texts(eval_data, eval_samples), objective,
                            max_length=eval_max_length, batch_size=settings.batch_size, seed=seed,
                            architecture=pair.spec.architecture)
+    check_scorable(batches, objective)
     state_a = {k: v.detach().clone() for k, v in a.state_dict().items()}
     parents = {ref: evaluate(a, batches, objective, device)}
     for path in models[1:]:
@@ -311,12 +319,14 @@ def _method_result(s: AlignSettings, losses, grid, report) -> Dict:
 
 
 def _labelled(path: str, samples: int, field: str):
+    from mergekit_permute.data import DataError
+    texts = load_texts(path, samples)    # checks the file, every row and its text
     rows = [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines()
-            if line.strip()]
-    if not rows or "text" not in rows[0] or field not in rows[0]:
-        raise ValueError(f"{path}: classification evaluation needs a .jsonl with 'text' and "
-                         f"'{field}' fields")
-    rows = rows[:samples]
+            if line.strip()][:len(texts)]
+    for i, row in enumerate(rows):
+        if not isinstance(row.get(field), (int, float)) or isinstance(row.get(field), bool):
+            raise DataError(f"{path}: row {i + 1}: classification evaluation needs a numeric "
+                            f"'{field}' beside 'text'")
     return [r["text"] for r in rows], [r[field] for r in rows]
 
 

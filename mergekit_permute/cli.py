@@ -92,18 +92,23 @@ def align(model_a, model_b, data, out, permutations_only, overwrite, no_cache, *
     if not settings.function_preserving:
         raise UserError("attention=ignore_heads is not function-preserving, so `align` refuses "
                         "it; use it only as an ablation in `barrier` or a merge")
-    check_output_dir(out, overwrite)
+    from mergekit_permute.models import open_pair
+    from mergekit_permute.preflight import check_device, check_output, checkpoint_bytes
+    check_device(run.device)
+    check_output(out, overwrite)
+    pair = open_pair(model_a, model_b)          # configs, tokenizers, every weight file
+    if not permutations_only:
+        check_output(out, overwrite, checkpoint_bytes(pair.checkpoint_b, _dtype(run)))
     dist = init_from_env(run.device)
     device = f"cuda:{dist.rank}" if dist.active and run.device == "cuda" else run.device
     alignment = run_align(model_a, model_b, data, settings, device=device, dtype=run.dtype,
-                          workers=run.workers, use_cache=not no_cache, dist=dist)
+                          workers=run.workers, use_cache=not no_cache, dist=dist, pair=pair)
     if not dist.is_main:
         return
-    from mergekit_permute.models import open_checkpoint
     with atomic_dir(out, overwrite) as tmp:
         if not permutations_only:
-            source = open_checkpoint(model_b, alignment.spec)
-            write_like(source, tmp, alignment.tensor, _dtype(run), desc="writing aligned B")
+            write_like(pair.checkpoint_b, tmp, alignment.tensor, _dtype(run),
+                       desc="writing aligned B")
         save_alignment(alignment, tmp)
     _print_summary(alignment)
     click.echo(f"wrote {out}")
@@ -133,12 +138,14 @@ def apply(alignment, checkpoint, out, overwrite, dtype):
     from mergekit_permute.alignment import ALIGNMENT_FILE, PERMUTATIONS_FILE, load_alignment
     from mergekit_permute.checkpoints import CheckpointSource, write_like
     from mergekit_permute.models import load_config, open_checkpoint
-    from mergekit_permute.outputs import atomic_dir, check_output_dir
+    from mergekit_permute.outputs import atomic_dir
+    from mergekit_permute.preflight import check_output, checkpoint_bytes
     from mergekit_permute.spec import spec_for_config
 
-    check_output_dir(out, overwrite)
+    check_output(out, overwrite)
     spec = spec_for_config(load_config(checkpoint))
     source = open_checkpoint(checkpoint, spec)
+    check_output(out, overwrite, checkpoint_bytes(source, _dtype(RunSettings(dtype=dtype))))
     reader = CheckpointSource(source, spec)
     gains = {f.norm: reader.get(f.norm).double() for f in spec.norm_folds}
     aligned = load_alignment(alignment, spec, gains)
@@ -197,9 +204,11 @@ def barrier(models, eval_data, calibration, methods, lambdas, eval_samples,
 
     from mergekit_permute.barrier import multi_table, run_barrier, run_multi, write_report
     from mergekit_permute.card import barrier_table
-    from mergekit_permute.outputs import atomic_dir, check_output_dir
+    from mergekit_permute.outputs import atomic_dir
+    from mergekit_permute.preflight import check_device, check_output
 
     settings, run = settings_from_cli(kw), settings_from_cli(kw, RunSettings)
+    check_device(run.device)
     names = [m.strip() for m in methods.split(",") if m.strip()]
     if not names:
         raise UserError("--methods names no method; e.g. --methods vanilla,default")
@@ -207,7 +216,7 @@ def barrier(models, eval_data, calibration, methods, lambdas, eval_samples,
         raise UserError("barrier needs at least two models")
     for name in names:
         settings.with_method(name)   # a misspelt method fails before any work
-    check_output_dir(out, overwrite)
+    check_output(out, overwrite)
     common = dict(eval_data=eval_data, calibration=calibration, methods=names, settings=settings,
                   eval_samples=eval_samples, eval_max_length=eval_max_length, seed=seed,
                   device=run.device, use_cache=not no_cache, workers=run.workers)

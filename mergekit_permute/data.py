@@ -23,35 +23,52 @@ def builtin_path(name: str) -> Path:
 
 
 def load_texts(source: str, samples: Optional[int] = None, field: str = "text") -> List[str]:
-    """Up to `samples` non-empty passages, in file order (deterministic)."""
+    """Up to `samples` non-empty passages, in file order (deterministic). Every problem names
+    the file (and line)."""
     if source in BUILTIN:
         source = str(builtin_path(source))
     path = Path(source)
     if path.suffix in (".txt", ".jsonl", ".json") or path.exists():
+        if path.is_dir():
+            raise DataError(f"{source} is a directory; pass a .txt (one passage per line), a "
+                            ".jsonl with a 'text' field, or a dataset id")
         if not path.is_file():
             raise DataError(f"calibration/evaluation data {source!r} does not exist; pass a .txt "
                             "(one passage per line), a .jsonl with a 'text' field, or a dataset id")
-        lines = path.read_text(encoding="utf-8").splitlines()
-        if path.suffix in (".jsonl", ".json"):
-            texts = []
-            for i, line in enumerate(lines):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{source}:{i + 1}: not valid JSON ({e.msg})") from None
-                if field not in row:
-                    raise DataError(f"{source}:{i + 1}: no {field!r} field")
-                texts.append(str(row[field]))
-        else:
-            texts = lines
+        try:
+            lines = path.read_text(encoding="utf-8").splitlines()
+        except UnicodeDecodeError as e:
+            raise DataError(f"{source}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+        except OSError as e:
+            raise DataError(f"{source}: cannot be read ({e.strerror})") from None
+        texts = _json_rows(source, lines, field) if path.suffix in (".jsonl", ".json") else lines
     else:
         texts = _load_hub_dataset(source, field, samples)
     texts = [t.strip() for t in texts if t.strip()]
     if not texts:
         raise DataError(f"{source!r} holds no text")
     return texts[:samples] if samples else texts
+
+
+def _json_rows(source: str, lines: List[str], field: str) -> List[str]:
+    texts = []
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{source}:{i + 1}: not valid JSON ({e.msg})") from None
+        if not isinstance(row, dict):
+            raise DataError(f"{source}:{i + 1}: expected a JSON object with a {field!r} field, "
+                            f"got {type(row).__name__}")
+        if field not in row:
+            raise DataError(f"{source}:{i + 1}: no {field!r} field")
+        if not isinstance(row[field], str):
+            raise DataError(f"{source}:{i + 1}: {field!r} must be a string, got "
+                            f"{type(row[field]).__name__}")
+        texts.append(row[field])
+    return texts
 
 
 def _load_hub_dataset(name: str, field: str, samples: Optional[int]) -> List[str]:

@@ -58,6 +58,8 @@ class Calibration:
 
 
 def prepare_calibration(pair: Pair, data: str, settings: AlignSettings) -> Calibration:
+    from mergekit_permute.preflight import check_max_length
+    check_max_length(settings.max_length, [(f"model {pair.path_a}", pair.config)])
     texts = load_texts(data, settings.samples)
     tok = pair.tokenizer
     batches = tokenize(tok, texts, settings.max_length, settings.batch_size,

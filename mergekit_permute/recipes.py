@@ -37,6 +37,17 @@ def check_architectures(config, path: Path) -> None:
                          "models of one architecture")
 
 
+def estimated_bytes(config) -> int:
+    """The merge's size: the base model's (or the first model's) weights."""
+    from mergekit_permute.checkpoints import Checkpoint
+    from mergekit_permute.preflight import checkpoint_bytes
+    ref = config.base_model or config.referenced_models()[0]
+    try:
+        return checkpoint_bytes(Checkpoint(ref.model.path))
+    except (ValueError, OSError):
+        return 0
+
+
 def run_recipe(path: Path, out: Path, *, device: str = "cpu", overwrite: bool = False,
                barrier: Optional[Dict] = None) -> None:
     from mergekit.merge import run_merge
@@ -44,17 +55,20 @@ def run_recipe(path: Path, out: Path, *, device: str = "cpu", overwrite: bool = 
 
     from mergekit_permute.mergekit import install
     from mergekit_permute.mergekit.run import PermuteRun
-    from mergekit_permute.outputs import atomic_dir, check_output_dir
+    from mergekit_permute.outputs import atomic_dir
 
+    from mergekit_permute.preflight import check_device, check_output
     install()
     out = Path(out)
-    check_output_dir(out, overwrite)
+    check_device(device)
+    check_output(out, overwrite)
     config = load_recipe(path)
     for ref in config.referenced_models():
         p = ref.model.path
         if p.startswith(("/", ".", "~")) and not Path(p).expanduser().exists():
             raise FileNotFoundError(f"{path}: model {p!r} does not exist")
     check_architectures(config, path)
+    check_output(out, overwrite, estimated_bytes(config))
     if config.merge_method == "permute":
         run = PermuteRun(config, device).attach()      # validates the recipe now
         run.output_name, run.barrier = out.name, barrier

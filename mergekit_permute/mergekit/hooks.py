@@ -84,9 +84,16 @@ def hook_merge() -> None:
             if not _is_permute(config):
                 return original(config, options)
             from mergekit_permute.mergekit.run import PermuteRun
-            run = PermuteRun.of(config) or PermuteRun(config, options.device).attach()
-            if run.spec is None:
-                run.plan()
+            from mergekit_permute.settings import RecipeError
+            try:
+                run = PermuteRun.of(config) or PermuteRun(config, options.device).attach()
+                if run.spec is None:
+                    run.plan()
+            except RecipeError:
+                raise
+            except (ValueError, OSError, MemoryError) as e:
+                # MergeKit prints the traceback; its last line is ours, whole.
+                raise RecipeError(f"merge_method permute: {e}") from None
             return run.architecture()
         return get_architecture_info
 

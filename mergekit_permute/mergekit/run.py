@@ -82,6 +82,8 @@ class PermuteRun:
         from mergekit_permute.models import open_pair
         from mergekit_permute.multi import align_all
         from mergekit_permute.settings import check_settings
+        from mergekit_permute.preflight import check_device
+        check_device(self.device)
         pairs = [open_pair(self.base, other) for other in self.others]
         self.spec = pairs[0].spec
         check_settings(self.spec, self.settings)
