@@ -290,10 +290,14 @@ def learn_alignment(pair: Pair, start: Alignment, data: str, settings: AlignSett
                          "out to stop early); raise --samples or lower --batch-size")
     held = max(1, len(batches) // 10)
     sa, sb = sources or (pair.source("a"), pair.source("b"))
-    names = pair.checkpoint_a.keys()
-    state_a = {n: sa.get(n).float() if sa.get(n).is_floating_point() else sa.get(n) for n in names}
-    state_b = {n: sb.get(n).float() if sb.get(n).is_floating_point() else sb.get(n) for n in names}
     container = getattr(transformers, spec.architecture)(pair.config)
+    # The model's own parameter names (checkpoints may use legacy aliases, e.g. embed_out).
+    names = [n for n in container.state_dict() if sa.get(n) is not None]
+
+    def state(source):
+        return {n: (t.float() if t.is_floating_point() else t)
+                for n, t in ((n, source.get(n)) for n in names)}
+    state_a, state_b = state(sa), state(sb)
     return learn(spec, container, state_a, state_b, start, batches[:-held], batches[-held:],
                  steps=settings.learn_steps, lr=settings.learn_lr,
                  lambdas=lambdas_of(settings.learn_lambdas), device=device)
