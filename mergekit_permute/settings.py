@@ -81,7 +81,7 @@ class AlignSettings(BaseModel):
     learn_lr: float = option(1e-2, "matching=learned: Adam learning rate.", role="method",
                              vanilla=1e-2, only_if=("matching", "learned"), gt=0)
     learn_lambdas: str = option("0.5", "matching=learned: interpolation weights of A whose "
-                                "merged losses are minimised (comma-separated).", role="method",
+                                "merged losses are minimised (separated by / or ,: 0.25/0.5/0.75).", role="method",
                                 vanilla="0.5", only_if=("matching", "learned"))
 
     # ---- calibration ----
@@ -123,7 +123,7 @@ class AlignSettings(BaseModel):
     @field_validator("learn_lambdas")
     @classmethod
     def _lambdas(cls, value: str) -> str:
-        return ",".join(f"{v:g}" for v in lambdas_of(value))
+        return "/".join(f"{v:g}" for v in lambdas_of(value))
 
     def applies(self, name: str) -> bool:
         only_if = _meta(name)["only_if"]
@@ -198,14 +198,16 @@ class AlignSettings(BaseModel):
 
 
 def lambdas_of(text: str) -> List[float]:
-    """'0.25,0.5,0.75' -> [0.25, 0.5, 0.75], each strictly between 0 and 1."""
+    """'0.25,0.5,0.75' (or separated by '/' or ';', e.g. inside `--methods`) -> [0.25, 0.5,
+    0.75], each strictly between 0 and 1."""
+    import re
     try:
-        values = [float(x) for x in str(text).split(",") if x.strip()]
+        values = [float(x) for x in re.split(r"[,;/\s]+", str(text)) if x.strip()]
     except ValueError:
         values = []
     if not values or any(not 0.0 < v < 1.0 for v in values):
         raise ValueError(f"learn_lambdas={text!r}: interpolation weights strictly between 0 and "
-                         "1, comma-separated (e.g. 0.5 or 0.25,0.5,0.75)")
+                         "1, separated by ',' or '/' (e.g. 0.5 or 0.25/0.5/0.75)")
     return values
 
 
