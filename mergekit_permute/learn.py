@@ -46,7 +46,7 @@ def _qk_norms(spec: PermutationSpec) -> bool:
 class Maps(torch.nn.Module):
     """The learnable exact symmetries of one architecture, all at the identity at the start."""
 
-    def __init__(self, spec: PermutationSpec, rotate_residual: bool):
+    def __init__(self, spec: PermutationSpec, rotate_residual: bool, permute_ffn: bool = False):
         super().__init__()
         self.spec = spec
         d = spec.space("residual").size
@@ -57,6 +57,9 @@ class Maps(torch.nn.Module):
         self.qk_log_r = torch.nn.ParameterDict()
         self.qk_angle = torch.nn.ParameterDict()
         self.ffn = torch.nn.ParameterDict()
+        # FF permutations by a straight-through estimator: scores whose assignment is the
+        # permutation used (hard, exact) while their gradient is the permuted weights' own.
+        self.ffn_scores = torch.nn.ParameterDict()
         learn_qk = not _qk_norms(spec)
         for space in spec.spaces:
             key = space.name.replace(".", "_")
@@ -70,8 +73,11 @@ class Maps(torch.nn.Module):
                         self.qk_angle[key] = torch.nn.Parameter(torch.zeros(h.num_kv_heads, rot // 2))
                     if free:
                         self.qk_free[key] = torch.nn.Parameter(torch.zeros(h.num_kv_heads, free, free))
-            elif space.kind == "ffn" and space.gated:
-                self.ffn[key] = torch.nn.Parameter(torch.zeros(space.size))
+            elif space.kind == "ffn":
+                if space.gated:
+                    self.ffn[key] = torch.nn.Parameter(torch.zeros(space.size))
+                if permute_ffn:
+                    self.ffn_scores[key] = torch.nn.Parameter(torch.eye(space.size))
 
     def _qk_block(self, key: str, h: HeadLayout) -> torch.Tensor:
         """[kv, d, d]: per KV group the map on query dims (h' = h @ M)."""
@@ -115,8 +121,35 @@ class Maps(torch.nn.Module):
                     views["k"] = _block_diag(torch.linalg.inv(b).transpose(1, 2),
                                              range(h.num_kv_heads))
                 out[space.name].update(views)
+            elif key in self.ffn_scores:
+                p = self.hard_permutation(key)
+                onehot = torch.zeros_like(self.ffn_scores[key])
+                onehot[p, torch.arange(len(p))] = 1.0        # h' = h @ M, M[p[i], i] = 1
+                m = onehot + self.ffn_scores[key] - self.ffn_scores[key].detach()
+                out[space.name] = {view: m for view in space.views}
+                if key in self.ffn:
+                    out[space.name][""] = m * self.ffn[key].exp()[None, :]
             elif key in self.ffn:
                 out[space.name][""] = Scaled(torch.arange(space.size), self.ffn[key].exp())
+        return out
+
+    def hard_permutation(self, key: str) -> torch.Tensor:
+        """The assignment of the scores: new feature i <- old feature p[i]."""
+        from mergekit_permute.match import assign
+        scores = self.ffn_scores[key].detach().cpu().double().numpy()   # [old, new]
+        perm, _ = assign(scores.T)                                       # rows: new
+        return torch.from_numpy(perm)
+
+    def final(self) -> Transforms:
+        """The learned maps with every straight-through matrix replaced by its permutation."""
+        out = self.transforms()
+        for space in self.spec.spaces:
+            key = space.name.replace(".", "_")
+            if key in self.ffn_scores:
+                p = self.hard_permutation(key)
+                out[space.name] = {view: p for view in space.views}
+                if key in self.ffn:
+                    out[space.name][""] = Scaled(p, self.ffn[key].exp().detach())
         return out
 
 
@@ -127,7 +160,8 @@ def _state(model) -> Dict[str, torch.Tensor]:
 def learn(spec: PermutationSpec, model, state_a: Dict[str, torch.Tensor],
           state_b: Dict[str, torch.Tensor], start: Alignment, train: List[Dict],
           held_out: List[Dict], *, steps: int, lr: float, lambdas: Sequence[float],
-          device: str = "cpu", eval_every: int = 25, patience: int = 4) -> Alignment:
+          device: str = "cpu", eval_every: int = 25, patience: int = 4,
+          permute_ffn: bool = False) -> Alignment:
     """`start` (activation matching) refined by gradient descent. `model` is any instance of
     the architecture (a container for functional calls); `train` / `held_out` are loss
     batches (with labels) of the calibration text."""
@@ -142,7 +176,7 @@ def learn(spec: PermutationSpec, model, state_a: Dict[str, torch.Tensor],
     for k, v in state_b.items():
         t = start.fold.apply(rules[k].name, v) if folded and k in rules else v
         b_frame[k] = (apply_to_tensor(rules[k], t, start.transforms) if k in rules else t).to(device)
-    maps = Maps(spec, rotate_residual=folded).to(device)
+    maps = Maps(spec, rotate_residual=folded, permute_ffn=permute_ffn).to(device)
     work = copy.deepcopy(model).to(device).eval()
     for p in work.parameters():
         p.requires_grad_(False)
@@ -167,9 +201,11 @@ def learn(spec: PermutationSpec, model, state_a: Dict[str, torch.Tensor],
         best = float(merged_loss(held_out, lambdas))
     start_loss, best_step, best_state, bad = best, 0, copy.deepcopy(maps.state_dict()), 0
     bar = tqdm(range(1, steps + 1), desc="learning maps", unit="step")
+    recent: List[float] = []
     for step in bar:
         batch = [train[(step - 1) % len(train)]]
         loss = merged_loss(batch, lambdas)
+        recent = (recent + [loss.item()])[-eval_every:]
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -187,7 +223,7 @@ def learn(spec: PermutationSpec, model, state_a: Dict[str, torch.Tensor],
     bar.close()
     maps.load_state_dict(best_state)
     with torch.no_grad():
-        learned = maps.transforms()
+        learned = maps.final()
     transforms: Transforms = {}
     for space, views in start.transforms.items():
         transforms[space] = {}
@@ -204,6 +240,7 @@ def learn(spec: PermutationSpec, model, state_a: Dict[str, torch.Tensor],
     out.info["learned"] = {"steps_run": step, "best_step": best_step,
                            "held_out_loss_start": round(start_loss, 6),
                            "held_out_loss_best": round(best, 6),
+                           "train_loss_last": round(sum(recent) / max(len(recent), 1), 6),
                            "lambdas": list(lambdas), "lr": lr,
                            "maps": sorted({n.split(".")[0] for n, _ in maps.named_parameters()})}
     out.timings["learn_seconds"] = round(time.perf_counter() - started, 2)

@@ -300,7 +300,8 @@ def learn_alignment(pair: Pair, start: Alignment, data: str, settings: AlignSett
     state_a, state_b = state(sa), state(sb)
     return learn(spec, container, state_a, state_b, start, batches[:-held], batches[-held:],
                  steps=settings.learn_steps, lr=settings.learn_lr,
-                 lambdas=lambdas_of(settings.learn_lambdas), device=device)
+                 lambdas=lambdas_of(settings.learn_lambdas), device=device,
+                 permute_ffn=settings.learn_permutations)
 
 
 def _state_of(source, pair: Pair) -> Dict[str, torch.Tensor]:

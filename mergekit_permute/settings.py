@@ -83,6 +83,9 @@ class AlignSettings(BaseModel):
     learn_lambdas: str = option("0.5", "matching=learned: interpolation weights of A whose "
                                 "merged losses are minimised (separated by / or ,: 0.25/0.5/0.75).", role="method",
                                 vanilla="0.5", only_if=("matching", "learned"))
+    learn_permutations: bool = option(
+        False, "matching=learned: also learn the FF permutations (straight-through estimator; "
+        "slower).", role="method", vanilla=False, only_if=("matching", "learned"))
 
     # ---- calibration ----
     samples: int = option(256, "Calibration passages.", role="calibration",

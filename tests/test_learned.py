@@ -159,3 +159,28 @@ def test_learned_in_a_recipe_and_as_a_barrier_method(zoo, tmp_path):
     plain, learned = doc["methods"]["default"], doc["methods"]["default+matching=learned"]
     assert learned["loss_b"] == pytest.approx(plain["loss_b"], abs=1e-4)   # B unchanged
     assert learned["settings"]["matching"] == "learned"
+
+
+@pytest.mark.parametrize("name", ["LlamaForCausalLM", "BertForMaskedLM"])
+def test_learned_ffn_permutations_end_as_hard_permutations(name):
+    """Straight-through scores: whatever they hold, the final maps are permutations (scaled for
+    SwiGLU) that keep B's function."""
+    model = build(name)
+    spec = spec_for_config(model.config)
+    folded = spec.orthogonal_residual_error() is None
+    maps = Maps(spec, rotate_residual=folded, permute_ffn=True)
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in maps.parameters():
+            p.add_(0.5 * torch.randn(p.shape, generator=gen))
+    with torch.no_grad():
+        final = maps.final()
+    ffn = final["ffn.0"][""]
+    index = ffn.index if isinstance(ffn, Scaled) else ffn
+    assert sorted(index.tolist()) == list(range(len(index)))
+    assert not torch.equal(index, torch.arange(len(index)))      # the scores moved neurons
+    final = {s: {v: (t.double() if isinstance(t, torch.Tensor) and t.is_floating_point() else t)
+                 for v, t in views.items()} for s, views in final.items()}
+    kw = inputs(model)
+    for x, y in zip(outputs(_apply(model, spec, final, folded), kw), outputs(model, kw)):
+        torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-4)
