@@ -130,7 +130,7 @@ class _Sweep:
 
     def __init__(self, model_a: str, model_b: str, *, eval_data: str, calibration: str,
                  methods: Dict[str, AlignSettings], settings: AlignSettings, eval_samples: int,
-                 eval_max_length: int, seed: int, device: str, use_cache: bool, workers,
+                 eval_max_length: Optional[int], seed: int, device: str, use_cache: bool, workers,
                  label_field: str = "label", pair=None):
         from mergekit_permute.checkpoints import StateSource
         from mergekit_permute.models import load_model, open_pair, scan
@@ -141,20 +141,21 @@ class _Sweep:
         for s in methods.values():
             check_settings(self.spec, s)
         fingerprints = (scan(self.pair.checkpoint_a), scan(self.pair.checkpoint_b))
-        self.a = load_model(model_a, device)
-        self.objective = objective_for(self.a)
         tok, arch = self.pair.tokenizer, self.spec.architecture
+        self.objective = objective_for(self.pair.config.architectures[0])
         labels: Sequence = ()
         if self.objective == "cls":
             texts, labels = _labelled(eval_data, eval_samples, label_field)
         else:
             texts = load_texts(eval_data, eval_samples)
-        from mergekit_permute.preflight import check_max_length, check_scorable
+        from mergekit_permute.preflight import check_max_length, check_scorable, eval_length
+        self.eval_max_length = eval_max_length = eval_length(eval_max_length, self.pair.config)
         check_max_length(eval_max_length, [("model A", self.pair.config)], "--eval-max-length")
         self.batches = eval_batches(tok, texts, self.objective, max_length=eval_max_length,
                                     batch_size=settings.batch_size, seed=seed, labels=labels,
                                     architecture=arch)
-        check_scorable(self.batches, self.objective)
+        check_scorable(self.batches, self.objective)   # data checked before any model loads
+        self.a = load_model(model_a, device)
         self.state_a = {k: v.detach().clone() for k, v in self.a.state_dict().items()}
         self.state_b = {k: v.detach().clone() for k, v in
                         load_model(model_b, device).state_dict().items()}
@@ -200,7 +201,7 @@ class _Sweep:
 
 def run_barrier(model_a: str, model_b: str, *, eval_data: str, calibration: str,
                 methods: Sequence[str], lambdas: int, settings: AlignSettings,
-                eval_samples: int = 256, eval_max_length: int = 128, seed: int = 0,
+                eval_samples: int = 256, eval_max_length: Optional[int] = None, seed: int = 0,
                 device: str = "cpu", use_cache: bool = True, label_field: str = "label",
                 workers=1) -> Dict:
     parsed = {m: settings.with_method(m) for m in methods}  # bad names fail before loading
@@ -210,7 +211,8 @@ def run_barrier(model_a: str, model_b: str, *, eval_data: str, calibration: str,
                    use_cache=use_cache, workers=workers, label_field=label_field)
     grid = [float(x) for x in np.linspace(0.0, 1.0, lambdas)]
     result = {"loss": LOSS_NAME[sweep.objective], "objective": sweep.objective,
-              "eval_data": eval_data, "calibration": calibration, "model_a": model_a,
+              "eval_data": eval_data, "eval_max_length": sweep.eval_max_length,
+              "calibration": calibration, "model_a": model_a,
               "model_b": model_b, "lambda_meaning": "theta = lambda * A + (1 - lambda) * aligned B",
               "headline": "barrier", "lambdas": grid, "methods": {}}
     for name, s in parsed.items():
@@ -233,7 +235,8 @@ def run_barrier(model_a: str, model_b: str, *, eval_data: str, calibration: str,
 
 
 def run_multi(models: Sequence[str], *, eval_data: str, calibration: str, methods: Sequence[str],
-              settings: AlignSettings, eval_samples: int = 256, eval_max_length: int = 128,
+              settings: AlignSettings, eval_samples: int = 256,
+              eval_max_length: Optional[int] = None,
               seed: int = 0, device: str = "cpu", use_cache: bool = True, workers=1) -> Dict:
     """N >= 3 models aligned into the first one's basis (to it, or to the running average:
     `reference=`), then the N-average (REPAIRed with `repair`). Reports the merge's loss
@@ -250,16 +253,17 @@ def run_multi(models: Sequence[str], *, eval_data: str, calibration: str, method
     for s in parsed.values():
         from mergekit_permute.settings import check_settings
         check_settings(pair.spec, s)
-    a = load_model(ref, device)
-    objective = objective_for(a)
+    objective = objective_for(pair.config.architectures[0])
     if objective == "cls":
         raise ValueError("N-model evaluation supports language-model losses only")
-    from mergekit_permute.preflight import check_max_length, check_scorable
+    from mergekit_permute.preflight import check_max_length, check_scorable, eval_length
+    eval_max_length = eval_length(eval_max_length, pair.config)
     check_max_length(eval_max_length, [("model A", pair.config)], "--eval-max-length")
     batches = eval_batches(pair.tokenizer, load_texts(eval_data, eval_samples), objective,
                            max_length=eval_max_length, batch_size=settings.batch_size, seed=seed,
                            architecture=pair.spec.architecture)
     check_scorable(batches, objective)
+    a = load_model(ref, device)
     state_a = {k: v.detach().clone() for k, v in a.state_dict().items()}
     parents = {ref: evaluate(a, batches, objective, device)}
     for path in models[1:]:

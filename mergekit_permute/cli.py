@@ -188,7 +188,8 @@ def merge(recipe, out, device, overwrite):
 @click.option("--lambdas", type=click.IntRange(min=3), default=21, show_default=True,
               help="Points on the interpolation path (endpoints included).")
 @click.option("--eval-samples", type=click.IntRange(min=1), default=256, show_default=True)
-@click.option("--eval-max-length", type=click.IntRange(min=2), default=128, show_default=True)
+@click.option("--eval-max-length", type=click.IntRange(min=2), default=None,
+              help="Tokens per evaluation passage  [default: 128, or the model's positions if fewer]")
 @click.option("--seed", type=int, default=0, show_default=True, help="Masking seed (MLM).")
 @click.option("--out", required=True, type=click.Path(path_type=Path))
 @click.option("--overwrite", is_flag=True)

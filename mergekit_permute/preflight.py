@@ -73,6 +73,14 @@ def positions(config) -> Optional[int]:
     return limit
 
 
+def eval_length(requested: Optional[int], config, default: int = 128) -> int:
+    """The evaluation passage length: as asked, else `default` capped at the model's positions."""
+    if requested is not None:
+        return requested
+    limit = positions(config)
+    return min(default, limit) if limit else default
+
+
 def check_max_length(max_length: int, configs: Iterable, option: str = "--max-length") -> None:
     for name, config in configs:
         limit = positions(config)

@@ -3,9 +3,14 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
+# Before anything imports tqdm or transformers: both read these once, at import.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TQDM_DISABLE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
-from mergekit_permute.zoo import ZooConfig, train_pair
+import pytest  # noqa: E402
+
+from mergekit_permute.zoo import ZooConfig, train_pair  # noqa: E402
 
 TINY = dict(hidden=64, layers=2, heads=4, kv_heads=2, intermediate=256, vocab=512, seq_len=32,
             batch=32, steps=100)
@@ -15,8 +20,6 @@ TINY = dict(hidden=64, layers=2, heads=4, kv_heads=2, intermediate=256, vocab=51
 def _cache_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("stats-cache")
     os.environ["MERGEKIT_PERMUTE_CACHE"] = str(path)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TQDM_DISABLE", "1")
     return path
 
 

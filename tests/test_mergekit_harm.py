@@ -52,19 +52,27 @@ def _linear(models, *names, **top):
             "models": [{"model": models[n], "parameters": {"weight": 1.0}} for n in names], **top}
 
 
+# Every scenario names its base_model: without one, MergeKit 0.1.5 takes config and tokenizer
+# from `referenced_models()[0]`, a set of pydantic objects whose hash includes id(class), so
+# the donor changes from process to process even without the plugin (measured: 1 of 4 stock
+# runs of a tied + untied merge wrote a different config.json).
 SCENARIOS = {
-    "tokenizer_source_union": lambda m: ("yaml", _linear(m, "a", "b_plus", tokenizer_source="union"), []),
+    "tokenizer_source_union": lambda m: ("yaml", _linear(m, "a", "b_plus", base_model=m["a"],
+                                                         tokenizer_source="union"), []),
     "tokenizer_source_base": lambda m: ("yaml", _linear(m, "a", "b_plus", base_model=m["a"],
                                                         tokenizer_source="base"), []),
     "pad_to_multiple_of": lambda m: ("yaml", _linear(
         m, "a", "b_plus", base_model=m["a"],
         tokenizer={"source": "union", "pad_to_multiple_of": 64}), []),
-    "tied_and_untied_llama": lambda m: ("yaml", _linear(m, "a_tied", "a"), []),
-    "gpt2": lambda m: ("yaml", _linear(m, "gpt2_0", "gpt2_1"), []),
+    "tied_and_untied_llama_base_tied": lambda m: ("yaml", _linear(m, "a_tied", "a",
+                                                                  base_model=m["a_tied"]), []),
+    "tied_and_untied_llama_base_untied": lambda m: ("yaml", _linear(m, "a_tied", "a",
+                                                                    base_model=m["a"]), []),
+    "gpt2": lambda m: ("yaml", _linear(m, "gpt2_0", "gpt2_1", base_model=m["gpt2_0"]), []),
     "slerp": lambda m: ("yaml", {"merge_method": "slerp", "base_model": m["a"], "dtype": "float32",
                                  "models": [{"model": m["a"]}, {"model": m["a_tied"]}],
                                  "parameters": {"t": 0.3}}, []),
-    "unsafe_truncate_embeddings": lambda m: ("yaml", _linear(m, "a", "b_plus"),
+    "unsafe_truncate_embeddings": lambda m: ("yaml", _linear(m, "a", "b_plus", base_model=m["a"]),
                                              ["--unsafe-truncate-embeddings"]),
     "tokensurgeon": lambda m: ("tokensurgeon", None, [m["a"], m["b_plus"], "-a", "mean"]),
 }
