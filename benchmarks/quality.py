@@ -16,7 +16,7 @@ import json
 import math
 from pathlib import Path
 
-from mergekit_permute.align import AlignSettings
+from mergekit_permute.settings import AlignSettings
 from mergekit_permute.barrier import run_barrier
 
 HERE = Path(__file__).resolve().parent

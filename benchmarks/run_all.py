@@ -1,21 +1,28 @@
-"""One command: seed zoo -> quality (paper's ablations) -> beyond the paper -> N-model merges
--> performance -> BENCHMARKS.md.
+"""One command: realistic zoo -> its quality benchmark -> scale -> MergeKit's own suite ->
+BENCHMARKS.md -> README blocks. The first round's small-zoo ablations (quality.py, beyond.py,
+multi.py on zoo.py) are separate: `python benchmarks/run_all.py --small-zoo` adds them.
 
-    python benchmarks/run_all.py            # CPU sizes (a few hours on 2 cores, zoo cached)
+    python benchmarks/run_all.py            # CPU: a few hours on 2 cores (zoo cached)
 """
 
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 
-STEPS = (["zoo.py", "--seeds", "4", "--arch", "bert"], ["zoo.py", "--seeds", "4", "--arch", "llama"],
-         ["zoo.py", "--seeds", "3", "--arch", "neox"], ["quality.py", "--seeds", "4"],
-         ["beyond.py", "--seeds", "4", "--arch", "bert"],
-         ["beyond.py", "--seeds", "4", "--arch", "llama"],
-         ["beyond.py", "--seeds", "3", "--arch", "neox"], ["multi.py", "--seeds", "4"],
-         ["perf.py"], ["report.py"])
-for step in STEPS:
+STEPS = [["realistic_zoo.py", "--arch", "all", "--seeds", "4"],
+         ["realistic_quality.py", "--arch", "all"], ["scale.py"],
+         ["../scripts/mergekit_suite.py"]]
+SMALL_ZOO = [["zoo.py", "--seeds", "4", "--arch", "bert"], ["zoo.py", "--seeds", "4", "--arch", "llama"],
+             ["zoo.py", "--seeds", "3", "--arch", "neox"], ["quality.py", "--seeds", "4"],
+             ["beyond.py", "--seeds", "4", "--arch", "bert"],
+             ["beyond.py", "--seeds", "4", "--arch", "llama"],
+             ["beyond.py", "--seeds", "3", "--arch", "neox"], ["multi.py", "--seeds", "4"]]
+FINISH = [["report.py"], ["../scripts/update_readme.py", "--skip-demo"]]
+
+steps = STEPS + (SMALL_ZOO if "--small-zoo" in sys.argv else []) + FINISH
+for step in steps:
     subprocess.run([sys.executable, str(HERE / step[0]), *step[1:]], check=True, cwd=HERE.parent,
-                   env={**__import__("os").environ, "PYTHONPATH": str(HERE.parent)})
+                   env={**os.environ, "PYTHONPATH": str(HERE.parent)})

@@ -112,7 +112,8 @@ def solve_benchmark(width: int = 3072, spaces: int = 8) -> dict:
     for n in names:
         s = CrossStats.zeros(width, width)
         a = torch.randn(4 * width, width, generator=gen)
-        s.update(a, a[:, torch.randperm(width, generator=gen)] + 2 * torch.randn(4 * width, width, generator=gen))
+        noise = 2 * torch.randn(4 * width, width, generator=gen)
+        s.update(a, a[:, torch.randperm(width, generator=gen)] + noise)
         stats[f"{n}@0"] = s
     out = {}
     for workers in (1, os.cpu_count() or 1):

@@ -161,6 +161,7 @@ class _Sweep:
                         load_model(model_b, device).state_dict().items()}
         self.sources = (StateSource(self.state_a, self.spec), StateSource(self.state_b, self.spec))
         self.stats, self.calib = None, None
+        started = time.perf_counter()
         if any(s.needs_statistics for s in methods.values()):
             self.calib = prepare_calibration(self.pair, calibration, settings)
             self.stats = statistics(self.pair, self.calib, settings, device=device,
@@ -168,6 +169,7 @@ class _Sweep:
                                     use_cache=use_cache, sources=self.sources,
                                     fingerprints=fingerprints)
         self.gains = pair_gains(self.pair, self.sources) if self.spec.norm_folds else ({}, {})
+        self.calibration_seconds = round(time.perf_counter() - started, 2)   # shared by methods
 
     def alignment(self, s: AlignSettings):
         if s.matching == "learned":
@@ -212,6 +214,7 @@ def run_barrier(model_a: str, model_b: str, *, eval_data: str, calibration: str,
     grid = [float(x) for x in np.linspace(0.0, 1.0, lambdas)]
     result = {"loss": LOSS_NAME[sweep.objective], "objective": sweep.objective,
               "eval_data": eval_data, "eval_max_length": sweep.eval_max_length,
+              "calibration_seconds": sweep.calibration_seconds,
               "calibration": calibration, "model_a": model_a,
               "model_b": model_b, "lambda_meaning": "theta = lambda * A + (1 - lambda) * aligned B",
               "headline": "barrier", "lambdas": grid, "methods": {}}

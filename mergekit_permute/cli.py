@@ -81,7 +81,7 @@ def align(model_a, model_b, data, out, permutations_only, overwrite, no_cache, *
     from mergekit_permute.alignment import save_alignment
     from mergekit_permute.checkpoints import write_like
     from mergekit_permute.dist import init_from_env
-    from mergekit_permute.outputs import atomic_dir, check_output_dir
+    from mergekit_permute.outputs import atomic_dir
     from mergekit_permute.pipeline import align as run_align
 
     settings, run = settings_from_cli(kw), settings_from_cli(kw, RunSettings)

@@ -20,7 +20,7 @@ that fit one device.
 import copy
 import logging
 import time
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Sequence
 
 import torch
 from tqdm.auto import tqdm

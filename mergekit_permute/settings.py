@@ -81,8 +81,9 @@ class AlignSettings(BaseModel):
     learn_lr: float = option(1e-2, "matching=learned: Adam learning rate.", role="method",
                              vanilla=1e-2, only_if=("matching", "learned"), gt=0)
     learn_lambdas: str = option("0.5", "matching=learned: interpolation weights of A whose "
-                                "merged losses are minimised (separated by / or ,: 0.25/0.5/0.75).", role="method",
-                                vanilla="0.5", only_if=("matching", "learned"))
+                                "merged losses are minimised (separated by / or ,: "
+                                "0.25/0.5/0.75).", role="method", vanilla="0.5",
+                                only_if=("matching", "learned"))
     learn_permutations: bool = option(
         False, "matching=learned: also learn the FF permutations (straight-through estimator; "
         "slower).", role="method", vanilla=False, only_if=("matching", "learned"))

@@ -53,7 +53,7 @@ def _by_rule(spec: PermutationSpec, state: State) -> Dict[str, torch.Tensor]:
     (it is the same tensor); weights absent from the state are simply not counted."""
     rules = spec.weight_map()
     found = {rules[n].name: t for n, t in state.items() if n in rules}
-    return {k: t for k, t in found.items() if not (rules[k].tied_to in found)}
+    return {k: t for k, t in found.items() if rules[k].tied_to not in found}
 
 
 def _similarity(spec: PermutationSpec, state_a: State, state_b: State, transforms: Transforms,

@@ -122,7 +122,8 @@ def train(cfg: ZooConfig, seed: int, out: Path, tokenizer=None) -> Path:
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.01, betas=(0.9, 0.98))
     warmup = max(1, cfg.steps // 20)
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, cfg.steps) / cfg.steps)))
+        opt, lambda s: min(1.0, (s + 1) / warmup)
+        * 0.5 * (1 + math.cos(math.pi * min(s, cfg.steps) / cfg.steps)))
     model.train()
     bar = tqdm(range(cfg.steps), desc=f"training {cfg.arch} seed {seed}", unit="step")
     for step in bar:

@@ -1,4 +1,5 @@
-"""Regenerate the generated parts of README.md: the demo's barrier table and plot, and the
+"""Regenerate the generated parts of README.md: the demo's barrier table and plot, the
+recommendation (realistic zoo), the scale table, MergeKit's own suite and the
 supported-architectures table. Nothing in those blocks is typed by hand.
 
     python scripts/update_readme.py            # runs the demo for llama and bert (~8 min, 2 cores)
@@ -57,32 +58,49 @@ def architectures_block() -> str:
     return "\n".join(rows)
 
 
-def recommend_block() -> str:
-    """Per zoo architecture: the default and the lowest-barrier combination of benchmarks/beyond.py."""
+def _report():
     import sys
     sys.path.insert(0, str(ROOT))
-    from benchmarks.report import best_method, recommendation, versus_default
-    rows = ["| zoo (BENCHMARKS.md) | default removes | lowest mean barrier | it removes | "
-            "paired difference to the default | recommended |", "|---|---|---|---|---|---|"]
+    from benchmarks import report
+    return report
+
+
+def recommend_block() -> str:
+    """Per architecture of the realistic zoo: what the default and the best method remove."""
+    report = _report()
+    rows = ["| realistic zoo (BENCHMARKS.md) | default removes | default + REPAIR | "
+            "`matching: learned` removes | learned minus default (paired) | recommended |",
+            "|---|---|---|---|---|---|"]
     for arch, label in (("llama", "Llama, GQA (RMSNorm)"), ("neox", "GPT-NeoX (pre-LayerNorm)"),
                         ("bert", "BERT (post-LayerNorm)")):
-        path = ROOT / "benchmarks" / "results" / f"beyond-{arch}.json"
-        if not path.is_file():
+        doc = report.realistic_doc(arch)
+        if doc is None:
             continue
-        doc = json.loads(path.read_text())
-        s, best = doc["summary"], best_method(doc)
-        diff, se = versus_default(doc, best) if best != "default" else (0.0, 0.0)
+        s = doc["summary"]
 
         def pct(m):
-            removed = s[m]["removed_vs_vanilla"]
-            return f"{100 * removed[0]:.0f}% ± {100 * removed[1]:.0f}"
-        rows.append(f"| {label} | {pct('default')} | `{best}` | {pct(best)} | "
-                    f"{diff:+.4f} ± {se:.4f} ({doc['pairs']} pairs) | `{recommendation(doc)}` |")
-    rows += ["", "A combination is recommended over the default only where it lowers the barrier "
+            return report.fmt(s[m]["removed_vs_vanilla"], pct=True) if m in s else "-"
+        learned = "default+matching=learned"
+        diff, se = report.versus_default(doc, learned)   # se is nan with one pair
+        rows.append(f"| {label} | {pct('default')} | {pct('default+repair')} | {pct(learned)} | "
+                    f"{diff:+.4f} ± {se:.4f} ({doc['pairs']} pairs) | "
+                    f"`{report.recommendation(doc)}` |")
+    rows += ["", "A method is recommended over the default only where it lowers the barrier "
              "by more than two paired standard errors. _Read from "
-             "`benchmarks/results/beyond-*.json` by `python scripts/update_readme.py`; method "
+             "`benchmarks/results/realistic/*.json` by `python scripts/update_readme.py`; method "
              "names as in `mergekit-permute barrier --methods`._"]
     return "\n".join(rows)
+
+
+def scale_block() -> str:
+    path = ROOT / "benchmarks" / "results" / "scale-cpu.json"
+    return _report().scale_section(json.loads(path.read_text())) + (
+        "\n_From `benchmarks/results/scale-cpu.json` (`python benchmarks/scale.py`)._")
+
+
+def suite_block() -> str:
+    path = ROOT / "benchmarks" / "results" / "mergekit-suite.json"
+    return _report().suite_line(json.loads(path.read_text()))
 
 
 def main() -> None:
@@ -93,6 +111,8 @@ def main() -> None:
     text = README.read_text()
     text = replace_block(text, "archs", architectures_block())
     text = replace_block(text, "recommend", recommend_block())
+    text = replace_block(text, "scale", scale_block())
+    text = replace_block(text, "mergekit-suite", suite_block())
     if not args.skip_demo:
         text = replace_block(text, "demo", demo_block(args.reuse))
     README.write_text(text)

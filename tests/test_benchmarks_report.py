@@ -1,40 +1,68 @@
-"""The benchmark report is generated from the committed results (no number typed by hand)."""
+"""The benchmark report and the README's generated blocks come from the committed results: no
+number is typed by hand, and a stale README fails here."""
 
 import json
+import re
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
 
 
-def test_report_sections_come_from_the_results():
-    from benchmarks.report import findings, perf_section, quality_section
-    docs = [json.loads((ROOT / "benchmarks" / "results" / f"quality-{a}.json").read_text())
-            for a in ("bert", "llama")]
-    for doc in docs:
-        text = quality_section(doc)
-        vanilla = doc["summary"]["vanilla"]["barrier"][0]
-        assert f"| vanilla | {vanilla:.4f}" in text
-        assert len(doc["per_pair"]) == doc["pairs"] == 6
-    assert "removes" in findings(docs)
-    perf = json.loads((ROOT / "benchmarks" / "results" / "perf-cpu.json").read_text())
-    assert f"{perf['calibration_overhead']['ratio']:.2f}x" in perf_section(perf)
-    assert "| vanilla |" in (ROOT / "BENCHMARKS.md").read_text()
+def _block(name: str) -> str:
+    text = (ROOT / "README.md").read_text()
+    found = re.search(rf"<!-- {name}:begin -->\n(.*?)<!-- {name}:end -->", text, re.S)
+    assert found, f"README.md lacks the {name} block"
+    return found.group(1).rstrip()
 
 
-def test_beyond_and_multi_sections_and_the_readme_recommendation_come_from_the_results():
-    from benchmarks.report import beyond_section, multi_section, recommendation
-    results = ROOT / "benchmarks" / "results"
-    readme = (ROOT / "README.md").read_text()
-    for path in sorted(results.glob("beyond-*.json")):
-        doc = json.loads(path.read_text())
-        text = beyond_section(doc)
-        assert f"Recommendation: `{recommendation(doc)}`" in text
-        assert f"`{recommendation(doc)}` |" in readme  # the README table is generated from it
-        assert text in (ROOT / "BENCHMARKS.md").read_text()
-    for path in sorted(results.glob("multi-*.json")):
-        doc = json.loads(path.read_text())
-        vanilla = doc["methods"]["vanilla"]["merge_loss"]
-        assert f"| vanilla | {vanilla:.4f}" in multi_section(doc)
-        assert multi_section(doc) in (ROOT / "BENCHMARKS.md").read_text()
+@pytest.mark.parametrize("name,builder", [("recommend", "recommend_block"),
+                                          ("scale", "scale_block"),
+                                          ("mergekit-suite", "suite_block"),
+                                          ("archs", "architectures_block")])
+def test_readme_blocks_equal_what_the_results_generate(name, builder):
+    import update_readme
+    assert _block(name) == getattr(update_readme, builder)().rstrip()
+
+
+def test_realistic_summary_is_the_mean_of_the_pair_files():
+    from benchmarks.report import realistic_doc, realistic_section
+    files = sorted((RESULTS / "realistic").glob("*.json"))
+    assert files, "no realistic-zoo results committed"
+    report = (ROOT / "BENCHMARKS.md").read_text()
+    for arch in sorted({f.name.split("-")[0] for f in files}):
+        pairs = [json.loads(f.read_text()) for f in files if f.name.startswith(arch + "-")]
+        doc = realistic_doc(arch, RESULTS)
+        for method, row in doc["summary"].items():
+            barriers = [p["methods"][method]["barrier"] for p in pairs]
+            assert row["barrier"][0] == pytest.approx(sum(barriers) / len(barriers), abs=1e-12)
+        assert realistic_section(doc) in report
+
+
+def test_recommendation_needs_two_paired_standard_errors():
+    from benchmarks.report import recommendation
+
+    def doc(diffs):
+        pairs = [{"methods": {"default": {"barrier": 1.0}, "other": {"barrier": 1.0 + d}}}
+                 for d in diffs]
+        summary = {m: {"barrier": (sum(p["methods"][m]["barrier"] for p in pairs) / len(pairs),)}
+                   for m in ("default", "other")}
+        return {"summary": summary, "per_pair": pairs}
+    assert recommendation(doc([-0.30, -0.31, -0.29])) == "other"      # clearly lower
+    assert recommendation(doc([-0.30, 0.25, -0.29])) == "default"     # lower on average only
+    assert recommendation(doc([-0.30])) == "default"                  # one pair: no error bar
+    assert recommendation(doc([0.1, 0.2, 0.1])) == "default"
+
+
+def test_scale_section_reads_the_file():
+    from benchmarks.report import scale_section
+    doc = json.loads((RESULTS / "scale-cpu.json").read_text())
+    text = scale_section(doc)
+    for row in doc["rows"]:
+        assert f"| {row['layers']} | {row['checkpoint_mib']:.1f} |" in text
+        assert f"{row['time_vs_floor']:.2f}x" in text

