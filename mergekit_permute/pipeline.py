@@ -291,8 +291,10 @@ def learn_alignment(pair: Pair, start: Alignment, data: str, settings: AlignSett
     held = max(1, len(batches) // 10)
     sa, sb = sources or (pair.source("a"), pair.source("b"))
     container = getattr(transformers, spec.architecture)(pair.config)
-    # The model's own parameter names (checkpoints may use legacy aliases, e.g. embed_out).
-    names = [n for n in container.state_dict() if sa.get(n) is not None]
+    # The model's own parameter names (checkpoints may use legacy aliases, e.g. embed_out),
+    # one per tied group: functional_call refuses two values for tied weights.
+    unique = [n for n, _ in container.named_parameters()] + [n for n, _ in container.named_buffers()]
+    names = [n for n in unique if sa.get(n) is not None]
 
     def state(source):
         return {n: (t.float() if t.is_floating_point() else t)

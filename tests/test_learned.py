@@ -146,6 +146,24 @@ def test_learned_alignment_end_to_end(zoo, tmp_path):
         torch.testing.assert_close(v, load_file(out / "model.safetensors")[k], rtol=0, atol=0)
 
 
+def test_learned_alignment_of_a_tied_mlm(zoo, tmp_path):
+    """BERT's decoder is tied to its embeddings: the learned loss sees one tensor for both."""
+    a, b = zoo("bert")
+    out = tmp_path / "aligned"
+    r = CliRunner().invoke(main, ["align", a, b, "--data", "shakespeare-calib", "--samples", "64",
+                                  "--max-length", "32", "--matching", "learned",
+                                  "--learn-steps", "10", "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    learned = json.loads((out / "alignment.json").read_text())["learned"]
+    assert learned["held_out_loss_best"] <= learned["held_out_loss_start"]
+    import transformers as T
+    ids = torch.tensor([[2, 40, 41, 4, 43, 44, 3]])
+    with torch.no_grad():
+        x = T.AutoModelForMaskedLM.from_pretrained(out)(input_ids=ids).logits
+        y = T.AutoModelForMaskedLM.from_pretrained(b)(input_ids=ids).logits
+    torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-4)
+
+
 def test_learned_in_a_recipe_and_as_a_barrier_method(zoo, tmp_path):
     a, b = zoo("llama")
     r = invoke("mergekit-permute", "barrier", a, b, "--data", "shakespeare-eval",
