@@ -2,8 +2,8 @@
 activation matching, REPAIR and learned alignment, per seed pair of each architecture of
 benchmarks/realistic_zoo.py, every method measured in the same run on the same text.
 
-    python benchmarks/realistic_quality.py [--arch bert|llama|neox|all] [--pairs 1-2,3-4]
-                                           [--threads 1]
+    python benchmarks/realistic_quality.py [--arch bert|llama|neox|all]
+                                           [--pairs 1-2,3-4,1-3,2-4] [--threads 1]
 
 Calibration (and learning): 512 passages x 128 tokens of `corpus/calib.txt`; barriers: 256
 passages x 128 tokens of `corpus/eval.txt` (neither was trained on), 11 points of lambda.
@@ -54,7 +54,7 @@ def run_pair(arch: str, a: int, b: int, threads: int) -> Path:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--arch", choices=["bert", "llama", "neox", "all"], default="all")
-    ap.add_argument("--pairs", default="1-2,3-4", help="seed pairs, e.g. 1-2,3-4,1-3")
+    ap.add_argument("--pairs", default="1-2,3-4,1-3,2-4", help="seed pairs, e.g. 1-2,3-4,1-3")
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
     pairs = [tuple(int(x) for x in p.split("-")) for p in args.pairs.split(",")]

@@ -251,6 +251,15 @@ def realistic_section(doc) -> str:
     return "\n".join(lines)
 
 
+def cost_ratio(doc, method: str):
+    """(calibration + the method's alignment) / (calibration + the default's), or None."""
+    if not doc["calibration_seconds"]:
+        return None
+    calib = sum(doc["calibration_seconds"]) / len(doc["calibration_seconds"])
+    return (calib + doc["summary"][method]["seconds"][0]) / (
+        calib + doc["summary"]["default"]["seconds"][0])
+
+
 def _cost_note(doc) -> str:
     """A default changes only where a method beats it by > 2 paired s.e. at <= 3x its time."""
     rec = recommendation(doc)
@@ -333,9 +342,10 @@ def main():
              "## Quality on the realistic zoo", "",
              "`python benchmarks/realistic_zoo.py` trains the zoo (4 seeds each of post-LN BERT, "
              "Llama with GQA and Pythia-style GPT-NeoX, each >= 1.5 nats below unigram on "
-             "held-out Shakespeare); `python benchmarks/realistic_quality.py` measures every "
-             "method on disjoint seed pairs, each in the same run. Quality claims in the README "
-             "come from here.", ""]
+             "held-out Shakespeare); `python benchmarks/realistic_quality.py --pairs 1-2,3-4,1-3,2-4` "
+             "measures every method on four seed pairs, all methods of a pair in the same run. "
+             "Two of the pairs share a model with another, so the standard errors are a little "
+             "optimistic. Quality claims in the README come from here.", ""]
     for arch in ("llama", "neox", "bert"):
         doc = realistic_doc(arch, results)
         if doc:

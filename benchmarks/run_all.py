@@ -13,7 +13,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 
 STEPS = [["realistic_zoo.py", "--arch", "all", "--seeds", "4"],
-         ["realistic_quality.py", "--arch", "all"], ["scale.py"],
+         ["realistic_quality.py", "--arch", "all", "--pairs", "1-2,3-4,1-3,2-4"], ["scale.py"],
          ["../scripts/mergekit_suite.py"]]
 SMALL_ZOO = [["zoo.py", "--seeds", "4", "--arch", "bert"], ["zoo.py", "--seeds", "4", "--arch", "llama"],
              ["zoo.py", "--seeds", "3", "--arch", "neox"], ["quality.py", "--seeds", "4"],

@@ -69,8 +69,8 @@ def recommend_block() -> str:
     """Per architecture of the realistic zoo: what the default and the best method remove."""
     report = _report()
     rows = ["| realistic zoo (BENCHMARKS.md) | default removes | default + REPAIR | "
-            "`matching: learned` removes | learned minus default (paired) | recommended |",
-            "|---|---|---|---|---|---|"]
+            "`matching: learned` removes | learned minus default (paired) | learned's time / "
+            "default's | recommended |", "|---|---|---|---|---|---|---|"]
     for arch, label in (("llama", "Llama, GQA (RMSNorm)"), ("neox", "GPT-NeoX (pre-LayerNorm)"),
                         ("bert", "BERT (post-LayerNorm)")):
         doc = report.realistic_doc(arch)
@@ -84,12 +84,19 @@ def recommend_block() -> str:
         diff, se = report.versus_default(doc, learned)   # se is nan with one pair
         rows.append(f"| {label} | {pct('default')} | {pct('default+repair')} | {pct(learned)} | "
                     f"{diff:+.4f} ± {se:.4f} ({doc['pairs']} pairs) | "
-                    f"`{report.recommendation(doc)}` |")
+                    f"{_times(report.cost_ratio(doc, learned))} | `{report.recommendation(doc)}` |")
     rows += ["", "A method is recommended over the default only where it lowers the barrier "
-             "by more than two paired standard errors. _Read from "
+             "by more than two paired standard errors; the default itself changes only where "
+             "that method also costs at most 3x the default's time (calibration included), so "
+             "`matching: activations` stays the default and `matching: learned` is the choice "
+             "when quality matters more than minutes. _Read from "
              "`benchmarks/results/realistic/*.json` by `python scripts/update_readme.py`; method "
              "names as in `mergekit-permute barrier --methods`._"]
     return "\n".join(rows)
+
+
+def _times(ratio) -> str:
+    return "-" if ratio is None else f"{ratio:.1f}x"
 
 
 def scale_block() -> str:
