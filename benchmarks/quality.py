@@ -80,21 +80,9 @@ def run(arch: str, seeds: int, lambdas: int, extra_methods=(), methods=None,
 
 
 def plot(doc, path):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(6.8, 4.4), dpi=120)
-    for m, curve in doc["curves"].items():
-        ax.plot(doc["lambdas"], curve, marker=".", label=m)
-    ax.set_xlabel("lambda (weight of model A)")
-    ax.set_ylabel(f"{doc['loss']} (mean over {doc['pairs']} pairs)")
-    ax.set_title(f"{doc['arch']} seed zoo: interpolation curves")
-    ax.axhline(doc["unigram_eval_loss"], color="grey", ls="--", lw=1, label="unigram baseline")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    from benchmarks.report import plot_curves
+    plot_curves(doc, path, f"{doc['arch']} seed zoo: interpolation curves",
+                baseline=doc["unigram_eval_loss"])
 
 
 if __name__ == "__main__":

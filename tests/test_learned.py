@@ -117,14 +117,19 @@ def test_compose_and_invert_scaled_permutations():
     torch.testing.assert_close(compose(p0, dense), as_matrix(p0) @ dense)
 
 
+def _align_learned(a, b, out, samples: int, steps: int) -> dict:
+    """`align --matching learned` run in-process; its alignment.json."""
+    r = CliRunner().invoke(main, ["align", a, b, "--data", "shakespeare-calib", "--samples",
+                                  str(samples), "--max-length", "32", "--matching", "learned",
+                                  "--learn-steps", str(steps), "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    return json.loads((out / "alignment.json").read_text())
+
+
 def test_learned_alignment_end_to_end(zoo, tmp_path):
     a, b = zoo("llama")
     out = tmp_path / "aligned"
-    r = CliRunner().invoke(main, ["align", a, b, "--data", "shakespeare-calib", "--samples", "120",
-                                  "--max-length", "32", "--matching", "learned",
-                                  "--learn-steps", "40", "--out", str(out)])
-    assert r.exit_code == 0, r.output
-    doc = json.loads((out / "alignment.json").read_text())
+    doc = _align_learned(a, b, out, samples=120, steps=40)
     learned = doc["learned"]
     assert learned["held_out_loss_best"] <= learned["held_out_loss_start"]
     assert {"residual", "vo", "ffn", "qk_angle"} <= set(learned["maps"])
@@ -150,11 +155,7 @@ def test_learned_alignment_of_a_tied_mlm(zoo, tmp_path):
     """BERT's decoder is tied to its embeddings: the learned loss sees one tensor for both."""
     a, b = zoo("bert")
     out = tmp_path / "aligned"
-    r = CliRunner().invoke(main, ["align", a, b, "--data", "shakespeare-calib", "--samples", "64",
-                                  "--max-length", "32", "--matching", "learned",
-                                  "--learn-steps", "10", "--out", str(out)])
-    assert r.exit_code == 0, r.output
-    learned = json.loads((out / "alignment.json").read_text())["learned"]
+    learned = _align_learned(a, b, out, samples=64, steps=10)["learned"]
     assert learned["held_out_loss_best"] <= learned["held_out_loss_start"]
     import transformers as T
     ids = torch.tensor([[2, 40, 41, 4, 43, 44, 3]])
