@@ -301,14 +301,18 @@ def scale_section(doc) -> str:
              f"{doc['shape']['num_key_value_heads']} KV heads, bf16 safetensors); calibration "
              f"`{' '.join(doc['calibration'])}`. Each measurement in its own process.", "",
              "| layers | checkpoint (MiB) | `align` peak RSS above import (MiB) | peak / one "
-             "checkpoint | floor's peak (MiB) | `align` (s) | floor (s) | time / floor | "
-             "written dtype |", "|---|---|---|---|---|---|---|---|---|"]
+             "checkpoint | floor's peak (MiB) | `align` (s) | of which solving (s) | floor (s) "
+             "| time / floor | written dtype |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in doc["rows"]:
+        solving = f"{r['solve_seconds']:.1f}" if "solve_seconds" in r else "-"
         lines.append(f"| {r['layers']} | {r['checkpoint_mib']:.1f} | "
                      f"{r['peak_rss_above_import_mib']:.1f} | {r['peak_vs_checkpoint']:.2f}x | "
                      f"{r['floor_peak_rss_above_import_mib']:.1f} | {r['align_seconds']:.1f} | "
-                     f"{r['floor_seconds']:.1f} | {r['time_vs_floor']:.2f}x | "
+                     f"{solving} | {r['floor_seconds']:.1f} | {r['time_vs_floor']:.2f}x | "
                      f"{', '.join(d.replace('torch.', '') for d in r['written_dtypes'])} |")
+    if doc.get("repeats", 1) > 1:
+        lines += ["", f"Times are medians of {doc['repeats']} alternating runs of floor and "
+                  "`align`, peaks the highest of them; every run is in the JSON."]
     if "peak_growth_first_to_last_depth" in doc:
         lines += ["", f"Peak memory from {doc['rows'][0]['layers']} to {doc['rows'][-1]['layers']}"
                   f" layers grows {doc['peak_growth_first_to_last_depth']:.2f}x (flat in depth); "

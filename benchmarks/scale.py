@@ -3,7 +3,8 @@ core. Random-init Llama pairs (hidden 512, FF 1408, 8 query / 2 KV heads, vocab 
 safetensors) at 8, 16 and 32 layers; 64 passages x 64 tokens on the CPU.
 
 Every measurement runs in its own process, which reports its own peak RSS, so the numbers are
-not polluted by each other:
+not polluted by each other; floor and align alternate `--repeats` times per depth (median
+time, highest peak), since a shared machine's speed drifts by 10-30% between runs:
   floor   load both models (fp32) and run their bare forwards over the same batches;
   align   `mergekit-permute align --no-cache` (calibration, solving, writing aligned B);
   solve   solving alone: eight 3072-wide FF-like spaces, 1 worker vs every core.
@@ -18,6 +19,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -131,6 +133,8 @@ def main() -> None:
     ap.add_argument("--layers", type=int, nargs="+", default=[8, 16, 32])
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--work", default=None, help="where the random pairs are kept")
+    ap.add_argument("--repeats", type=int, default=3,
+                    help="runs of floor and align per depth: median time, highest peak")
     args = ap.parse_args()
     work = Path(args.work or tempfile.mkdtemp(prefix="mkp-scale-"))
     cache = work / "cache"
@@ -140,24 +144,36 @@ def main() -> None:
     for layers in args.layers:
         a, b = make_pair(work, layers)
         checkpoint_mib = (Path(b) / "model.safetensors").stat().st_size / 2**20
-        floor = probe("floor", a, b, args.device)
         out = work / f"aligned-{layers}"
-        run = probe("cli", "align", a, b, *CALIB, "--device", args.device, "--no-cache",
-                    "--out", str(out), "--overwrite", env=env)
+        floors, runs, solving = [], [], []
+        for _ in range(args.repeats):   # interleaved, so drifts of the machine hit both alike
+            floors.append(probe("floor", a, b, args.device))
+            runs.append(probe("cli", "align", a, b, *CALIB, "--device", args.device,
+                              "--no-cache", "--out", str(out), "--overwrite", env=env))
+            timings = json.loads((out / "alignment.json").read_text())["timings"]
+            solving.append(sum(timings["solve_seconds"].values()))
         written = {str(t.dtype) for t in __import__("safetensors.torch", fromlist=["load_file"])
                    .load_file(str(out / "model.safetensors")).values()}
-        above = run["peak_rss_mib"] - baseline["peak_rss_mib"]
+        align_s = statistics.median(r["seconds"] for r in runs)
+        floor_s = statistics.median(f["seconds"] for f in floors)
+        above = max(r["peak_rss_mib"] for r in runs) - baseline["peak_rss_mib"]
         row = {"layers": layers, "checkpoint_mib": round(checkpoint_mib, 1),
-               "align_seconds": round(run["seconds"], 2), "floor_seconds": round(floor["seconds"], 2),
-               "time_vs_floor": round(run["seconds"] / floor["seconds"], 2),
+               "align_seconds": round(align_s, 2), "floor_seconds": round(floor_s, 2),
+               "time_vs_floor": round(align_s / floor_s, 2),
+               "align_seconds_each": [round(r["seconds"], 2) for r in runs],
+               "floor_seconds_each": [round(f["seconds"], 2) for f in floors],
+               "solve_seconds": round(statistics.median(solving), 2),
                "peak_rss_above_import_mib": round(above, 1),
+               "peak_rss_above_import_each": [round(r["peak_rss_mib"] - baseline["peak_rss_mib"], 1)
+                                              for r in runs],
                "peak_vs_checkpoint": round(above / checkpoint_mib, 2),
-               "floor_peak_rss_above_import_mib": round(floor["peak_rss_mib"]
+               "floor_peak_rss_above_import_mib": round(max(f["peak_rss_mib"] for f in floors)
                                                         - baseline["peak_rss_mib"], 1),
                "written_dtypes": sorted(written)}
         rows.append(row)
         print(json.dumps(row), flush=True)
     doc = {"benchmark": "scale", "device": args.device, "shape": SHAPE, "calibration": CALIB,
+           "repeats": args.repeats,
            "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
            "import_baseline_rss_mib": round(baseline["peak_rss_mib"], 1), "rows": rows,
            "date": time.strftime("%Y-%m-%d")}

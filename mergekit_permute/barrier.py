@@ -133,14 +133,14 @@ class _Sweep:
                  eval_max_length: Optional[int], seed: int, device: str, use_cache: bool, workers,
                  label_field: str = "label", pair=None):
         from mergekit_permute.checkpoints import StateSource
-        from mergekit_permute.models import load_model, open_pair, scan
+        from mergekit_permute.models import load_model, open_pair, scan_pair
         from mergekit_permute.pipeline import pair_gains, prepare_calibration, statistics
         from mergekit_permute.settings import check_settings
         self.pair = pair or open_pair(model_a, model_b)
         self.spec, self.device, self.workers = self.pair.spec, device, workers
         for s in methods.values():
             check_settings(self.spec, s)
-        fingerprints = (scan(self.pair.checkpoint_a), scan(self.pair.checkpoint_b))
+        fingerprints = scan_pair(self.pair)
         tok, arch = self.pair.tokenizer, self.spec.architecture
         self.objective = objective_for(self.pair.config.architectures[0])
         labels: Sequence = ()

@@ -192,11 +192,15 @@ def calibrate_pair(spec: PermutationSpec, model_a: BlockModel, model_b: BlockMod
                 ha = model_a.run(layer, hidden_a[j].to(model_a.device), calls_a[j][layer])
                 hb = model_b.run(layer, hidden_b[j].to(model_b.device), calls_b[j][layer])
                 update(layer_stats, layer_points, cap_a, cap_b, mask.to(ha.device))
-                hidden_a[j], hidden_b[j] = _park(ha, buffer_device), _park(hb, buffer_device)
+                _store(hidden_a, j, ha)
+                _store(hidden_b, j, hb)
+                del ha, hb
+                cap_a.clear()   # this batch's features, not held through the next forward
+                cap_b.clear()
         model_a.free(layer)
         model_b.free(layer)
-        finish(layer, {k: v.to("cpu") for k, v in layer_stats.items()})
         release_memory()
+        finish(layer, {k: v.to("cpu") for k, v in layer_stats.items()})
     stats.tokens = int(sum(int(m.sum()) for m in flat_masks))
     return stats
 
@@ -204,7 +208,10 @@ def calibrate_pair(spec: PermutationSpec, model_a: BlockModel, model_b: BlockMod
 def flat_heap() -> None:
     """Large buffers (features, statistics, blocks) straight from mmap and back on free: glibc
     otherwise raises its mmap threshold after the first large free and keeps every later
-    buffer of that size in its heap, so the process would look as if it grew with depth."""
+    buffer of that size in its heap, so the process would look as if it grew with depth.
+    (A 4 MiB threshold, which keeps a small model's activations in the heap, ran the 32-layer
+    scale benchmark ~25% faster but its peak varied from 0.7x to 1.3x of a checkpoint from
+    run to run; real models' activations exceed any threshold glibc allows.)"""
     import ctypes
     try:
         ctypes.CDLL("libc.so.6").mallopt(-3, 128 * 1024)   # M_MMAP_THRESHOLD
@@ -229,6 +236,15 @@ def _park(hidden: torch.Tensor, device) -> torch.Tensor:
         return hidden
     out = hidden.to(device)
     return out.pin_memory() if out.device.type == "cpu" and torch.cuda.is_available() else out
+
+
+def _store(buffers: List[torch.Tensor], j: int, hidden: torch.Tensor) -> None:
+    """A block's output into the buffer of its input, in place: the buffers stay where they
+    were allocated instead of moving through the heap with every batch."""
+    if buffers[j].shape == hidden.shape and buffers[j].dtype == hidden.dtype:
+        buffers[j].copy_(hidden)
+    else:
+        buffers[j] = _park(hidden, buffers[j].device)
 
 
 def calibrate(model_a, model_b, spec: PermutationSpec, batches, spaces: Sequence[str], *,

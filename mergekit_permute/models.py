@@ -114,6 +114,13 @@ def scan(checkpoint: Checkpoint) -> str:
     return h.hexdigest()
 
 
+def scan_pair(pair: Pair) -> Tuple[str, str]:
+    """Both checkpoints' `scan`, side by side (hashing and the NaN check release the GIL)."""
+    from concurrent.futures import ThreadPoolExecutor
+    with ThreadPoolExecutor(2) as pool:
+        return tuple(pool.map(scan, (pair.checkpoint_a, pair.checkpoint_b)))
+
+
 def load_state(checkpoint: Checkpoint, dtype=None) -> Dict[str, torch.Tensor]:
     """A whole checkpoint in memory (weight matching and learned alignment need one)."""
     return {k: (t.to(dtype) if dtype is not None and t.is_floating_point() else t)
@@ -141,7 +148,6 @@ def load_pair(path_a: str, path_b: str, device="cpu", dtype=torch.float32
               ) -> Tuple[PermutationSpec, object, object, object]:
     """(spec, model A, model B, tokenizer) in memory, checked for compatibility first."""
     pair = open_pair(path_a, path_b)
-    for checkpoint in (pair.checkpoint_a, pair.checkpoint_b):
-        scan(checkpoint)
+    scan_pair(pair)
     return (pair.spec, load_model(path_a, device, dtype), load_model(path_b, device, dtype),
             pair.tokenizer)

@@ -16,7 +16,7 @@ from mergekit_permute.calibrate import (
 )
 from mergekit_permute.data import fingerprint, load_texts
 from mergekit_permute.dist import Distributed
-from mergekit_permute.models import Pair, load_state, open_pair, scan
+from mergekit_permute.models import Pair, load_state, open_pair, scan_pair
 from mergekit_permute.settings import AlignSettings, check_settings, residual_policy
 from mergekit_permute.solve import Solver, assemble
 from mergekit_permute.spec.base import PermutationSpec
@@ -160,7 +160,7 @@ def statistics(pair: Pair, calib: Calibration, settings: AlignSettings, *, qk: b
     points = feature_points(spec, calibration_spaces(spec), qk)
     cache = None
     if sources is None or fingerprints is not None:
-        fa, fb = fingerprints or (scan(pair.checkpoint_a), scan(pair.checkpoint_b))
+        fa, fb = fingerprints or scan_pair(pair)
         key = cache_key(fa, fb, fingerprint(calib.texts), settings.calibration_key(), qk)
         cache = StatsCache(key, expected_shapes(spec, points), spec.space("residual").size)
     entry = cache.load() if cache is not None and use_cache else None
@@ -253,11 +253,16 @@ def align(model_a: str, model_b: str, data: Optional[str], settings: AlignSettin
         info["data"] = None
     else:
         calib = prepare_calibration(pair, data, settings)
-        solver = Solver(spec, settings, workers if dist.is_main else 1)
-        stats = statistics(pair, calib, settings, qk=settings.needs_qk_features, device=device,
-                           dtype=dtype, use_cache=use_cache, keep=False, sources=sources,
-                           on_layer=lambda _, s: dist.is_main and solver.submit_layer(s),
-                           dist=dist)
+        solver = Solver(spec, settings, workers if dist.is_main else 1,
+                        overlap=torch.device(device).type != "cpu")
+        try:
+            stats = statistics(pair, calib, settings, qk=settings.needs_qk_features,
+                               device=device, dtype=dtype, use_cache=use_cache, keep=False,
+                               sources=sources, dist=dist,
+                               on_layer=lambda _, s: dist.is_main and solver.submit_layer(s))
+        except BaseException:
+            solver.close()
+            raise
         gains = pair_gains(pair, sources) if residual_policy(settings, spec) == "orthogonal" \
             else ({}, {})
         alignment = assemble(spec, settings, solver.results(), stats.residual, gains)

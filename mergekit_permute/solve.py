@@ -9,7 +9,7 @@ import logging
 import multiprocessing
 import os
 import time
-from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
 from typing import Dict, Mapping, Optional, Tuple
 
 import torch
@@ -90,15 +90,19 @@ def active(space: Space, settings: AlignSettings) -> bool:
 
 class Solver:
     """Solves spaces as they are handed in: in a process pool (forkserver: a clean process,
-    not a fork of one holding model weights and torch threads) when it pays, else in-process.
-    Results are identical either way (the assignment is deterministic)."""
+    not a fork of one holding model weights and torch threads) when it pays, else in-process:
+    on one background thread when `overlap` (the forwards run on an accelerator and leave the
+    CPU idle; scipy's assignment releases the GIL), inline otherwise (next to CPU forwards
+    that use every core, a thread only oversubscribes them: measured slower). Results are
+    identical either way (the assignment is deterministic)."""
 
     def __init__(self, spec: PermutationSpec, settings: AlignSettings,
-                 workers: Optional[int] = None):
-        self.spec, self.settings = spec, settings
+                 workers: Optional[int] = None, overlap: bool = False):
+        self.spec, self.settings, self.overlap = spec, settings, overlap
         self.workers = default_workers() if workers is None else max(1, workers)
         self._pool: Optional[ProcessPoolExecutor] = None
-        self._jobs: Dict[str, Future] = {}
+        self._thread: Optional[ThreadPoolExecutor] = None
+        self._jobs: Dict[str, Tuple[Executor, Future]] = {}
         self._done: Dict[str, Solved] = {}
 
     def submit(self, space_name: str, stats: Mapping[str, CrossStats]) -> None:
@@ -114,13 +118,19 @@ class Solver:
                 if method == "forkserver":  # workers fork with the solvers already imported
                     context.set_forkserver_preload(["mergekit_permute.solve"])
                 self._pool = ProcessPoolExecutor(self.workers, mp_context=context)
-            # Backpressure: a queued job holds its space's statistics; never let them pile up.
-            waiting = [n for n, j in self._jobs.items() if not j.done()]
-            if len(waiting) >= 2 * self.workers:
-                self._done[waiting[0]] = self._jobs.pop(waiting[0]).result()
-            self._jobs[space_name] = self._pool.submit(solve_space, space, own, self.settings)
-        else:
+            executor, limit = self._pool, 2 * self.workers
+        elif not self.overlap:
             self._done[space_name] = solve_space(space, own, self.settings)
+            return
+        else:
+            if self._thread is None:
+                self._thread = ThreadPoolExecutor(1, thread_name_prefix="mergekit-permute-solve")
+            executor, limit = self._thread, 4
+        # Backpressure: a queued job holds its space's statistics; never let them pile up.
+        waiting = [n for n, (e, job) in self._jobs.items() if e is executor and not job.done()]
+        if len(waiting) >= limit:
+            self._done[waiting[0]] = self._jobs.pop(waiting[0])[1].result()
+        self._jobs[space_name] = (executor, executor.submit(solve_space, space, own, self.settings))
 
     def submit_layer(self, stats: Mapping[str, CrossStats]) -> None:
         for name in sorted({k.split("@", 1)[0] for k in stats}):
@@ -128,13 +138,19 @@ class Solver:
 
     def results(self) -> Dict[str, Solved]:
         try:
-            for name, job in list(self._jobs.items()):
+            for name, (_, job) in list(self._jobs.items()):
                 self._done[name] = job.result()
+            self._jobs.clear()
         finally:
-            if self._pool is not None:
-                self._pool.shutdown(cancel_futures=True)
-                self._pool = None
+            self.close()
         return self._done
+
+    def close(self) -> None:
+        """Stop the workers; queued jobs are dropped (a failed run)."""
+        for executor in (self._pool, self._thread):
+            if executor is not None:
+                executor.shutdown(cancel_futures=True)
+        self._pool = self._thread = None
 
 
 def solve_residual(spec: PermutationSpec, summary: ResidualSummary, policy: str

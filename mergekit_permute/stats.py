@@ -9,10 +9,16 @@ spilled right away; the residual stream is seen at every layer, so it is kept as
 `ResidualSummary` of what each residual policy needs, not point by point.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Dict, Iterator, Mapping, Optional
 
 import torch
+
+
+# Products are summed in float32 between flushes into the float64 totals: one float32 GEMM
+# accumulating in place is as exact as one over this many tokens, and the float64 add (the bulk
+# of the cost on small batches) happens once per flush instead of once per batch.
+FLUSH_TOKENS = 8192
 
 
 @dataclass
@@ -23,30 +29,53 @@ class CrossStats:
     sq_a: torch.Tensor     # [da] sum of squares
     sq_b: torch.Tensor     # [db]
     sum_ab: torch.Tensor   # [da, db]
+    # float32 products not yet in sum_ab, and how many tokens they hold
+    _pending: Optional[torch.Tensor] = field(default=None, repr=False, compare=False)
+    _pending_tokens: int = field(default=0, repr=False, compare=False)
 
     @staticmethod
     def zeros(da: int, db: int, device="cpu") -> "CrossStats":
         z = lambda *s: torch.zeros(*s, dtype=torch.float64, device=device)  # noqa: E731
-        return CrossStats(z(()), z(da), z(db), z(da), z(db), z(da, db))
+        # sum_ab starts as a zero view without memory; the first flush makes it real, so a
+        # layer's batches hold only the float32 pending products.
+        return CrossStats(z(()), z(da), z(db), z(da), z(db), z(()).expand(da, db))
 
     def update(self, a: torch.Tensor, b: torch.Tensor) -> None:
         """a: [tokens, da], b: [tokens, db], the same tokens in the same order.
 
-        One batch's products are formed in float32 (fp16/bf16 inputs are upcast first, so they
-        cannot overflow) and added to the float64 running sums: the float64 matmul was the bulk
-        of the calibration overhead, and a batch's float32 partial sums are exact to ~1e-7."""
+        Inputs are upcast to float32 (fp16/bf16 products cannot overflow there); per-feature
+        sums of a batch are float32 reductions added to the float64 totals, the cross products
+        go through the float32 pending buffer (see FLUSH_TOKENS)."""
         a, b = a.to(torch.float32), b.to(torch.float32)
         self.n += a.shape[0]
-        self.sum_a += a.sum(0, dtype=torch.float64)
-        self.sum_b += b.sum(0, dtype=torch.float64)
-        self.sq_a += (a * a).sum(0, dtype=torch.float64)
-        self.sq_b += (b * b).sum(0, dtype=torch.float64)
-        self.sum_ab.add_(a.T @ b)   # float32 product, added in place into the float64 sum
+        self.sum_a += a.sum(0)
+        self.sum_b += b.sum(0)
+        self.sq_a += torch.linalg.vector_norm(a, dim=0).square_()   # no [tokens, d] temporary
+        self.sq_b += torch.linalg.vector_norm(b, dim=0).square_()
+        if self._pending is None:
+            self._pending = torch.zeros(self.sum_ab.shape, dtype=torch.float32,
+                                        device=self.sum_ab.device)
+        self._pending.addmm_(a.T, b)   # [da, tokens] @ [tokens, db], accumulated in place
+        self._pending_tokens += a.shape[0]
+        if self._pending_tokens >= FLUSH_TOKENS:
+            self.flush()
+
+    def flush(self) -> "CrossStats":
+        """Fold the pending float32 products into the float64 totals (every reader does)."""
+        if self.sum_ab.stride() == (0, 0):          # still the zero view of `zeros`
+            self.sum_ab = self._pending.to(torch.float64) if self._pending is not None \
+                else torch.zeros(self.sum_ab.shape, dtype=torch.float64, device=self.sum_ab.device)
+        elif self._pending is not None:
+            self.sum_ab += self._pending
+        self._pending, self._pending_tokens = None, 0
+        return self
 
     def __add__(self, other: "CrossStats") -> "CrossStats":
+        self.flush(), other.flush()
         return CrossStats(*(x + y for x, y in zip(self.tensors().values(), other.tensors().values())))
 
     def tensors(self) -> Dict[str, torch.Tensor]:
+        self.flush()
         return {"n": self.n, "sum_a": self.sum_a, "sum_b": self.sum_b, "sq_a": self.sq_a,
                 "sq_b": self.sq_b, "sum_ab": self.sum_ab}
 
@@ -55,10 +84,12 @@ class CrossStats:
         return CrossStats(t["n"], t["sum_a"], t["sum_b"], t["sq_a"], t["sq_b"], t["sum_ab"])
 
     def to(self, device) -> "CrossStats":
+        self.flush()
         return CrossStats(*(x.to(device) for x in self.tensors().values()))
 
     def correlation(self, eps: float = 1e-12) -> torch.Tensor:
         """Pearson correlation [da, db]; a zero-variance feature correlates 0, never NaN."""
+        self.flush()
         n = self.n.clamp_min(1.0)
         mean_a, mean_b = self.sum_a / n, self.sum_b / n
         std_a = (self.sq_a / n - mean_a**2).clamp_min(0).sqrt()

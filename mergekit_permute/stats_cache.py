@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Dict, List, Mapping, Optional
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
 from mergekit_permute import __version__
 from mergekit_permute.stats import CrossStats, ResidualSummary, Statistics
@@ -48,6 +48,10 @@ def _sha256(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 24), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def _write_file(path: Path, blob: bytes) -> None:
+    path.write_bytes(blob)
 
 
 def _layer_file(layer: Optional[int]) -> str:
@@ -194,8 +198,9 @@ class EntryWriter:
 
     def _save(self, name: str, tensors: Dict[str, torch.Tensor]) -> None:
         def write():
-            save_file(dict(sorted(tensors.items())), str(self.tmp / name))
-            self.meta["sha256"][name] = _sha256(self.tmp / name)
+            blob = save(dict(sorted(tensors.items())))   # hashed as written, not read back
+            _write_file(self.tmp / name, blob)
+            self.meta["sha256"][name] = hashlib.sha256(blob).hexdigest()
         self._guard(write)
 
     def layer(self, layer: Optional[int], stats: Mapping[str, CrossStats]) -> None:

@@ -198,7 +198,7 @@ def test_a_failed_cache_write_is_a_warning(zoo, tmp_path, monkeypatch, caplog):
         raise OSError(errno.ENOSPC, "No space left on device")
     a, b = zoo("llama")
     monkeypatch.setenv("MERGEKIT_PERMUTE_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(cache, "save_file", full)
+    monkeypatch.setattr(cache, "_write_file", full)
     caplog.set_level("WARNING")
     r = _align(a, b, tmp_path / "o", "--no-cache")
     assert r.returncode == 0, r.stderr

@@ -107,6 +107,50 @@ def test_parallel_solving_equals_serial(zoo, monkeypatch):
     assert set(parallel.timings["solve_seconds"]) == set(serial.report)
 
 
+def test_overlapped_solving_equals_inline(zoo, monkeypatch):
+    """On an accelerator each layer is solved on a background thread while the next one is
+    calibrated; the result is the inline (CPU) one, bit for bit."""
+    import threading
+
+    import mergekit_permute.pipeline as pipeline
+    import mergekit_permute.solve as solve
+    a, b = zoo("llama")
+    inline = align(a, b, "shakespeare-calib", SETTINGS, workers=1)
+    threads = set()
+    original = solve.solve_space
+
+    def solve_space(*args):
+        threads.add(threading.current_thread().name)
+        return original(*args)
+    monkeypatch.setattr(solve, "solve_space", solve_space)
+    monkeypatch.setattr(pipeline, "Solver",
+                        lambda *args, **kw: solve.Solver(*args, **{**kw, "overlap": True}))
+    overlapped = align(a, b, "shakespeare-calib", SETTINGS, workers=1)
+    assert threads and all(t.startswith("mergekit-permute-solve") for t in threads), threads
+    for space, views in inline.transforms.items():
+        for view, t in views.items():
+            assert torch.equal(overlapped.transforms[space][view], t), (space, view)
+
+
+def test_float32_partial_sums_match_float64_statistics(monkeypatch):
+    """Cross products are summed in float32 between flushes into the float64 totals: over many
+    batches and several flushes they equal a float64 computation to float32 precision."""
+    import mergekit_permute.stats as stats
+    monkeypatch.setattr(stats, "FLUSH_TOKENS", 100)
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(1000, 6, generator=gen) * 3 + 5          # a large mean: cancellation-prone
+    b = a[:, [2, 0, 1, 5, 4, 3]] + 0.5 * torch.randn(1000, 6, generator=gen)
+    s = CrossStats.zeros(6, 6)
+    assert torch.equal(s.tensors()["sum_ab"], torch.zeros(6, 6, dtype=torch.float64))
+    s = CrossStats.zeros(6, 6)
+    for i in range(0, 1000, 64):
+        s.update(a[i:i + 64], b[i:i + 64])
+    ref = torch.corrcoef(torch.cat([a, b], 1).T.double())[:6, 6:]
+    torch.testing.assert_close(s.correlation(), ref, rtol=0, atol=1e-5)
+    torch.testing.assert_close(s.tensors()["sum_ab"], a.double().T @ b.double(), rtol=1e-6, atol=0)
+    assert s._pending is None and s.sum_ab.is_contiguous()
+
+
 def test_sharded_checkpoint_is_written_shard_by_shard(zoo, tmp_path):
     a, b = zoo("llama")
     sharded = _copy(b, tmp_path / "b_sharded", shard="200KB")
