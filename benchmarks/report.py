@@ -301,7 +301,7 @@ def scale_section(doc) -> str:
              f"{doc['shape']['num_key_value_heads']} KV heads, bf16 safetensors); calibration "
              f"`{' '.join(doc['calibration'])}`. Each measurement in its own process.", "",
              "| layers | checkpoint (MiB) | `align` peak RSS above import (MiB) | peak / one "
-             "checkpoint | floor's peak (MiB) | `align` (s) | of which solving (s) | floor (s) "
+             "checkpoint | floor's peak (MiB) | `align` (s) | solving, summed over spaces (s) | floor (s) "
              "| time / floor | written dtype |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in doc["rows"]:
         solving = f"{r['solve_seconds']:.1f}" if "solve_seconds" in r else "-"

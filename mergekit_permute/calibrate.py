@@ -11,13 +11,16 @@ import torch
 from tqdm.auto import tqdm
 
 from mergekit_permute.blocks import BlockModel
+from mergekit_permute.heap import HeapWatch, flat_heap, release_memory
 from mergekit_permute.spec.base import FeaturePoint, PermutationSpec
-from mergekit_permute.stats import CrossStats, Statistics
+from mergekit_permute.stats import CrossStats, ResidualSummary, Statistics
 
 LOG = logging.getLogger(__name__)
 Points = List[Tuple[str, FeaturePoint]]
 # Called once per completed layer (None: the embeddings) with that layer's statistics.
 OnLayer = Callable[[Optional[int], Dict[str, CrossStats]], None]
+# Called after each layer but the last with (layer, hidden A, hidden B, residual summary).
+Checkpoint = Callable[[int, List[torch.Tensor], List[torch.Tensor], ResidualSummary], None]
 
 
 class NotEnoughTokens(ValueError):
@@ -127,17 +130,21 @@ def check_tokens(available: int, spec: PermutationSpec, spaces: Sequence[str]) -
 def calibrate_pair(spec: PermutationSpec, model_a: BlockModel, model_b: BlockModel, batches,
                    points: Points, masks: Sequence[torch.Tensor], *,
                    on_layer: Optional[OnLayer] = None, reduce=None, desc: str = "calibrating",
-                   keep: bool = True, buffer_device=None) -> Statistics:
+                   keep: bool = True, buffer_device=None, resume=None,
+                   checkpoint: Optional[Checkpoint] = None) -> Statistics:
     """Statistics of every point over every unmasked token of `batches`, layer by layer:
     residual points go into the residual summary in depth order, the others are handed to
     `on_layer` (and kept in memory when `keep`). `reduce` (an all-reduce over ranks) is
     applied to each layer's sums before use. `buffer_device` (e.g. "cpu" for a small GPU)
-    holds the hidden states between blocks; by default they stay where the block ran."""
+    holds the hidden states between blocks; by default they stay where the block ran.
+    `resume` (stats_cache.Resume) continues an interrupted run after its last checkpointed
+    layer; `checkpoint(layer, hidden_a, hidden_b, residual)` is offered each layer's end."""
     flat_heap()
     by_layer: Dict[Optional[int], Points] = {}
     for key, point in points:
         by_layer.setdefault(spec.layer_of(point.module), []).append((key, point))
     stats = Statistics()
+    heap = HeapWatch()
     flat_masks = [m.reshape(-1) for m in masks]
 
     def finish(layer: Optional[int], layer_stats: Dict[str, CrossStats]) -> None:
@@ -155,8 +162,7 @@ def calibrate_pair(spec: PermutationSpec, model_a: BlockModel, model_b: BlockMod
         for key, point in layer_points:
             name = f"{point.module}:{point.where}"
             a, b = (select_part(cap[name], point.part) for cap in (cap_a, cap_b))
-            a = a.reshape(mask.shape[0], -1)[mask]  # [B, T, d] -> [tokens, d]
-            b = b.reshape(mask.shape[0], -1)[mask]
+            a, b = _tokens(a, mask), _tokens(b, mask)
             if key not in layer_stats:
                 layer_stats[key] = CrossStats.zeros(a.shape[1], b.shape[1], device=a.device)
             layer_stats[key].update(a, b)
@@ -176,12 +182,21 @@ def calibrate_pair(spec: PermutationSpec, model_a: BlockModel, model_b: BlockMod
             hidden_b.append(_park(hb, buffer_device))
             calls_a.append(ca)
             calls_b.append(cb)
-            update(pre_stats, pre_points, cap_a, cap_b, mask.to(ha.device))
+            if resume is None:
+                update(pre_stats, pre_points, cap_a, cap_b, mask.to(ha.device))
     for model in (model_a, model_b):
         model.free(None)
-    finish(None, {k: v.to("cpu") for k, v in pre_stats.items()})
+    if resume is None:
+        finish(None, {k: v.to("cpu") for k, v in pre_stats.items()})
+    else:   # the blocks' arguments recomputed, their hidden states as checkpointed
+        _check_resumed(resume, hidden_a, hidden_b)
+        hidden_a = [_park(h.to(c.device), buffer_device) for h, c in zip(resume.hidden_a, hidden_a)]
+        hidden_b = [_park(h.to(c.device), buffer_device) for h, c in zip(resume.hidden_b, hidden_b)]
+        stats.residual = resume.residual
+    start = 0 if resume is None else resume.next_layer
 
-    for layer in tqdm(range(spec.num_layers), desc=desc, unit="layer"):
+    for layer in tqdm(range(start, spec.num_layers), desc=desc, unit="layer", initial=start,
+                      total=spec.num_layers):
         layer_points = by_layer.get(layer, [])
         layer_stats: Dict[str, CrossStats] = {}
         model_a.load(layer)
@@ -197,38 +212,33 @@ def calibrate_pair(spec: PermutationSpec, model_a: BlockModel, model_b: BlockMod
                 del ha, hb
                 cap_a.clear()   # this batch's features, not held through the next forward
                 cap_b.clear()
+                if j == 0:   # the layer's live buffers now exist: trim drift beyond them
+                    heap.settle()
+                else:
+                    heap.check()
         model_a.free(layer)
         model_b.free(layer)
         release_memory()
         finish(layer, {k: v.to("cpu") for k, v in layer_stats.items()})
+        if checkpoint is not None and layer + 1 < spec.num_layers:
+            checkpoint(layer, hidden_a, hidden_b, stats.residual)
     stats.tokens = int(sum(int(m.sum()) for m in flat_masks))
     return stats
 
 
-def flat_heap() -> None:
-    """Large buffers (features, statistics, blocks) straight from mmap and back on free: glibc
-    otherwise raises its mmap threshold after the first large free and keeps every later
-    buffer of that size in its heap, so the process would look as if it grew with depth.
-    (A 4 MiB threshold, which keeps a small model's activations in the heap, ran the 32-layer
-    scale benchmark ~25% faster but its peak varied from 0.7x to 1.3x of a checkpoint from
-    run to run; real models' activations exceed any threshold glibc allows.)"""
-    import ctypes
-    try:
-        ctypes.CDLL("libc.so.6").mallopt(-3, 128 * 1024)   # M_MMAP_THRESHOLD
-    except (OSError, AttributeError):  # not glibc
-        pass
+def _check_resumed(resume, hidden_a: List[torch.Tensor], hidden_b: List[torch.Tensor]) -> None:
+    for saved, now in ((resume.hidden_a, hidden_a), (resume.hidden_b, hidden_b)):
+        if [(h.shape, h.dtype) for h in saved] != [(h.shape, h.dtype) for h in now]:
+            raise ValueError(
+                f"the interrupted run kept in {resume.path} computed its hidden states in "
+                f"another shape or dtype ({saved[0].dtype} against {now[0].dtype} now): run "
+                "with its --device/--dtype to continue it, or with --no-cache to start over")
 
 
-def release_memory() -> None:
-    """Hand freed heap pages back to the OS after each block (glibc keeps them otherwise, and
-    the process would look as if it grew with depth)."""
-    import ctypes
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc
-        pass
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+def _tokens(features: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """[B, T, d] -> [tokens, d]: the unmasked tokens' rows (a view when none is masked)."""
+    rows = features.reshape(mask.shape[0], -1)   # [B * T, d]
+    return rows if bool(mask.all()) else rows[mask]
 
 
 def _park(hidden: torch.Tensor, device) -> torch.Tensor:

@@ -19,6 +19,8 @@ from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence, 
 
 import torch
 
+from mergekit_permute.heap import HeapWatch
+
 LOG = logging.getLogger(__name__)
 ALLOW_PICKLE_ENV = "MERGEKIT_PERMUTE_ALLOW_UNSAFE_PICKLE"
 SAFE_INDEX, BIN_INDEX = "model.safetensors.index.json", "pytorch_model.bin.index.json"
@@ -318,6 +320,8 @@ def stream_safetensors(path: Path, layout: Sequence[Tuple[str, Tuple[int, ...], 
         offset += size
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)  # the data starts 8-byte aligned
+    heap = HeapWatch()
+    heap.settle()
     with open(path, "wb") as f:
         f.write(struct.pack("<Q", len(blob)))
         f.write(blob)
@@ -328,7 +332,9 @@ def stream_safetensors(path: Path, layout: Sequence[Tuple[str, Tuple[int, ...], 
                                    f"{tuple(shape)} {dtype}")
             t = t.detach().to("cpu").contiguous()
             if t.numel():
-                f.write(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+                f.write(t.reshape(-1).view(torch.uint8).numpy())
+            del t
+            heap.check()   # temporaries, not a drifting heap (heap.py)
 
 
 def write_like(src: Checkpoint, out_dir: Path, transform: Callable[[str, torch.Tensor], torch.Tensor],

@@ -94,8 +94,10 @@ def align(model_a, model_b, data, out, permutations_only, overwrite, no_cache, *
                         "it; use it only as an ablation in `barrier` or a merge")
     from mergekit_permute.models import open_pair
     from mergekit_permute.preflight import check_device, check_output, checkpoint_bytes
+    from mergekit_permute.stats_cache import checkpoint_seconds
     check_device(run.device)
     check_output(out, overwrite)
+    checkpoint_seconds()                        # MERGEKIT_PERMUTE_CHECKPOINT_SECONDS is sane
     pair = open_pair(model_a, model_b)          # configs, tokenizers, every weight file
     if not permutations_only:
         check_output(out, overwrite, checkpoint_bytes(pair.checkpoint_b, _dtype(run)))

@@ -134,9 +134,15 @@ def _reader_matrix(m: torch.Tensor) -> torch.Tensor:
     return cached
 
 
+def exact_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Arithmetic that adds no rounding the result's dtype would show: float64 for float32 and
+    float64 tensors, float32 for 16-bit ones (whose steps are 2^16 times coarser)."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else torch.float64
+
+
 def _along(tensor: torch.Tensor, dim: int, t: Transform, role: str, name: str,
            exact: bool = True) -> torch.Tensor:
-    """One axis of a tensor through one view's transform (float64 arithmetic when `exact`,
+    """One axis of a tensor through one view's transform (in `exact_dtype` when `exact`,
     else the tensor's own dtype: differentiable either way)."""
     if is_permutation(t):
         return tensor.index_select(dim, t.to(tensor.device))
@@ -150,14 +156,14 @@ def _along(tensor: torch.Tensor, dim: int, t: Transform, role: str, name: str,
         shape[dim] = -1
         scale = t.scale.to(tensor.device).reshape(shape)
         scale = scale if role == "out" else 1.0 / scale
-        work = torch.float64 if exact else tensor.dtype
+        work = exact_dtype(tensor.dtype) if exact else tensor.dtype
         return (moved.to(work) * scale.to(work)).to(tensor.dtype)
     if role == "elem":
         if torch.all(tensor == 1):
             return tensor  # a folded (unit) gain commutes with any map
         raise ValueError(f"{name}: this weight scales a space that holds a matrix; fold the "
                          "norm gain into its readers first")
-    work = torch.float64 if exact else tensor.dtype
+    work = exact_dtype(tensor.dtype) if exact else tensor.dtype
     if role == "out":
         m = t
     elif exact:
@@ -214,7 +220,8 @@ class Gauge:
         _, axis, factor = op
         shape = [1] * tensor.ndim
         shape[axis] = -1
-        return (tensor.double() * factor.to(tensor.device).reshape(shape)).to(tensor.dtype)
+        work = exact_dtype(tensor.dtype)
+        return (tensor.to(work) * factor.to(tensor.device, work).reshape(shape)).to(tensor.dtype)
 
 
 def norm_gains(spec: PermutationSpec, state: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
@@ -268,19 +275,33 @@ def fold_scales(spec: PermutationSpec, state: Mapping[str, torch.Tensor]) -> Gau
 
 # ---- whole state dicts and models (tests, barrier sweeps, small models) ---------------------------
 
+def _has_arithmetic(rule: Optional[WeightRule], transforms: Transforms) -> bool:
+    """Whether any of the rule's axes goes through more than a permutation."""
+    if rule is None:
+        return False
+    binds = [b for axis in rule.axes if axis is not None
+             for b in ([axis] if isinstance(axis, Bind) else [p for p in axis.parts if p])]
+    return any(not is_permutation(transforms[b.space][b.view]) for b in binds)
+
+
 def transform_tensor(spec_rules: Mapping[str, WeightRule], name: str, tensor: torch.Tensor,
                      transforms: Transforms, fold: Optional[Gauge] = None,
                      unfold: Optional[Gauge] = None) -> torch.Tensor:
-    """fold (B's gains -> 1), transform, unfold (1 -> A's gains): one tensor of aligned B."""
+    """fold (B's gains -> 1), transform, unfold (1 -> A's gains): one tensor of aligned B,
+    computed in `exact_dtype` and rounded to the tensor's own dtype once, at the end."""
     rule = spec_rules.get(name)
     key = rule.name if rule is not None else name   # gauges use the spec's names, not aliases
+    stored = tensor.dtype
+    if tensor.is_floating_point() and (_has_arithmetic(rule, transforms)
+                                       or any(g and key in g.ops for g in (fold, unfold))):
+        tensor = tensor.to(exact_dtype(stored))
     if fold:
         tensor = fold.apply(key, tensor)
     if rule is not None:
         tensor = apply_to_tensor(rule, tensor, transforms)
     if unfold:
         tensor = unfold.apply(key, tensor)
-    return tensor
+    return tensor.to(stored)
 
 
 def apply_to_state_dict(spec: PermutationSpec, state: Mapping[str, torch.Tensor],

@@ -12,15 +12,16 @@ import torch
 from mergekit_permute.alignment import Alignment
 from mergekit_permute.blocks import BlockModel
 from mergekit_permute.calibrate import (
-    calibrate_pair, check_tokens, count_tokens, feature_points, flat_heap, tokenize, token_mask,
+    calibrate_pair, check_tokens, count_tokens, feature_points, tokenize, token_mask,
 )
 from mergekit_permute.data import fingerprint, load_texts
 from mergekit_permute.dist import Distributed
+from mergekit_permute.heap import flat_heap
 from mergekit_permute.models import Pair, load_state, open_pair, scan_pair
 from mergekit_permute.settings import AlignSettings, check_settings, residual_policy
 from mergekit_permute.solve import Solver, assemble
 from mergekit_permute.spec.base import PermutationSpec
-from mergekit_permute.stats import Statistics
+from mergekit_permute.stats import CrossStats, Statistics
 from mergekit_permute.stats_cache import StatsCache, cache_key
 
 LOG = logging.getLogger(__name__)
@@ -173,7 +174,20 @@ def statistics(pair: Pair, calib: Calibration, settings: AlignSettings, *, qk: b
             if keep:
                 stats._layers.update(layer_stats)
         return stats
-    writer = cache.writer() if cache is not None and dist.is_main else None
+    # An interrupted run's checkpoint is continued (one process: with several, every rank
+    # holds only its share of the hidden states).
+    resume = cache.resumable() if cache is not None and use_cache and dist.size == 1 else None
+    writer = cache.writer(resume) if cache is not None and dist.is_main else None
+    resume = writer.resumed if writer is not None else None
+    resumed_layers: Dict[str, CrossStats] = {}
+    if resume is not None:
+        LOG.info("continuing an interrupted calibration at layer %d of %d (%s)",
+                 resume.next_layer, spec.num_layers, resume.path)
+        for layer_stats in resume.layers():
+            if on_layer is not None:
+                on_layer(None, layer_stats)
+            if keep:
+                resumed_layers.update(layer_stats)
 
     def layer_done(layer, layer_stats):
         if writer is not None:
@@ -187,7 +201,10 @@ def statistics(pair: Pair, calib: Calibration, settings: AlignSettings, *, qk: b
     try:
         stats = calibrate_pair(spec, model_a, model_b, batches, points, masks,
                                on_layer=layer_done, keep=keep, reduce=dist.reduce,
-                               buffer_device=plan["buffer_device"])
+                               buffer_device=plan["buffer_device"], resume=resume,
+                               checkpoint=writer.checkpoint if writer is not None
+                               and dist.size == 1 else None)
+        stats._layers.update(resumed_layers)
     except BaseException:
         if writer is not None:
             writer.abandon()

@@ -98,10 +98,13 @@ class CrossStats:
         corr = self.sum_ab / n
         corr.addr_(mean_a, mean_b, alpha=-1)                   # covariance
         corr.div_(std_a[:, None]).div_(std_b[None, :])
-        # A (near-)constant feature correlates 0 with everything, never NaN.
-        corr.masked_fill_((std_a <= eps ** 0.5)[:, None], 0.0)
-        corr.masked_fill_((std_b <= eps ** 0.5)[None, :], 0.0)
-        corr.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)   # overflowed (fp16) inputs
+        # A (near-)constant feature correlates 0 with everything, never NaN. (Each pass over
+        # [da, db] only where it can change something: they are memory-bound.)
+        for flat, axis in ((std_a <= eps ** 0.5, 1), (std_b <= eps ** 0.5, 0)):
+            if bool(flat.any()):
+                corr.masked_fill_(flat.unsqueeze(axis), 0.0)
+        if not bool(torch.isfinite(corr.sum())):   # overflowed (fp16) inputs
+            corr.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
         return corr.clamp_(-1.0, 1.0)
 
 
@@ -121,9 +124,18 @@ class ResidualSummary:
     def add(self, point: CrossStats) -> None:
         self.first = point if self.first is None else self.first
         self.last = point
-        self.pooled = point if self.pooled is None else self.pooled + point
+        # Sums kept in place: a new total per layer would be a long-lived buffer allocated
+        # above that layer's transients, and the heap would ratchet up with depth.
+        if self.pooled is None:
+            self.pooled = CrossStats.from_tensors({k: v.clone() for k, v in point.tensors().items()})
+        else:
+            for total, part in zip(self.pooled.tensors().values(), point.tensors().values()):
+                total.add_(part)
         unit = point.sum_ab / point.sum_ab.norm().clamp_min(1e-30)
-        self.unit_moments = unit if self.unit_moments is None else self.unit_moments + unit
+        if self.unit_moments is None:
+            self.unit_moments = unit
+        else:
+            self.unit_moments.add_(unit)
         self.points += 1
 
     def tensors(self) -> Dict[str, torch.Tensor]:

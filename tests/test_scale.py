@@ -107,6 +107,28 @@ def test_parallel_solving_equals_serial(zoo, monkeypatch):
     assert set(parallel.timings["solve_seconds"]) == set(serial.report)
 
 
+def test_batched_solving_equals_serial(zoo, monkeypatch):
+    """On the CPU, small spaces are solved in batches of `workers` on that many threads while
+    the forwards wait; the result is the one-at-a-time one, bit for bit."""
+    import threading
+
+    import mergekit_permute.solve as solve
+    a, b = zoo("llama")
+    serial = align(a, b, "shakespeare-calib", SETTINGS, workers=1)
+    threads = set()
+    original = solve.solve_space
+
+    def solve_space(*args):
+        threads.add(threading.current_thread().name)
+        return original(*args)
+    monkeypatch.setattr(solve, "solve_space", solve_space)
+    batched = align(a, b, "shakespeare-calib", SETTINGS, workers=3)
+    assert len([t for t in threads if t.startswith("mergekit-permute-solve")]) >= 2, threads
+    for space, views in serial.transforms.items():
+        for view, t in views.items():
+            assert torch.equal(batched.transforms[space][view], t), (space, view)
+
+
 def test_overlapped_solving_equals_inline(zoo, monkeypatch):
     """On an accelerator each layer is solved on a background thread while the next one is
     calibrated; the result is the inline (CPU) one, bit for bit."""
@@ -214,3 +236,36 @@ def test_a_block_that_cannot_run_alone_is_named(zoo):
                        32, 8, spec.architecture)
     with pytest.raises(BlockRunError, match="block 1 of model.layers could not run standalone"):
         calibrate(model_a, model_b, spec, batches, ["ffn.1"])
+
+
+def test_16bit_weights_are_transformed_in_float32_and_rounded_once(zoo):
+    """A bf16 weight goes through fold, rotation and unfold in float32 and is rounded to bf16
+    once: the float64 computation rounded once, up to float32's rounding on exact ties."""
+    a, b = zoo("llama")
+    alignment = align(a, b, "shakespeare-calib", SETTINGS.model_copy(update={"residual":
+                                                                            "orthogonal"}))
+    state = T.AutoModelForCausalLM.from_pretrained(b).state_dict()
+    moved = 0
+    for name, t in state.items():
+        low = alignment.tensor(name, t.to(torch.bfloat16))
+        assert low.dtype == torch.bfloat16
+        reference = alignment.tensor(name, t.to(torch.bfloat16).double()).to(torch.bfloat16)
+        same = (low == reference).float().mean()
+        assert same > 0.999, (name, float(same))
+        moved += not torch.equal(low, t.to(torch.bfloat16))
+    assert moved > len(state) // 2   # the rotation reached most weights
+
+
+def test_finite_check_is_exact_for_every_dtype():
+    from mergekit_permute.models import _all_finite
+    big16 = torch.full((1000, 1000), 65504.0, dtype=torch.float16)
+    assert _all_finite(big16)                              # a float64 sum does not overflow
+    assert _all_finite(torch.full((10,), 1e308, dtype=torch.float64))   # nor float64's own
+    for dtype in (torch.bfloat16, torch.float16, torch.float32, torch.float64):
+        for bad in (float("nan"), float("inf"), -float("inf")):
+            t = torch.ones(64, dtype=dtype)
+            t[7] = bad
+            assert not _all_finite(t), (dtype, bad)
+        t = torch.ones(64, dtype=dtype)
+        t[3], t[9] = float("inf"), -float("inf")           # they would cancel to NaN, not 0
+        assert not _all_finite(t)
