@@ -308,9 +308,10 @@ _FROM_NAME = {v: k for k, v in _DTYPES.items()}
 
 def stream_safetensors(path: Path, layout: Sequence[Tuple[str, Tuple[int, ...], torch.dtype]],
                        produce: Callable[[str], torch.Tensor],
-                       metadata: Optional[Dict[str, str]] = None) -> None:
+                       metadata: Optional[Dict[str, str]] = None, hasher=None) -> None:
     """Write a safetensors file whose tensors are produced one at a time, in `layout` order:
-    the header (names, dtypes, shapes, offsets) first, then each tensor's bytes."""
+    the header (names, dtypes, shapes, offsets) first, then each tensor's bytes (also fed to
+    `hasher`, a hashlib object, when given)."""
     header: Dict[str, object] = {"__metadata__": dict(metadata or {"format": "pt"})}
     offset = 0
     for name, shape, dtype in layout:
@@ -323,8 +324,12 @@ def stream_safetensors(path: Path, layout: Sequence[Tuple[str, Tuple[int, ...], 
     heap = HeapWatch()
     heap.settle()
     with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(blob)))
-        f.write(blob)
+        def put(data) -> None:
+            f.write(data)
+            if hasher is not None:
+                hasher.update(data)
+        put(struct.pack("<Q", len(blob)))
+        put(blob)
         for name, shape, dtype in layout:
             t = produce(name)
             if tuple(t.shape) != tuple(shape) or t.dtype != dtype:
@@ -332,7 +337,7 @@ def stream_safetensors(path: Path, layout: Sequence[Tuple[str, Tuple[int, ...], 
                                    f"{tuple(shape)} {dtype}")
             t = t.detach().to("cpu").contiguous()
             if t.numel():
-                f.write(t.reshape(-1).view(torch.uint8).numpy())
+                put(t.reshape(-1).view(torch.uint8).numpy())
             del t
             heap.check()   # temporaries, not a drifting heap (heap.py)
 

@@ -18,7 +18,7 @@ import os
 import torch
 
 MMAP_THRESHOLD = 4 << 20   # bytes; glibc's own ceiling for it is 32 MiB
-SLACK = 32 << 20           # resident growth tolerated before the heap is trimmed
+SLACK = 16 << 20           # resident growth tolerated before the heap is trimmed
 _M_MMAP_THRESHOLD = -3
 
 

@@ -15,7 +15,16 @@ QKMode = Literal["follow_vo", "separate", "joint"]
 
 def assign(score: np.ndarray) -> Tuple[np.ndarray, float]:
     """Maximise total score: perm[i] = column matched to row i (rows = A, columns = B)."""
-    rows, cols = linear_sum_assignment(score, maximize=True)
+    if score.dtype == np.float64 and score.flags.c_contiguous and score.flags.writeable:
+        # scipy's maximize=True minimises a negated copy; negating in place (and back, both
+        # exact) gives it the same numbers without a second [n, n] matrix.
+        np.negative(score, out=score)
+        try:
+            rows, cols = linear_sum_assignment(score)
+        finally:
+            np.negative(score, out=score)
+    else:
+        rows, cols = linear_sum_assignment(score, maximize=True)
     perm = np.empty(score.shape[0], dtype=np.int64)
     perm[rows] = cols
     return perm, float(score[rows, cols].sum())

@@ -95,9 +95,8 @@ class Solver:
     - `overlap` (the forwards run on an accelerator and leave the CPU idle): on a background
       thread, while later layers are calibrated (scipy's assignment releases the GIL);
     - else (CPU forwards that use every core; a concurrent solver only oversubscribes them,
-      measured slower): in batches of `workers` spaces, solved on that many threads at once
-      while the forwards wait. Memory holds one batch (batching by kind, two FF spaces at
-      once, saved ~1 s of 21 on the scale benchmark but peaked ~25 MiB higher).
+      measured slower): in batches of `workers` spaces of one kind, solved on that many
+      threads at once while the forwards wait. Memory holds a batch of each kind.
     Results are identical either way (the assignment is deterministic)."""
 
     def __init__(self, spec: PermutationSpec, settings: AlignSettings,
@@ -125,9 +124,10 @@ class Solver:
                 self._pool = ProcessPoolExecutor(self.workers, mp_context=context)
             executor, limit = self._pool, 2 * self.workers
         elif not self.overlap:
+            # Batches of one kind (FF, attention): alike in cost, so the threads finish together.
             self._batch[space_name] = (space, own)
-            if len(self._batch) >= self.workers:
-                self._solve_batch()
+            if sum(s.kind == space.kind for s, _ in self._batch.values()) >= self.workers:
+                self._solve_batch(space.kind)
             return
         else:
             if self._thread is None:
@@ -143,8 +143,9 @@ class Solver:
         for name in sorted({k.split("@", 1)[0] for k in stats}):
             self.submit(name, stats)
 
-    def _solve_batch(self) -> None:
-        batch, self._batch = self._batch, {}
+    def _solve_batch(self, kind: Optional[str] = None) -> None:
+        batch = {n: job for n, job in self._batch.items() if kind in (None, job[0].kind)}
+        self._batch = {n: job for n, job in self._batch.items() if n not in batch}
         if len(batch) == 1:
             (name, (space, own)), = batch.items()
             self._done[name] = solve_space(space, own, self.settings)

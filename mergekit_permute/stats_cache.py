@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Dict, List, Mapping, Optional, Sequence
 
 import torch
-from safetensors.torch import load_file, save, save_file
+from safetensors.torch import load_file, save_file
 
 from mergekit_permute import __version__
 from mergekit_permute.stats import CrossStats, ResidualSummary, Statistics
@@ -83,8 +83,15 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _write_file(path: Path, blob: bytes) -> None:
-    path.write_bytes(blob)
+def _write_file(path: Path, tensors: Mapping[str, torch.Tensor]) -> str:
+    """One statistics file, streamed tensor by tensor (no second copy in memory); returns the
+    sha256 of the bytes as written."""
+    from mergekit_permute.checkpoints import stream_safetensors
+    items = dict(sorted(tensors.items()))
+    hasher = hashlib.sha256()
+    stream_safetensors(path, [(k, tuple(t.shape), t.dtype) for k, t in items.items()],
+                       items.__getitem__, hasher=hasher)
+    return hasher.hexdigest()
 
 
 def _layer_file(layer: Optional[int]) -> str:
@@ -333,10 +340,8 @@ class EntryWriter:
             self._guard(pending.result)
 
     def _save(self, name: str, tensors: Dict[str, torch.Tensor]) -> None:
-        def write():
-            blob = save(dict(sorted(tensors.items())))   # hashed as written, not read back
-            _write_file(self.tmp / name, blob)
-            self.meta["sha256"][name] = hashlib.sha256(blob).hexdigest()
+        def write():   # hashed as written, not read back
+            self.meta["sha256"][name] = _write_file(self.tmp / name, tensors)
         self._wait()
         if not self.failed:
             self._pending = self._pool.submit(write)
@@ -367,9 +372,7 @@ class EntryWriter:
                     name = f"hidden-{side}-{j:05d}.safetensors"
                     save_file({"hidden": h.detach().to("cpu").contiguous()}, str(staging / name))
                     sha256[f"{RESUME}/{name}"] = _sha256(staging / name)
-            blob = save(dict(sorted(residual.tensors().items())))
-            _write_file(staging / RESIDUAL, blob)
-            sha256[f"{RESUME}/{RESIDUAL}"] = hashlib.sha256(blob).hexdigest()
+            sha256[f"{RESUME}/{RESIDUAL}"] = _write_file(staging / RESIDUAL, residual.tensors())
             (staging / "progress.json").write_text(json.dumps(
                 {"format": FORMAT, "key": self.cache.key, "next_layer": layer + 1,
                  "batches": len(hidden_a), "layers": self.meta["layers"], "sha256": sha256},
