@@ -30,7 +30,7 @@ def _umask() -> int:
     return mask
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -48,7 +48,7 @@ def clean_stale_partials(out: Path) -> None:
             pid = int(path.name[len(prefix):].split("-", 1)[0])
         except ValueError:
             continue
-        if pid != os.getpid() and not _alive(pid):
+        if pid != os.getpid() and not process_alive(pid):
             LOG.warning("removing %s, left by an interrupted run (process %d)", path, pid)
             shutil.rmtree(path, ignore_errors=True)
 

@@ -24,6 +24,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from mergekit_permute import __version__
+from mergekit_permute.outputs import process_alive
 from mergekit_permute.stats import CrossStats, ResidualSummary, Statistics
 
 LOG = logging.getLogger(__name__)
@@ -71,16 +72,6 @@ def checkpoint_seconds() -> float:
                          "checkpoints after every layer), or unset it for the default "
                          f"{CHECKPOINT_SECONDS:.0f}")
     return seconds
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _write_file(path: Path, tensors: Mapping[str, torch.Tensor]) -> str:
@@ -224,7 +215,7 @@ class StatsCache:
                 pid = int(path.name.rsplit("-", 1)[1])
             except ValueError:
                 continue
-            if pid != os.getpid() and _alive(pid):
+            if pid != os.getpid() and process_alive(pid):
                 continue   # another run is writing it
             try:
                 found = self._resume_from(path)

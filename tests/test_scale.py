@@ -107,21 +107,26 @@ def test_parallel_solving_equals_serial(zoo, monkeypatch):
     assert set(parallel.timings["solve_seconds"]) == set(serial.report)
 
 
-def test_batched_solving_equals_serial(zoo, monkeypatch):
-    """On the CPU, small spaces are solved in batches of `workers` on that many threads while
-    the forwards wait; the result is the one-at-a-time one, bit for bit."""
+def _solver_threads(monkeypatch) -> set:
+    """The names of the threads that solve spaces from now on."""
     import threading
 
     import mergekit_permute.solve as solve
-    a, b = zoo("llama")
-    serial = align(a, b, "shakespeare-calib", SETTINGS, workers=1)
-    threads = set()
-    original = solve.solve_space
+    threads, original = set(), solve.solve_space
 
     def solve_space(*args):
         threads.add(threading.current_thread().name)
         return original(*args)
     monkeypatch.setattr(solve, "solve_space", solve_space)
+    return threads
+
+
+def test_batched_solving_equals_serial(zoo, monkeypatch):
+    """On the CPU, small spaces are solved in batches of `workers` on that many threads while
+    the forwards wait; the result is the one-at-a-time one, bit for bit."""
+    a, b = zoo("llama")
+    serial = align(a, b, "shakespeare-calib", SETTINGS, workers=1)
+    threads = _solver_threads(monkeypatch)
     batched = align(a, b, "shakespeare-calib", SETTINGS, workers=3)
     assert len([t for t in threads if t.startswith("mergekit-permute-solve")]) >= 2, threads
     for space, views in serial.transforms.items():
@@ -132,19 +137,11 @@ def test_batched_solving_equals_serial(zoo, monkeypatch):
 def test_overlapped_solving_equals_inline(zoo, monkeypatch):
     """On an accelerator each layer is solved on a background thread while the next one is
     calibrated; the result is the inline (CPU) one, bit for bit."""
-    import threading
-
     import mergekit_permute.pipeline as pipeline
     import mergekit_permute.solve as solve
     a, b = zoo("llama")
     inline = align(a, b, "shakespeare-calib", SETTINGS, workers=1)
-    threads = set()
-    original = solve.solve_space
-
-    def solve_space(*args):
-        threads.add(threading.current_thread().name)
-        return original(*args)
-    monkeypatch.setattr(solve, "solve_space", solve_space)
+    threads = _solver_threads(monkeypatch)
     monkeypatch.setattr(pipeline, "Solver",
                         lambda *args, **kw: solve.Solver(*args, **{**kw, "overlap": True}))
     overlapped = align(a, b, "shakespeare-calib", SETTINGS, workers=1)
