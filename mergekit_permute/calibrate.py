@@ -146,6 +146,8 @@ def calibrate_pair(spec: PermutationSpec, model_a: BlockModel, model_b: BlockMod
     stats = Statistics()
     heap = HeapWatch()
     flat_masks = [m.reshape(-1) for m in masks]
+    # per batch: the unmasked rows of its [B * T] tokens (None: every row), found once
+    kept = [None if bool(m.all()) else m.nonzero().squeeze(1) for m in flat_masks]
 
     def finish(layer: Optional[int], layer_stats: Dict[str, CrossStats]) -> None:
         if reduce is not None:
@@ -158,11 +160,12 @@ def calibrate_pair(spec: PermutationSpec, model_a: BlockModel, model_b: BlockMod
         if keep:
             stats._layers.update(layer_stats)
 
-    def update(layer_stats, layer_points, cap_a, cap_b, mask):
+    def update(layer_stats, layer_points, cap_a, cap_b, j):
+        rows = kept[j]
         for key, point in layer_points:
             name = f"{point.module}:{point.where}"
             a, b = (select_part(cap[name], point.part) for cap in (cap_a, cap_b))
-            a, b = _tokens(a, mask), _tokens(b, mask)
+            a, b = _tokens(a, flat_masks[j], rows), _tokens(b, flat_masks[j], rows)
             if key not in layer_stats:
                 layer_stats[key] = CrossStats.zeros(a.shape[1], b.shape[1], device=a.device)
             layer_stats[key].update(a, b)
@@ -175,7 +178,7 @@ def calibrate_pair(spec: PermutationSpec, model_a: BlockModel, model_b: BlockMod
         model.load(None)
     with capture(model_a.model, [p for _, p in pre_points]) as cap_a, \
             capture(model_b.model, [p for _, p in pre_points]) as cap_b:
-        for batch, mask in zip(batches, flat_masks):
+        for j, batch in enumerate(batches):
             ha, ca = model_a.catch(batch)
             hb, cb = model_b.catch(batch)
             hidden_a.append(_park(ha, buffer_device))
@@ -183,7 +186,7 @@ def calibrate_pair(spec: PermutationSpec, model_a: BlockModel, model_b: BlockMod
             calls_a.append(ca)
             calls_b.append(cb)
             if resume is None:
-                update(pre_stats, pre_points, cap_a, cap_b, mask.to(ha.device))
+                update(pre_stats, pre_points, cap_a, cap_b, j)
     for model in (model_a, model_b):
         model.free(None)
     if resume is None:
@@ -203,10 +206,10 @@ def calibrate_pair(spec: PermutationSpec, model_a: BlockModel, model_b: BlockMod
         model_b.load(layer)
         with capture(model_a.model, [p for _, p in layer_points]) as cap_a, \
                 capture(model_b.model, [p for _, p in layer_points]) as cap_b:
-            for j, mask in enumerate(flat_masks):
+            for j in range(len(flat_masks)):
                 ha = model_a.run(layer, hidden_a[j].to(model_a.device), calls_a[j][layer])
                 hb = model_b.run(layer, hidden_b[j].to(model_b.device), calls_b[j][layer])
-                update(layer_stats, layer_points, cap_a, cap_b, mask.to(ha.device))
+                update(layer_stats, layer_points, cap_a, cap_b, j)
                 _store(hidden_a, j, ha)
                 _store(hidden_b, j, hb)
                 del ha, hb
@@ -235,10 +238,12 @@ def _check_resumed(resume, hidden_a: List[torch.Tensor], hidden_b: List[torch.Te
                 "with its --device/--dtype to continue it, or with --no-cache to start over")
 
 
-def _tokens(features: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """[B, T, d] -> [tokens, d]: the unmasked tokens' rows (a view when none is masked)."""
-    rows = features.reshape(mask.shape[0], -1)   # [B * T, d]
-    return rows if bool(mask.all()) else rows[mask]
+def _tokens(features: torch.Tensor, mask: torch.Tensor, rows: Optional[torch.Tensor]
+            ) -> torch.Tensor:
+    """[B, T, d] -> [tokens, d]: the unmasked tokens' rows (`rows`, the indices of `mask`'s
+    true entries; None when every token counts, and then a view)."""
+    flat = features.reshape(mask.shape[0], -1)   # [B * T, d]
+    return flat if rows is None else flat.index_select(0, rows.to(flat.device))
 
 
 def _park(hidden: torch.Tensor, device) -> torch.Tensor:

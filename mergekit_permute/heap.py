@@ -18,7 +18,7 @@ import os
 import torch
 
 MMAP_THRESHOLD = 4 << 20   # bytes; glibc's own ceiling for it is 32 MiB
-SLACK = 16 << 20           # resident growth tolerated before the heap is trimmed
+SLACK = 8 << 20            # resident growth tolerated before the heap is trimmed
 _M_MMAP_THRESHOLD = -3
 
 
@@ -57,19 +57,23 @@ def resident_bytes() -> int:
 
 
 class HeapWatch:
-    """Trims only when the resident memory grew more than `slack` since `settle()` (trimming
-    costs the page faults of reusing the pages it hands back)."""
+    """Trims only when the resident memory grew more than `slack` above what it was at the
+    first `settle()`, called once the working set exists (after a layer's first batch: every
+    later layer's working set is alike, so later layers are held to the first one's, and the
+    fragmentation a trim cannot undo does not ratchet the bound up layer by layer). The base
+    stays put after a trim: the pages handed back are faulted in again by the next batch, and
+    counting that as new growth would trim (and re-fault) after every batch."""
 
     def __init__(self, slack: int = SLACK):
         self.slack, self.base = slack, 0
 
     def settle(self) -> None:
-        trim_heap()
-        self.base = resident_bytes()
+        if not self.base:
+            self.base = resident_bytes()
 
     def check(self) -> None:
         if self.base and resident_bytes() > self.base + self.slack:
-            self.settle()
+            trim_heap()
 
 
 def release_memory() -> None:

@@ -1,8 +1,9 @@
 """Statistics -> transforms, one space at a time, on every core.
 
-`solve_space` is a pure function of one space's statistics, so FF and attention spaces are
-solved in a process pool as soon as their layer's statistics are complete (while later layers
-are still being calibrated); the residual stream is solved last from its summary.
+`solve_space` is a pure function of one space's statistics (their correlations, then the
+matching), so FF and attention spaces are solved in a process pool as soon as their layer's
+statistics are complete (while later layers are still being calibrated); the residual stream
+is solved last from its summary.
 """
 
 import logging
@@ -44,11 +45,34 @@ def qk_matched(q_corr: torch.Tensor, k_corr: torch.Tensor, views: Dict[str, torc
     return total / (len(views["q"]) + len(views["k"]))
 
 
+def correlations(space: Space, stats: Mapping[str, CrossStats], settings: AlignSettings
+                 ) -> Dict[str, torch.Tensor]:
+    """What matching reads of a space's statistics (`stats` holds its `@0` point, and `@q`,
+    `@k` for qk matching): the correlations, and the raw cross moments where the V/O rotation
+    needs them. A space waiting for its batch holds these instead of its statistics."""
+    held = {"0": stats["0"].correlation()}
+    if space.kind == "attention":
+        if settings.needs_qk_features:
+            if "q" not in stats or "k" not in stats:
+                raise ValueError(f"calibration statistics lack {space.name}@q/k, which "
+                                 f"qk={settings.qk} needs; they were collected without them")
+            held["q"], held["k"] = stats["q"].correlation(), stats["k"].correlation()
+        if settings.vo == "orthogonal":
+            held["moments"] = stats["0"].sum_ab
+    return held
+
+
 def solve_space(space: Space, stats: Mapping[str, CrossStats], settings: AlignSettings) -> Solved:
-    """One FF or attention space: `stats` holds its `@0` point (and `@q`, `@k` for qk
-    matching). Returns its views (None if it stays in place), its report row, the seconds."""
+    """One FF or attention space from its statistics. Returns its views (None if it stays in
+    place), its report row, the seconds."""
     start = time.perf_counter()
-    corr = stats["0"].correlation()
+    return match_space(space, correlations(space, stats, settings), settings, start)
+
+
+def match_space(space: Space, held: Mapping[str, torch.Tensor], settings: AlignSettings,
+                start: float) -> Solved:
+    """One space from `correlations(...)`; the seconds count from `start`."""
+    corr = held["0"]
     identity = torch.arange(space.size)
     report: Dict = {"kind": space.kind, "size": space.size}
     if space.kind == "ffn":
@@ -56,16 +80,11 @@ def solve_space(space: Space, stats: Mapping[str, CrossStats], settings: AlignSe
         perm = views[""]
     else:
         qk = settings.qk if settings.needs_qk_features else "follow_vo"
-        q_corr = k_corr = None
-        if qk != "follow_vo":
-            if "q" not in stats or "k" not in stats:
-                raise ValueError(f"calibration statistics lack {space.name}@q/k, which "
-                                 f"qk={qk} needs; they were collected without them")
-            q_corr, k_corr = stats["q"].correlation(), stats["k"].correlation()
+        q_corr, k_corr = held.get("q"), held.get("k")
         views = match_attention(corr, space.heads, settings.attention, qk, q_corr, k_corr)
         perm = views["o"]
         if settings.vo == "orthogonal":
-            views.update(rotate_vo(stats["0"].sum_ab, space.heads, views))
+            views.update(rotate_vo(held["moments"], space.heads, views))
         if q_corr is not None:
             ident = {v: torch.arange(n) for v, n in space.views.items()}
             report["qk_corr_before"] = round(qk_matched(q_corr, k_corr, ident), 6)
@@ -107,7 +126,8 @@ class Solver:
         self._thread: Optional[ThreadPoolExecutor] = None
         self._jobs: Dict[str, Tuple[Executor, Future]] = {}
         self._done: Dict[str, Solved] = {}
-        self._batch: Dict[str, Tuple[Space, Dict[str, CrossStats]]] = {}
+        # spaces waiting for their batch: (space, correlations, seconds spent on them)
+        self._batch: Dict[str, Tuple[Space, Dict[str, torch.Tensor], float]] = {}
 
     def submit(self, space_name: str, stats: Mapping[str, CrossStats]) -> None:
         space = self.spec.space(space_name)
@@ -125,8 +145,12 @@ class Solver:
             executor, limit = self._pool, 2 * self.workers
         elif not self.overlap:
             # Batches of one kind (FF, attention): alike in cost, so the threads finish together.
-            self._batch[space_name] = (space, own)
-            if sum(s.kind == space.kind for s, _ in self._batch.values()) >= self.workers:
+            # A waiting space holds its correlations, not its statistics: a batch then needs
+            # one [n, n] matrix per space, as solving one space at a time does.
+            start = time.perf_counter()
+            held = correlations(space, own, self.settings)
+            self._batch[space_name] = (space, held, time.perf_counter() - start)
+            if sum(s.kind == space.kind for s, _, _ in self._batch.values()) >= self.workers:
                 self._solve_batch(space.kind)
             return
         else:
@@ -144,16 +168,18 @@ class Solver:
             self.submit(name, stats)
 
     def _solve_batch(self, kind: Optional[str] = None) -> None:
-        batch = {n: job for n, job in self._batch.items() if kind in (None, job[0].kind)}
-        self._batch = {n: job for n, job in self._batch.items() if n not in batch}
+        names = [n for n, job in self._batch.items() if kind in (None, job[0].kind)]
+        batch = [(name, *self._batch.pop(name)) for name in names]
         if len(batch) == 1:
-            (name, (space, own)), = batch.items()
-            self._done[name] = solve_space(space, own, self.settings)
+            name, space, held, spent = batch.pop()
+            self._done[name] = match_space(space, held, self.settings, time.perf_counter() - spent)
             return
         if self._thread is None:
             self._thread = ThreadPoolExecutor(self.workers, thread_name_prefix="mergekit-permute-solve")
-        jobs = {name: self._thread.submit(solve_space, space, own, self.settings)
-                for name, (space, own) in batch.items()}
+        jobs = {name: self._thread.submit(match_space, space, held, self.settings,
+                                          time.perf_counter() - spent)
+                for name, space, held, spent in batch}
+        del batch   # each job holds its own correlations, dropped as it finishes
         for name, job in jobs.items():
             self._done[name] = job.result()
 

@@ -112,12 +112,12 @@ def _solver_threads(monkeypatch) -> set:
     import threading
 
     import mergekit_permute.solve as solve
-    threads, original = set(), solve.solve_space
+    threads, original = set(), solve.match_space
 
-    def solve_space(*args):
+    def match_space(*args):
         threads.add(threading.current_thread().name)
         return original(*args)
-    monkeypatch.setattr(solve, "solve_space", solve_space)
+    monkeypatch.setattr(solve, "match_space", match_space)
     return threads
 
 
