@@ -294,28 +294,44 @@ def plot_curves(doc, path: Path, title: str, baseline=None) -> None:
     plt.close(fig)
 
 
+def _peak_median(row) -> float:
+    import statistics
+    return statistics.median(row.get("peak_rss_above_import_each") or [row["peak_rss_above_import_mib"]])
+
+
 def scale_section(doc) -> str:
     lines = [f"Machine: {doc['machine']['cpus']} CPUs, device `{doc['device']}`; random-init "
              f"Llama pairs (hidden {doc['shape']['hidden_size']}, FF "
              f"{doc['shape']['intermediate_size']}, {doc['shape']['num_attention_heads']} query / "
              f"{doc['shape']['num_key_value_heads']} KV heads, bf16 safetensors); calibration "
              f"`{' '.join(doc['calibration'])}`. Each measurement in its own process.", "",
-             "| layers | checkpoint (MiB) | `align` peak RSS above import (MiB) | peak / one "
-             "checkpoint | floor's peak (MiB) | `align` (s) | solving, summed over spaces (s) | floor (s) "
-             "| time / floor | written dtype |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "| layers | checkpoint (MiB) | `align` peak RSS above import, highest (median) "
+             "(MiB) | peak / one checkpoint, highest (median) | floor's peak (MiB) | `align` (s) | "
+             "solving, summed over spaces (s) | floor (s) | time / floor | written dtype |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in doc["rows"]:
         solving = f"{r['solve_seconds']:.1f}" if "solve_seconds" in r else "-"
+        median = _peak_median(r)
         lines.append(f"| {r['layers']} | {r['checkpoint_mib']:.1f} | "
-                     f"{r['peak_rss_above_import_mib']:.1f} | {r['peak_vs_checkpoint']:.2f}x | "
+                     f"{r['peak_rss_above_import_mib']:.1f} ({median:.1f}) | "
+                     f"{r['peak_vs_checkpoint']:.2f}x ({median / r['checkpoint_mib']:.2f}x) | "
                      f"{r['floor_peak_rss_above_import_mib']:.1f} | {r['align_seconds']:.1f} | "
                      f"{solving} | {r['floor_seconds']:.1f} | {r['time_vs_floor']:.2f}x | "
                      f"{', '.join(d.replace('torch.', '') for d in r['written_dtypes'])} |")
     if doc.get("repeats", 1) > 1:
+        spread = max(max(r["peak_rss_above_import_each"]) - min(r["peak_rss_above_import_each"])
+                     for r in doc["rows"] if r.get("peak_rss_above_import_each"))
         lines += ["", f"Times are medians of {doc['repeats']} alternating runs of floor and "
-                  "`align`, peaks the highest of them; every run is in the JSON."]
-    if "peak_growth_first_to_last_depth" in doc:
-        lines += ["", f"Peak memory from {doc['rows'][0]['layers']} to {doc['rows'][-1]['layers']}"
-                  f" layers grows {doc['peak_growth_first_to_last_depth']:.2f}x (flat in depth); "
+                  "`align`; peaks are given as the highest run and the median. Identical runs' "
+                  f"peaks differ by up to {spread:.0f} MiB (how glibc's heap happens to be laid "
+                  "out); every run is in the JSON."]
+    if len(doc["rows"]) > 1:
+        first, last = doc["rows"][0], doc["rows"][-1]
+        growth = _peak_median(last) / _peak_median(first)
+        highest = last["peak_rss_above_import_mib"] / first["peak_rss_above_import_mib"]
+        lines += ["", f"Median peak memory from {first['layers']} to {last['layers']} layers "
+                  f"grows {growth:.2f}x for {last['layers'] / first['layers']:.0f}x the depth "
+                  f"(highest peaks: {highest:.2f}x); "
                   "the floor (both models whole, bare forwards) grows with depth."]
     solve = doc["solve"]
     lines += ["", f"Solving {solve['spaces']} spaces {solve['width']} wide: " + ", ".join(

@@ -215,7 +215,7 @@ def calibrate_pair(spec: PermutationSpec, model_a: BlockModel, model_b: BlockMod
                 del ha, hb
                 cap_a.clear()   # this batch's features, not held through the next forward
                 cap_b.clear()
-                if j == 0:   # the layer's live buffers now exist: trim drift beyond them
+                if j == 0:   # the working set now exists (the first layer's is the bound)
                     heap.settle()
                 else:
                     heap.check()
