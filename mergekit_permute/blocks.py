@@ -14,6 +14,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
+from mergekit_permute.heap import empty_outside_heap
 from mergekit_permute.spec.base import PermutationSpec
 
 LOG = logging.getLogger(__name__)
@@ -80,8 +81,10 @@ class BlockModel:
             if tensor is None:  # e.g. a head tied to the embeddings and not stored
                 continue
             dtype = self.dtype if tensor.is_floating_point() and self.dtype else tensor.dtype
-            # a copy: callers may correct a loaded block in place (REPAIR), never the source
-            self._set(name, tensor.to(self.device, dtype, copy=True))
+            # a copy: callers may correct a loaded block in place (REPAIR), never the source;
+            # outside the heap, where a block's weights would fragment it between layers
+            self._set(name, empty_outside_heap(tensor.shape, dtype, self.device, 1 << 20)
+                      .copy_(tensor))
 
     def free(self, layer: Optional[int]) -> None:
         if self.source is None:

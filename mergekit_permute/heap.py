@@ -13,6 +13,7 @@ but every batch then faults its pages in again: 2-3 s of a 20 s run)."""
 
 import ctypes
 import functools
+import mmap
 import os
 
 import torch
@@ -74,6 +75,21 @@ class HeapWatch:
     def check(self) -> None:
         if self.base and resident_bytes() > self.base + self.slack:
             trim_heap()
+
+
+def empty_outside_heap(shape, dtype: torch.dtype, device="cpu", minimum: int = MMAP_THRESHOLD
+                       ) -> torch.Tensor:
+    """An uninitialised tensor that, on the CPU and from `minimum` bytes up, is its own
+    anonymous mapping, returned to the OS when freed. glibc serves such sizes from a free
+    heap chunk whenever one fits, and long-lived matrices parked in the heap that way
+    fragment it differently from run to run."""
+    shape = tuple(shape)
+    nbytes = int(torch.Size(shape).numel()) * torch.empty((), dtype=dtype).element_size()
+    if torch.device(device).type != "cpu" or nbytes < minimum or \
+            not hasattr(mmap, "MAP_ANONYMOUS"):   # (not a POSIX system)
+        return torch.empty(shape, dtype=dtype, device=device)
+    private = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    return torch.frombuffer(private, dtype=dtype).view(shape)
 
 
 def release_memory() -> None:

@@ -14,6 +14,8 @@ from typing import Dict, Iterator, Mapping, Optional
 
 import torch
 
+from mergekit_permute.heap import empty_outside_heap
+
 
 # Products are summed in float32 between flushes into the float64 totals: one float32 GEMM
 # accumulating in place is as exact as one over this many tokens, and the float64 add (the bulk
@@ -53,8 +55,8 @@ class CrossStats:
         self.sq_a += torch.linalg.vector_norm(a, dim=0).square_()   # no [tokens, d] temporary
         self.sq_b += torch.linalg.vector_norm(b, dim=0).square_()
         if self._pending is None:
-            self._pending = torch.zeros(self.sum_ab.shape, dtype=torch.float32,
-                                        device=self.sum_ab.device)
+            self._pending = empty_outside_heap(self.sum_ab.shape, torch.float32,
+                                               self.sum_ab.device).zero_()
         self._pending.addmm_(a.T, b)   # [da, tokens] @ [tokens, db], accumulated in place
         self._pending_tokens += a.shape[0]
         if self._pending_tokens >= FLUSH_TOKENS:
@@ -63,8 +65,8 @@ class CrossStats:
     def flush(self) -> "CrossStats":
         """Fold the pending float32 products into the float64 totals (every reader does)."""
         if self.sum_ab.stride() == (0, 0):          # still the zero view of `zeros`
-            self.sum_ab = self._pending.to(torch.float64) if self._pending is not None \
-                else torch.zeros(self.sum_ab.shape, dtype=torch.float64, device=self.sum_ab.device)
+            total = empty_outside_heap(self.sum_ab.shape, torch.float64, self.sum_ab.device)
+            self.sum_ab = total.copy_(self._pending) if self._pending is not None else total.zero_()
         elif self._pending is not None:
             self.sum_ab += self._pending
         self._pending, self._pending_tokens = None, 0
@@ -95,7 +97,8 @@ class CrossStats:
         std_a = (self.sq_a / n - mean_a**2).clamp_min(0).sqrt()
         std_b = (self.sq_b / n - mean_b**2).clamp_min(0).sqrt()
         # One [da, db] buffer, updated in place (these matrices are the largest of a run).
-        corr = self.sum_ab / n
+        corr = torch.div(self.sum_ab, n, out=empty_outside_heap(self.sum_ab.shape, torch.float64,
+                                                                self.sum_ab.device))
         corr.addr_(mean_a, mean_b, alpha=-1)                   # covariance
         corr.div_(std_a[:, None]).div_(std_b[None, :])
         # A (near-)constant feature correlates 0 with everything, never NaN. (Each pass over

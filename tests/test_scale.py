@@ -266,3 +266,33 @@ def test_finite_check_is_exact_for_every_dtype():
         t = torch.ones(64, dtype=dtype)
         t[3], t[9] = float("inf"), -float("inf")           # they would cancel to NaN, not 0
         assert not _all_finite(t)
+
+
+def test_large_buffers_live_outside_the_heap():
+    """Statistics-sized buffers (and a block's weights) get their own mapping, so freeing them
+    hands the memory back instead of leaving holes in the heap; small ones stay ordinary."""
+    import os
+
+    import pytest
+
+    from mergekit_permute.heap import MMAP_THRESHOLD, empty_outside_heap
+    if not os.path.exists("/proc/self/maps"):
+        pytest.skip("needs /proc")
+
+    def mapping_of(t: torch.Tensor) -> str:
+        ptr = t.data_ptr()
+        with open("/proc/self/maps") as f:
+            for line in f:
+                lo, hi = (int(x, 16) for x in line.split()[0].split("-"))
+                if lo <= ptr < hi:
+                    return line.split()[5] if len(line.split()) > 5 else "anonymous"
+        return "?"
+    big = empty_outside_heap((1408, 1408), torch.float64)
+    assert big.is_contiguous() and big.dtype == torch.float64 and big.shape == (1408, 1408)
+    assert mapping_of(big) == "anonymous"
+    big.fill_(1.5)
+    assert float(big.sum()) == 1.5 * 1408 * 1408
+    weights = empty_outside_heap((1408, 512), torch.float32, minimum=1 << 20)
+    assert mapping_of(weights) == "anonymous"
+    small = empty_outside_heap((16,), torch.float32)
+    assert small.numel() * 4 < MMAP_THRESHOLD and small.shape == (16,)
