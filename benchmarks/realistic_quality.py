@@ -40,7 +40,7 @@ def run_pair(arch: str, a: int, b: int, threads: int) -> Path:
     result = run_barrier(str(ZOO / f"{arch}-seed{a}"), str(ZOO / f"{arch}-seed{b}"),
                          eval_data=str(ZOO / "corpus" / "eval.txt"),
                          calibration=str(ZOO / "corpus" / "calib.txt"), methods=METHODS,
-                         settings=AlignSettings(**CALIBRATION), use_cache=False, **EVAL)
+                         settings=AlignSettings(**CALIBRATION), cache="refresh", **EVAL)
     result.update(arch=arch, seeds=[a, b], calibration_settings=CALIBRATION, threads=threads)
     OUT.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".partial")

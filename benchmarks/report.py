@@ -318,6 +318,18 @@ def scale_section(doc) -> str:
                      f"{r['floor_peak_rss_above_import_mib']:.1f} | {r['align_seconds']:.1f} | "
                      f"{solving} | {r['floor_seconds']:.1f} | {r['time_vs_floor']:.2f}x | "
                      f"{', '.join(d.replace('torch.', '') for d in r['written_dtypes'])} |")
+    if all("cached_seconds" in r for r in doc["rows"]):
+        lines += ["", "`align` above runs with `--cache off`: the floor's work plus alignment. "
+                  "A first run on the default path (`--no-cache`, or `--cache use` with no "
+                  "entry yet) also hashes both checkpoints and writes every layer's float64 "
+                  "statistics to the cache:", "",
+                  "| layers | `align --no-cache` (s) | time / floor | peak above import, "
+                  "highest (MiB) | peak / one checkpoint |", "|---|---|---|---|---|"]
+        for r in doc["rows"]:
+            peak = max(r["cached_peak_rss_above_import_each"])
+            lines.append(f"| {r['layers']} | {r['cached_seconds']:.1f} | "
+                         f"{r['cached_time_vs_floor']:.2f}x | {peak:.1f} | "
+                         f"{peak / r['checkpoint_mib']:.2f}x |")
     if doc.get("repeats", 1) > 1:
         spread = max(max(r["peak_rss_above_import_each"]) - min(r["peak_rss_above_import_each"])
                      for r in doc["rows"] if r.get("peak_rss_above_import_each"))

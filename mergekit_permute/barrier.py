@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 
 from mergekit_permute.data import load_texts
 from mergekit_permute.settings import AlignSettings
+from mergekit_permute.stats_cache import CacheMode
 
 LOG = logging.getLogger(__name__)
 Objective = Literal["mlm", "clm", "cls"]
@@ -130,7 +131,7 @@ class _Sweep:
 
     def __init__(self, model_a: str, model_b: str, *, eval_data: str, calibration: str,
                  methods: Dict[str, AlignSettings], settings: AlignSettings, eval_samples: int,
-                 eval_max_length: Optional[int], seed: int, device: str, use_cache: bool, workers,
+                 eval_max_length: Optional[int], seed: int, device: str, cache: CacheMode, workers,
                  label_field: str = "label", pair=None):
         from mergekit_permute.checkpoints import StateSource
         from mergekit_permute.models import load_model, open_pair, scan_pair
@@ -166,7 +167,7 @@ class _Sweep:
             self.calib = prepare_calibration(self.pair, calibration, settings)
             self.stats = statistics(self.pair, self.calib, settings, device=device,
                                     qk=any(s.needs_qk_features for s in methods.values()),
-                                    use_cache=use_cache, sources=self.sources,
+                                    cache=cache, sources=self.sources,
                                     fingerprints=fingerprints)
         self.gains = pair_gains(self.pair, self.sources) if self.spec.norm_folds else ({}, {})
         self.calibration_seconds = round(time.perf_counter() - started, 2)   # shared by methods
@@ -204,13 +205,13 @@ class _Sweep:
 def run_barrier(model_a: str, model_b: str, *, eval_data: str, calibration: str,
                 methods: Sequence[str], lambdas: int, settings: AlignSettings,
                 eval_samples: int = 256, eval_max_length: Optional[int] = None, seed: int = 0,
-                device: str = "cpu", use_cache: bool = True, label_field: str = "label",
+                device: str = "cpu", cache: CacheMode = "use", label_field: str = "label",
                 workers=1) -> Dict:
     parsed = {m: settings.with_method(m) for m in methods}  # bad names fail before loading
     sweep = _Sweep(model_a, model_b, eval_data=eval_data, calibration=calibration,
                    methods=parsed, settings=settings, eval_samples=eval_samples,
                    eval_max_length=eval_max_length, seed=seed, device=device,
-                   use_cache=use_cache, workers=workers, label_field=label_field)
+                   cache=cache, workers=workers, label_field=label_field)
     grid = [float(x) for x in np.linspace(0.0, 1.0, lambdas)]
     result = {"loss": LOSS_NAME[sweep.objective], "objective": sweep.objective,
               "eval_data": eval_data, "eval_max_length": sweep.eval_max_length,
@@ -240,7 +241,7 @@ def run_barrier(model_a: str, model_b: str, *, eval_data: str, calibration: str,
 def run_multi(models: Sequence[str], *, eval_data: str, calibration: str, methods: Sequence[str],
               settings: AlignSettings, eval_samples: int = 256,
               eval_max_length: Optional[int] = None,
-              seed: int = 0, device: str = "cpu", use_cache: bool = True, workers=1) -> Dict:
+              seed: int = 0, device: str = "cpu", cache: CacheMode = "use", workers=1) -> Dict:
     """N >= 3 models aligned into the first one's basis (to it, or to the running average:
     `reference=`), then the N-average (REPAIRed with `repair`). Reports the merge's loss
     against each parent's and against the vanilla N-average."""
@@ -275,7 +276,7 @@ def run_multi(models: Sequence[str], *, eval_data: str, calibration: str, method
            "reference": ref, "parents": parents, "methods": {}}
     for name, s in parsed.items():
         states = aligned_states(list(models), [1.0] * len(models), calibration, s,
-                                device=device, use_cache=use_cache, workers=workers)
+                                device=device, cache=cache, workers=workers)
         if s.repair:
             states = [_repaired(pair, states, calibration, s, device)]
         merged = average_states([(1.0, st) for st in states])

@@ -14,7 +14,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
-from mergekit_permute.heap import empty_outside_heap
+from mergekit_permute.heap import empty_outside_heap, mmapped_allocations
 from mergekit_permute.spec.base import PermutationSpec
 
 LOG = logging.getLogger(__name__)
@@ -39,6 +39,9 @@ class BlockModel:
         self.device = torch.device(device)
         self.dtype = dtype
         self.blocks = model.get_submodule(spec.blocks)
+        # a freed block's weight buffers, by (shape, dtype): the next block (every block has
+        # the same shapes) is copied into them instead of into fresh memory it must fault in
+        self._spare: Dict[Tuple[torch.Size, torch.dtype], List[torch.Tensor]] = {}
         if len(self.blocks) != spec.num_layers:
             raise BlockRunError(f"{spec.blocks} holds {len(self.blocks)} blocks, the config "
                                 f"{spec.num_layers}")
@@ -54,7 +57,7 @@ class BlockModel:
         import transformers
         from accelerate import init_empty_weights
         cls = getattr(transformers, spec.architecture)
-        with init_empty_weights(include_buffers=False):
+        with init_empty_weights(include_buffers=False), mmapped_allocations():
             model = cls(config)
         return BlockModel(spec, model, source, device, dtype)
 
@@ -83,15 +86,23 @@ class BlockModel:
             dtype = self.dtype if tensor.is_floating_point() and self.dtype else tensor.dtype
             # a copy: callers may correct a loaded block in place (REPAIR), never the source;
             # outside the heap, where a block's weights would fragment it between layers
-            self._set(name, empty_outside_heap(tensor.shape, dtype, self.device, 1 << 20)
-                      .copy_(tensor))
+            spare = self._spare.get((tensor.shape, dtype))
+            buffer = spare.pop() if spare else \
+                empty_outside_heap(tensor.shape, dtype, self.device, 1 << 20)
+            self._set(name, buffer.copy_(tensor))
 
     def free(self, layer: Optional[int]) -> None:
+        """Back to the meta device; a block's buffers are kept for the next block (`layer`
+        None frees everything, spares included)."""
         if self.source is None:
             return
+        if layer is None:
+            self._spare.clear()
         for name in self._params(layer):
             module, _, attr = name.rpartition(".")
             param = self.model.get_submodule(module)._parameters[attr]
+            if layer is not None and not param.is_meta:
+                self._spare.setdefault((param.shape, param.dtype), []).append(param.data)
             self._set(name, torch.empty(param.shape, dtype=param.dtype, device="meta"))
 
     # ---- execution ----

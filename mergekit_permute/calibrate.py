@@ -225,6 +225,8 @@ def calibrate_pair(spec: PermutationSpec, model_a: BlockModel, model_b: BlockMod
         finish(layer, {k: v.to("cpu") for k, v in layer_stats.items()})
         if checkpoint is not None and layer + 1 < spec.num_layers:
             checkpoint(layer, hidden_a, hidden_b, stats.residual)
+    for model in (model_a, model_b):
+        model.free(None)   # (the spare block buffers too)
     stats.tokens = int(sum(int(m.sum()) for m in flat_masks))
     return stats
 

@@ -55,9 +55,14 @@ def common_options(f):
     f = click.option("--allow-unsafe-pickle", is_flag=True, callback=_allow_pickle,
                      expose_value=False, help="Fully unpickle .bin checkpoints that the "
                      "weights-only unpickler rejects (runs their code: trusted sources only).")(f)
-    f = click.option("--no-cache", is_flag=True, help="Recompute (and refresh) the cached "
-                     "calibration statistics.")(f)
+    f = click.option("--no-cache", is_flag=True, help="Same as --cache refresh.")(f)
     return click_options(RunSettings)(click_options()(f))
+
+
+def _cache_mode(run: RunSettings, no_cache: bool) -> str:
+    if no_cache and run.cache == "off":
+        raise UserError("--no-cache (= --cache refresh) contradicts --cache off: pass one")
+    return "refresh" if no_cache else run.cache
 
 
 def _dtype(run: RunSettings):
@@ -85,6 +90,7 @@ def align(model_a, model_b, data, out, permutations_only, overwrite, no_cache, *
     from mergekit_permute.pipeline import align as run_align
 
     settings, run = settings_from_cli(kw), settings_from_cli(kw, RunSettings)
+    cache = _cache_mode(run, no_cache)
     if data is None and settings.matching == "activations":
         raise UserError("--data is required: activation matching correlates the models' "
                         "features on calibration text (or pass --matching weights for data-free "
@@ -104,7 +110,7 @@ def align(model_a, model_b, data, out, permutations_only, overwrite, no_cache, *
     dist = init_from_env(run.device)
     device = f"cuda:{dist.rank}" if dist.active and run.device == "cuda" else run.device
     alignment = run_align(model_a, model_b, data, settings, device=device, dtype=run.dtype,
-                          workers=run.workers, use_cache=not no_cache, dist=dist, pair=pair)
+                          workers=run.workers, cache=cache, dist=dist, pair=pair)
     if not dist.is_main:
         return
     with atomic_dir(out, overwrite) as tmp:
@@ -211,6 +217,7 @@ def barrier(models, eval_data, calibration, methods, lambdas, eval_samples,
     from mergekit_permute.preflight import check_device, check_output
 
     settings, run = settings_from_cli(kw), settings_from_cli(kw, RunSettings)
+    cache = _cache_mode(run, no_cache)
     check_device(run.device)
     names = [m.strip() for m in methods.split(",") if m.strip()]
     if not names:
@@ -222,7 +229,7 @@ def barrier(models, eval_data, calibration, methods, lambdas, eval_samples,
     check_output(out, overwrite)
     common = dict(eval_data=eval_data, calibration=calibration, methods=names, settings=settings,
                   eval_samples=eval_samples, eval_max_length=eval_max_length, seed=seed,
-                  device=run.device, use_cache=not no_cache, workers=run.workers)
+                  device=run.device, cache=cache, workers=run.workers)
     if len(models) > 2:
         result = run_multi(models, **common)
         with atomic_dir(out, overwrite) as tmp:

@@ -2,25 +2,34 @@
 a page fault for every activation.
 
 glibc serves allocations above its mmap threshold straight from mmap and unmaps them on free,
-so every later allocation of that size faults its pages in again (on the 32-layer scale
-benchmark that was a third of the forwards' time). Below the threshold, freed memory stays in
-the heap for reuse but is not handed back to the OS, and fragmentation between long-lived
-buffers lets the heap (and the RSS) drift from run to run. So: a threshold above a small
-model's activations (real models' activations exceed any threshold glibc allows and are
-mmapped whatever we set), and the heap trimmed whenever the resident memory has grown by more
-than SLACK above the first layer's working set (trimming after every batch keeps it flat too,
-but every batch then faults its pages in again: 2-3 s of a 20 s run)."""
+and gives a freed top of its heap back to the OS beyond its trim threshold; either way the next
+batch faults the same activations in again (on the 32-layer scale benchmark, a third of the
+forwards' time). So: an mmap threshold above a small model's activations (real models'
+activations exceed any threshold glibc allows and are mmapped whatever we set), a trim
+threshold that keeps a batch's working set resident, and the heap trimmed explicitly (HeapWatch)
+when fragmentation has grown it by more than SLACK above its working set. Long-lived large
+matrices live outside the heap (`empty_outside_heap`), where they cannot fragment it, and are
+not counted as heap growth; a model skeleton is built with its transient parameters mmapped
+(`mmapped_allocations`), which would otherwise leave the heap hundreds of MiB wide."""
 
+import contextlib
 import ctypes
 import functools
 import mmap
 import os
+import threading
+import weakref
 
 import torch
 
 MMAP_THRESHOLD = 4 << 20   # bytes; glibc's own ceiling for it is 32 MiB
-SLACK = 8 << 20            # resident growth tolerated before the heap is trimmed
+SLACK = 8 << 20            # heap growth tolerated before the heap is trimmed
 _M_MMAP_THRESHOLD = -3
+_M_TRIM_THRESHOLD = -1
+# Free memory at the heap's top that free() leaves resident (glibc's default, 128 KiB, hands a
+# batch's activations back to the OS as they are freed, and the next batch faults them in
+# again: a third of a block's time); HeapWatch trims explicitly instead.
+TRIM_THRESHOLD = 64 << 20
 
 
 @functools.lru_cache(maxsize=None)
@@ -35,10 +44,27 @@ def _libc():
 
 def flat_heap() -> None:
     """Fix the mmap threshold (glibc otherwise raises it after the first large free, and keeps
-    every later buffer of that size in its heap)."""
+    every later buffer of that size in its heap) and raise the trim threshold."""
     libc = _libc()
     if libc is not None:
         libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)
+        libc.mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD)
+
+
+@contextlib.contextmanager
+def mmapped_allocations(threshold: int = 64 << 10):
+    """Inside, every allocation from `threshold` bytes up is its own mapping. For code that
+    allocates large buffers it frees at once (a model skeleton built under
+    init_empty_weights creates every parameter before moving it to the meta device): in the
+    heap they would leave it hundreds of MiB wide, full of holes that later allocations
+    wander through, faulting in new pages."""
+    libc = _libc()
+    if libc is not None:
+        libc.mallopt(_M_MMAP_THRESHOLD, threshold)
+    try:
+        yield
+    finally:
+        flat_heap()
 
 
 def trim_heap() -> None:
@@ -46,6 +72,37 @@ def trim_heap() -> None:
     libc = _libc()
     if libc is not None:
         libc.malloc_trim(0)
+
+
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in (
+        "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks",
+        "fordblks", "keepcost")]
+
+
+def _mmapped_chunks() -> int:
+    """Bytes glibc serves straight from mmap now (its allocations above the threshold)."""
+    libc = _libc()
+    if libc is None or not hasattr(libc, "mallinfo2"):   # glibc < 2.33
+        return 0
+    libc.mallinfo2.restype = _MallInfo2   # (a struct returned by value)
+    return int(libc.mallinfo2().hblkhd)
+
+
+_outside = {"bytes": 0}
+_outside_lock = threading.Lock()
+
+
+def _count_outside(nbytes: int) -> None:
+    with _outside_lock:
+        _outside["bytes"] += nbytes
+
+
+def heap_bytes() -> int:
+    """The resident memory that is neither a mapping of `empty_outside_heap` nor one of glibc's
+    own mmapped chunks: the heap, plus what does not move (code, libraries). Unlike the whole
+    resident memory, it does not grow when long-lived matrices outside the heap come and go."""
+    return resident_bytes() - _outside["bytes"] - _mmapped_chunks()
 
 
 def resident_bytes() -> int:
@@ -58,23 +115,29 @@ def resident_bytes() -> int:
 
 
 class HeapWatch:
-    """Trims only when the resident memory grew more than `slack` above what it was at the
-    first `settle()`, called once the working set exists (after a layer's first batch: every
-    later layer's working set is alike, so later layers are held to the first one's, and the
-    fragmentation a trim cannot undo does not ratchet the bound up layer by layer). The base
-    stays put after a trim: the pages handed back are faulted in again by the next batch, and
-    counting that as new growth would trim (and re-fault) after every batch."""
+    """Trims the heap when it has grown more than `slack` above its working set. The working
+    set is measured where it is known to be whole: at the first `settle()` (after a layer's
+    first batch), and again one `check()` after every trim, once the next batch has faulted
+    back in what it needs (growth since then is fragmentation, which the next trim returns).
+    A bound that stayed at the first measure would be too low as soon as anything long-lived
+    joins the working set, and every later batch would trim and fault its pages in again."""
 
     def __init__(self, slack: int = SLACK):
-        self.slack, self.base = slack, 0
+        self.slack, self.base, self._refit = slack, 0, False
 
     def settle(self) -> None:
         if not self.base:
-            self.base = resident_bytes()
+            self.base = heap_bytes()
 
     def check(self) -> None:
-        if self.base and resident_bytes() > self.base + self.slack:
+        if not self.base:
+            return
+        now = heap_bytes()
+        if self._refit:
+            self.base, self._refit = max(self.base, now), False
+        elif now > self.base + self.slack:
             trim_heap()
+            self._refit = True
 
 
 def empty_outside_heap(shape, dtype: torch.dtype, device="cpu", minimum: int = MMAP_THRESHOLD
@@ -89,6 +152,8 @@ def empty_outside_heap(shape, dtype: torch.dtype, device="cpu", minimum: int = M
             not hasattr(mmap, "MAP_ANONYMOUS"):   # (not a POSIX system)
         return torch.empty(shape, dtype=dtype, device=device)
     private = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    _count_outside(nbytes)   # (counted as resident: every user fills its buffer at once)
+    weakref.finalize(private, _count_outside, -nbytes)
     return torch.frombuffer(private, dtype=dtype).view(shape)
 
 

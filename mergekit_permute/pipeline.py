@@ -22,7 +22,7 @@ from mergekit_permute.settings import AlignSettings, check_settings, residual_po
 from mergekit_permute.solve import Solver, assemble
 from mergekit_permute.spec.base import PermutationSpec
 from mergekit_permute.stats import CrossStats, Statistics
-from mergekit_permute.stats_cache import StatsCache, cache_key
+from mergekit_permute.stats_cache import CacheMode, StatsCache, cache_key
 
 LOG = logging.getLogger(__name__)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -147,24 +147,25 @@ def block_models(pair: Pair, device: str, dtype: Optional[str], sources=None):
 
 
 def statistics(pair: Pair, calib: Calibration, settings: AlignSettings, *, qk: bool,
-               device: str = "cpu", dtype: Optional[str] = None, use_cache: bool = True,
+               device: str = "cpu", dtype: Optional[str] = None, cache: CacheMode = "use",
                on_layer: Optional[Callable] = None, keep: bool = True, sources=None,
                fingerprints: Optional[Sequence[str]] = None,
                dist: Optional[Distributed] = None) -> Statistics:
     """Calibration statistics of a pair: from a valid cache entry, or computed layer by layer
-    (and cached). `on_layer(layer, stats)` sees every layer's statistics either way; `keep`
-    holds them in memory for later (several methods on one set of statistics). `sources`
+    (and cached), as `cache` (stats_cache.CacheMode) says. `on_layer(layer, stats)` sees every
+    layer's statistics either way; `keep` holds them in memory for later (several methods on
+    one set of statistics). `sources`
     replace the checkpoints' weights (e.g. a running average); they are not cached unless
     `fingerprints` name them."""
     spec = pair.spec
     dist = dist or Distributed()
     points = feature_points(spec, calibration_spaces(spec), qk)
-    cache = None
-    if sources is None or fingerprints is not None:
+    store = None
+    if cache != "off" and (sources is None or fingerprints is not None):
         fa, fb = fingerprints or scan_pair(pair)
         key = cache_key(fa, fb, fingerprint(calib.texts), settings.calibration_key(), qk)
-        cache = StatsCache(key, expected_shapes(spec, points), spec.space("residual").size)
-    entry = cache.load() if cache is not None and use_cache else None
+        store = StatsCache(key, expected_shapes(spec, points), spec.space("residual").size)
+    entry = store.load() if store is not None and cache == "use" else None
     if entry is not None:
         stats = entry.statistics() if not keep else Statistics(residual=entry.residual,
                                                                tokens=entry.statistics().tokens)
@@ -176,8 +177,9 @@ def statistics(pair: Pair, calib: Calibration, settings: AlignSettings, *, qk: b
         return stats
     # An interrupted run's checkpoint is continued (one process: with several, every rank
     # holds only its share of the hidden states).
-    resume = cache.resumable() if cache is not None and use_cache and dist.size == 1 else None
-    writer = cache.writer(resume) if cache is not None and dist.is_main else None
+    resume = store.resumable() if store is not None and cache == "use" and dist.size == 1 \
+        else None
+    writer = store.writer(resume) if store is not None and dist.is_main else None
     resume = writer.resumed if writer is not None else None
     resumed_layers: Dict[str, CrossStats] = {}
     if resume is not None:
@@ -236,7 +238,7 @@ def pair_gains(pair: Pair, sources=None):
 
 def align(model_a: str, model_b: str, data: Optional[str], settings: AlignSettings, *,
           device: str = "cpu", dtype: Optional[str] = None, workers: Optional[int] = None,
-          use_cache: bool = True, pair: Optional[Pair] = None, sources=None,
+          cache: CacheMode = "use", pair: Optional[Pair] = None, sources=None,
           dist: Optional[Distributed] = None) -> Alignment:
     """B's transforms into A's basis. Activation matching: layer-wise calibration, each
     layer's spaces solved in a process pool while later layers are calibrated. Weight
@@ -255,7 +257,7 @@ def align(model_a: str, model_b: str, data: Optional[str], settings: AlignSettin
     elif settings.matching == "learned":
         start_settings = settings.model_copy(update={"matching": "activations"})
         alignment = align(model_a, model_b, data, start_settings, device=device, dtype=dtype,
-                          workers=workers, use_cache=use_cache, pair=pair, sources=sources,
+                          workers=workers, cache=cache, pair=pair, sources=sources,
                           dist=dist)
         if dist.is_main:
             alignment = learn_alignment(pair, alignment, data, settings, device, sources)
@@ -274,7 +276,7 @@ def align(model_a: str, model_b: str, data: Optional[str], settings: AlignSettin
                         overlap=torch.device(device).type != "cpu")
         try:
             stats = statistics(pair, calib, settings, qk=settings.needs_qk_features,
-                               device=device, dtype=dtype, use_cache=use_cache, keep=False,
+                               device=device, dtype=dtype, cache=cache, keep=False,
                                sources=sources, dist=dist,
                                on_layer=lambda _, s: dist.is_main and solver.submit_layer(s))
         except BaseException:
@@ -333,11 +335,11 @@ def _state_of(source, pair: Pair) -> Dict[str, torch.Tensor]:
 
 
 def align_pair(model_a: str, model_b: str, data: Optional[str], settings: AlignSettings, *,
-               device: str = "cpu", use_cache: bool = True, workers: Optional[int] = 1):
+               device: str = "cpu", cache: CacheMode = "use", workers: Optional[int] = 1):
     """align(), then both models loaded whole: (alignment, model A, model B, tokenizer). For
     small models and tests; the CLI streams instead."""
     from mergekit_permute.models import load_model
     pair = open_pair(model_a, model_b)
     alignment = align(model_a, model_b, data, settings, device=device, workers=workers,
-                      use_cache=use_cache, pair=pair)
+                      cache=cache, pair=pair)
     return alignment, load_model(model_a, device), load_model(model_b, device), pair.tokenizer

@@ -237,6 +237,10 @@ class RunSettings(BaseModel):
         "on the CPU run in float32).", role="run")
     workers: Optional[int] = option(None, "Processes solving assignments (default: every core).",
                                     role="run", ge=1)
+    cache: Literal["use", "refresh", "off"] = option(
+        "use", "Calibration statistics cache: use a valid entry (else compute and store one), "
+        "refresh it (recompute and store), or off (neither read nor write: nothing on disk, "
+        "no resuming).", role="run")
 
 
 def _meta(name: str, model=AlignSettings) -> Dict[str, Any]:

@@ -72,6 +72,24 @@ class CrossStats:
         self._pending, self._pending_tokens = None, 0
         return self
 
+    def seal(self) -> "CrossStats":
+        """The statistics are complete. Pending products are folded into float64 totals that
+        already exist (past FLUSH_TOKENS tokens); float32 sums without totals stay as they are.
+        Either way, nothing changes in place afterwards: `totals()` and `correlation()` only
+        read, so a cache writer may read on its own thread beside the solver."""
+        if self.sum_ab.stride() != (0, 0) and self._pending is not None:
+            self.flush()
+        return self
+
+    def totals(self) -> Dict[str, torch.Tensor]:
+        """`tensors()` without folding anything in place: float32-only sums are copied to
+        float64 here (exact), for as long as the caller holds them."""
+        sum_ab = self.sum_ab
+        if self._pending is not None:
+            sum_ab = self._pending.double() if sum_ab.stride() == (0, 0) else sum_ab + self._pending
+        return {"n": self.n, "sum_a": self.sum_a, "sum_b": self.sum_b, "sq_a": self.sq_a,
+                "sq_b": self.sq_b, "sum_ab": sum_ab}
+
     def __add__(self, other: "CrossStats") -> "CrossStats":
         self.flush(), other.flush()
         return CrossStats(*(x + y for x, y in zip(self.tensors().values(), other.tensors().values())))
@@ -86,19 +104,24 @@ class CrossStats:
         return CrossStats(t["n"], t["sum_a"], t["sum_b"], t["sq_a"], t["sq_b"], t["sum_ab"])
 
     def to(self, device) -> "CrossStats":
-        self.flush()
+        if all(x.device == torch.device(device) for x in (self.n, self.sum_ab)):
+            return self   # (not flushed: the float32 sums may be all a correlation reads)
         return CrossStats(*(x.to(device) for x in self.tensors().values()))
 
     def correlation(self, eps: float = 1e-12) -> torch.Tensor:
         """Pearson correlation [da, db]; a zero-variance feature correlates 0, never NaN."""
-        self.flush()
         n = self.n.clamp_min(1.0)
         mean_a, mean_b = self.sum_a / n, self.sum_b / n
         std_a = (self.sq_a / n - mean_a**2).clamp_min(0).sqrt()
         std_b = (self.sq_b / n - mean_b**2).clamp_min(0).sqrt()
         # One [da, db] buffer, updated in place (these matrices are the largest of a run).
-        corr = torch.div(self.sum_ab, n, out=empty_outside_heap(self.sum_ab.shape, torch.float64,
-                                                                self.sum_ab.device))
+        corr = empty_outside_heap(self.sum_ab.shape, torch.float64, self.sum_ab.device)
+        if self.sum_ab.stride() == (0, 0) and self._pending is not None:
+            # Only float32 sums so far: read directly (exact in float64, as a flush would be),
+            # without a float64 copy of them beside the result.
+            corr.copy_(self._pending).div_(n)
+        else:
+            torch.div(self.flush().sum_ab, n, out=corr)
         corr.addr_(mean_a, mean_b, alpha=-1)                   # covariance
         corr.div_(std_a[:, None]).div_(std_b[None, :])
         # A (near-)constant feature correlates 0 with everything, never NaN. (Each pass over

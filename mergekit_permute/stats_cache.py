@@ -18,7 +18,7 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from pathlib import Path
 from dataclasses import dataclass
-from typing import Dict, List, Mapping, Optional, Sequence
+from typing import Callable, Dict, List, Literal, Mapping, Optional, Sequence
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -33,6 +33,9 @@ RESIDUAL = "residual.safetensors"
 RESUME = "resume"    # inside a partial entry: the state a later run continues from
 CHECKPOINT_ENV = "MERGEKIT_PERMUTE_CHECKPOINT_SECONDS"
 CHECKPOINT_SECONDS = 600.0
+# use: a valid entry is read (else computed and stored); refresh: recomputed and stored;
+# off: neither read nor written (nothing on disk, and an interrupted run cannot continue)
+CacheMode = Literal["use", "refresh", "off"]   # (RunSettings.cache)
 
 
 def cache_dir() -> Path:
@@ -120,7 +123,7 @@ class CacheEntry:
 
 
 def _flatten(stats: Mapping[str, CrossStats]) -> Dict[str, torch.Tensor]:
-    return {f"{k}/{n}": t.contiguous() for k, s in stats.items() for n, t in s.tensors().items()}
+    return {f"{k}/{n}": t.contiguous() for k, s in stats.items() for n, t in s.totals().items()}
 
 
 def _unflatten(flat: Mapping[str, torch.Tensor]) -> Dict[str, CrossStats]:
@@ -330,9 +333,9 @@ class EntryWriter:
             pending, self._pending = self._pending, None
             self._guard(pending.result)
 
-    def _save(self, name: str, tensors: Dict[str, torch.Tensor]) -> None:
+    def _save(self, name: str, tensors: Callable[[], Dict[str, torch.Tensor]]) -> None:
         def write():   # hashed as written, not read back
-            self.meta["sha256"][name] = _write_file(self.tmp / name, tensors)
+            self.meta["sha256"][name] = _write_file(self.tmp / name, tensors())
         self._wait()
         if not self.failed:
             self._pending = self._pool.submit(write)
@@ -342,7 +345,11 @@ class EntryWriter:
             return
         name = _layer_file(layer)
         self.meta["layers"][name] = sorted(stats)
-        self._save(name, _flatten(stats))   # flattened here: tensors() folds pending sums
+        for s in stats.values():
+            s.seal()   # then only read, here and by the writer's thread
+        # flattened on the writer's thread: a float64 copy of float32-only sums lives only as
+        # long as its file is being written
+        self._save(name, lambda: _flatten(stats))
 
     def checkpoint(self, layer: int, hidden_a: Sequence[torch.Tensor],
                    hidden_b: Sequence[torch.Tensor], residual: ResidualSummary) -> None:
@@ -377,7 +384,8 @@ class EntryWriter:
         self._last_checkpoint = time.monotonic()
 
     def finish(self, residual: ResidualSummary, tokens: int) -> None:
-        self._save(RESIDUAL, residual.tensors())
+        tensors = residual.tensors()
+        self._save(RESIDUAL, lambda: tensors)
         self._wait()
         self._pool.shutdown()
         self.meta["tokens"] = tokens

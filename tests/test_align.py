@@ -81,7 +81,7 @@ def test_alignment_recovers_a_random_permutation_of_itself(zoo, tmp_path, arch):
         shutil.copy(f"{a}/{f}", permuted / f)
     settings = AlignSettings(samples=120, max_length=32, residual="all")
     alignment, model_a, model_b, _ = align_pair(a, str(permuted), "shakespeare-calib", settings,
-                                                use_cache=False)
+                                                cache="refresh")
     alignment.apply_to_model(model_b)
     for k, v in model_a.state_dict().items():
         assert torch.equal(v, model_b.state_dict()[k]), k

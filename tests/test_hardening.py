@@ -191,6 +191,25 @@ def test_no_cache_recomputes_and_refreshes(zoo, tmp_path, monkeypatch, caplog):
     assert (_cache_entry(tmp_path / "cache") / "meta.json").stat().st_mtime_ns > before
 
 
+def test_cache_off_neither_reads_nor_writes(zoo, tmp_path, monkeypatch, caplog):
+    a, b = zoo("llama")
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("MERGEKIT_PERMUTE_CACHE", str(cache))
+    assert _align(a, b, tmp_path / "off", "--cache", "off").returncode == 0
+    assert not cache.exists() or not list(cache.iterdir())
+    assert _align(a, b, tmp_path / "stored").returncode == 0
+    before = (_cache_entry(cache) / "meta.json").stat().st_mtime_ns
+    caplog.set_level("INFO")
+    assert _align(a, b, tmp_path / "off2", "--cache", "off").returncode == 0
+    assert "reusing" not in caplog.text
+    assert (_cache_entry(cache) / "meta.json").stat().st_mtime_ns == before
+    for run in ("stored", "off2"):   # the same statistics, computed or not
+        for file in ("model.safetensors", "permutations.safetensors"):
+            assert (tmp_path / run / file).read_bytes() == (tmp_path / "off" / file).read_bytes()
+    r = _align(a, b, tmp_path / "both", "--cache", "off", "--no-cache")
+    assert r.returncode != 0 and "contradicts --cache off" in r.stderr
+
+
 def test_a_failed_cache_write_is_a_warning(zoo, tmp_path, monkeypatch, caplog):
     import mergekit_permute.stats_cache as cache
 

@@ -44,7 +44,7 @@ def test_calibration_from_disk_holds_one_block_at_a_time(zoo, monkeypatch):
         assert live == {str(layer)}, live   # only the block being run is in memory
         return original(self, layer, hidden, call)
     monkeypatch.setattr(BlockModel, "run", run)
-    align(a, b, "shakespeare-calib", SETTINGS, use_cache=False)
+    align(a, b, "shakespeare-calib", SETTINGS, cache="refresh")
     assert len(seen) >= 2 * 2   # two models, two layers
 
 
@@ -168,6 +168,37 @@ def test_float32_partial_sums_match_float64_statistics(monkeypatch):
     torch.testing.assert_close(s.correlation(), ref, rtol=0, atol=1e-5)
     torch.testing.assert_close(s.tensors()["sum_ab"], a.double().T @ b.double(), rtol=1e-6, atol=0)
     assert s._pending is None and s.sum_ab.is_contiguous()
+
+
+def test_a_correlation_of_unflushed_sums_equals_the_flushed_one():
+    """Below FLUSH_TOKENS the float32 sums are read without a float64 copy: bit for bit what
+    the float64 totals give."""
+    gen = torch.Generator().manual_seed(1)
+    a, b = torch.randn(300, 40, generator=gen) + 2, torch.randn(300, 40, generator=gen)
+    s = CrossStats.zeros(40, 40)
+    s.update(a, b)
+    direct = s.correlation()
+    assert s.sum_ab.stride() == (0, 0)          # nothing was flushed for it
+    assert torch.equal(direct, s.flush().correlation())
+
+
+@pytest.mark.parametrize("tokens", [300, 1000])   # float32 sums only; float64 totals too
+def test_sealed_statistics_are_read_without_change(monkeypatch, tokens):
+    """What the cache writer reads on its own thread (`totals`) is what `tensors()` gives, and
+    reading (totals, correlation) changes nothing once sealed."""
+    import mergekit_permute.stats as stats
+    monkeypatch.setattr(stats, "FLUSH_TOKENS", 512)
+    gen = torch.Generator().manual_seed(2)
+    a, b = torch.randn(tokens, 24, generator=gen), torch.randn(tokens, 24, generator=gen)
+    s = CrossStats.zeros(24, 24)
+    for i in range(0, tokens, 100):
+        s.update(a[i:i + 100], b[i:i + 100])
+    s.seal()
+    state = (s.sum_ab, s._pending)
+    totals, corr = s.totals(), s.correlation()
+    assert s.sum_ab is state[0] and s._pending is state[1]
+    assert all(torch.equal(totals[k], v) for k, v in s.flush().tensors().items())
+    assert torch.equal(corr, s.correlation())
 
 
 def test_sharded_checkpoint_is_written_shard_by_shard(zoo, tmp_path):
@@ -296,3 +327,42 @@ def test_large_buffers_live_outside_the_heap():
     assert mapping_of(weights) == "anonymous"
     small = empty_outside_heap((16,), torch.float32)
     assert small.numel() * 4 < MMAP_THRESHOLD and small.shape == (16,)
+
+
+def test_the_heap_watch_trims_growth_not_the_working_set(monkeypatch):
+    """A trim is followed by a new measure of the working set (what the next batch faults back
+    in), so a working set above the first measure does not trim after every batch."""
+    import mergekit_permute.heap as heap
+    resident, trims = [100 << 20], []
+    monkeypatch.setattr(heap, "heap_bytes", lambda: resident[0])
+    monkeypatch.setattr(heap, "trim_heap", lambda: trims.append(resident[0]))
+    watch = heap.HeapWatch(slack=8 << 20)
+    watch.settle()
+    for level in [104, 120, 112, 119, 120, 125, 118, 119, 126]:   # MiB after each batch
+        resident[0] = level << 20
+        watch.check()
+    # 120 > 100 + 8: trim; 112 (the next batch) is the working set; 119 and 120 are within
+    # its slack; 125 > 120: trim; 118 is the new measure; 119 and 126 are within its slack
+    assert [t >> 20 for t in trims] == [120, 125]
+    assert watch.base == 118 << 20
+
+
+def test_a_skeleton_leaves_the_heap_compact():
+    """Building a model on the meta device allocates every parameter before moving it there:
+    those allocations are mmapped, not left behind as a heap hundreds of MiB wide."""
+    from mergekit_permute import heap
+    libc = heap._libc()
+    if libc is None or not hasattr(libc, "mallinfo2"):
+        pytest.skip("needs glibc >= 2.33")
+    libc.mallinfo2.restype = heap._MallInfo2
+    config = T.LlamaConfig(num_hidden_layers=8, hidden_size=512, intermediate_size=1408,
+                           num_attention_heads=8, num_key_value_heads=2, vocab_size=2048)
+    config.architectures = ["LlamaForCausalLM"]
+    spec = spec_for_config(config)
+    heap.flat_heap()
+    before = libc.mallinfo2().arena
+    model = BlockModel.skeleton(spec, config, source=None)
+    grown = libc.mallinfo2().arena - before
+    assert all(p.is_meta for p in model.model.parameters())
+    weights = sum(p.numel() * 4 for p in model.model.parameters())
+    assert grown < weights // 8, (grown, weights)
