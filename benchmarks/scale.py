@@ -96,7 +96,7 @@ def make_pair(root: Path, layers: int):
     return paths
 
 
-def solve_benchmark(width: int = 3072, spaces: int = 8) -> dict:
+def solve_benchmark(width: int = 3072, spaces: int = 16) -> dict:
     """Solving alone: `spaces` FF-like spaces of `width` features, by 1 worker and by every
     core (the pool path real models take)."""
     import torch
@@ -136,7 +136,7 @@ def main() -> None:
     ap.add_argument("--layers", type=int, nargs="+", default=[8, 16, 32])
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--work", default=None, help="where the random pairs are kept")
-    ap.add_argument("--repeats", type=int, default=3,
+    ap.add_argument("--repeats", type=int, default=5,
                     help="runs of floor and align per depth: median time, highest peak")
     args = ap.parse_args()
     work = Path(args.work or tempfile.mkdtemp(prefix="mkp-scale-"))
