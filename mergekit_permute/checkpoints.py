@@ -304,6 +304,11 @@ _DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", tor
            torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
            torch.uint8: "U8", torch.bool: "BOOL"}
 _FROM_NAME = {v: k for k, v in _DTYPES.items()}
+# (produced, written) floating dtypes whose values the written one holds exactly
+_WIDENING = {(torch.float32, torch.float64), (torch.float16, torch.float32),
+             (torch.float16, torch.float64), (torch.bfloat16, torch.float32),
+             (torch.bfloat16, torch.float64)}
+WIDEN_SLICE = 1 << 18   # elements widened and written at a time
 
 
 def stream_safetensors(path: Path, layout: Sequence[Tuple[str, Tuple[int, ...], torch.dtype]],
@@ -311,7 +316,9 @@ def stream_safetensors(path: Path, layout: Sequence[Tuple[str, Tuple[int, ...], 
                        metadata: Optional[Dict[str, str]] = None, hasher=None) -> None:
     """Write a safetensors file whose tensors are produced one at a time, in `layout` order:
     the header (names, dtypes, shapes, offsets) first, then each tensor's bytes (also fed to
-    `hasher`, a hashlib object, when given)."""
+    `hasher`, a hashlib object, when given). A tensor produced in a narrower floating dtype
+    than its layout's (float32 sums of float64 statistics) is widened a slice at a time as it
+    is written, never as a whole copy."""
     header: Dict[str, object] = {"__metadata__": dict(metadata or {"format": "pt"})}
     offset = 0
     for name, shape, dtype in layout:
@@ -332,13 +339,15 @@ def stream_safetensors(path: Path, layout: Sequence[Tuple[str, Tuple[int, ...], 
         put(blob)
         for name, shape, dtype in layout:
             t = produce(name)
-            if tuple(t.shape) != tuple(shape) or t.dtype != dtype:
+            if tuple(t.shape) != tuple(shape) or \
+                    (t.dtype != dtype and (t.dtype, dtype) not in _WIDENING):
                 raise RuntimeError(f"{name}: produced {tuple(t.shape)} {t.dtype}, expected "
                                    f"{tuple(shape)} {dtype}")
-            t = t.detach().to("cpu").contiguous()
-            if t.numel():
-                put(t.reshape(-1).view(torch.uint8).numpy())
-            del t
+            flat = t.detach().to("cpu").contiguous().reshape(-1)
+            step = max(1, flat.numel()) if flat.dtype == dtype else WIDEN_SLICE
+            for i in range(0, flat.numel(), step):
+                put(flat[i:i + step].to(dtype).view(torch.uint8).numpy())
+            del t, flat
             heap.check()   # temporaries, not a drifting heap (heap.py)
 
 

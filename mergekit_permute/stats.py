@@ -81,12 +81,16 @@ class CrossStats:
             self.flush()
         return self
 
-    def totals(self) -> Dict[str, torch.Tensor]:
+    def totals(self, widen: bool = True) -> Dict[str, torch.Tensor]:
         """`tensors()` without folding anything in place: float32-only sums are copied to
-        float64 here (exact), for as long as the caller holds them."""
+        float64 here (exact), or with `widen=False` given as they are (their values are the
+        float64 totals' exactly; a writer widens them a slice at a time)."""
         sum_ab = self.sum_ab
         if self._pending is not None:
-            sum_ab = self._pending.double() if sum_ab.stride() == (0, 0) else sum_ab + self._pending
+            if sum_ab.stride() != (0, 0):
+                sum_ab = sum_ab + self._pending
+            else:
+                sum_ab = self._pending.double() if widen else self._pending
         return {"n": self.n, "sum_a": self.sum_a, "sum_b": self.sum_b, "sq_a": self.sq_a,
                 "sq_b": self.sq_b, "sum_ab": sum_ab}
 

@@ -78,12 +78,14 @@ def checkpoint_seconds() -> float:
 
 
 def _write_file(path: Path, tensors: Mapping[str, torch.Tensor]) -> str:
-    """One statistics file, streamed tensor by tensor (no second copy in memory); returns the
-    sha256 of the bytes as written."""
+    """One statistics file, streamed tensor by tensor (no second copy in memory), float64
+    throughout (float32 sums are widened as they are written); returns the sha256 of the bytes
+    as written."""
     from mergekit_permute.checkpoints import stream_safetensors
     items = dict(sorted(tensors.items()))
     hasher = hashlib.sha256()
-    stream_safetensors(path, [(k, tuple(t.shape), t.dtype) for k, t in items.items()],
+    stream_safetensors(path, [(k, tuple(t.shape), torch.float64 if t.is_floating_point()
+                               else t.dtype) for k, t in items.items()],
                        items.__getitem__, hasher=hasher)
     return hasher.hexdigest()
 
@@ -123,7 +125,8 @@ class CacheEntry:
 
 
 def _flatten(stats: Mapping[str, CrossStats]) -> Dict[str, torch.Tensor]:
-    return {f"{k}/{n}": t.contiguous() for k, s in stats.items() for n, t in s.totals().items()}
+    return {f"{k}/{n}": t.contiguous() for k, s in stats.items()
+            for n, t in s.totals(widen=False).items()}
 
 
 def _unflatten(flat: Mapping[str, torch.Tensor]) -> Dict[str, CrossStats]:
@@ -347,8 +350,7 @@ class EntryWriter:
         self.meta["layers"][name] = sorted(stats)
         for s in stats.values():
             s.seal()   # then only read, here and by the writer's thread
-        # flattened on the writer's thread: a float64 copy of float32-only sums lives only as
-        # long as its file is being written
+        # read on the writer's thread; float32-only sums are widened as they are written
         self._save(name, lambda: _flatten(stats))
 
     def checkpoint(self, layer: int, hidden_a: Sequence[torch.Tensor],

@@ -366,3 +366,20 @@ def test_a_skeleton_leaves_the_heap_compact():
     assert all(p.is_meta for p in model.model.parameters())
     weights = sum(p.numel() * 4 for p in model.model.parameters())
     assert grown < weights // 8, (grown, weights)
+
+
+def test_narrower_floats_are_widened_as_they_are_streamed(tmp_path, monkeypatch):
+    """A float32 tensor written into a float64 layout: widened a slice at a time, read back
+    exactly; anything else that does not match the layout is refused."""
+    import mergekit_permute.checkpoints as checkpoints
+    from safetensors.torch import load_file as load
+    monkeypatch.setattr(checkpoints, "WIDEN_SLICE", 7)   # slices that do not divide the size
+    tensors = {"sums": torch.randn(10, 9), "empty": torch.zeros(0), "count": torch.tensor(3.0)}
+    layout = [(k, tuple(t.shape), torch.float64) for k, t in tensors.items()]
+    checkpoints.stream_safetensors(tmp_path / "w.safetensors", layout, tensors.__getitem__)
+    back = load(str(tmp_path / "w.safetensors"))
+    assert all(back[k].dtype == torch.float64 and torch.equal(back[k], t.double())
+               for k, t in tensors.items())
+    with pytest.raises(RuntimeError, match="expected"):
+        checkpoints.stream_safetensors(tmp_path / "x.safetensors",
+                                       [("sums", (10, 9), torch.float16)], tensors.__getitem__)
