@@ -11,6 +11,7 @@ import torch
 from tqdm.auto import tqdm
 
 from mergekit_permute.blocks import BlockModel
+from mergekit_permute.data import clip_texts
 from mergekit_permute.heap import HeapWatch, flat_heap, release_memory
 from mergekit_permute.spec.base import FeaturePoint, PermutationSpec
 from mergekit_permute.stats import CrossStats, ResidualSummary, Statistics
@@ -35,11 +36,13 @@ def prepare_tokenizer(tokenizer):
 
 def tokenize(tokenizer, texts: Sequence[str], max_length: int, batch_size: int,
              architecture: Optional[str] = None) -> List[Dict[str, torch.Tensor]]:
+    """Batches of at most `max_length` tokens a row. Rows are cut to what that many tokens can
+    use before the tokenizer sees them (data.clip_texts): a huge row costs nothing."""
     prepare_tokenizer(tokenizer)
     batches = []
     for i in range(0, len(texts), batch_size):
-        enc = tokenizer(list(texts[i:i + batch_size]), padding=True, truncation=True,
-                        max_length=max_length, return_tensors="pt")
+        enc = tokenizer(clip_texts(texts[i:i + batch_size], max_length), padding=True,
+                        truncation=True, max_length=max_length, return_tensors="pt")
         batches.append(model_inputs(dict(enc), architecture))
     return batches
 
@@ -76,6 +79,13 @@ def feature_points(spec: PermutationSpec, spaces: Sequence[str], qk: bool = Fals
         points += [(f"{s}@{view}", spec.writer_point(s, view)) for s in spaces
                    if spec.space(s).kind == "attention" for view in ("q", "k")]
     return points
+
+
+def point_size(spec: PermutationSpec, key: str) -> int:
+    """Features at a stats key's point (the same in A and B): its space's size, or its
+    query/key view's for `space@q` / `space@k`."""
+    space, view = key.split("@", 1)
+    return spec.space(space).views[view] if view in ("q", "k") else spec.space(space).size
 
 
 def select_part(features: torch.Tensor, part) -> torch.Tensor:
@@ -150,6 +160,12 @@ def calibrate_pair(spec: PermutationSpec, model_a: BlockModel, model_b: BlockMod
     kept = [None if bool(m.all()) else m.nonzero().squeeze(1) for m in flat_masks]
 
     def finish(layer: Optional[int], layer_stats: Dict[str, CrossStats]) -> None:
+        # A point no batch reached (a rank with no batch, under torch.distributed) holds zero
+        # sums of its shape: every rank all-reduces the same keys, in the same order.
+        for key, _ in by_layer.get(layer, []):
+            if key not in layer_stats:
+                size = point_size(spec, key)
+                layer_stats[key] = CrossStats.zeros(size, size)
         if reduce is not None:
             layer_stats = reduce(layer_stats)
         for key, point in by_layer.get(layer, []):

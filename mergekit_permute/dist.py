@@ -2,8 +2,9 @@
 
 Run under `torchrun --nproc-per-node N -m mergekit_permute align ...` (NCCL on GPUs, gloo on
 CPU): every rank tokenizes the same text, calibrates every N-th batch, and the layer sums are
-added across ranks as each layer completes; rank 0 solves and writes. With one process (no
-torchrun) every method here is the identity, so the plain run is the same code.
+added across ranks as each layer completes (a rank with no batch adds zeros); rank 0 solves and
+writes. With one process (no torchrun) every method here is the identity, so the plain run is
+the same code.
 """
 
 import logging
@@ -12,7 +13,7 @@ from typing import Dict, List, Sequence, TypeVar
 
 import torch
 
-from mergekit_permute.stats import CrossStats
+from mergekit_permute.stats import SUMS, CrossStats
 
 LOG = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -35,16 +36,28 @@ class Distributed:
         return list(items[self.rank::self.size])
 
     def reduce(self, stats: Dict[str, CrossStats]) -> Dict[str, CrossStats]:
-        """Sum every rank's statistics (in a fixed key order, so every rank agrees)."""
+        """Sum every rank's statistics (in a fixed key order, so every rank agrees; every rank
+        must hold the same keys, zeros where it saw no tokens). The sums are shifted
+        (stats.py): every rank re-centres its own onto the shifts of the first rank that saw
+        tokens, broadcast from it, so the all-reduced sums are about one shift, exactly."""
         if not self.active:
             return stats
         import torch.distributed as td
         device = _device()
+        keys = sorted(stats)
+        # per key, the first rank with tokens (its shifts are everyone's); `size`: none has
+        owners = torch.tensor([float(self.rank if stats[k]._fixed else self.size) for k in keys],
+                              dtype=torch.float64, device=device)
+        td.all_reduce(owners, op=td.ReduceOp.MIN)
         out = {}
-        for key in sorted(stats):
+        for key, owner in zip(keys, owners.tolist()):
+            shifts = [stats[key].shift_a.to(device).clone(), stats[key].shift_b.to(device).clone()]
+            for shift in shifts:
+                td.broadcast(shift, src=int(owner) if owner < self.size else 0)
+            stats[key].recenter_(*(s.to(stats[key].shift_a.device) for s in shifts))
             tensors = {n: t.to(device) for n, t in stats[key].tensors().items()}
-            for t in tensors.values():
-                td.all_reduce(t)
+            for name in SUMS:
+                td.all_reduce(tensors[name])
             out[key] = CrossStats.from_tensors({n: t.cpu() for n, t in tensors.items()})
         return out
 

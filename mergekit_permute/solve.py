@@ -58,7 +58,7 @@ def correlations(space: Space, stats: Mapping[str, CrossStats], settings: AlignS
                                  f"qk={settings.qk} needs; they were collected without them")
             held["q"], held["k"] = stats["q"].correlation(), stats["k"].correlation()
         if settings.vo == "orthogonal":
-            held["moments"] = stats["0"].sum_ab
+            held["moments"] = stats["0"].raw_sum_ab()
     return held
 
 
@@ -211,11 +211,12 @@ def solve_residual(spec: PermutationSpec, summary: ResidualSummary, policy: str
     if policy == "orthogonal":
         q = procrustes_from_moments(summary.unit_moments, keep_ones=spec.residual_centered)
         pooled = summary.pooled
-        norm = float((pooled.sq_a.sum() * pooled.sq_b.sum()).sqrt())
+        norm = float((pooled.raw_sq_a().sum() * pooled.raw_sq_b().sum()).sqrt())
+        moments = pooled.raw_sum_ab()   # uncentred, H_A^T H_B
         report = {"kind": "residual", "size": space.size,
                   "measure": "uncentered cosine of H_A and H_B Q",
-                  "mean_corr_before": round(float(torch.trace(pooled.sum_ab)) / norm, 6),
-                  "mean_corr_after": round(float(torch.trace(pooled.sum_ab @ q)) / norm, 6)}
+                  "mean_corr_before": round(float(torch.trace(moments)) / norm, 6),
+                  "mean_corr_after": round(float(torch.trace(moments @ q)) / norm, 6)}
     else:
         chosen = {"first": summary.first, "last": summary.last, "all": summary.pooled}[policy]
         corr = chosen.correlation()
