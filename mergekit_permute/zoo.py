@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 from mergekit_permute.data import load_texts
 
 LOG = logging.getLogger(__name__)
-Arch = Literal["bert", "llama", "neox"]
+Arch = Literal["bert", "llama", "neox", "phi3", "gemma"]
 SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
 
@@ -27,7 +27,7 @@ class ZooConfig(BaseModel):
     hidden: int = 128
     layers: int = 4
     heads: int = 4
-    kv_heads: int = 2          # llama only (GQA)
+    kv_heads: int = 2          # GQA: llama, phi3, gemma
     intermediate: int = 512
     vocab: int = 1024
     seq_len: int = 64
@@ -78,6 +78,23 @@ def build_model(cfg: ZooConfig, vocab_size: int, seed: int):
                                  hidden_dropout=0.0, attention_dropout=0.0)
         config.architectures = ["GPTNeoXForCausalLM"]
         return T.GPTNeoXForCausalLM(config)
+    if cfg.arch == "phi3":  # fused qkv_proj / gate_up_proj, untied head
+        config = T.Phi3Config(vocab_size=vocab_size, hidden_size=cfg.hidden,
+                              intermediate_size=cfg.intermediate, num_hidden_layers=cfg.layers,
+                              num_attention_heads=cfg.heads, num_key_value_heads=cfg.kv_heads,
+                              max_position_embeddings=max(128, cfg.seq_len), pad_token_id=0,
+                              bos_token_id=2, eos_token_id=3, tie_word_embeddings=False)
+        config.architectures = ["Phi3ForCausalLM"]
+        return T.Phi3ForCausalLM(config)
+    if cfg.arch == "gemma":  # (1 + w) RMSNorms, GeGLU, tied head, head_dim != hidden / heads
+        config = T.GemmaConfig(vocab_size=vocab_size, hidden_size=cfg.hidden,
+                               intermediate_size=cfg.intermediate, num_hidden_layers=cfg.layers,
+                               num_attention_heads=cfg.heads, num_key_value_heads=cfg.kv_heads,
+                               head_dim=2 * cfg.hidden // cfg.heads,
+                               max_position_embeddings=max(128, cfg.seq_len), pad_token_id=0,
+                               bos_token_id=2, eos_token_id=3, tie_word_embeddings=True)
+        config.architectures = ["GemmaForCausalLM"]
+        return T.GemmaForCausalLM(config)
     config = T.LlamaConfig(vocab_size=vocab_size, hidden_size=cfg.hidden,
                            intermediate_size=cfg.intermediate, num_hidden_layers=cfg.layers,
                            num_attention_heads=cfg.heads, num_key_value_heads=cfg.kv_heads,

@@ -39,10 +39,12 @@ def configs(draw):
                                  use_parallel_residual=draw(st.booleans()), **common)
     else:
         cls = {"Llama": T.LlamaConfig, "Mistral": T.MistralConfig, "Qwen2": T.Qwen2Config,
-               "Qwen3": T.Qwen3Config}[arch.split("For")[0]]
+               "Qwen3": T.Qwen3Config, "Phi3": T.Phi3Config, "Gemma": T.GemmaConfig,
+               "Gemma2": T.Gemma2Config}[arch.split("For")[0]]
         config = cls(hidden_size=heads * draw(st.sampled_from([2, 4])), num_key_value_heads=kv,
                      head_dim=head_dim, tie_word_embeddings=draw(st.booleans()),
-                     max_position_embeddings=32, **common)
+                     max_position_embeddings=32, **common,
+                     **({"pad_token_id": 0} if arch.startswith("Phi3") else {}))
     config.architectures = [arch]
     return config
 

@@ -34,6 +34,16 @@ CONFIGS = {
         vocab_size=61, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
         intermediate_size=48, max_position_embeddings=64, rotary_pct=0.25,
         use_parallel_residual=False),
+    "Phi3ForCausalLM": lambda: T.Phi3Config(**LLAMA, pad_token_id=0, eos_token_id=1,
+                                            partial_rotary_factor=0.5),
+    "Phi3ForCausalLM-tied": lambda: T.Phi3Config(**LLAMA, pad_token_id=0, eos_token_id=1,
+                                                 tie_word_embeddings=True),
+    "GemmaForCausalLM": lambda: T.GemmaConfig(**{**LLAMA, "num_key_value_heads": 1}, head_dim=8),
+    "GemmaForCausalLM-untied": lambda: T.GemmaConfig(**LLAMA, head_dim=8,
+                                                     tie_word_embeddings=False),
+    "Gemma2ForCausalLM": lambda: T.Gemma2Config(**LLAMA, head_dim=8, query_pre_attn_scalar=8,
+                                                sliding_window=4, attn_logit_softcapping=2.0,
+                                                final_logit_softcapping=3.0),
 }
 
 

@@ -3,12 +3,12 @@ module here (a `build(config, architecture)`, NOTES and MODEL_TYPES) plus a test
 
 from typing import Callable, Dict
 
-from mergekit_permute.spec import bert, gpt2, gpt_neox, llama
+from mergekit_permute.spec import bert, gemma, gpt2, gpt_neox, llama, phi3
 from mergekit_permute.spec.base import (
     Bind, FeaturePoint, Fused, HeadLayout, PermutationSpec, Space, WeightRule,
 )
 
-FAMILIES = (bert, llama, gpt2, gpt_neox)
+FAMILIES = (bert, llama, gpt2, gpt_neox, phi3, gemma)
 BUILDERS: Dict[str, Callable] = {arch: f.build for f in FAMILIES for arch in f.NOTES}
 MODEL_TYPES: Dict[str, str] = {arch: t for f in FAMILIES for arch, t in f.MODEL_TYPES.items()}
 NOTES: Dict[str, str] = {arch: n for f in FAMILIES for arch, n in f.NOTES.items()}

@@ -160,6 +160,8 @@ class NormFold(_Frozen):
     norm: str
     readers: Tuple[str, ...]
     bias: Optional[str] = None
+    # The norm multiplies by (offset + stored weight): 1.0 for Gemma's (1 + w) RMSNorm.
+    offset: float = 0.0
 
 
 class PermutationSpec(_Frozen):
