@@ -5,6 +5,7 @@ program), the module runs as usual and then our matching hook (mergekit/hooks.py
 turns all of it off.
 """
 
+import importlib
 import importlib.machinery
 import os
 import sys
@@ -15,6 +16,7 @@ HOOKS = {
     "mergekit.architecture.json_definitions": "add_architectures",
     "mergekit.plan": "hook_planner",
     "mergekit.merge": "hook_merge",
+    "mergekit.scripts.run_yaml": "hook_cli",
 }
 
 
@@ -23,9 +25,8 @@ def enabled() -> bool:
 
 
 def _run(hook: str) -> None:
-    try:
-        from mergekit_permute.mergekit import hooks
-        getattr(hooks, hook)()
+    try:   # by name: this module stays a leaf that imports nothing of ours at startup
+        getattr(importlib.import_module("mergekit_permute.mergekit.hooks"), hook)()
     except Exception as e:  # never break MergeKit itself; say clearly what is lost
         try:
             from importlib.metadata import version

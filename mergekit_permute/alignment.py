@@ -1,6 +1,7 @@
 """The Alignment type: B's transforms into A's basis, and saving / loading them
 (`permutations.safetensors` + `alignment.json`)."""
 
+import hashlib
 import json
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -11,12 +12,14 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from mergekit_permute import __version__
+from mergekit_permute.outputs import follow_umask
 from mergekit_permute.permute import (
     Gauge, Scaled, Transforms, apply_to_model, fold_gauge, identity_transforms, is_permutation,
     transform_tensor, unfold_gauge,
 )
 from mergekit_permute.settings import AlignSettings
-from mergekit_permute.spec.base import PermutationSpec
+from mergekit_permute.spec.base import Bind, PermutationSpec
+from mergekit_permute.symmetry import check_symmetry
 
 PERMUTATIONS_FILE = "permutations.safetensors"
 ALIGNMENT_FILE = "alignment.json"
@@ -96,11 +99,41 @@ def _file(name: str, suffix: str) -> str:
     return f"{stem}{suffix}.{ext}"
 
 
+def spec_layout(spec: PermutationSpec) -> Dict:
+    """What an alignment must agree on with any checkpoint it is replayed on."""
+    reads_residual = [w for w in spec.weights if any(
+        isinstance(a, Bind) and a.space == "residual" and a.role == "in" for a in w.axes)]
+    return {"fingerprint": hashlib.sha256(spec.model_dump_json().encode()).hexdigest()[:16],
+            "tied_head": any(w.tied_to for w in reads_residual),
+            "folded_norms": len(spec.norm_folds), "residual_centered": spec.residual_centered}
+
+
+def check_layout(saved: Optional[Dict], spec: PermutationSpec, target: str) -> None:
+    """Refuse a checkpoint whose tying, norms or configuration differ from the alignment's."""
+    if not saved:
+        return   # written before layouts were recorded: the transforms are still checked
+    here = spec_layout(spec)
+    if saved.get("tied_head") != here["tied_head"]:
+        tied = "ties its output head to the embeddings" if here["tied_head"] else \
+            "has an output head separate from the embeddings"
+        raise ValueError(f"{target} {tied}, but the alignment was made for a model that "
+                         f"{'does not' if here['tied_head'] else 'does'}: tied and untied heads "
+                         "admit different maps. Align this checkpoint's own pair instead")
+    if (saved.get("folded_norms"), saved.get("residual_centered")) != \
+            (here["folded_norms"], here["residual_centered"]):
+        raise ValueError(f"{target} has another norm layout than the model the alignment was "
+                         "made for; align this checkpoint's own pair instead")
+    if saved.get("fingerprint") != here["fingerprint"]:
+        raise ValueError(f"{target} has another configuration (widths, heads, layers or head "
+                         "layout) than the model the alignment was made for")
+
+
 def alignment_document(alignment: Alignment) -> Dict:
     return {
         "format": FORMAT,
         "mergekit_permute_version": __version__,
         "architecture": alignment.spec.architecture,
+        "spec": spec_layout(alignment.spec),
         "function_preserving": alignment.settings.function_preserving,
         "folded_norms": alignment.folded,
         "settings": alignment.settings.model_dump(),
@@ -130,21 +163,32 @@ def save_alignment(alignment: Alignment, out_dir: Path, suffix: str = "") -> Non
     # out in a per-process order and break bit-identical reruns.
     header = json.dumps({"format": FORMAT, "architecture": alignment.spec.architecture},
                         sort_keys=True)
-    save_file({k: tensors[k].contiguous() for k in sorted(tensors)},
-              str(Path(out_dir) / _file(PERMUTATIONS_FILE, suffix)),
+    path = Path(out_dir) / _file(PERMUTATIONS_FILE, suffix)
+    save_file({k: tensors[k].contiguous() for k in sorted(tensors)}, str(path),
               metadata={"mergekit_permute": header})
+    follow_umask(path)   # (safetensors writes 0600)
     (Path(out_dir) / _file(ALIGNMENT_FILE, suffix)).write_text(
         json.dumps(alignment_document(alignment), indent=2) + "\n")
+
+
+def locate(path: Path) -> Tuple[Path, Path]:
+    """(folder, permutations file) of an alignment given as a directory or as the file."""
+    path = Path(path)
+    folder, perms = (path, path / PERMUTATIONS_FILE) if path.is_dir() else (path.parent, path)
+    if perms.is_file():
+        return folder, perms
+    several = sorted(p.name for p in folder.glob("permutations-*.safetensors"))
+    if path.is_dir() and several:
+        raise FileNotFoundError(f"{path} holds one alignment per merged model ({', '.join(several)}"
+                                f"); pass the file of the one to replay, e.g. {path / several[0]}")
+    raise FileNotFoundError(f"{path}: no {PERMUTATIONS_FILE} (pass a directory written by "
+                            "`mergekit-permute align`, or the file itself)")
 
 
 def read_alignment_files(path: Path) -> Tuple[Transforms, Dict[str, torch.Tensor], Dict]:
     """(transforms, A's norm gains, alignment.json document or {}) from a directory written by
     `align` / a merge, or from its permutations.safetensors."""
-    path = Path(path)
-    folder, perms = (path, path / PERMUTATIONS_FILE) if path.is_dir() else (path.parent, path)
-    if not perms.is_file():
-        raise FileNotFoundError(f"{path}: no {PERMUTATIONS_FILE} (pass a directory written by "
-                                "`mergekit-permute align`, or the file itself)")
+    folder, perms = locate(path)
     try:
         flat = load_file(str(perms))
     except Exception as e:  # safetensors raises its own error types
@@ -170,18 +214,39 @@ def read_alignment_files(path: Path) -> Tuple[Transforms, Dict[str, torch.Tensor
 def load_alignment(path: Path, spec: PermutationSpec,
                    gains_b: Optional[Mapping[str, torch.Tensor]] = None) -> Alignment:
     """A saved alignment for a checkpoint of `spec` whose norm gains are `gains_b`."""
-    from mergekit_permute.permute import check_transforms
     transforms, gains_a, doc = read_alignment_files(path)
     if doc.get("architecture") not in (None, spec.architecture):
         raise ValueError(f"the alignment was made for {doc['architecture']}, but this "
                          f"checkpoint is {spec.architecture}")
-    check_transforms(spec, transforms)
+    check_layout(doc.get("spec"), spec, "this checkpoint")
+    settings = AlignSettings(**doc["settings"]) if "settings" in doc else AlignSettings()
+    check_symmetry(spec, transforms, orthogonal_vo=settings.vo == "orthogonal"
+                   and settings.matching != "learned")
     folded = bool(gains_a) or bool(doc.get("folded_norms"))
     if folded and not gains_a:
         raise ValueError(f"{path}: the alignment folds norms but its file carries no gains "
                          "(written by an older version); re-run `align`")
-    settings = AlignSettings(**doc["settings"]) if "settings" in doc else AlignSettings()
+    dense_residual = not is_permutation(transforms["residual"][""])
+    if dense_residual and not folded:
+        raise ValueError(f"{path}: the residual map is a rotation but the file carries no norm "
+                         "gains to fold; re-run `align`")
+    if folded:
+        check_gains(spec, gains_a, "the alignment's norm gains (model A's)")
+        check_gains(spec, gains_b or {}, "this checkpoint's norm gains")
     return Alignment(spec=spec, transforms=transforms, settings=settings,
                      report=doc.get("spaces", {}), info={k: doc[k] for k in ("model_a", "model_b")
                                                          if k in doc},
                      gains_a=gains_a, gains_b=dict(gains_b or {}) if folded else {})
+
+
+def check_gains(spec: PermutationSpec, gains: Mapping[str, torch.Tensor], what: str) -> None:
+    """Every foldable norm has a finite gain without zeros, of the norm's size."""
+    shapes = {w.name: w.shape for w in spec.weights}
+    for fold in spec.norm_folds:
+        gain = gains.get(fold.norm)
+        if gain is None or tuple(gain.shape) != shapes[fold.norm]:
+            raise ValueError(f"{what}: {fold.norm} is missing or has the wrong size")
+        if not bool(torch.isfinite(gain).all()) or bool(((gain + fold.offset).abs() < 1e-6).any()):
+            raise ValueError(f"{what}: {fold.norm} is not finite or holds a (near-)zero gain, "
+                             "so the norms cannot be folded; use a permutation residual policy "
+                             "(residual=all)")

@@ -9,7 +9,7 @@ import json
 import logging
 import time
 from pathlib import Path
-from typing import Dict, List, Literal, Optional, Sequence
+from typing import Dict, List, Literal, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
@@ -43,13 +43,14 @@ def eval_batches(tokenizer, texts: Sequence[str], objective: Objective, *, max_l
                  architecture: Optional[str] = None) -> List[Dict]:
     """Fixed batches: the same masked positions for every lambda and method (masking seed)."""
     from mergekit_permute.calibrate import model_inputs, prepare_tokenizer
+    from mergekit_permute.data import clip_texts
     from mergekit_permute.zoo import mask_tokens
     prepare_tokenizer(tokenizer)
     gen = torch.Generator().manual_seed(seed)
     batches = []
     for i in range(0, len(texts), batch_size):
-        enc = dict(tokenizer(list(texts[i:i + batch_size]), padding=True, truncation=True,
-                             max_length=max_length, return_tensors="pt"))
+        enc = dict(tokenizer(clip_texts(texts[i:i + batch_size], max_length), padding=True,
+                             truncation=True, max_length=max_length, return_tensors="pt"))
         ids, attn = enc["input_ids"], enc["attention_mask"]
         if objective == "mlm":
             special = torch.isin(ids, torch.tensor(tokenizer.all_special_ids)) | (attn == 0)
@@ -207,7 +208,9 @@ def run_barrier(model_a: str, model_b: str, *, eval_data: str, calibration: str,
                 eval_samples: int = 256, eval_max_length: Optional[int] = None, seed: int = 0,
                 device: str = "cpu", cache: CacheMode = "use", label_field: str = "label",
                 workers=1) -> Dict:
-    parsed = {m: settings.with_method(m) for m in methods}  # bad names fail before loading
+    # bad names fail before loading; a mapping gives named settings directly
+    parsed = dict(methods) if isinstance(methods, Mapping) else \
+        {m: settings.with_method(m) for m in methods}
     sweep = _Sweep(model_a, model_b, eval_data=eval_data, calibration=calibration,
                    methods=parsed, settings=settings, eval_samples=eval_samples,
                    eval_max_length=eval_max_length, seed=seed, device=device,

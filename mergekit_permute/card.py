@@ -2,7 +2,7 @@
 the recipe) and the loss-barrier table."""
 
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Optional, Tuple
 
 import yaml
 
@@ -17,6 +17,37 @@ def is_hub_id(path: str) -> bool:
     """`owner/name` (or `name`) that is not a local path: what the Hub's base_model means."""
     return not Path(path).expanduser().exists() and not path.startswith(("/", ".", "~")) \
         and path.count("/") <= 1 and bool(path.strip())
+
+
+def card_license(model: str) -> Optional[str]:
+    """The `license:` of a model's own card (README.md front matter), if it states one."""
+    from mergekit_permute.checkpoints import resolve
+    try:
+        text = (resolve(model) / "README.md").read_text(encoding="utf-8")
+    except (OSError, ValueError, UnicodeDecodeError):
+        return None
+    if not text.startswith("---"):
+        return None
+    try:
+        meta = yaml.safe_load(text[3:].split("\n---", 1)[0]) or {}
+    except yaml.YAMLError:
+        return None
+    found = meta.get("license") if isinstance(meta, dict) else None
+    return str(found) if isinstance(found, (str, int, float)) and str(found).strip() else None
+
+
+def license_lines(models: List[str]) -> Tuple[Optional[str], List[str]]:
+    """(the card's license, sentences saying where it comes from) from the inputs' cards."""
+    found = {m: card_license(m) for m in models}
+    known = sorted({v for v in found.values() if v})
+    if not known:
+        return None, ["The merged models' cards state no license: check each model's terms "
+                      "before you share this merge."]
+    listing = ", ".join(f"`{m}`: {v or 'not stated'}" for m, v in found.items())
+    if len(known) == 1 and all(found.values()):
+        return known[0], [f"License: {known[0]}, the license of every merged model ({listing})."]
+    return "other", [f"The merged models carry different or unstated licenses ({listing}); the "
+                     "merge is derived from all of them, so each one's terms apply."]
 
 
 def what_was_done(settings: AlignSettings, alignments: List, n_models: int) -> List[str]:
@@ -85,9 +116,12 @@ def merge_card(run, config_yaml: str, name: str) -> str:
     """The whole README.md of a `permute` merge."""
     models = run.models()
     alignments = list(run.alignments.values())
+    license, license_text = license_lines(models)
     meta = {"base_model": [m for m in models if is_hub_id(m)],
             "library_name": "transformers",
             "tags": ["mergekit", "merge", "mergekit-permute"]}
+    if license:
+        meta["license"] = license
     lines = ["---", yaml.safe_dump(meta, sort_keys=True).strip(), "---", f"# {name}", "",
              f"This is a merge of pre-trained language models trained from different random "
              f"initializations, created using [mergekit]({PLUGIN_URL}) with the "
@@ -101,7 +135,7 @@ def merge_card(run, config_yaml: str, name: str) -> str:
     lines += ["", "### Models Merged", ""]
     lines += [f"* `{m}` (weight {run.weights[m]:g})" + (" - base" if m == run.base else "")
               for m in models]
-    lines += ["", "## Alignment (mergekit-permute)", ""]
+    lines += ["", *license_text, "", "## Alignment (mergekit-permute)", ""]
     if len(alignments) == 1:
         lines += alignment_section(alignments[0], "### Alignment of the second model")
         files = "`alignment.json` and `permutations.safetensors`"
@@ -109,9 +143,10 @@ def merge_card(run, config_yaml: str, name: str) -> str:
         for k, (model, alignment) in enumerate(run.alignments.items(), start=1):
             lines += alignment_section(alignment, f"### Model {k}: `{model}` "
                                                   f"(alignment-{k}.json)")
-        files = "`alignment-K.json` and `permutations-K.safetensors`"
+        files = ("`alignment-K.json` and `permutations-K.safetensors` (K = 1, 2, ...: pass "
+                 "`permutations-K.safetensors` itself to `apply`)")
     if run.barrier:
-        lines += [barrier_table(run.barrier), ""]
+        lines += [barrier_table(run.barrier), "", "![loss barrier](barrier.png)", ""]
     lines += [f"Full per-space numbers: {files} beside the weights; "
               "`mergekit-permute apply` replays them on another checkpoint of the same model.",
               "", "### Configuration", "",

@@ -49,7 +49,8 @@ def resolve(path: str) -> Path:
     from huggingface_hub import snapshot_download
     try:
         return Path(snapshot_download(path, allow_patterns=[
-            "*.json", "*.safetensors", "*.bin", "*.txt", "*.model", "*.jinja", "*.tiktoken"]))
+            "*.json", "*.safetensors", "*.bin", "*.txt", "*.model", "*.jinja", "*.tiktoken",
+            "README.md"]))
     except Exception as e:
         raise FileNotFoundError(f"model {path!r} is not a local directory and could not be "
                                 f"fetched from the Hugging Face Hub: {e}") from None
@@ -394,10 +395,15 @@ def _output_names(files: Sequence[str]) -> Dict[str, str]:
     return {f: f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i, f in enumerate(sorted(files))}
 
 
+def sidecar_files(src: Path) -> List[Path]:
+    """The config, tokenizer and generation files a copy of a model carries beside its weights."""
+    return [f for f in sorted(Path(src).iterdir())
+            if f.is_file() and f.suffix in SIDECARS and f.name not in (SAFE_INDEX, BIN_INDEX)]
+
+
 def copy_sidecars(src: Path, dst: Path) -> None:
-    for f in sorted(Path(src).iterdir()):
-        if f.is_file() and f.suffix in SIDECARS and f.name not in (SAFE_INDEX, BIN_INDEX):
-            shutil.copy(f, Path(dst) / f.name)
+    for f in sidecar_files(src):
+        shutil.copy(f, Path(dst) / f.name)
 
 
 def _set_config_dtype(path: Path, dtype: torch.dtype) -> None:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from mergekit_permute.settings import RunSettings, click_options, settings_from_cli
+from mergekit_permute.settings import RunSettings, choices, click_options, settings_from_cli
 
 LOG = logging.getLogger("mergekit_permute")
 
@@ -99,14 +99,17 @@ def align(model_a, model_b, data, out, permutations_only, overwrite, no_cache, *
         raise UserError("attention=ignore_heads is not function-preserving, so `align` refuses "
                         "it; use it only as an ablation in `barrier` or a merge")
     from mergekit_permute.models import open_pair
-    from mergekit_permute.preflight import check_device, check_output, checkpoint_bytes
-    from mergekit_permute.stats_cache import checkpoint_seconds
+    from mergekit_permute.outputs import check_output, check_space
+    from mergekit_permute.preflight import alignment_bytes, check_device, checkpoint_bytes
+    from mergekit_permute.stats_cache import cache_dir, checkpoint_seconds
     check_device(run.device)
-    check_output(out, overwrite)
+    out = check_output(out, overwrite, [
+        ("model A", model_a), ("model B", model_b), ("calibration data", data),
+        ("statistics cache", None if cache == "off" else str(cache_dir()))])
     checkpoint_seconds()                        # MERGEKIT_PERMUTE_CHECKPOINT_SECONDS is sane
     pair = open_pair(model_a, model_b)          # configs, tokenizers, every weight file
-    if not permutations_only:
-        check_output(out, overwrite, checkpoint_bytes(pair.checkpoint_b, _dtype(run)))
+    check_space(out, alignment_bytes(pair.spec, settings) + (
+        0 if permutations_only else checkpoint_bytes(pair.checkpoint_b, _dtype(run))))
     dist = init_from_env(run.device)
     device = f"cuda:{dist.rank}" if dist.active and run.device == "cuda" else run.device
     alignment = run_align(model_a, model_b, data, settings, device=device, dtype=run.dtype,
@@ -134,8 +137,8 @@ def _print_summary(alignment) -> None:
 @click.argument("checkpoint")
 @click.option("--out", required=True, type=click.Path(path_type=Path))
 @click.option("--overwrite", is_flag=True)
-@click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]),
-              default="auto", show_default=True, help="dtype written (auto: the checkpoint's).")
+@click.option("--dtype", type=click.Choice(choices("dtype", RunSettings)), default="auto",
+              show_default=True, help="dtype written (auto: the checkpoint's).")
 @_friendly
 def apply(alignment, checkpoint, out, overwrite, dtype):
     """Apply a saved alignment (a directory from `align`, or its permutations.safetensors) to
@@ -143,27 +146,29 @@ def apply(alignment, checkpoint, out, overwrite, dtype):
     import json
     import shutil
 
-    from mergekit_permute.alignment import ALIGNMENT_FILE, PERMUTATIONS_FILE, load_alignment
+    from mergekit_permute.alignment import (
+        ALIGNMENT_FILE, PERMUTATIONS_FILE, load_alignment, locate,
+    )
     from mergekit_permute.checkpoints import CheckpointSource, write_like
     from mergekit_permute.models import load_config, open_checkpoint
-    from mergekit_permute.outputs import atomic_dir
-    from mergekit_permute.preflight import check_output, checkpoint_bytes
+    from mergekit_permute.outputs import atomic_dir, check_output, check_space, follow_umask
+    from mergekit_permute.preflight import checkpoint_bytes
     from mergekit_permute.spec import spec_for_config
 
-    check_output(out, overwrite)
+    folder, perms = locate(alignment)
+    out = check_output(out, overwrite, [("alignment", str(folder)), ("checkpoint", checkpoint)])
     spec = spec_for_config(load_config(checkpoint))
     source = open_checkpoint(checkpoint, spec)
-    check_output(out, overwrite, checkpoint_bytes(source, _dtype(RunSettings(dtype=dtype))))
+    written = _dtype(RunSettings(dtype=dtype))
+    check_space(out, checkpoint_bytes(source, written) + 2 * perms.stat().st_size)
     reader = CheckpointSource(source, spec)
     gains = {f.norm: reader.get(f.norm).double() for f in spec.norm_folds}
-    aligned = load_alignment(alignment, spec, gains)
-    folder = alignment if alignment.is_dir() else alignment.parent
-    perms = alignment / PERMUTATIONS_FILE if alignment.is_dir() else alignment
+    aligned = load_alignment(alignment, spec, gains)       # every transform checked
+    info_path = folder / (perms.stem.replace("permutations", "alignment", 1) + ".json")
     with atomic_dir(out, overwrite) as tmp:
-        write_like(source, tmp, aligned.tensor,
-                   _dtype(RunSettings(dtype=dtype)), desc="applying")
-        shutil.copy(perms, tmp / PERMUTATIONS_FILE)
-        info_path = folder / ALIGNMENT_FILE
+        write_like(source, tmp, aligned.tensor, written, desc="applying")
+        shutil.copyfile(perms, tmp / PERMUTATIONS_FILE)
+        follow_umask(tmp / PERMUTATIONS_FILE)
         if info_path.is_file():
             doc = json.loads(info_path.read_text())
             (tmp / ALIGNMENT_FILE).write_text(json.dumps({**doc, "applied_to": checkpoint},
@@ -176,11 +181,18 @@ def apply(alignment, checkpoint, out, overwrite, dtype):
 @click.argument("out", type=click.Path(path_type=Path))
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--overwrite", is_flag=True)
+@click.option("--barrier", "barrier_data", default=None,
+              help="permute recipes of two models: also measure the loss barrier (vanilla "
+              "against the recipe's alignment) on this evaluation text, and put its table and "
+              "plot into the card.")
+@click.option("--barrier-lambdas", type=click.IntRange(min=3), default=11, show_default=True)
 @_friendly
-def merge(recipe, out, device, overwrite):
+def merge(recipe, out, device, overwrite, barrier_data, barrier_lambdas):
     """Run a MergeKit recipe (any method; `permute` included) with an atomic output."""
-    from mergekit_permute.recipes import run_recipe
-    run_recipe(recipe, out, device=device, overwrite=overwrite)
+    from mergekit_permute.recipes import recipe_barrier, run_recipe
+    barrier = recipe_barrier(recipe, out, barrier_data, barrier_lambdas, device, overwrite) \
+        if barrier_data else None
+    run_recipe(recipe, out, device=device, overwrite=overwrite, barrier=barrier)
     click.echo(f"wrote {out}")
 
 
@@ -213,8 +225,9 @@ def barrier(models, eval_data, calibration, methods, lambdas, eval_samples,
 
     from mergekit_permute.barrier import multi_table, run_barrier, run_multi, write_report
     from mergekit_permute.card import barrier_table
-    from mergekit_permute.outputs import atomic_dir
-    from mergekit_permute.preflight import check_device, check_output
+    from mergekit_permute.outputs import atomic_dir, check_output
+    from mergekit_permute.preflight import check_device
+    from mergekit_permute.stats_cache import cache_dir
 
     settings, run = settings_from_cli(kw), settings_from_cli(kw, RunSettings)
     cache = _cache_mode(run, no_cache)
@@ -226,7 +239,10 @@ def barrier(models, eval_data, calibration, methods, lambdas, eval_samples,
         raise UserError("barrier needs at least two models")
     for name in names:
         settings.with_method(name)   # a misspelt method fails before any work
-    check_output(out, overwrite)
+    out = check_output(out, overwrite, [
+        *((f"model {m}", m) for m in models), ("evaluation data", eval_data),
+        ("calibration data", calibration),
+        ("statistics cache", None if cache == "off" else str(cache_dir()))])
     common = dict(eval_data=eval_data, calibration=calibration, methods=names, settings=settings,
                   eval_samples=eval_samples, eval_max_length=eval_max_length, seed=seed,
                   device=run.device, cache=cache, workers=run.workers)

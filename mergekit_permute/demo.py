@@ -29,11 +29,12 @@ EVAL = {"full": dict(samples=256, max_length=64, calib=512, lambdas=21),
 def run_demo(out: Path, arch: str = "llama", size: str = "full", seeds=(1, 2),
              overwrite: bool = False) -> Dict:
     from mergekit_permute.barrier import run_barrier, write_report
-    from mergekit_permute.outputs import check_output_dir
+    from mergekit_permute.outputs import check_output
     from mergekit_permute.recipes import run_recipe
 
-    out = Path(out)
-    check_output_dir(out / "merged", overwrite)
+    # A new directory, or an earlier demo's (its models are reused, its reports replaced).
+    out = check_output(out / "merged", overwrite).parent if _earlier_demo(Path(out)) else \
+        check_output(out, overwrite=False)
     start = time.time()
     zoo = ZooConfig(arch=arch, **SIZES[size])
     ev = EVAL[size]
@@ -57,3 +58,7 @@ def run_demo(out: Path, arch: str = "llama", size: str = "full", seeds=(1, 2),
     run_recipe(out / "recipe.yml", out / "merged", overwrite=overwrite, barrier=result)
     result["seconds"] = round(time.time() - start, 1)
     return result
+
+
+def _earlier_demo(out: Path) -> bool:
+    return (out / "barrier.json").is_file() or any((out / "models").glob("*/zoo.json"))

@@ -44,8 +44,15 @@ def check_pair(config_a, config_b) -> PermutationSpec:
         if wa.shape != wb.shape:
             raise IncompatibleModels(f"{wa.name}: shape {wa.shape} in A but {wb.shape} in B "
                                      "(different widths or vocabularies)")
+    tied_a, tied_b = (sorted(w.name for w in s.weights if w.tied_to) for s in (spec_a, spec_b))
+    if tied_a != tied_b:
+        which = "A" if len(tied_a) > len(tied_b) else "B"
+        raise IncompatibleModels(f"model {which} ties its output head to the embeddings "
+                                 "(tie_word_embeddings) and the other does not; both must be "
+                                 "tied or both untied")
     if spec_a != spec_b:
-        raise IncompatibleModels("the models' head layouts differ")
+        raise IncompatibleModels("the models' attention head layouts differ (heads, KV heads, "
+                                 "head_dim or rotary dims)")
     return spec_a
 
 

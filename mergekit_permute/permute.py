@@ -95,36 +95,6 @@ def invert(transforms: Transforms) -> Transforms:
     return {s: {v: inv(t) for v, t in views.items()} for s, views in transforms.items()}
 
 
-def check_transforms(spec: PermutationSpec, transforms: Transforms) -> None:
-    """Refuse a saved transform set that does not fit this model (sizes, valid permutations)."""
-    for space in spec.spaces:
-        views = transforms.get(space.name)
-        if views is None or set(views) != set(space.views):
-            raise ValueError(f"saved alignment lacks space {space.name} (or its views); it was "
-                             "made for a different architecture or configuration")
-        for view, size in space.views.items():
-            t = views[view]
-            index = t.index if isinstance(t, Scaled) else t
-            if isinstance(t, Scaled) and (t.scale.shape != (size,) or not torch.isfinite(t.scale).all()
-                                          or bool((t.scale == 0).any())):
-                raise ValueError(f"{space.name}[{view or 'all'}]: scales not {size} finite non-zeros")
-            if is_permutation(index):
-                if index.shape != (size,) or not torch.equal(index.sort().values, torch.arange(size)):
-                    raise ValueError(f"{space.name}[{view or 'all'}]: not a permutation of {size}")
-            elif t.shape != (size, size) or not torch.isfinite(t).all():
-                raise ValueError(f"{space.name}[{view or 'all'}]: matrix of shape "
-                                 f"{tuple(t.shape)} (or not finite), expected {size} x {size}")
-        if space.gated:
-            gate, up = views["gate"], views[""]
-            up_index = up.index if isinstance(up, Scaled) else up
-            if not is_permutation(gate) or not is_permutation(up_index) \
-                    or not torch.equal(gate, up_index):
-                raise ValueError(f"{space.name}: the gate must move with up (one permutation)")
-    extra = set(transforms) - {s.name for s in spec.spaces}
-    if extra:
-        raise ValueError(f"saved alignment has spaces this model lacks: {sorted(extra)[:5]}")
-
-
 def _reader_matrix(m: torch.Tensor) -> torch.Tensor:
     """M^-T, computed once per matrix (readers of one space share it)."""
     cached = getattr(m, "_mergekit_permute_inv_t", None)
@@ -204,7 +174,8 @@ def apply_to_tensor(rule: WeightRule, tensor: torch.Tensor, transforms: Transfor
 @dataclass(frozen=True)
 class Gauge:
     """tensor name -> ("scale", axis, factor) or ("set", value): what folding (or unfolding)
-    does to it. LN(x) = g * n(x) + b read by W: W (g * n + b) = (W diag g)(n + b / g)."""
+    does to it. LN(x) = g * n(x) + b read by W: W (g * n + b) = (W diag g)(n + b / g). A norm
+    with an offset (NormFold.offset, Gemma's (1 + w)) folds its effective gain offset + w."""
 
     ops: Dict[str, Tuple] = field(default_factory=dict)
 
@@ -239,18 +210,25 @@ def _check_gain(norm: str, gain: torch.Tensor, why: str) -> None:
                          "policy (residual=all)")
 
 
+def _effective(fold, gain: torch.Tensor) -> Tuple[torch.Tensor, float]:
+    """(the gain the norm multiplies by, that of a folded norm). A folded norm stores ones, as
+    every family's does, so the generic code sees a unit gain; with an offset (Gemma's
+    (1 + w)) that multiplies by the uniform 1 + offset, which commutes with any map too."""
+    return gain + fold.offset, 1.0 + fold.offset
+
+
 def fold_gauge(spec: PermutationSpec, gains: Mapping[str, torch.Tensor]) -> Gauge:
     """Gains -> ones: readers' input axes times the gain, LayerNorm biases divided by it."""
     rules = {w.name: w for w in spec.weights}
     ops: Dict[str, Tuple] = {}
     for fold in spec.norm_folds:
-        gain = gains[fold.norm]
+        gain, unit = _effective(fold, gains[fold.norm])
         ops[fold.norm] = ("set", torch.ones_like(gain))
         if fold.bias is not None:
             _check_gain(fold.norm, gain, "its bias cannot be folded")
-            ops[fold.bias] = ("scale", 0, 1.0 / gain)
+            ops[fold.bias] = ("scale", 0, unit / gain)
         for reader in fold.readers:
-            ops[reader] = ("scale", _reader_axis(rules[reader]), gain)
+            ops[reader] = ("scale", _reader_axis(rules[reader]), gain / unit)
     return Gauge(ops)
 
 
@@ -259,13 +237,13 @@ def unfold_gauge(spec: PermutationSpec, gains: Mapping[str, torch.Tensor]) -> Ga
     rules = {w.name: w for w in spec.weights}
     ops: Dict[str, Tuple] = {}
     for fold in spec.norm_folds:
-        gain = gains[fold.norm]
+        gain, unit = _effective(fold, gains[fold.norm])
         _check_gain(fold.norm, gain, "aligned B cannot be written in A's norm gauge")
-        ops[fold.norm] = ("set", gain)
+        ops[fold.norm] = ("set", gains[fold.norm])
         if fold.bias is not None:
-            ops[fold.bias] = ("scale", 0, gain)
+            ops[fold.bias] = ("scale", 0, gain / unit)
         for reader in fold.readers:
-            ops[reader] = ("scale", _reader_axis(rules[reader]), 1.0 / gain)
+            ops[reader] = ("scale", _reader_axis(rules[reader]), unit / gain)
     return Gauge(ops)
 
 

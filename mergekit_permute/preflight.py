@@ -1,10 +1,6 @@
 """Checks that run before any model forward pass: every problem a run would hit later, found in
 its first seconds and said in one line (the CLI exits 2, nothing is written)."""
 
-import os
-import shutil
-import tempfile
-from pathlib import Path
 from typing import Iterable, Optional
 
 import torch
@@ -15,54 +11,32 @@ class PreflightError(ValueError):
 
 
 def check_device(device: str) -> None:
+    """The device exists here and can hold a tensor (cpu, cuda, cuda:N, mps, ...)."""
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError):
-        raise PreflightError(f"--device {device!r} is not a device; use cpu, cuda or cuda:N") \
+        raise PreflightError(f"--device {device!r} is not a device; use cpu, cuda, cuda:N or mps") \
             from None
+    if dev.type == "cpu":
+        return
     if dev.type == "cuda":
         if not torch.cuda.is_available():
             raise PreflightError(f"--device {device}: no CUDA device is available here "
                                  "(torch.cuda.is_available() is False); use --device cpu")
         if dev.index is not None and dev.index >= torch.cuda.device_count():
             raise PreflightError(f"--device {device}: only {torch.cuda.device_count()} CUDA "
-                                 "device(s) here")
-    elif dev.type not in ("cpu", "mps"):
-        raise PreflightError(f"--device {device}: unsupported device type {dev.type!r}")
-
-
-def _existing_ancestor(path: Path) -> Path:
-    for parent in [path, *path.parents]:
-        if parent.exists():
-            return parent
-    return Path("/")
-
-
-def check_output(out: Path, overwrite: bool, need_bytes: int = 0) -> None:
-    """The output directory can be created and written where it is asked for, and has room."""
-    out = Path(out).expanduser().absolute()
-    if out.exists() and not out.is_dir():
-        raise PreflightError(f"{out} exists and is not a directory; choose another output")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise PreflightError(f"{out} already exists and is not empty; pass --overwrite to replace "
-                             "it, or choose another output directory")
-    anchor = _existing_ancestor(out.parent)
-    if not anchor.is_dir():
-        raise PreflightError(f"cannot create {out}: {anchor} is a file, not a directory")
-    if str(anchor).startswith(("/proc", "/sys", "/dev")):
-        raise PreflightError(f"cannot write {out}: {anchor} is a virtual filesystem")
-    try:   # a real probe: permissions, read-only mounts, quotas all show here
-        fd, probe = tempfile.mkstemp(prefix=".mergekit-permute-probe-", dir=anchor)
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as e:
-        raise PreflightError(f"cannot write {out}: {anchor} is not writable ({e.strerror})") \
+                                 "device(s) here (cuda:0 to "
+                                 f"cuda:{torch.cuda.device_count() - 1})")
+        return
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise PreflightError(f"--device {device}: no Apple MPS device is available here "
+                             "(torch.backends.mps.is_available() is False); use --device cpu")
+    try:   # any other kind: it must hold a tensor
+        torch.empty(1, device=dev)
+    except Exception as e:
+        raise PreflightError(f"--device {device}: unusable here ({type(e).__name__}: "
+                             f"{str(e).splitlines()[0] if str(e) else ''}); use --device cpu") \
             from None
-    if need_bytes:
-        free = shutil.disk_usage(anchor).free
-        if free < need_bytes * 1.05:
-            raise PreflightError(f"{out} needs about {need_bytes / 2**30:.2f} GiB, but "
-                                 f"{anchor} has {free / 2**30:.2f} GiB free")
 
 
 def positions(config) -> Optional[int]:
@@ -90,13 +64,27 @@ def check_max_length(max_length: int, configs: Iterable, option: str = "--max-le
 
 
 def checkpoint_bytes(checkpoint, dtype: Optional[torch.dtype] = None) -> int:
-    """What writing a copy of this checkpoint takes (in `dtype` where given)."""
-    total = 0
+    """What writing a copy of this checkpoint takes (in `dtype` where given): its weights and
+    the files copied beside them (config, tokenizer)."""
+    from mergekit_permute.checkpoints import sidecar_files
+    total = sum(f.stat().st_size for f in sidecar_files(checkpoint.root))
     for key in checkpoint.keys():
         shape, stored = checkpoint.meta(key)
         item = (dtype if dtype is not None and stored.is_floating_point else stored).itemsize
         total += int(torch.Size(shape).numel()) * item
     return total
+
+
+def alignment_bytes(spec, settings) -> int:
+    """An upper bound of permutations.safetensors + alignment.json: index vectors (with scales),
+    float64 matrices where the settings give a space dense maps, A's norm gains."""
+    dense = {"residual": settings.residual in ("auto", "orthogonal") or settings.matching == "learned",
+             "attention": settings.vo == "orthogonal" or settings.matching == "learned",
+             "ffn": False}
+    total = 1 << 20
+    for space in spec.spaces:
+        total += sum(n * n * 8 if dense[space.kind] else n * 12 for n in space.views.values())
+    return total + 8 * spec.space("residual").size * len(spec.norm_folds)
 
 
 def check_scorable(batches, objective: str = "mlm", what: str = "evaluation data") -> int:

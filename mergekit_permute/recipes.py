@@ -48,6 +48,39 @@ def estimated_bytes(config) -> int:
         return 0
 
 
+def recipe_inputs(path: Path, config):
+    """Everything a recipe reads: the recipe, its models, its calibration text, the cache."""
+    from mergekit_permute.settings import DATA_PARAM
+    from mergekit_permute.stats_cache import cache_dir
+    inputs = [("recipe", str(path)), *((f"model {ref.model.path}", ref.model.path)
+                                       for ref in config.referenced_models())]
+    if config.merge_method == "permute":
+        inputs += [("calibration data", (config.parameters or {}).get(DATA_PARAM)),
+                   ("statistics cache", str(cache_dir()))]
+    return inputs
+
+
+def recipe_barrier(path: Path, out: Path, eval_data: str, lambdas: int, device: str,
+                   overwrite: bool) -> Dict:
+    """The loss barrier of a two-model `permute` recipe: vanilla against its own alignment."""
+    from mergekit_permute.barrier import run_barrier
+    from mergekit_permute.mergekit.run import validate_recipe
+    from mergekit_permute.outputs import check_output
+    config = load_recipe(path)
+    if config.merge_method != "permute":
+        raise ValueError(f"{path}: --barrier measures a `permute` merge's alignment; this recipe "
+                         f"uses {config.merge_method}")
+    settings, data, base, others, _ = validate_recipe(config)
+    if len(others) != 1:
+        raise ValueError(f"{path}: --barrier measures the path between two models; the recipe "
+                         f"merges {len(others) + 1}")
+    check_output(out, overwrite, [*recipe_inputs(path, config), ("evaluation data", eval_data)])
+    vanilla = settings.with_method("vanilla")
+    return run_barrier(base, others[0], eval_data=eval_data, calibration=data,
+                       methods={"vanilla": vanilla, "this merge": settings}, lambdas=lambdas,
+                       settings=settings, device=device)
+
+
 def run_recipe(path: Path, out: Path, *, device: str = "cpu", overwrite: bool = False,
                barrier: Optional[Dict] = None) -> None:
     from mergekit.merge import run_merge
@@ -55,20 +88,18 @@ def run_recipe(path: Path, out: Path, *, device: str = "cpu", overwrite: bool = 
 
     from mergekit_permute.mergekit import install
     from mergekit_permute.mergekit.run import PermuteRun
-    from mergekit_permute.outputs import atomic_dir
-
-    from mergekit_permute.preflight import check_device, check_output
+    from mergekit_permute.outputs import atomic_dir, check_output, check_space, follow_umask
+    from mergekit_permute.preflight import check_device
     install()
-    out = Path(out)
     check_device(device)
-    check_output(out, overwrite)
     config = load_recipe(path)
+    out = check_output(out, overwrite, recipe_inputs(path, config))
     for ref in config.referenced_models():
         p = ref.model.path
         if p.startswith(("/", ".", "~")) and not Path(p).expanduser().exists():
             raise FileNotFoundError(f"{path}: model {p!r} does not exist")
     check_architectures(config, path)
-    check_output(out, overwrite, estimated_bytes(config))
+    check_space(out, estimated_bytes(config))
     if config.merge_method == "permute":
         run = PermuteRun(config, device).attach()      # validates the recipe now
         run.output_name, run.barrier = out.name, barrier
@@ -76,6 +107,11 @@ def run_recipe(path: Path, out: Path, *, device: str = "cpu", overwrite: bool = 
     with atomic_dir(out, overwrite) as tmp:
         run_merge(config, str(tmp), options=MergeOptions(device=device, quiet=False),
                   config_source=source)
+        if barrier is not None:
+            from mergekit_permute.barrier import write_report
+            write_report(barrier, tmp)
+        for f in tmp.rglob("*"):    # MergeKit writes its shards 0600
+            follow_umask(f, 0o777 if f.is_dir() else 0o666)
         card = tmp / "README.md"
         if card.is_file() and config.merge_method != "permute":
             # MergeKit titles its card with the directory it wrote into: ours is temporary.

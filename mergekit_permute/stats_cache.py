@@ -28,7 +28,7 @@ from mergekit_permute.outputs import process_alive
 from mergekit_permute.stats import CrossStats, ResidualSummary, Statistics
 
 LOG = logging.getLogger(__name__)
-FORMAT = "mergekit-permute-stats/2"
+FORMAT = "mergekit-permute-stats/3"   # 3: shifted sums, with their shifts
 RESIDUAL = "residual.safetensors"
 RESUME = "resume"    # inside a partial entry: the state a later run continues from
 CHECKPOINT_ENV = "MERGEKIT_PERMUTE_CHECKPOINT_SECONDS"
@@ -137,6 +137,21 @@ def _unflatten(flat: Mapping[str, torch.Tensor]) -> Dict[str, CrossStats]:
     return {k: CrossStats.from_tensors(v) for k, v in grouped.items()}
 
 
+def remove_stale(root: Path) -> None:
+    """What dead runs left in the cache: replaced entries (`.old-PID`) and partial entries
+    without a checkpoint to continue from (`.partial-PID`)."""
+    for path in list(root.glob("stats-*.old-*")) + list(root.glob("stats-*.partial-*")):
+        try:
+            pid = int(path.name.rsplit("-", 1)[1])
+        except ValueError:
+            continue
+        resumable = path.name.split(".")[-1].startswith("partial") and \
+            (path / RESUME / "progress.json").is_file()
+        if pid != os.getpid() and not process_alive(pid) and not resumable:
+            LOG.info("removing %s, left by an interrupted run (process %d)", path, pid)
+            shutil.rmtree(path, ignore_errors=True)
+
+
 class StatsCache:
     """Reading and writing one entry. `expected`: stats key -> (size A, size B), from the spec,
     what every valid entry for this key must hold."""
@@ -144,6 +159,7 @@ class StatsCache:
     def __init__(self, key: str, expected: Mapping[str, tuple], residual_size: int):
         self.key, self.expected, self.residual_size = key, dict(expected), residual_size
         self.path = cache_dir() / f"stats-{key}"
+        remove_stale(cache_dir())
 
     # ---- reading ----
     def load(self) -> Optional[CacheEntry]:

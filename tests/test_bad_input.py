@@ -108,7 +108,12 @@ def test_existing_output_needs_overwrite(variants, tmp_path):
     r = _align(variants["a"], variants["b"], out)
     assert r.exit_code == 2 and "--overwrite" in r.output
     assert (out / "model.safetensors").read_text() == "precious"
-    r = _align(variants["a"], variants["b"], out, "--overwrite")
+    r = _align(variants["a"], variants["b"], out, "--overwrite")   # not ours: never replaced
+    assert r.exit_code == 2 and "did not write" in r.output
+    assert (out / "model.safetensors").read_text() == "precious"
+    (out / "model.safetensors").unlink()
+    assert _align(variants["a"], variants["b"], out).exit_code == 0       # empty: fine
+    r = _align(variants["a"], variants["b"], out, "--overwrite")          # ours: replaced
     assert r.exit_code == 0, r.output
     assert (out / "alignment.json").exists()
 

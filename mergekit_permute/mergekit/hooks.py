@@ -39,13 +39,10 @@ def _wrap(owner, name: str, make):
 def register_method() -> None:
     import sys
     partial = sys.modules.get("mergekit_permute.mergekit.method")
-    if partial is not None and not hasattr(partial, "PermuteMerge"):
+    if partial is not None and not hasattr(partial, "register"):
         return  # method.py is importing MergeKit right now; it registers itself when done
-    from mergekit.merge_methods import registry
-
-    from mergekit_permute.mergekit.method import PermuteMerge
-    if "permute" not in registry._METHODS:
-        registry.register(PermuteMerge())
+    from mergekit_permute.mergekit.method import register
+    register()
 
 
 def add_architectures() -> None:
@@ -118,6 +115,27 @@ def hook_merge() -> None:
     _wrap(merge, "_copy_tagalong_files", make_tagalong)
 
 
+def hook_cli() -> None:
+    """`mergekit-yaml`: a refused `permute` recipe is one line and exit status 2, as in our own
+    CLI, not a traceback (only RecipeError, which no other recipe raises, is caught)."""
+    import click
+    from mergekit.scripts import run_yaml
+
+    from mergekit_permute.settings import RecipeError
+
+    class Refused(click.ClickException):
+        exit_code = 2
+
+    def make(original):
+        def callback(*args, **kwargs):
+            try:
+                return original(*args, **kwargs)
+            except RecipeError as e:
+                raise Refused(str(e)) from None
+        return callback
+    _wrap(run_yaml.main, "callback", make)
+
+
 def _run_of(config):
     if not _is_permute(config):
         return None
@@ -132,3 +150,4 @@ def install() -> None:
     add_architectures()
     hook_planner()
     hook_merge()
+    hook_cli()

@@ -5,12 +5,15 @@ first tensor (alignments, REPAIR corrections) lives in that run's `PermuteRun`, 
 planner hands to each tensor task as a parameter (hooks.py); the method itself holds no state.
 """
 
+import sys
+
 import torch
 from mergekit.merge_methods.base import (
     BasePolicy, GroupMergeMethod, InputContract, MergeMethodSpec, OptionalTensorPolicy,
     TensorGroup,
 )
 
+from mergekit_permute._autoload import enabled
 from mergekit_permute.settings import RecipeError, parameter_specs
 
 RUN_PARAM = "mergekit_permute_run"   # the run object, added by the planner hook
@@ -37,15 +40,14 @@ class PermuteMerge(GroupMergeMethod):
         return run.merge_tensor(group, weight)
 
 
-def _register_if_loaded() -> None:
-    """Importing this module may itself be what loaded MergeKit's registry (whose import hook
-    then had to wait for PermuteMerge to exist): register now, if the plugin is enabled."""
-    import sys
-
-    from mergekit_permute._autoload import enabled
-    if enabled() and "mergekit.merge_methods.registry" in sys.modules:
-        from mergekit_permute.mergekit.hooks import register_method
-        register_method()
+def register() -> None:
+    """Add `permute` to MergeKit's methods (once)."""
+    from mergekit.merge_methods import registry
+    if not any(m.spec.name == "permute" for m in registry.registered_methods()):
+        registry.register(PermuteMerge())
 
 
-_register_if_loaded()
+# Importing this module may itself be what loaded MergeKit's registry (whose import hook then
+# had to wait for PermuteMerge to exist): register now, if the plugin is enabled.
+if enabled() and "mergekit.merge_methods.registry" in sys.modules:
+    register()
