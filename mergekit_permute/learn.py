@@ -19,8 +19,10 @@ that fit one device.
 
 import copy
 import logging
+import math
 import time
-from typing import Dict, List, Sequence
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from tqdm.auto import tqdm
@@ -82,14 +84,14 @@ class Maps(torch.nn.Module):
     def _qk_block(self, key: str, h: HeadLayout) -> torch.Tensor:
         """[kv, d, d]: per KV group the map on query dims (h' = h @ M)."""
         d, rot = h.head_dim, h.qk_frozen_dims
-        m = torch.zeros(h.num_kv_heads, d, d)
-        m = m + torch.eye(d)
+        like = next(self.parameters())
+        m = torch.eye(d, dtype=like.dtype, device=like.device).repeat(h.num_kv_heads, 1, 1)
         if key in self.qk_log_r:
             half = rot // 2
             r = self.qk_log_r[key].exp()
             c, s = r * self.qk_angle[key].cos(), r * self.qk_angle[key].sin()   # [kv, half]
-            g = torch.arange(h.num_kv_heads)[:, None]                          # [kv, 1]
-            i = torch.arange(half)[None, :]
+            g = torch.arange(h.num_kv_heads, device=m.device)[:, None]         # [kv, 1]
+            i = torch.arange(half, device=m.device)[None, :]
             j = i + half                 # rotate_half pairs dim i with i + rot/2
             m = m.index_put((g, i, i), c).index_put((g, j, j), c)
             m = m.index_put((g, i, j), s).index_put((g, j, i), -s)
@@ -105,7 +107,7 @@ class Maps(torch.nn.Module):
             a = self.residual - self.residual.T
             if self.spec.residual_centered:   # keep the all-ones vector: S 1 = 0
                 d = a.shape[0]
-                p = torch.eye(d) - torch.full((d, d), 1.0 / d)
+                p = torch.eye(d, dtype=a.dtype, device=a.device) - 1.0 / d
                 a = p @ a @ p
             out["residual"] = {"": torch.matrix_exp(a)}
         for space in self.spec.spaces:
@@ -153,77 +155,159 @@ class Maps(torch.nn.Module):
         return out
 
 
-def _state(model) -> Dict[str, torch.Tensor]:
-    return {k: v.detach() for k, v in model.state_dict().items()}
+@dataclass(frozen=True)
+class Schedule:
+    """How the maps are learned: Adam for `steps` steps, a linear warmup then cosine decay of
+    `lr`; every step the merged loss at a fixed set of `lambdas` (averaged), or at one lambda
+    drawn uniformly from `lambda_range`."""
+
+    steps: int
+    lr: float
+    lambdas: Tuple[float, ...] = (0.5,)
+    lambda_range: Optional[Tuple[float, float]] = None
+    permute_ffn: bool = False
+    warmup: float = 0.05
+    seed: int = 0
+
+    @property
+    def eval_every(self) -> int:
+        return max(5, self.steps // 30)
+
+    @property
+    def patience(self) -> int:
+        """Steps without a better held-out loss before stopping (a third of the run: the
+        held-out loss of one slice is noisy, and the decaying rate still improves late)."""
+        return max(self.steps // 3, 4 * self.eval_every)
+
+    @property
+    def held_out_lambdas(self) -> Tuple[float, ...]:
+        return (sum(self.lambda_range) / 2,) if self.lambda_range else self.lambdas
+
+    def lr_factor(self, step: int) -> float:
+        warm = max(1, int(self.warmup * self.steps))
+        if step <= warm:
+            return step / warm
+        return 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, self.steps - warm)))
+
+    def lambdas_at(self, gen: torch.Generator) -> Tuple[float, ...]:
+        if self.lambda_range is None:
+            return self.lambdas
+        lo, hi = self.lambda_range
+        return (lo + (hi - lo) * float(torch.rand((), generator=gen)),)
+
+
+class _Problem:
+    """A (folded) and B (aligned by a start, folded the same way) on one device, and the merged
+    model's loss for a set of maps."""
+
+    def __init__(self, spec: PermutationSpec, model, state_a, state_b, start: Alignment,
+                 device: str):
+        self.spec, self.start, self.device = spec, start, device
+        self.rules = spec.weight_map()
+        gauge_a = fold_gauge(spec, start.gains_a) if start.folded else None
+        # The frame the maps act in: A with its gains folded, B aligned and folded the same way.
+        self.a = {k: (gauge_a.apply(self.rules[k].name, v) if gauge_a and k in self.rules
+                      else v).to(device) for k, v in state_a.items()}
+        self.b = {}
+        for k, v in state_b.items():
+            rule = self.rules.get(k)
+            t = start.fold.apply(rule.name, v) if start.folded and rule else v
+            self.b[k] = (apply_to_tensor(rule, t, start.transforms) if rule else t).to(device)
+        self.model = model
+
+    def loss(self, maps: "Maps", batches, lambdas: Sequence[float]) -> torch.Tensor:
+        t = maps.transforms()
+        b = {k: apply_to_tensor(self.rules[k], v, t, exact=False) if k in self.rules else v
+             for k, v in self.b.items()}
+        total = 0.0
+        for lam in lambdas:
+            params = {k: (lam * a + (1 - lam) * b[k]) if a.is_floating_point() else a
+                      for k, a in self.a.items()}
+            for batch in batches:
+                inputs = {k: v.to(self.device) for k, v in batch.items()}
+                total = total + torch.func.functional_call(self.model, params, args=(),
+                                                           kwargs=inputs).loss
+        return total / (len(lambdas) * len(batches))
 
 
 def learn(spec: PermutationSpec, model, state_a: Dict[str, torch.Tensor],
-          state_b: Dict[str, torch.Tensor], start: Alignment, train: List[Dict],
-          held_out: List[Dict], *, steps: int, lr: float, lambdas: Sequence[float],
-          device: str = "cpu", eval_every: int = 25, patience: int = 4,
-          permute_ffn: bool = False) -> Alignment:
-    """`start` (activation matching) refined by gradient descent. `model` is any instance of
-    the architecture (a container for functional calls); `train` / `held_out` are loss
-    batches (with labels) of the calibration text."""
+          state_b: Dict[str, torch.Tensor], starts: Sequence[Alignment],
+          batches: Tuple[List[Dict], List[Dict]], schedule: Schedule,
+          device: str = "cpu") -> Alignment:
+    """The best of `starts` (by held-out merged loss) refined by gradient descent. `model` is
+    any instance of the architecture (a container for functional calls); `batches` are the
+    (train, held-out) loss batches of the calibration text."""
     started = time.perf_counter()
-    rules = spec.weight_map()
-    folded = start.folded
-    gauge_a = fold_gauge(spec, start.gains_a) if folded else None
-    # The frame the maps act in: A with its gains folded, B aligned and folded the same way.
-    a_frame = {k: (gauge_a.apply(rules[k].name, v) if gauge_a and k in rules else v).to(device)
-               for k, v in state_a.items()}
-    b_frame = {}
-    for k, v in state_b.items():
-        t = start.fold.apply(rules[k].name, v) if folded and k in rules else v
-        b_frame[k] = (apply_to_tensor(rules[k], t, start.transforms) if k in rules else t).to(device)
-    maps = Maps(spec, rotate_residual=folded, permute_ffn=permute_ffn).to(device)
+    train, held_out = batches
     work = copy.deepcopy(model).to(device).eval()
     for p in work.parameters():
         p.requires_grad_(False)
-    names = list(state_a)
-
-    def merged_loss(batches, lams) -> torch.Tensor:
-        t = maps.transforms()
-        b = {k: apply_to_tensor(rules[k], v, t, exact=False) if k in rules else v
-             for k, v in b_frame.items()}
-        total = 0.0
-        for lam in lams:
-            params = {k: (lam * a_frame[k] + (1 - lam) * b[k]) if a_frame[k].is_floating_point()
-                      else a_frame[k] for k in names}
-            for batch in batches:
-                inputs = {k: v.to(device) for k, v in batch.items()}
-                out = torch.func.functional_call(work, params, args=(), kwargs=inputs)
-                total = total + out.loss
-        return total / (len(lams) * len(batches))
-
-    opt = torch.optim.Adam(maps.parameters(), lr=lr)
+    problem, maps, start_loss = None, None, float("inf")
     with torch.no_grad():
-        best = float(merged_loss(held_out, lambdas))
-    start_loss, best_step, best_state, bad = best, 0, copy.deepcopy(maps.state_dict()), 0
-    bar = tqdm(range(1, steps + 1), desc="learning maps", unit="step")
+        for candidate in starts:
+            trial = _Problem(spec, work, state_a, state_b, candidate, device)
+            trial_maps = Maps(spec, candidate.folded, schedule.permute_ffn).to(device)
+            loss = float(trial.loss(trial_maps, held_out, schedule.held_out_lambdas))
+            if loss < start_loss:
+                problem, maps, start_loss = trial, trial_maps, loss
+    best_state, best_step, best, step = copy.deepcopy(maps.state_dict()), 0, start_loss, 0
+    opt = torch.optim.Adam(maps.parameters(), lr=schedule.lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: schedule.lr_factor(i + 1))
+    gen = torch.Generator().manual_seed(schedule.seed)
     recent: List[float] = []
+    bar = tqdm(range(1, schedule.steps + 1), desc="learning maps", unit="step")
     for step in bar:
-        batch = [train[(step - 1) % len(train)]]
-        loss = merged_loss(batch, lambdas)
-        recent = (recent + [loss.item()])[-eval_every:]
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        bar.set_postfix(loss=f"{loss.item():.4f}", held_out=f"{best:.4f}")
-        if step % eval_every == 0 or step == steps:
+        try:
+            loss = problem.loss(maps, [train[(step - 1) % len(train)]], schedule.lambdas_at(gen))
+            if not torch.isfinite(loss):
+                raise FloatingPointError("the merged loss is not finite")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            recent = (recent + [loss.item()])[-schedule.eval_every:]
+            if step % schedule.eval_every and step != schedule.steps:
+                continue
             with torch.no_grad():
-                val = float(merged_loss(held_out, lambdas))
-            if val < best - 1e-6:
-                best, best_step, best_state, bad = val, step, copy.deepcopy(maps.state_dict()), 0
-            else:
-                bad += 1
-                if bad >= patience:
-                    LOG.info("held-out loss stopped improving at step %d", best_step)
-                    break
+                val = float(problem.loss(maps, held_out, schedule.held_out_lambdas))
+            if val != val:
+                raise FloatingPointError("the held-out loss is not finite")
+        except (torch.linalg.LinAlgError, FloatingPointError, RuntimeError) as e:
+            if isinstance(e, RuntimeError) and not isinstance(e, torch.linalg.LinAlgError) \
+                    and "singular" not in str(e).lower():
+                raise
+            LOG.warning("learned alignment: step %d failed (%s; the learning rate %g may be "
+                        "too high); keeping the best maps, from step %d", step,
+                        str(e).splitlines()[0], schedule.lr, best_step)
+            break
+        bar.set_postfix(loss=f"{sum(recent) / len(recent):.4f}", held_out=f"{best:.4f}")
+        if val < best - 1e-6:
+            best, best_step, best_state = val, step, copy.deepcopy(maps.state_dict())
+        elif step - best_step >= schedule.patience:
+            LOG.info("held-out loss stopped improving at step %d", best_step)
+            break
     bar.close()
     maps.load_state_dict(best_state)
+    out = _composed(problem.start, maps)
+    out.info["learned"] = {"steps_run": step, "best_step": best_step,
+                           "start": problem.start.info.get("matching", "activations"),
+                           "held_out_loss_start": round(start_loss, 6),
+                           "held_out_loss_best": round(best, 6),
+                           "train_loss_last": round(sum(recent) / max(len(recent), 1), 6),
+                           "lambdas": list(schedule.lambda_range or schedule.lambdas),
+                           "lambda_sampling": "uniform" if schedule.lambda_range else "fixed",
+                           "lr": schedule.lr, "schedule": "linear warmup, cosine decay",
+                           "maps": sorted({n.split(".")[0] for n, _ in maps.named_parameters()})}
+    out.timings["learn_seconds"] = round(time.perf_counter() - started, 2)
+    LOG.info("learned alignment: held-out merged loss %.4f -> %.4f (step %d of %d)",
+             start_loss, best, best_step, step)
+    return out
+
+
+def _composed(start: Alignment, maps: Maps) -> Alignment:
+    """`start` followed by the learned maps, in float64 (rotations orthogonal to rounding)."""
     with torch.no_grad():
-        learned = maps.final()
+        learned = maps.to(torch.float64).final()
     transforms: Transforms = {}
     for space, views in start.transforms.items():
         transforms[space] = {}
@@ -234,18 +318,6 @@ def learn(spec: PermutationSpec, model, state_a: Dict[str, torch.Tensor],
             elif t1.is_floating_point():
                 t1 = t1.detach().cpu().double()
             transforms[space][view] = compose(t0, t1)
-    out = Alignment(spec=spec, transforms=transforms, settings=start.settings,
-                    report=start.report, info=dict(start.info), gains_a=start.gains_a,
-                    gains_b=start.gains_b, timings=dict(start.timings))
-    out.info["learned"] = {"steps_run": step, "best_step": best_step,
-                           "held_out_loss_start": round(start_loss, 6),
-                           "held_out_loss_best": round(best, 6),
-                           "train_loss_last": round(sum(recent) / max(len(recent), 1), 6),
-                           "lambdas": list(lambdas), "lr": lr,
-                           "maps": sorted({n.split(".")[0] for n, _ in maps.named_parameters()})}
-    out.timings["learn_seconds"] = round(time.perf_counter() - started, 2)
-    LOG.info("learned alignment: held-out merged loss %.4f -> %.4f (step %d of %d)",
-             start_loss, best, best_step, step)
-    return out
-
-
+    return Alignment(spec=start.spec, transforms=transforms, settings=start.settings,
+                     report=start.report, info=dict(start.info), gains_a=start.gains_a,
+                     gains_b=start.gains_b, timings=dict(start.timings))

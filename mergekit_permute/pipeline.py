@@ -298,7 +298,7 @@ def learn_alignment(pair: Pair, start: Alignment, data: str, settings: AlignSett
     import transformers
 
     from mergekit_permute.barrier import eval_batches, objective_for
-    from mergekit_permute.learn import learn
+    from mergekit_permute.learn import Schedule, learn
     from mergekit_permute.settings import lambdas_of
     spec = pair.spec
     objective = objective_for(spec.architecture)
@@ -324,10 +324,19 @@ def learn_alignment(pair: Pair, start: Alignment, data: str, settings: AlignSett
         return {n: (t.float() if t.is_floating_point() else t)
                 for n, t in ((n, source.get(n)) for n in names)}
     state_a, state_b = state(sa), state(sb)
-    return learn(spec, container, state_a, state_b, start, batches[:-held], batches[-held:],
-                 steps=settings.learn_steps, lr=settings.learn_lr,
-                 lambdas=lambdas_of(settings.learn_lambdas), device=device,
-                 permute_ffn=settings.learn_permutations)
+    starts = [start]
+    if settings.learn_init == "best":
+        from mergekit_permute.weight_match import weight_match_alignment
+        try:
+            starts.append(weight_match_alignment(
+                spec, state_a, state_b, settings.model_copy(update={"matching": "weights"})))
+        except ValueError as e:   # settings weight matching cannot honour (residual=first, ...)
+            LOG.info("learn_init=best: no weight-matching start (%s)", e)
+    fixed, span = lambdas_of(settings.learn_lambdas)
+    schedule = Schedule(steps=settings.learn_steps, lr=settings.learn_lr, lambdas=fixed or (0.5,),
+                        lambda_range=span, permute_ffn=settings.learn_permutations)
+    return learn(spec, container, state_a, state_b, starts, (batches[:-held], batches[-held:]),
+                 schedule, device)
 
 
 def _state_of(source, pair: Pair) -> Dict[str, torch.Tensor]:

@@ -77,13 +77,19 @@ class AlignSettings(BaseModel):
         "and the models before it.", role="method", vanilla="base", scope="merge")
     learn_steps: int = option(300, "matching=learned: Adam steps (at most; a held-out slice of "
                               "the calibration text stops it early).", role="method",
-                              vanilla=300, only_if=("matching", "learned"), ge=1)
-    learn_lr: float = option(1e-2, "matching=learned: Adam learning rate.", role="method",
-                             vanilla=1e-2, only_if=("matching", "learned"), gt=0)
+                              vanilla=300, only_if=("matching", "learned"), ge=1, le=1_000_000)
+    learn_lr: float = option(1e-2, "matching=learned: Adam learning rate (0 < lr <= 1).",
+                             role="method", vanilla=1e-2, only_if=("matching", "learned"), gt=0,
+                             le=1.0, allow_inf_nan=False)
     learn_lambdas: str = option("0.5", "matching=learned: interpolation weights of A whose "
-                                "merged losses are minimised (separated by / or ,: "
-                                "0.25/0.5/0.75).", role="method", vanilla="0.5",
+                                "merged losses are minimised: a set averaged every step (0.5, "
+                                "0.25/0.5/0.75) or a range sampled uniformly every step "
+                                "(0.4-0.6).", role="method", vanilla="0.5",
                                 only_if=("matching", "learned"))
+    learn_init: Literal["activations", "best"] = option(
+        "activations", "matching=learned: start from activation matching, or from the better "
+        "(held-out merged loss) of activation and weight matching.", role="method",
+        vanilla="activations", only_if=("matching", "learned"))
     learn_permutations: bool = option(
         False, "matching=learned: also learn the FF permutations (straight-through estimator; "
         "slower).", role="method", vanilla=False, only_if=("matching", "learned"))
@@ -127,7 +133,8 @@ class AlignSettings(BaseModel):
     @field_validator("learn_lambdas")
     @classmethod
     def _lambdas(cls, value: str) -> str:
-        return "/".join(f"{v:g}" for v in lambdas_of(value))
+        fixed, span = lambdas_of(value)
+        return f"{span[0]:g}-{span[1]:g}" if span else "/".join(f"{v:g}" for v in fixed)
 
     def applies(self, name: str) -> bool:
         only_if = _meta(name)["only_if"]
@@ -201,18 +208,24 @@ class AlignSettings(BaseModel):
         return self.model_copy(update=AlignSettings(**merged).method_fields())
 
 
-def lambdas_of(text: str) -> List[float]:
-    """'0.25,0.5,0.75' (or separated by '/' or ';', e.g. inside `--methods`) -> [0.25, 0.5,
-    0.75], each strictly between 0 and 1."""
+def lambdas_of(text: str) -> Tuple[Tuple[float, ...], Optional[Tuple[float, float]]]:
+    """'0.5' or '0.25,0.5,0.75' (or separated by '/' or ';', e.g. inside `--methods`) -> a fixed
+    set and None; '0.4-0.6' -> () and the range. Every value strictly between 0 and 1."""
+    import math
     import re
+    text = str(text).strip()
+    span = re.fullmatch(r"([0-9.eE+]+)\s*-\s*([0-9.eE+]+)", text)
+    items = list(span.groups()) if span else re.split(r"\s*[,;/]\s*|\s+", text)
     try:
-        values = [float(x) for x in re.split(r"[,;/\s]+", str(text)) if x.strip()]
+        values = [float(x) for x in items]
     except ValueError:
         values = []
-    if not values or any(not 0.0 < v < 1.0 for v in values):
+    if not values or any(not (math.isfinite(v) and 0.0 < v < 1.0) for v in values) \
+            or (span and values[0] >= values[1]):
         raise ValueError(f"learn_lambdas={text!r}: interpolation weights strictly between 0 and "
-                         "1, separated by ',' or '/' (e.g. 0.5 or 0.25/0.5/0.75)")
-    return values
+                         "1, separated by ',' or '/' (e.g. 0.5 or 0.25/0.5/0.75), or a range "
+                         "low-high (e.g. 0.4-0.6)")
+    return ((), (values[0], values[1])) if span else (tuple(values), None)
 
 
 # The paper's ablations, on top of "nothing aligned" (barrier --methods).
@@ -236,7 +249,7 @@ class RunSettings(BaseModel):
         "auto", "Forward dtype on a GPU and the dtype written (auto: the checkpoint's; forwards "
         "on the CPU run in float32).", role="run")
     workers: Optional[int] = option(None, "Processes solving assignments (default: every core).",
-                                    role="run", ge=1)
+                                    role="run", ge=1, le=4096)
     cache: Literal["use", "refresh", "off"] = option(
         "use", "Calibration statistics cache: use a valid entry (else compute and store one), "
         "refresh it (recompute and store), or off (neither read nor write: nothing on disk, "

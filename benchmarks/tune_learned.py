@@ -1,0 +1,65 @@
+"""Tuning `matching: learned` on the TUNING zoo only (issue 22): Shakespeare Llama-GQA seeds of
+benchmarks/zoo.py (cpu size), disjoint pairs 1-2 and 3-4. Every candidate setting is a
+`barrier --methods` name, measured in the same run as vanilla and the default on the same text;
+the settings chosen here are then reported, unchanged, on the evaluation zoos
+(benchmarks/eval_quality.py), which are never used to choose anything.
+
+    python benchmarks/tune_learned.py [--pairs 1-2,3-4] [--threads 1]
+
+Output: benchmarks/results/tune/llama-<a>-<b>.json (resumable per pair).
+"""
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+
+OUT = HERE / "results" / "tune"
+LEARNED = "default+matching=learned"
+CANDIDATES = [
+    "vanilla", "default",
+    f"{LEARNED}+learn_lr=0.01+learn_steps=300",                                  # before
+    f"{LEARNED}+learn_lr=0.01+learn_steps=300+learn_lambdas=0.4-0.6",
+    f"{LEARNED}+learn_lr=0.003+learn_steps=600",
+    f"{LEARNED}+learn_lr=0.003+learn_steps=600+learn_lambdas=0.4-0.6",
+    f"{LEARNED}+learn_lr=0.003+learn_steps=600+learn_lambdas=0.4-0.6+learn_init=best",
+]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--pairs", default="1-2,3-4")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--methods", default=",".join(CANDIDATES))
+    args = ap.parse_args()
+    import torch
+
+    from benchmarks.zoo import zoo
+    from mergekit_permute.barrier import run_barrier
+    from mergekit_permute.settings import AlignSettings
+    torch.set_num_threads(args.threads)
+    pairs = [tuple(int(x) for x in p.split("-")) for p in args.pairs.split(",")]
+    _, paths = zoo("llama", max(max(p) for p in pairs), "cpu")
+    OUT.mkdir(parents=True, exist_ok=True)
+    for a, b in pairs:
+        out = OUT / f"llama-{a}-{b}.json"
+        if out.is_file():
+            continue
+        result = run_barrier(paths[a - 1], paths[b - 1], eval_data="shakespeare-eval",
+                             calibration="shakespeare-calib", methods=args.methods.split(","),
+                             settings=AlignSettings(samples=512, max_length=64, batch_size=16),
+                             eval_samples=256, eval_max_length=64, lambdas=11, cache="refresh")
+        result.update(arch="llama", seeds=[a, b], zoo="benchmarks/zoo.py --size cpu (Shakespeare)")
+        tmp = out.with_suffix(".partial")
+        tmp.write_text(json.dumps(result, indent=1) + "\n")
+        os.replace(tmp, out)
+        print(a, b, {m: (round(v["barrier"], 4), v.get("alignment_seconds"))
+                     for m, v in result["methods"].items()}, flush=True)
+
+
+if __name__ == "__main__":
+    main()
