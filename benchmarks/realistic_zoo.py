@@ -62,7 +62,8 @@ import transformers as T
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from realistic_corpus import build_corpus, load_split  # noqa: E402
-from mergekit_permute.zoo import build_tokenizer, mask_tokens  # noqa: E402
+from mergekit_permute.io.batches import mask_tokens  # noqa: E402
+from mergekit_permute.zoo import build_tokenizer  # noqa: E402
 
 LOG = logging.getLogger("realistic_zoo")
 HERE = Path(__file__).resolve().parent
@@ -150,7 +151,7 @@ class Batches:
 def mask_train(ids: torch.Tensor, special: torch.Tensor, mask_id: int, vocab: int,
                gen: torch.Generator, prob: float, p_mask: float = 0.8, p_random: float = 0.1):
     """BERT masking with configurable replacement: of the chosen `prob` of tokens, p_mask get
-    [MASK], p_random a random token, the rest stay (0.8/0.1 = mergekit_permute.zoo.mask_tokens)."""
+    [MASK], p_random a random token, the rest stay (0.8/0.1 = mergekit_permute.io.batches.mask_tokens)."""
     labels = ids.clone()
     chosen = (torch.rand(ids.shape, generator=gen) < prob) & ~special
     labels[~chosen] = -100

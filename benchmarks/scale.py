@@ -43,8 +43,8 @@ from transformers.models.llama import modeling_llama  # noqa: F401  (the model c
 from transformers import PreTrainedTokenizerFast  # noqa: F401
 start = time.perf_counter()
 if mode == "floor":
-    from mergekit_permute.calibrate import tokenize
-    from mergekit_permute.data import load_texts
+    from mergekit_permute.io.batches import tokenize
+    from mergekit_permute.io.data import load_texts
     a, b, device = args
     tok = transformers.AutoTokenizer.from_pretrained(a)
     tok.pad_token = tok.pad_token or tok.eos_token
@@ -79,7 +79,7 @@ def make_pair(root: Path, layers: int):
     import torch
     import transformers as T
 
-    from mergekit_permute.data import load_texts
+    from mergekit_permute.io.data import load_texts
     from mergekit_permute.zoo import build_tokenizer
     tok = build_tokenizer(SHAPE["vocab_size"], "llama", load_texts("shakespeare-train", 4000))
     paths = []
@@ -102,9 +102,9 @@ def solve_benchmark(width: int = 3072, spaces: int = 16) -> dict:
     import torch
 
     from mergekit_permute.settings import AlignSettings
-    from mergekit_permute.solve import Solver
+    from mergekit_permute.align.solve import Solver
     from mergekit_permute.spec.base import PermutationSpec, Space, WeightRule, Bind
-    from mergekit_permute.stats import CrossStats
+    from mergekit_permute.calibration.stats import CrossStats
     names = [f"ffn.{i}" for i in range(spaces)]
     spec = PermutationSpec(family="bench", architecture="Bench", num_layers=spaces, blocks="h",
                            spaces=tuple(Space(name=n, kind="ffn", size=width, layer=i)

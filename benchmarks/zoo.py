@@ -31,7 +31,7 @@ def zoo(arch: str, seeds: int, size: str = "cpu"):
 def unigram_entropy(cfg: ZooConfig) -> float:
     """Cross-entropy (nats/token) of a unigram model fit on the training split, on eval text:
     the loss a model that learned nothing but token frequencies would reach."""
-    from mergekit_permute.data import load_texts
+    from mergekit_permute.io.data import load_texts
     train, evals = load_texts("shakespeare-train"), load_texts("shakespeare-eval")
     tok = build_tokenizer(cfg.vocab, cfg.arch, train)
     counts = Counter(t for text in train for t in tok(text, add_special_tokens=False)["input_ids"])

@@ -29,7 +29,7 @@ def _run(hook: str) -> None:
         getattr(importlib.import_module("mergekit_permute.mergekit.hooks"), hook)()
     except Exception as e:  # never break MergeKit itself; say clearly what is lost
         try:
-            from importlib.metadata import version
+            from importlib.metadata import version  # (only when a hook failed)
             found = version("mergekit")
         except Exception:
             found = "unknown"

@@ -6,7 +6,8 @@ from typing import Dict, List, Optional, Tuple
 
 import yaml
 
-from mergekit_permute.alignment import summarize
+from mergekit_permute.core.alignment import summarize
+from mergekit_permute.io.checkpoints import resolve
 from mergekit_permute.settings import AlignSettings
 
 PLUGIN_URL = "https://github.com/arcee-ai/mergekit"
@@ -21,7 +22,6 @@ def is_hub_id(path: str) -> bool:
 
 def card_license(model: str) -> Optional[str]:
     """The `license:` of a model's own card (README.md front matter), if it states one."""
-    from mergekit_permute.checkpoints import resolve
     try:
         text = (resolve(model) / "README.md").read_text(encoding="utf-8")
     except (OSError, ValueError, UnicodeDecodeError):

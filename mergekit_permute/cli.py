@@ -1,13 +1,34 @@
 """`mergekit-permute align | apply | merge | barrier | demo`."""
 
 import functools
+import json
 import logging
+import shutil
 import sys
 from pathlib import Path
 
 import click
+from pydantic import ValidationError
 
+from mergekit_permute.align.pipeline import align as run_align
+from mergekit_permute.barrier import multi_table, run_barrier, run_multi, write_report
+from mergekit_permute.calibration.cache import cache_dir
+from mergekit_permute.calibration.dist import init_from_env
+from mergekit_permute.calibration.heap import own_heap
+from mergekit_permute.calibration.resume import checkpoint_seconds
+from mergekit_permute.card import barrier_table
+from mergekit_permute.core.permute import norm_gains
+from mergekit_permute.core.alignment import (
+    ALIGNMENT_FILE, PERMUTATIONS_FILE, load_alignment, locate, save_alignment, summarize,
+)
+from mergekit_permute.demo import run_demo
+from mergekit_permute.io.checkpoints import CheckpointSource, dtype_of, write_like
+from mergekit_permute.io.models import load_config, open_checkpoint, open_pair
+from mergekit_permute.io.outputs import atomic_dir, check_output, check_space, follow_umask
+from mergekit_permute.io.preflight import alignment_bytes, check_device, checkpoint_bytes
+from mergekit_permute.recipes import recipe_barrier, run_recipe
 from mergekit_permute.settings import RunSettings, choices, click_options, settings_from_cli
+from mergekit_permute.spec import spec_for_config
 
 LOG = logging.getLogger("mergekit_permute")
 
@@ -27,7 +48,6 @@ def _friendly(fn):
     """Turn our validation errors into UserError (message + exit 2)."""
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        from pydantic import ValidationError
         try:
             return fn(*args, **kwargs)
         except (ValueError, FileNotFoundError, FileExistsError, MemoryError,
@@ -41,20 +61,10 @@ def _friendly(fn):
 def main(verbose: bool) -> None:
     """Align and merge Transformers trained from different initializations."""
     _setup_logging(verbose)
-
-
-def _allow_pickle(ctx, param, value):
-    if value:
-        import os
-
-        from mergekit_permute.checkpoints import ALLOW_PICKLE_ENV
-        os.environ[ALLOW_PICKLE_ENV] = "1"
+    own_heap()
 
 
 def common_options(f):
-    f = click.option("--allow-unsafe-pickle", is_flag=True, callback=_allow_pickle,
-                     expose_value=False, help="Fully unpickle .bin checkpoints that the "
-                     "weights-only unpickler rejects (runs their code: trusted sources only).")(f)
     f = click.option("--no-cache", is_flag=True, help="Same as --cache refresh.")(f)
     return click_options(RunSettings)(click_options()(f))
 
@@ -63,11 +73,6 @@ def _cache_mode(run: RunSettings, no_cache: bool) -> str:
     if no_cache and run.cache == "off":
         raise UserError("--no-cache (= --cache refresh) contradicts --cache off: pass one")
     return "refresh" if no_cache else run.cache
-
-
-def _dtype(run: RunSettings):
-    from mergekit_permute.pipeline import DTYPES
-    return None if run.dtype == "auto" else DTYPES[run.dtype]
 
 
 @main.command()
@@ -83,12 +88,6 @@ def _dtype(run: RunSettings):
 @_friendly
 def align(model_a, model_b, data, out, permutations_only, overwrite, no_cache, **kw):
     """Write MODEL_B permuted into MODEL_A's basis (same function) to --out."""
-    from mergekit_permute.alignment import save_alignment
-    from mergekit_permute.checkpoints import write_like
-    from mergekit_permute.dist import init_from_env
-    from mergekit_permute.outputs import atomic_dir
-    from mergekit_permute.pipeline import align as run_align
-
     settings, run = settings_from_cli(kw), settings_from_cli(kw, RunSettings)
     cache = _cache_mode(run, no_cache)
     if data is None and settings.matching == "activations":
@@ -98,35 +97,30 @@ def align(model_a, model_b, data, out, permutations_only, overwrite, no_cache, *
     if not settings.function_preserving:
         raise UserError("attention=ignore_heads is not function-preserving, so `align` refuses "
                         "it; use it only as an ablation in `barrier` or a merge")
-    from mergekit_permute.models import open_pair
-    from mergekit_permute.outputs import check_output, check_space
-    from mergekit_permute.preflight import alignment_bytes, check_device, checkpoint_bytes
-    from mergekit_permute.stats_cache import cache_dir, checkpoint_seconds
     check_device(run.device)
     out = check_output(out, overwrite, [
         ("model A", model_a), ("model B", model_b), ("calibration data", data),
         ("statistics cache", None if cache == "off" else str(cache_dir()))])
     checkpoint_seconds()                        # MERGEKIT_PERMUTE_CHECKPOINT_SECONDS is sane
-    pair = open_pair(model_a, model_b)          # configs, tokenizers, every weight file
+    pair = open_pair(model_a, model_b, run.allow_unsafe_pickle)   # configs, tokenizers, weights
+    written = dtype_of(run.dtype)
     check_space(out, alignment_bytes(pair.spec, settings) + (
-        0 if permutations_only else checkpoint_bytes(pair.checkpoint_b, _dtype(run))))
+        0 if permutations_only else checkpoint_bytes(pair.checkpoint_b, written)))
     dist = init_from_env(run.device)
     device = f"cuda:{dist.rank}" if dist.active and run.device == "cuda" else run.device
-    alignment = run_align(model_a, model_b, data, settings, device=device, dtype=run.dtype,
-                          workers=run.workers, cache=cache, dist=dist, pair=pair)
+    alignment = run_align(model_a, model_b, data, settings, pair=pair, device=device,
+                          dtype=run.dtype, workers=run.workers, cache=cache, dist=dist)
     if not dist.is_main:
         return
     with atomic_dir(out, overwrite) as tmp:
         if not permutations_only:
-            write_like(pair.checkpoint_b, tmp, alignment.tensor, _dtype(run),
-                       desc="writing aligned B")
+            write_like(pair.checkpoint_b, tmp, alignment.tensor, written, desc="writing aligned B")
         save_alignment(alignment, tmp)
     _print_summary(alignment)
     click.echo(f"wrote {out}")
 
 
 def _print_summary(alignment) -> None:
-    from mergekit_permute.alignment import summarize
     click.echo(f"{'space':<10} {'corr before':>12} {'corr after':>11}")
     for kind, row in summarize(alignment.report).items():
         click.echo(f"{kind:<10} {row['mean_corr_before']:>12.4f} {row['mean_corr_after']:>11.4f}")
@@ -139,30 +133,19 @@ def _print_summary(alignment) -> None:
 @click.option("--overwrite", is_flag=True)
 @click.option("--dtype", type=click.Choice(choices("dtype", RunSettings)), default="auto",
               show_default=True, help="dtype written (auto: the checkpoint's).")
+@click.option("--allow-unsafe-pickle", is_flag=True,
+              help=RunSettings.model_fields["allow_unsafe_pickle"].description)
 @_friendly
-def apply(alignment, checkpoint, out, overwrite, dtype):
+def apply(alignment, checkpoint, out, overwrite, dtype, allow_unsafe_pickle):
     """Apply a saved alignment (a directory from `align`, or its permutations.safetensors) to
     CHECKPOINT, e.g. a later fine-tune of model B. Streams tensor by tensor."""
-    import json
-    import shutil
-
-    from mergekit_permute.alignment import (
-        ALIGNMENT_FILE, PERMUTATIONS_FILE, load_alignment, locate,
-    )
-    from mergekit_permute.checkpoints import CheckpointSource, write_like
-    from mergekit_permute.models import load_config, open_checkpoint
-    from mergekit_permute.outputs import atomic_dir, check_output, check_space, follow_umask
-    from mergekit_permute.preflight import checkpoint_bytes
-    from mergekit_permute.spec import spec_for_config
-
     folder, perms = locate(alignment)
     out = check_output(out, overwrite, [("alignment", str(folder)), ("checkpoint", checkpoint)])
     spec = spec_for_config(load_config(checkpoint))
-    source = open_checkpoint(checkpoint, spec)
-    written = _dtype(RunSettings(dtype=dtype))
+    source = open_checkpoint(checkpoint, spec, allow_unsafe_pickle)
+    written = dtype_of(dtype)
     check_space(out, checkpoint_bytes(source, written) + 2 * perms.stat().st_size)
-    reader = CheckpointSource(source, spec)
-    gains = {f.norm: reader.get(f.norm).double() for f in spec.norm_folds}
+    gains = norm_gains(spec, CheckpointSource(source, spec))
     aligned = load_alignment(alignment, spec, gains)       # every transform checked
     info_path = folder / (perms.stem.replace("permutations", "alignment", 1) + ".json")
     with atomic_dir(out, overwrite) as tmp:
@@ -186,13 +169,15 @@ def apply(alignment, checkpoint, out, overwrite, dtype):
               "against the recipe's alignment) on this evaluation text, and put its table and "
               "plot into the card.")
 @click.option("--barrier-lambdas", type=click.IntRange(min=3), default=11, show_default=True)
+@click.option("--allow-unsafe-pickle", is_flag=True,
+              help=RunSettings.model_fields["allow_unsafe_pickle"].description)
 @_friendly
-def merge(recipe, out, device, overwrite, barrier_data, barrier_lambdas):
+def merge(recipe, out, device, overwrite, barrier_data, barrier_lambdas, allow_unsafe_pickle):
     """Run a MergeKit recipe (any method; `permute` included) with an atomic output."""
-    from mergekit_permute.recipes import recipe_barrier, run_recipe
-    barrier = recipe_barrier(recipe, out, barrier_data, barrier_lambdas, device, overwrite) \
-        if barrier_data else None
-    run_recipe(recipe, out, device=device, overwrite=overwrite, barrier=barrier)
+    barrier = recipe_barrier(recipe, out, barrier_data, barrier_lambdas, device, overwrite,
+                             allow_unsafe_pickle) if barrier_data else None
+    run_recipe(recipe, out, device=device, overwrite=overwrite, barrier=barrier,
+               allow_unsafe_pickle=allow_unsafe_pickle)
     click.echo(f"wrote {out}")
 
 
@@ -221,14 +206,6 @@ def barrier(models, eval_data, calibration, methods, lambdas, eval_samples,
 
     With three or more MODELS: the loss of the N-model merge (all aligned to the first) for
     each method, against each parent and the vanilla N-average."""
-    import json
-
-    from mergekit_permute.barrier import multi_table, run_barrier, run_multi, write_report
-    from mergekit_permute.card import barrier_table
-    from mergekit_permute.outputs import atomic_dir, check_output
-    from mergekit_permute.preflight import check_device
-    from mergekit_permute.stats_cache import cache_dir
-
     settings, run = settings_from_cli(kw), settings_from_cli(kw, RunSettings)
     cache = _cache_mode(run, no_cache)
     check_device(run.device)
@@ -245,7 +222,8 @@ def barrier(models, eval_data, calibration, methods, lambdas, eval_samples,
         ("statistics cache", None if cache == "off" else str(cache_dir()))])
     common = dict(eval_data=eval_data, calibration=calibration, methods=names, settings=settings,
                   eval_samples=eval_samples, eval_max_length=eval_max_length, seed=seed,
-                  device=run.device, cache=cache, workers=run.workers)
+                  device=run.device, cache=cache, workers=run.workers,
+                  allow_unsafe_pickle=run.allow_unsafe_pickle)
     if len(models) > 2:
         result = run_multi(models, **common)
         with atomic_dir(out, overwrite) as tmp:
@@ -270,8 +248,6 @@ def barrier(models, eval_data, calibration, methods, lambdas, eval_samples,
 @_friendly
 def demo(out, arch, quick, seed, overwrite):
     """Train two small models from different seeds, measure the barrier, merge. No download."""
-    from mergekit_permute.card import barrier_table
-    from mergekit_permute.demo import run_demo
 
     result = run_demo(out, arch=arch, size="quick" if quick else "full", seeds=(seed, seed + 1),
                       overwrite=overwrite)

@@ -9,6 +9,9 @@ from typing import Dict
 
 import yaml
 
+from mergekit_permute.barrier import run_barrier, write_report
+from mergekit_permute.io.outputs import check_output
+from mergekit_permute.recipes import run_recipe
 from mergekit_permute.settings import AlignSettings
 from mergekit_permute.zoo import ZooConfig, train_pair
 
@@ -18,7 +21,7 @@ SIZES = {
     # ~3-4 minutes on 2 CPU cores.
     "full": dict(hidden=128, layers=4, heads=4, kv_heads=2, intermediate=512, vocab=1024,
                  seq_len=64, batch=32, steps=400),
-    # The same code path, small enough for CI (~30 s).
+    # The same code path, small enough for CI.
     "quick": dict(hidden=64, layers=2, heads=4, kv_heads=2, intermediate=256, vocab=512,
                   seq_len=32, batch=32, steps=120),
 }
@@ -28,10 +31,6 @@ EVAL = {"full": dict(samples=256, max_length=64, calib=512, lambdas=21),
 
 def run_demo(out: Path, arch: str = "llama", size: str = "full", seeds=(1, 2),
              overwrite: bool = False) -> Dict:
-    from mergekit_permute.barrier import run_barrier, write_report
-    from mergekit_permute.outputs import check_output
-    from mergekit_permute.recipes import run_recipe
-
     # A new directory, or an earlier demo's (its models are reused, its reports replaced).
     out = check_output(out / "merged", overwrite).parent if _earlier_demo(Path(out)) else \
         check_output(out, overwrite=False)

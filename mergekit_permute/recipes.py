@@ -5,11 +5,23 @@ from pathlib import Path
 from typing import Dict, Optional
 
 import yaml
+from mergekit.config import MergeConfiguration
+from mergekit.merge import run_merge
+from mergekit.options import MergeOptions
+from pydantic import ValidationError
+
+from mergekit_permute.barrier import run_barrier, write_report
+from mergekit_permute.calibration.cache import cache_dir
+from mergekit_permute.io.checkpoints import Checkpoint
+from mergekit_permute.io.models import load_config
+from mergekit_permute.io.outputs import atomic_dir, check_output, check_space, follow_umask
+from mergekit_permute.io.preflight import check_device, checkpoint_bytes
+from mergekit_permute.mergekit import install
+from mergekit_permute.mergekit.run import PermuteRun, validate_recipe
+from mergekit_permute.settings import DATA_PARAM
 
 
 def load_recipe(path: Path):
-    from mergekit.config import MergeConfiguration
-    from pydantic import ValidationError
     try:
         raw = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
     except yaml.YAMLError as e:
@@ -26,7 +38,6 @@ def load_recipe(path: Path):
 
 def check_architectures(config, path: Path) -> None:
     """MergeKit merges one architecture at a time; say so before any work."""
-    from mergekit_permute.models import load_config
     found: Dict[str, str] = {}
     for ref in config.referenced_models():
         archs = getattr(load_config(ref.model.path), "architectures", None) or ["?"]
@@ -39,8 +50,6 @@ def check_architectures(config, path: Path) -> None:
 
 def estimated_bytes(config) -> int:
     """The merge's size: the base model's (or the first model's) weights."""
-    from mergekit_permute.checkpoints import Checkpoint
-    from mergekit_permute.preflight import checkpoint_bytes
     ref = config.base_model or config.referenced_models()[0]
     try:
         return checkpoint_bytes(Checkpoint(ref.model.path))
@@ -50,8 +59,6 @@ def estimated_bytes(config) -> int:
 
 def recipe_inputs(path: Path, config):
     """Everything a recipe reads: the recipe, its models, its calibration text, the cache."""
-    from mergekit_permute.settings import DATA_PARAM
-    from mergekit_permute.stats_cache import cache_dir
     inputs = [("recipe", str(path)), *((f"model {ref.model.path}", ref.model.path)
                                        for ref in config.referenced_models())]
     if config.merge_method == "permute":
@@ -61,11 +68,8 @@ def recipe_inputs(path: Path, config):
 
 
 def recipe_barrier(path: Path, out: Path, eval_data: str, lambdas: int, device: str,
-                   overwrite: bool) -> Dict:
+                   overwrite: bool, allow_unsafe_pickle: bool = False) -> Dict:
     """The loss barrier of a two-model `permute` recipe: vanilla against its own alignment."""
-    from mergekit_permute.barrier import run_barrier
-    from mergekit_permute.mergekit.run import validate_recipe
-    from mergekit_permute.outputs import check_output
     config = load_recipe(path)
     if config.merge_method != "permute":
         raise ValueError(f"{path}: --barrier measures a `permute` merge's alignment; this recipe "
@@ -78,18 +82,12 @@ def recipe_barrier(path: Path, out: Path, eval_data: str, lambdas: int, device: 
     vanilla = settings.with_method("vanilla")
     return run_barrier(base, others[0], eval_data=eval_data, calibration=data,
                        methods={"vanilla": vanilla, "this merge": settings}, lambdas=lambdas,
-                       settings=settings, device=device)
+                       settings=settings, device=device, allow_unsafe_pickle=allow_unsafe_pickle)
 
 
 def run_recipe(path: Path, out: Path, *, device: str = "cpu", overwrite: bool = False,
-               barrier: Optional[Dict] = None) -> None:
-    from mergekit.merge import run_merge
-    from mergekit.options import MergeOptions
+               barrier: Optional[Dict] = None, allow_unsafe_pickle: bool = False) -> None:
 
-    from mergekit_permute.mergekit import install
-    from mergekit_permute.mergekit.run import PermuteRun
-    from mergekit_permute.outputs import atomic_dir, check_output, check_space, follow_umask
-    from mergekit_permute.preflight import check_device
     install()
     check_device(device)
     config = load_recipe(path)
@@ -101,14 +99,13 @@ def run_recipe(path: Path, out: Path, *, device: str = "cpu", overwrite: bool = 
     check_architectures(config, path)
     check_space(out, estimated_bytes(config))
     if config.merge_method == "permute":
-        run = PermuteRun(config, device).attach()      # validates the recipe now
+        run = PermuteRun(config, device, allow_unsafe_pickle).attach()   # validates the recipe
         run.output_name, run.barrier = out.name, barrier
     source = Path(path).read_text(encoding="utf-8")
     with atomic_dir(out, overwrite) as tmp:
         run_merge(config, str(tmp), options=MergeOptions(device=device, quiet=False),
                   config_source=source)
         if barrier is not None:
-            from mergekit_permute.barrier import write_report
             write_report(barrier, tmp)
         for f in tmp.rglob("*"):    # MergeKit writes its shards 0600
             follow_umask(f, 0o777 if f.is_dir() else 0o666)

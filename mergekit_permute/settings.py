@@ -1,23 +1,21 @@
 """The one settings schema: every option of an alignment, once.
 
-Each `AlignSettings` field carries its recipe name (MergeKit `parameters:` key), its CLI flag,
-its help text and its role. The click options, MergeKit's ParameterSpecs, recipe validation,
-the `barrier --methods` grammar and the label written into cards and alignment.json are all
-generated from these fields: adding an option is adding one field.
-
-Roles:
-  method       what is aligned and how (a `barrier --methods` suffix, e.g. `+vo=orthogonal`);
-               `vanilla` is its value in the "nothing aligned" baseline.
-  calibration  how the statistics are gathered (part of the statistics cache key).
-  run          how the work is executed (does not change the result beyond float rounding).
-Scope `merge`: used when merging (recipes, barrier sweeps), not by `align`.
+Each field carries its recipe key, CLI flag, help and role (method: what is aligned; run: how
+it executes; calibration: how statistics are gathered, part of the cache key). Click options,
+MergeKit's ParameterSpecs, recipe validation, `barrier --methods` names and card labels are all
+generated from the fields.
 """
 
 from __future__ import annotations
 
+import math
+import re
 from typing import Any, Dict, List, Literal, Optional, Tuple, get_args, get_origin
 
+import click
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from mergekit_permute.spec.base import Fused
 
 DEFAULT_DATA = "shakespeare-calib"
 DATA_PARAM = "calibration_data"      # recipe key of the calibration text (CLI: --data)
@@ -136,6 +134,11 @@ class AlignSettings(BaseModel):
         fixed, span = lambdas_of(value)
         return f"{span[0]:g}-{span[1]:g}" if span else "/".join(f"{v:g}" for v in fixed)
 
+    def moves(self, space) -> bool:
+        """Whether these settings move a space of the spec at all."""
+        return not space.frozen and {"ffn": self.ffn, "attention": self.attention,
+                                     "residual": self.residual}[space.kind] != "identity"
+
     def applies(self, name: str) -> bool:
         only_if = _meta(name)["only_if"]
         return only_if is None or getattr(self, only_if[0]) == only_if[1]
@@ -211,8 +214,6 @@ class AlignSettings(BaseModel):
 def lambdas_of(text: str) -> Tuple[Tuple[float, ...], Optional[Tuple[float, float]]]:
     """'0.5' or '0.25,0.5,0.75' (or separated by '/' or ';', e.g. inside `--methods`) -> a fixed
     set and None; '0.4-0.6' -> () and the range. Every value strictly between 0 and 1."""
-    import math
-    import re
     text = str(text).strip()
     span = re.fullmatch(r"([0-9.eE+]+)\s*-\s*([0-9.eE+]+)", text)
     items = list(span.groups()) if span else re.split(r"\s*[,;/]\s*|\s+", text)
@@ -250,6 +251,9 @@ class RunSettings(BaseModel):
         "on the CPU run in float32).", role="run")
     workers: Optional[int] = option(None, "Processes solving assignments (default: every core).",
                                     role="run", ge=1, le=4096)
+    allow_unsafe_pickle: bool = option(
+        False, "Fully unpickle .bin checkpoints that the weights-only unpickler rejects (runs "
+        "their code: trusted sources only).", role="run", cli="--allow-unsafe-pickle/--safe-pickle")
     cache: Literal["use", "refresh", "off"] = option(
         "use", "Calibration statistics cache: use a valid entry (else compute and store one), "
         "refresh it (recompute and store), or off (neither read nor write: nothing on disk, "
@@ -293,8 +297,6 @@ def value_type(name: str, model=AlignSettings) -> type:
 
 def click_options(model=AlignSettings, *, exclude_scope: Tuple[str, ...] = ("merge",)):
     """Decorator adding one click option per field (`--max-length`, `--qk`, ...)."""
-    import click
-
     def decorate(f):
         for name in reversed(list(model.model_fields)):
             meta, info = _meta(name, model), model.model_fields[name]
@@ -323,22 +325,6 @@ def settings_from_cli(kwargs: Dict[str, Any], model=AlignSettings):
     return model(**{n: kwargs.pop(n) for n in list(kwargs) if n in model.model_fields})
 
 
-def parameter_specs():
-    """MergeKit ParameterSpecs for `merge_method: permute` (documentation and defaults;
-    values are validated by AlignSettings.from_recipe)."""
-    from mergekit.merge_methods.base import ParameterScope, ParameterSpec
-    specs = [ParameterSpec(WEIGHT_PARAM, float, ParameterScope.INPUT, default=1.0,
-                           description="Per-model weight of the average."),
-             ParameterSpec(DATA_PARAM, str, ParameterScope.SHARED, default=DEFAULT_DATA,
-                           description="Calibration text: .txt, .jsonl, dataset id or "
-                           "shakespeare-calib (shipped).")]
-    for key, name in recipe_names().items():
-        info = AlignSettings.model_fields[name]
-        specs.append(ParameterSpec(key, value_type(name), ParameterScope.SHARED,
-                                   default=info.default, description=info.description))
-    return tuple(specs)
-
-
 # ---- settings against an architecture ---------------------------------------------------------
 
 def residual_policy(settings: AlignSettings, spec) -> str:
@@ -352,7 +338,6 @@ def residual_policy(settings: AlignSettings, spec) -> str:
 
 def check_settings(spec, settings: AlignSettings) -> None:
     """Refuse settings the architecture cannot honour, before any expensive work."""
-    from mergekit_permute.spec.base import Fused
     if settings.matching == "weights" and settings.qk != "follow_vo":
         raise ValueError(f"qk={settings.qk} matches query/key activations; weight matching "
                          "(matching=weights) supports qk=follow_vo only")

@@ -11,10 +11,14 @@ from typing import Dict, List, Literal
 
 import torch
 import transformers as T
+from tokenizers import (
+    Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers,
+)
 from pydantic import BaseModel, ConfigDict
 from tqdm.auto import tqdm
 
-from mergekit_permute.data import load_texts
+from mergekit_permute.io.batches import mask_tokens
+from mergekit_permute.io.data import load_texts
 
 LOG = logging.getLogger(__name__)
 Arch = Literal["bert", "llama", "neox", "phi3", "gemma"]
@@ -39,7 +43,6 @@ class ZooConfig(BaseModel):
 
 def build_tokenizer(vocab: int, arch: Arch, texts: List[str]) -> T.PreTrainedTokenizerFast:
     """A lowercase byte-level-free BPE trained on the shipped text (deterministic)."""
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
     tok = Tokenizer(models.BPE(unk_token="[UNK]"))
     tok.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase()])
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
@@ -48,7 +51,6 @@ def build_tokenizer(vocab: int, arch: Arch, texts: List[str]) -> T.PreTrainedTok
     if arch == "bert":
         tok.post_processor = processors.TemplateProcessing(
             single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
-    from tokenizers import decoders
     tok.decoder = decoders.BPEDecoder()
     kw = dict(pad_token="[PAD]", unk_token="[UNK]")
     if arch == "bert":
@@ -102,20 +104,6 @@ def build_model(cfg: ZooConfig, vocab_size: int, seed: int):
                            bos_token_id=2, eos_token_id=3, tie_word_embeddings=False)
     config.architectures = ["LlamaForCausalLM"]
     return T.LlamaForCausalLM(config)
-
-
-def mask_tokens(input_ids: torch.Tensor, special: torch.Tensor, mask_id: int, vocab: int,
-                gen: torch.Generator, prob: float = 0.15):
-    """BERT masking (80% [MASK], 10% random, 10% kept) -> (inputs, labels with -100 elsewhere)."""
-    labels = input_ids.clone()
-    chosen = (torch.rand(input_ids.shape, generator=gen) < prob) & ~special
-    labels[~chosen] = -100
-    inputs = input_ids.clone()
-    roll = torch.rand(input_ids.shape, generator=gen)
-    inputs[chosen & (roll < 0.8)] = mask_id
-    rand_pos = chosen & (roll >= 0.8) & (roll < 0.9)
-    inputs[rand_pos] = torch.randint(len(SPECIAL), vocab, input_ids.shape, generator=gen)[rand_pos]
-    return inputs, labels
 
 
 def lm_batch(tokenizer, texts: List[str], arch: Arch, seq_len: int, gen: torch.Generator

@@ -56,7 +56,7 @@ def third_model(src: str, out: Path, noise: float, permute_seed=None) -> str:
     import torch
     import transformers as T
 
-    from mergekit_permute.permute import apply_to_model, random_transforms
+    from mergekit_permute.core.permute import apply_to_model, random_transforms
     from mergekit_permute.spec import spec_for_config
     model = T.AutoModelForCausalLM.from_pretrained(src)
     if permute_seed is not None:

@@ -7,15 +7,17 @@ import transformers as T
 from click.testing import CliRunner
 from safetensors.torch import load_file
 
-from mergekit_permute.alignment import read_alignment_files
-from mergekit_permute.calibrate import calibrate, tokenize
+from mergekit_permute.core.alignment import read_alignment_files
+from mergekit_permute.calibration.calibrate import calibrate
+from mergekit_permute.io.batches import tokenize
 from mergekit_permute.cli import main
-from mergekit_permute.data import load_texts
-from mergekit_permute.models import load_model, open_pair
-from mergekit_permute.permute import apply_to_model, random_transforms
-from mergekit_permute.pipeline import align_pair, prepare_calibration, statistics
+from mergekit_permute.io.data import load_texts
+from mergekit_permute.io.models import load_model, open_pair
+from mergekit_permute.core.permute import apply_to_model, random_transforms
+from mergekit_permute.align.pipeline import align_pair
+from mergekit_permute.calibration.collect import Workload, prepare_calibration, statistics
 from mergekit_permute.settings import AlignSettings
-from mergekit_permute.solve import compute_alignment, qk_matched
+from mergekit_permute.align.solve import compute_alignment, qk_matched
 from mergekit_permute.spec import spec_for_config
 
 ALIGN_ARGS = ["--data", "shakespeare-calib", "--samples", "120", "--max-length", "32"]
@@ -109,8 +111,8 @@ def test_qk_matching_keeps_b_function_and_matches_queries_better(zoo, qk):
     # Against the paper's rule (Q/K follow V) on the same statistics: the query/key agreement
     # is higher; separate keeps the V/O assignment exactly, joint trades a little of it.
     pair = open_pair(a, b)
-    stats = statistics(pair, prepare_calibration(pair, "shakespeare-calib", settings), settings,
-                       qk=True)
+    stats = statistics(Workload(pair), prepare_calibration(pair, "shakespeare-calib", settings),
+                       settings, qk=True)
     follow = compute_alignment(alignment.spec, stats, settings.model_copy(update={"qk": "follow_vo"}))
     for name, space in alignment.report.items():
         if space["kind"] != "attention":

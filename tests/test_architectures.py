@@ -9,7 +9,7 @@ import transformers as T
 import yaml
 from click.testing import CliRunner
 
-from mergekit_permute.pipeline import align_pair
+from mergekit_permute.align.pipeline import align_pair
 from mergekit_permute.settings import AlignSettings
 
 ENC = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48,

@@ -9,7 +9,7 @@ import transformers as T
 from click.testing import CliRunner
 
 from mergekit_permute.cli import main
-from mergekit_permute.stats import CrossStats
+from mergekit_permute.calibration.stats import CrossStats
 
 
 def _variant(src: str, dst, **overrides):
@@ -136,7 +136,7 @@ def test_zero_variance_and_low_precision_features_give_finite_correlations():
     corr = s.correlation()
     assert torch.isfinite(corr).all()
     assert torch.all(corr[1] == 0)
-    from mergekit_permute.match import match_plain
+    from mergekit_permute.core.match import match_plain
     perm = match_plain(corr)
     assert sorted(perm.tolist()) == [0, 1, 2]
 

@@ -2,7 +2,8 @@ import json
 
 import pytest
 
-from mergekit_permute.barrier import barrier_values, run_barrier
+from mergekit_permute.barrier import run_barrier
+from mergekit_permute.evaluate import barrier_values
 from mergekit_permute.settings import AlignSettings
 from tests.conftest import invoke
 
@@ -81,7 +82,7 @@ def test_barrier_refuses_models_without_a_loss(tmp_path):
     model = build("BertModel")
     model.save_pretrained(tmp_path / "enc")
     with pytest.raises(ValueError, match="no loss to measure"):
-        from mergekit_permute.barrier import objective_for
+        from mergekit_permute.evaluate import objective_for
         objective_for(model)
 
 

@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
-from mergekit_permute.blocks import BlockModel
+from mergekit_permute.calibration.blocks import BlockModel
 from tests.conftest import cli, invoke, run_cli
 
 ARGS = ["--samples", "64", "--max-length", "32"]
@@ -138,7 +138,7 @@ def test_space_is_estimated_in_readable_units(pair, tmp_path, monkeypatch, no_fo
 
 
 def test_a_full_disk_while_writing_is_one_line_and_leaves_nothing(pair, tmp_path, monkeypatch):
-    import mergekit_permute.checkpoints as checkpoints
+    import mergekit_permute.io.checkpoints as checkpoints
 
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
@@ -255,8 +255,8 @@ def test_numbers_and_devices_are_checked_before_work(pair, tmp_path, args, needl
 
 
 def test_a_singular_map_falls_back_to_the_best_step(pair, monkeypatch, caplog):
-    from mergekit_permute import learn
-    from mergekit_permute.pipeline import align_pair
+    from mergekit_permute.align import learn
+    from mergekit_permute.align.pipeline import align_pair
     from mergekit_permute.settings import AlignSettings
     real, calls = learn.Maps.transforms, {"n": 0}
 
@@ -338,8 +338,8 @@ parts = st.sampled_from(["", ".", "..", "A", "B", "sub", "~", "/", "x y", "A/.."
 @given(path=st.lists(parts, min_size=0, max_size=3).map(lambda p: "/".join(p)),
        overwrite=st.booleans())
 def test_fuzzed_out_paths_never_touch_the_inputs(zoo, tmp_path_factory, path, overwrite):
-    from mergekit_permute.outputs import check_output
-    from mergekit_permute.preflight import PreflightError
+    from mergekit_permute.io.outputs import check_output
+    from mergekit_permute.io.preflight import PreflightError
     root = tmp_path_factory.mktemp("fuzz")
     for name in ("A", "B"):
         (root / name).mkdir()
@@ -362,7 +362,7 @@ def test_fuzzed_out_paths_never_touch_the_inputs(zoo, tmp_path_factory, path, ov
 @given(key=st.sampled_from(["residual", "attn.0/q", "attn.0/o", "attn.1/v", "ffn.0", "ffn.1/gate"]),
        how=st.sampled_from(["swap", "scale", "noise", "nan"]))
 def test_fuzzed_tampering_is_refused_or_exact(aligned_once, key, how):
-    from mergekit_permute.alignment import load_alignment
+    from mergekit_permute.core.alignment import load_alignment
     folder, spec, gains_b, state, logits, inputs = aligned_once
     flat = load_file(str(folder / "permutations.safetensors"))
     t = flat[key].clone()
@@ -393,8 +393,8 @@ def test_fuzzed_tampering_is_refused_or_exact(aligned_once, key, how):
 
 @pytest.fixture(scope="module")
 def aligned_once(zoo, tmp_path_factory):
-    from mergekit_permute.checkpoints import CheckpointSource
-    from mergekit_permute.models import load_config, open_checkpoint
+    from mergekit_permute.io.checkpoints import CheckpointSource
+    from mergekit_permute.io.models import load_config, open_checkpoint
     from mergekit_permute.spec import spec_for_config
     a, b = zoo("llama")
     root = tmp_path_factory.mktemp("tamper")
@@ -408,3 +408,20 @@ def aligned_once(zoo, tmp_path_factory):
     with torch.no_grad():
         logits = model(**inputs).logits
     return root / "aln", spec, gains_b, model.state_dict(), logits, inputs
+
+
+@pytest.mark.parametrize("arch", ["llama", "bert"])
+@pytest.mark.parametrize("update", [{"matching": "learned", "learn_steps": 6},
+                                    {"vo": "orthogonal"}])
+def test_every_map_the_tool_makes_passes_the_symmetry_check(zoo, tmp_path, arch, update):
+    from mergekit_permute.align.pipeline import align_pair
+    from mergekit_permute.core.alignment import load_alignment, save_alignment
+    from mergekit_permute.core.permute import norm_gains
+    from mergekit_permute.settings import AlignSettings
+    a, b = zoo(arch)
+    settings = AlignSettings(samples=64, max_length=32, **update)
+    alignment, _, model_b, _ = align_pair(a, b, "shakespeare-calib", settings)
+    save_alignment(alignment, tmp_path)
+    loaded = load_alignment(tmp_path, alignment.spec, norm_gains(alignment.spec,
+                                                                 model_b.state_dict()))
+    assert loaded.transforms.keys() == alignment.transforms.keys()

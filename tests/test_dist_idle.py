@@ -12,7 +12,7 @@ import torch
 import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
-from mergekit_permute.stats import CrossStats
+from mergekit_permute.calibration.stats import CrossStats
 from tests.conftest import invoke
 
 
@@ -44,7 +44,7 @@ def _rank_stats(rank, d=12):
 def _reduce_worker(rank, init, out):
     import torch.distributed as td
 
-    from mergekit_permute.dist import Distributed
+    from mergekit_permute.calibration.dist import Distributed
     td.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
     try:
         reduced = Distributed().reduce(_rank_stats(rank))

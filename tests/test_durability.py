@@ -16,7 +16,7 @@ ARGS = ["--data", "shakespeare-calib", "--samples", "120", "--max-length", "32"]
 # Run `align`, but stall inside the output directory write so the test can kill it there.
 STALLING_ALIGN = """
 import sys, time
-import mergekit_permute.alignment as align
+import mergekit_permute.core.alignment as align
 real = align.save_alignment
 def stall(alignment, out_dir):
     real(alignment, out_dir)

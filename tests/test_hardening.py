@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file
 
-from mergekit_permute.blocks import BlockModel
+from mergekit_permute.calibration.blocks import BlockModel
 from tests.conftest import cli, invoke, run_cli
 
 ARGS = ["--samples", "64", "--max-length", "32"]
@@ -212,13 +212,13 @@ def test_cache_off_neither_reads_nor_writes(zoo, tmp_path, monkeypatch, caplog):
 
 
 def test_a_failed_cache_write_is_a_warning(zoo, tmp_path, monkeypatch, caplog):
-    import mergekit_permute.stats_cache as cache
+    import mergekit_permute.calibration.resume as resume
 
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
     a, b = zoo("llama")
     monkeypatch.setenv("MERGEKIT_PERMUTE_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(cache, "_write_file", full)
+    monkeypatch.setattr(resume, "_write_file", full)
     caplog.set_level("WARNING")
     r = _align(a, b, tmp_path / "o", "--no-cache")
     assert r.returncode == 0, r.stderr
@@ -242,16 +242,16 @@ def test_outputs_follow_the_umask_and_stale_partials_are_removed(zoo, tmp_path):
 
 
 def test_an_output_that_appears_during_the_run_is_never_replaced(zoo, tmp_path, monkeypatch):
-    import mergekit_permute.alignment as alignment
+    import mergekit_permute.cli as cli_module
     a, b = zoo("llama")
     out = tmp_path / "o"
-    real = alignment.save_alignment
+    real = cli_module.save_alignment
 
     def racing(al, folder, suffix=""):
         real(al, folder, suffix)
         out.mkdir()
         (out / "model.safetensors").write_text("another run's result")
-    monkeypatch.setattr(alignment, "save_alignment", racing)
+    monkeypatch.setattr(cli_module, "save_alignment", racing)
     r = _align(a, b, out)
     _one_line_exit_2(r, "appeared while this run was writing", "conflict-")
     assert (out / "model.safetensors").read_text() == "another run's result"

@@ -10,8 +10,8 @@ from click.testing import CliRunner
 from safetensors.torch import load_file
 
 from mergekit_permute.cli import main
-from mergekit_permute.learn import Maps
-from mergekit_permute.permute import (
+from mergekit_permute.align.learn import Maps
+from mergekit_permute.core.permute import (
     Scaled, apply_to_model, as_matrix, compose, fold_scales,
 )
 from mergekit_permute.spec import spec_for_config

@@ -125,8 +125,8 @@ def test_the_plugin_adds_nothing_to_mergekit_but_permute_and_bertforpretraining(
         "from mergekit.architecture.json_definitions import NAME_TO_ARCH\n"
         "print(json.dumps({'methods': sorted(m.spec.name for m in mm.registered_methods()),"
         " 'archs': sorted(NAME_TO_ARCH), 'ids': {k: id(v) for k, v in NAME_TO_ARCH.items()},"
-        " 'heavy': sorted(m for m in ('scipy', 'scipy.optimize', 'mergekit_permute.pipeline',"
-        " 'mergekit_permute.match', 'mergekit_permute.blocks') if m in sys.modules)}))\n")
+        " 'heavy': sorted(m for m in ('scipy', 'scipy.optimize', 'mergekit_permute.align.pipeline',"
+        " 'mergekit_permute.core.match', 'mergekit_permute.calibration.blocks') if m in sys.modules)}))\n")
     import json
     runs = {}
     for disabled in (True, False):

@@ -9,9 +9,9 @@ import transformers as T
 from click.testing import CliRunner
 
 from mergekit_permute.cli import main
-from mergekit_permute.models import load_model
-from mergekit_permute.multi import align_all
-from mergekit_permute.pipeline import align
+from mergekit_permute.io.models import load_model
+from mergekit_permute.align.multi import align_all
+from mergekit_permute.align.pipeline import align
 from mergekit_permute.settings import AlignSettings
 from tests.conftest import third_model
 from tests.test_merge import PARAMS, recipe

@@ -11,11 +11,11 @@ import transformers as T
 import yaml
 from click.testing import CliRunner
 
-from mergekit_permute.match import procrustes
-from mergekit_permute.permute import (
+from mergekit_permute.core.match import procrustes
+from mergekit_permute.core.permute import (
     apply_to_model, fold_scales, norm_gains, random_transforms, unfold_gauge,
 )
-from mergekit_permute.pipeline import align_pair
+from mergekit_permute.align.pipeline import align_pair
 from mergekit_permute.settings import AlignSettings, check_settings, residual_policy
 from mergekit_permute.spec import MODEL_TYPES, spec_for_config
 from mergekit_permute.spec.base import HeadLayout
@@ -119,7 +119,7 @@ SETTINGS = AlignSettings(samples=64, max_length=32, batch_size=16)
 
 @pytest.fixture(scope="module")
 def tokenizer_dir(tmp_path_factory):
-    from mergekit_permute.data import load_texts
+    from mergekit_permute.io.data import load_texts
     from mergekit_permute.zoo import build_tokenizer
     path = tmp_path_factory.mktemp("tok")
     build_tokenizer(256, "llama", load_texts("shakespeare-train")).save_pretrained(path)

@@ -7,9 +7,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from mergekit_permute.match import procrustes
-from mergekit_permute.permute import apply_to_model, fold_scales, identity_transforms
-from mergekit_permute.pipeline import align_pair
+from mergekit_permute.core.match import procrustes
+from mergekit_permute.core.permute import apply_to_model, fold_scales, identity_transforms
+from mergekit_permute.align.pipeline import align_pair
 from mergekit_permute.settings import AlignSettings, check_settings, residual_policy
 from mergekit_permute.spec import spec_for_config
 from tests.conftest import invoke
@@ -112,10 +112,10 @@ def test_settings_the_architecture_cannot_honour_are_refused(name, update, messa
 def test_pre_layernorm_orthogonal_alignment_keeps_b_function(name):
     """Two independently initialised pre-LN models: the aligned rotation keeps the all-ones
     vector, and B (gains folded, biases / gain) computes exactly its own function."""
-    from mergekit_permute.calibrate import calibrate
-    from mergekit_permute.permute import norm_gains
-    from mergekit_permute.pipeline import calibration_spaces
-    from mergekit_permute.solve import compute_alignment
+    from mergekit_permute.calibration.calibrate import calibrate
+    from mergekit_permute.core.permute import norm_gains
+    from mergekit_permute.calibration.collect import calibration_spaces
+    from mergekit_permute.align.solve import compute_alignment
     a, b = build(name, seed=0), build(name, seed=1)
     spec = spec_for_config(a.config)
     gen = torch.Generator().manual_seed(0)

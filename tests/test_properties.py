@@ -7,11 +7,11 @@ import transformers as T
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from mergekit_permute.calibrate import calibrate
-from mergekit_permute.permute import apply_to_model, apply_to_state_dict, invert, random_transforms
-from mergekit_permute.pipeline import calibration_spaces
+from mergekit_permute.calibration.calibrate import calibrate
+from mergekit_permute.core.permute import apply_to_model, apply_to_state_dict, invert, random_transforms
+from mergekit_permute.calibration.collect import calibration_spaces
 from mergekit_permute.settings import AlignSettings
-from mergekit_permute.solve import compute_alignment
+from mergekit_permute.align.solve import compute_alignment
 from mergekit_permute.spec import BUILDERS, spec_for_config
 from tests.tiny import inputs, outputs
 

@@ -7,11 +7,12 @@ import torch
 import transformers as T
 from safetensors.torch import load_file
 
-from mergekit_permute.blocks import BlockModel
-from mergekit_permute.checkpoints import StateSource, average_states
-from mergekit_permute.models import open_pair
-from mergekit_permute.pipeline import align_pair, prepare_calibration
-from mergekit_permute.repair import Moments, measure, reader_of, repair, repairable_spaces
+from mergekit_permute.calibration.blocks import BlockModel
+from mergekit_permute.io.checkpoints import StateSource, average_states
+from mergekit_permute.io.models import open_pair
+from mergekit_permute.align.pipeline import align_pair
+from mergekit_permute.calibration.collect import prepare_calibration
+from mergekit_permute.align.repair import Moments, measure, reader_of, repair, repairable_spaces
 from mergekit_permute.settings import AlignSettings
 from tests.conftest import invoke
 from tests.test_merge import PARAMS, recipe

@@ -6,10 +6,10 @@ import json
 import pytest
 import torch
 
-from mergekit_permute.blocks import BlockModel
-from mergekit_permute.pipeline import align
+from mergekit_permute.calibration.blocks import BlockModel
+from mergekit_permute.align.pipeline import align
 from mergekit_permute.settings import AlignSettings
-from mergekit_permute.stats_cache import CHECKPOINT_ENV
+from mergekit_permute.calibration.resume import CHECKPOINT_ENV
 from tests.conftest import invoke
 
 SETTINGS = AlignSettings(samples=120, max_length=32)

@@ -12,13 +12,14 @@ import torch
 import transformers as T
 from safetensors.torch import load_file
 
-from mergekit_permute.blocks import BlockModel, BlockRunError
-from mergekit_permute.calibrate import calibrate, capture, feature_points, token_mask, tokenize
-from mergekit_permute.data import load_texts
-from mergekit_permute.pipeline import align
+from mergekit_permute.calibration.blocks import BlockModel, BlockRunError
+from mergekit_permute.calibration.calibrate import calibrate, capture, feature_points, token_mask
+from mergekit_permute.io.batches import tokenize
+from mergekit_permute.io.data import load_texts
+from mergekit_permute.align.pipeline import align
 from mergekit_permute.settings import AlignSettings
 from mergekit_permute.spec import spec_for_config
-from mergekit_permute.stats import CrossStats
+from mergekit_permute.calibration.stats import CrossStats
 from tests.conftest import invoke
 
 SETTINGS = AlignSettings(samples=120, max_length=32)
@@ -96,7 +97,7 @@ def test_bfloat16_checkpoints_stay_bfloat16(zoo, tmp_path, residual, tolerance):
 
 
 def test_parallel_solving_equals_serial(zoo, monkeypatch):
-    import mergekit_permute.solve as solve
+    import mergekit_permute.align.solve as solve
     a, b = zoo("llama")
     serial = align(a, b, "shakespeare-calib", SETTINGS, workers=1)
     monkeypatch.setattr(solve, "POOL_MIN_FEATURES", 0)   # every space through the pool
@@ -111,7 +112,7 @@ def _solver_threads(monkeypatch) -> set:
     """The names of the threads that solve spaces from now on."""
     import threading
 
-    import mergekit_permute.solve as solve
+    import mergekit_permute.align.solve as solve
     threads, original = set(), solve.match_space
 
     def match_space(*args):
@@ -137,8 +138,8 @@ def test_batched_solving_equals_serial(zoo, monkeypatch):
 def test_overlapped_solving_equals_inline(zoo, monkeypatch):
     """On an accelerator each layer is solved on a background thread while the next one is
     calibrated; the result is the inline (CPU) one, bit for bit."""
-    import mergekit_permute.pipeline as pipeline
-    import mergekit_permute.solve as solve
+    import mergekit_permute.align.pipeline as pipeline
+    import mergekit_permute.align.solve as solve
     a, b = zoo("llama")
     inline = align(a, b, "shakespeare-calib", SETTINGS, workers=1)
     threads = _solver_threads(monkeypatch)
@@ -154,7 +155,7 @@ def test_overlapped_solving_equals_inline(zoo, monkeypatch):
 def test_float32_partial_sums_match_float64_statistics(monkeypatch):
     """Cross products are summed in float32 between flushes into the float64 totals: over many
     batches and several flushes they equal a float64 computation to float32 precision."""
-    import mergekit_permute.stats as stats
+    import mergekit_permute.calibration.stats as stats
     monkeypatch.setattr(stats, "FLUSH_TOKENS", 100)
     gen = torch.Generator().manual_seed(0)
     a = torch.randn(1000, 6, generator=gen) * 3 + 5          # a large mean: cancellation-prone
@@ -187,7 +188,7 @@ def test_a_correlation_of_unflushed_sums_equals_the_flushed_one():
 def test_sealed_statistics_are_read_without_change(monkeypatch, tokens):
     """What the cache writer reads on its own thread (`totals`) is what `tensors()` gives, and
     reading (totals, correlation) changes nothing once sealed."""
-    import mergekit_permute.stats as stats
+    import mergekit_permute.calibration.stats as stats
     monkeypatch.setattr(stats, "FLUSH_TOKENS", 512)
     gen = torch.Generator().manual_seed(2)
     a, b = torch.randn(tokens, 24, generator=gen), torch.randn(tokens, 24, generator=gen)
@@ -243,9 +244,9 @@ def test_two_gloo_processes_give_the_permutations_of_one(zoo, tmp_path):
 
 
 def test_too_little_memory_is_refused_before_any_work(zoo, tmp_path, monkeypatch):
-    import mergekit_permute.pipeline as pipeline
+    import mergekit_permute.calibration.collect as collect
     a, b = zoo("llama")
-    monkeypatch.setattr(pipeline, "available_memory", lambda device: 1 << 20)
+    monkeypatch.setattr(collect, "available_memory", lambda device: 1 << 20)
     ran = []
     monkeypatch.setattr(BlockModel, "catch", lambda *a, **k: ran.append(1))
     r = invoke("mergekit-permute", "align", a, b, *ARGS, "--no-cache", "--out", tmp_path / "o")
@@ -286,7 +287,7 @@ def test_16bit_weights_are_transformed_in_float32_and_rounded_once(zoo):
 
 
 def test_finite_check_is_exact_for_every_dtype():
-    from mergekit_permute.models import _all_finite
+    from mergekit_permute.io.models import _all_finite
     big16 = torch.full((1000, 1000), 65504.0, dtype=torch.float16)
     assert _all_finite(big16)                              # a float64 sum does not overflow
     assert _all_finite(torch.full((10,), 1e308, dtype=torch.float64))   # nor float64's own
@@ -307,7 +308,7 @@ def test_large_buffers_live_outside_the_heap():
 
     import pytest
 
-    from mergekit_permute.heap import MMAP_THRESHOLD, empty_outside_heap
+    from mergekit_permute.calibration.heap import MMAP_THRESHOLD, empty_outside_heap
     if not os.path.exists("/proc/self/maps"):
         pytest.skip("needs /proc")
 
@@ -333,7 +334,7 @@ def test_large_buffers_live_outside_the_heap():
 def test_the_heap_watch_trims_growth_not_the_working_set(monkeypatch):
     """A trim is followed by a new measure of the working set (what the next batch faults back
     in), so a working set above the first measure does not trim after every batch."""
-    import mergekit_permute.heap as heap
+    import mergekit_permute.calibration.heap as heap
     resident, trims = [100 << 20], []
     monkeypatch.setattr(heap, "heap_bytes", lambda: resident[0])
     monkeypatch.setattr(heap, "trim_heap", lambda: trims.append(resident[0]))
@@ -351,7 +352,7 @@ def test_the_heap_watch_trims_growth_not_the_working_set(monkeypatch):
 def test_a_skeleton_leaves_the_heap_compact():
     """Building a model on the meta device allocates every parameter before moving it there:
     those allocations are mmapped, not left behind as a heap hundreds of MiB wide."""
-    from mergekit_permute import heap
+    from mergekit_permute.calibration import heap
     libc = heap._libc()
     if libc is None or not hasattr(libc, "mallinfo2"):
         pytest.skip("needs glibc >= 2.33")
@@ -360,7 +361,7 @@ def test_a_skeleton_leaves_the_heap_compact():
                            num_attention_heads=8, num_key_value_heads=2, vocab_size=2048)
     config.architectures = ["LlamaForCausalLM"]
     spec = spec_for_config(config)
-    heap.flat_heap()
+    heap.own_heap()
     before = libc.mallinfo2().arena
     model = BlockModel.skeleton(spec, config, source=None)
     grown = libc.mallinfo2().arena - before
@@ -372,7 +373,7 @@ def test_a_skeleton_leaves_the_heap_compact():
 def test_narrower_floats_are_widened_as_they_are_streamed(tmp_path, monkeypatch):
     """A float32 tensor written into a float64 layout: widened a slice at a time, read back
     exactly; anything else that does not match the layout is refused."""
-    import mergekit_permute.checkpoints as checkpoints
+    import mergekit_permute.io.checkpoints as checkpoints
     from safetensors.torch import load_file as load
     monkeypatch.setattr(checkpoints, "WIDEN_SLICE", 7)   # slices that do not divide the size
     tensors = {"sums": torch.randn(10, 9), "empty": torch.zeros(0), "count": torch.tensor(3.0)}
@@ -384,3 +385,24 @@ def test_narrower_floats_are_widened_as_they_are_streamed(tmp_path, monkeypatch)
     with pytest.raises(RuntimeError, match="expected"):
         checkpoints.stream_safetensors(tmp_path / "x.safetensors",
                                        [("sums", (10, 9), torch.float16)], tensors.__getitem__)
+
+
+def test_a_host_process_keeps_its_allocator_settings(zoo, monkeypatch):
+    """Inside MergeKit or a notebook (not our CLI), an alignment never calls mallopt: glibc's
+    settings, once changed, cannot be restored."""
+    from mergekit_permute.calibration import heap
+    calls = []
+
+    class Libc:
+        def mallopt(self, *args):
+            calls.append(args)
+
+        def malloc_trim(self, *args):
+            return 0
+    monkeypatch.setattr(heap, "_libc", lambda: Libc())
+    monkeypatch.setitem(heap._owned, "heap", False)
+    a, b = zoo("llama")
+    align(a, b, "shakespeare-calib", SETTINGS, workers=1)
+    assert calls == []
+    heap.own_heap()
+    assert calls

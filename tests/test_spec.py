@@ -3,7 +3,7 @@ import copy
 import pytest
 import torch
 
-from mergekit_permute.permute import (
+from mergekit_permute.core.permute import (
     apply_to_model, apply_to_state_dict, identity_transforms, invert, random_transforms,
 )
 from mergekit_permute.spec import UnsupportedArchitecture, spec_for_config

@@ -6,9 +6,9 @@ moments the orthogonal policies read are recovered from the shifted sums."""
 import pytest
 import torch
 
-from mergekit_permute.match import match_plain
-from mergekit_permute.stats import SUMS, CrossStats, ResidualSummary
-from mergekit_permute.stats_cache import _flatten, _unflatten
+from mergekit_permute.core.match import match_plain
+from mergekit_permute.calibration.stats import SUMS, CrossStats, ResidualSummary
+from mergekit_permute.calibration.cache import _flatten, _unflatten
 
 TOKENS, D = 3000, 48
 

@@ -4,13 +4,13 @@ is deterministic, and raises the A-B weight similarity."""
 import pytest
 import torch
 
-from mergekit_permute.heads import HeadPerm
+from mergekit_permute.core.heads import HeadPerm
 from mergekit_permute.settings import AlignSettings, residual_policy
-from mergekit_permute.permute import (
+from mergekit_permute.core.permute import (
     apply_to_state_dict, fold_scales, identity_transforms, random_transforms,
 )
 from mergekit_permute.spec import spec_for_config
-from mergekit_permute.weight_match import (
+from mergekit_permute.align.weight_match import (
     _attention_score, weight_match, weight_match_alignment, weight_similarity,
 )
 from tests.tiny import build, inputs, outputs

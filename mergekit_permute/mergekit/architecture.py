@@ -1,16 +1,15 @@
-"""MergeKit weight lists read off our permutation spec.
-
-Used for `permute` runs only (set on that run, never in MergeKit's global table), where
-MergeKit's own entries for BertForMaskedLM (requires a pooler, lacks the MLM transform) and
-GPT-NeoX (requires old attention.bias buffers) do not match what transformers saves. Each
-weight keeps MergeKit's own metadata where MergeKit knows it (vocabulary_axis, optional,
-tied_names, force_dtype), so tokenizer merging and tied heads behave as in stock runs.
-The one architecture MergeKit lacks, BertForPreTraining (MultiBERTs), is added globally.
+"""MergeKit weight lists read off our permutation spec, for `permute` runs only (MergeKit's own
+entries for BertForMaskedLM and GPT-NeoX do not match what transformers saves). MergeKit's own
+metadata (vocabulary_axis, optional, tied_names) is kept where it has it; BertForPreTraining,
+which MergeKit lacks, is added to its table.
 """
 
+import json
 from functools import lru_cache
 from typing import Dict, List, Optional
 
+from mergekit.architecture.json_definitions import NAME_TO_ARCH
+from transformers import AutoConfig
 from mergekit.architecture.base import (
     ModelArchitecture, ModuleArchitecture, ModuleDefinition, WeightInfo,
 )
@@ -21,9 +20,6 @@ from mergekit_permute.spec import BUILDERS, MODEL_TYPES, PermutationSpec
 @lru_cache(maxsize=None)
 def _stock(architecture: str, model_type: str) -> Dict[str, WeightInfo]:
     """MergeKit's own weight metadata for this architecture, by every name it answers to."""
-    from transformers import AutoConfig
-
-    from mergekit.architecture.json_definitions import NAME_TO_ARCH
     out: Dict[str, WeightInfo] = {}
     for arch in NAME_TO_ARCH.get(architecture, []):
         if arch.expected_model_type != model_type:
@@ -97,9 +93,6 @@ class SpecModule(ModuleArchitecture):
 
 @lru_cache(maxsize=16)
 def _spec_for(architecture: str, config_json: str) -> PermutationSpec:
-    import json
-
-    from transformers import AutoConfig
     config = AutoConfig.for_model(**json.loads(config_json))
     return BUILDERS[architecture](config, architecture)
 
@@ -121,7 +114,6 @@ MISSING_IN_MERGEKIT = ("BertForPreTraining",)
 
 def add_missing_architectures() -> None:
     """Architectures MergeKit 0.1.5 lacks, added without replacing anything it has."""
-    from mergekit.architecture.json_definitions import NAME_TO_ARCH
     for arch in MISSING_IN_MERGEKIT:
         NAME_TO_ARCH.setdefault(arch, [ModelArchitecture(
             modules={"default": ModuleDefinition(architecture=SpecModule(arch, keep_stock=False))},

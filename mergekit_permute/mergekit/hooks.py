@@ -1,22 +1,21 @@
 """Everything that touches MergeKit 0.1.5, in one place.
 
-MergeKit has no plugin discovery, so `install()` (run by the import hook in _autoload.py when
-MergeKit loads, or directly by our CLI):
-  * registers the merge method `permute` (MergeKit's own `register`);
-  * adds the architecture MergeKit lacks (BertForPreTraining) with `setdefault`;
-  * wraps four functions, each of which hands anything but a `permute` recipe straight to
-    MergeKit's original:
-      get_architecture_info  a `permute` recipe: validated, aligned (a PermuteRun, attached to
-                             that configuration object) and planned with our weight list;
-      MergePlanner.plan_tensor  that run's tensor tasks get the run as a parameter;
-      generate_card          that run's card;
-      _copy_tagalong_files   that run's alignment.json / permutations.safetensors.
-A non-`permute` merge runs exactly MergeKit's code (tests/test_mergekit_harm.py compares the
-outputs byte for byte against MergeKit without the plugin).
+`install()` (run by the import hook in _autoload.py when MergeKit loads, or by our CLI)
+registers `permute`, adds BertForPreTraining with `setdefault`, and wraps the few functions a
+`permute` recipe needs (architecture info, tensor planning, card, tag-along files, the
+mergekit-yaml command); each hands any other recipe straight to MergeKit's original, which
+tests/test_mergekit_harm.py checks byte for byte.
 """
 
 import functools
 import logging
+import sys
+
+import click
+import immutables
+from mergekit.common import ImmutableMap
+
+from mergekit_permute.settings import RecipeError
 
 LOG = logging.getLogger(__name__)
 _MARK = "__mergekit_permute_original__"
@@ -37,21 +36,20 @@ def _wrap(owner, name: str, make):
 
 
 def register_method() -> None:
-    import sys
     partial = sys.modules.get("mergekit_permute.mergekit.method")
     if partial is not None and not hasattr(partial, "register"):
         return  # method.py is importing MergeKit right now; it registers itself when done
-    from mergekit_permute.mergekit.method import register
+    from mergekit_permute.mergekit.method import register  # (it imports MergeKit's base: late)
     register()
 
 
 def add_architectures() -> None:
-    from mergekit_permute.mergekit.architecture import add_missing_architectures
+    from mergekit_permute.mergekit.architecture import add_missing_architectures  # (MergeKit's tables)
     add_missing_architectures()
 
 
 def hook_planner() -> None:
-    from mergekit import plan
+    from mergekit import plan  # (the module being hooked, loaded by now)
 
     def make(original):
         def plan_tensor(self, weight, weights_in, models, cfg_reader):
@@ -60,10 +58,7 @@ def hook_planner() -> None:
             run = _run_of(self.config)
             if run is None or len(self._tensors) == count:
                 return
-            import immutables
-            from mergekit.common import ImmutableMap
-
-            from mergekit_permute.mergekit.method import RUN_PARAM
+            from mergekit_permute.mergekit.method import RUN_PARAM  # (registered by now)
             info, task = self._tensors[-1]
             params = dict(task.parameters.items())
             params[RUN_PARAM] = run
@@ -74,14 +69,13 @@ def hook_planner() -> None:
 
 
 def hook_merge() -> None:
-    from mergekit import merge
+    from mergekit import merge  # (the module being hooked, loaded by now)
 
     def make_arch(original):
         def get_architecture_info(config, options):
             if not _is_permute(config):
                 return original(config, options)
-            from mergekit_permute.mergekit.run import PermuteRun
-            from mergekit_permute.settings import RecipeError
+            from mergekit_permute.mergekit.run import PermuteRun  # (heavy: permute runs only)
             try:
                 run = PermuteRun.of(config) or PermuteRun(config, options.device).attach()
                 if run.spec is None:
@@ -118,10 +112,7 @@ def hook_merge() -> None:
 def hook_cli() -> None:
     """`mergekit-yaml`: a refused `permute` recipe is one line and exit status 2, as in our own
     CLI, not a traceback (only RecipeError, which no other recipe raises, is caught)."""
-    import click
-    from mergekit.scripts import run_yaml
-
-    from mergekit_permute.settings import RecipeError
+    from mergekit.scripts import run_yaml  # (the module being hooked, loaded by now)
 
     class Refused(click.ClickException):
         exit_code = 2
@@ -139,13 +130,13 @@ def hook_cli() -> None:
 def _run_of(config):
     if not _is_permute(config):
         return None
-    from mergekit_permute.mergekit.run import PermuteRun
+    from mergekit_permute.mergekit.run import PermuteRun  # (heavy: permute runs only)
     return PermuteRun.of(config)
 
 
 def install() -> None:
     """Idempotent; safe after the import hook has run, as our CLI calls it."""
-    import mergekit.merge  # noqa: F401  (loads every module below)
+    import mergekit.merge  # noqa: F401  (loads every module hooked below)
     register_method()
     add_architectures()
     hook_planner()

@@ -10,11 +10,29 @@ import sys
 import torch
 from mergekit.merge_methods.base import (
     BasePolicy, GroupMergeMethod, InputContract, MergeMethodSpec, OptionalTensorPolicy,
-    TensorGroup,
+    ParameterScope, ParameterSpec, TensorGroup,
 )
 
 from mergekit_permute._autoload import enabled
-from mergekit_permute.settings import RecipeError, parameter_specs
+from mergekit_permute.settings import (
+    DATA_PARAM, DEFAULT_DATA, WEIGHT_PARAM, AlignSettings, RecipeError, recipe_names, value_type,
+)
+
+
+def parameter_specs():
+    """MergeKit ParameterSpecs for `merge_method: permute` (documentation and defaults;
+    values are validated by AlignSettings.from_recipe)."""
+    specs = [ParameterSpec(WEIGHT_PARAM, float, ParameterScope.INPUT, default=1.0,
+                           description="Per-model weight of the average."),
+             ParameterSpec(DATA_PARAM, str, ParameterScope.SHARED, default=DEFAULT_DATA,
+                           description="Calibration text: .txt, .jsonl, dataset id or "
+                           "shakespeare-calib (shipped).")]
+    for key, name in recipe_names().items():
+        info = AlignSettings.model_fields[name]
+        specs.append(ParameterSpec(key, value_type(name), ParameterScope.SHARED,
+                                   default=info.default, description=info.description))
+    return tuple(specs)
+
 
 RUN_PARAM = "mergekit_permute_run"   # the run object, added by the planner hook
 
@@ -42,7 +60,7 @@ class PermuteMerge(GroupMergeMethod):
 
 def register() -> None:
     """Add `permute` to MergeKit's methods (once)."""
-    from mergekit.merge_methods import registry
+    from mergekit.merge_methods import registry  # (it may be what is importing us)
     if not any(m.spec.name == "permute" for m in registry.registered_methods()):
         registry.register(PermuteMerge())
 

@@ -9,7 +9,16 @@ from typing import Dict, List, Optional
 
 import torch
 
-from mergekit_permute.settings import AlignSettings, RecipeError, WEIGHT_PARAM
+from mergekit_permute.align.multi import align_all
+from mergekit_permute.align.repair import repair_blend
+from mergekit_permute.calibration.collect import prepare_calibration
+from mergekit_permute.card import merge_card
+from mergekit_permute.core.alignment import save_alignment
+from mergekit_permute.io.checkpoints import AlignedSource, weighted_average
+from mergekit_permute.io.models import open_pair
+from mergekit_permute.io.preflight import check_device
+from mergekit_permute.mergekit.architecture import run_architecture
+from mergekit_permute.settings import WEIGHT_PARAM, AlignSettings, RecipeError, check_settings
 
 LOG = logging.getLogger(__name__)
 ATTRIBUTE = "_mergekit_permute_run"
@@ -55,10 +64,11 @@ def validate_recipe(config):
 
 
 class PermuteRun:
-    def __init__(self, config, device: str = "cpu"):
+    def __init__(self, config, device: str = "cpu", allow_unsafe_pickle: bool = False):
         self.config = config
         self.settings, self.data, self.base, self.others, self.weights = validate_recipe(config)
         self.device = device or "cpu"
+        self.allow_unsafe_pickle = allow_unsafe_pickle
         self.alignments: Dict[str, object] = {}       # other model's path -> Alignment
         self.repaired: Dict[str, torch.Tensor] = {}   # REPAIR-corrected merged tensors
         self.repair_report: Dict[str, float] = {}
@@ -79,49 +89,31 @@ class PermuteRun:
     # ---- before any tensor ----
     def plan(self) -> None:
         """Check every model against the base, then align them (and REPAIR the merge)."""
-        from mergekit_permute.models import open_pair
-        from mergekit_permute.multi import align_all
-        from mergekit_permute.settings import check_settings
-        from mergekit_permute.preflight import check_device
         check_device(self.device)
-        pairs = [open_pair(self.base, other) for other in self.others]
+        pairs = [open_pair(self.base, other, self.allow_unsafe_pickle) for other in self.others]
         self.spec = pairs[0].spec
         check_settings(self.spec, self.settings)
         if self.settings.reference == "average" and len(self.others) < 2:
             LOG.info("reference=average with one other model is alignment to the base")
         models = [self.base, *self.others]
         alignments = align_all(models, [self.weights[m] for m in models], self.data,
-                               self.settings, device=self.device)
+                               self.settings, self.allow_unsafe_pickle, device=self.device)
         self.alignments = dict(zip(self.others, alignments))
         if self.settings.repair:
-            self._repair(pairs)
-
-    def _repair(self, pairs) -> None:
-        from mergekit_permute.blocks import BlockModel
-        from mergekit_permute.checkpoints import AlignedSource, BlendSource
-        from mergekit_permute.pipeline import prepare_calibration
-        from mergekit_permute.repair import Moments, measure, repair
-        spec, calib = self.spec, prepare_calibration(pairs[0], self.data, self.settings)
-        parents = [(self.weights[self.base], pairs[0].source("a"))] + [
-            (self.weights[o], AlignedSource(p.source("b"), self.alignments[o]))
-            for o, p in zip(self.others, pairs)]
-
-        def runner(source):
-            return BlockModel.skeleton(spec, pairs[0].config, source, self.device)
-        moments = [(w, measure(runner(s), spec, calib.batches, calib.masks)) for w, s in parents]
-        targets = {k: Moments.mix([(w, m[k]) for w, m in moments]) for k in moments[0][1]}
-        self.repaired, self.repair_report = repair(runner(BlendSource(parents)), spec, targets,
-                                                   calib.batches, calib.masks)
-        LOG.info("REPAIR: mean |log std ratio| before correction per FF layer: %s",
-                 self.repair_report)
+            parents = [(self.weights[self.base], pairs[0].source("a"))] + [
+                (self.weights[o], AlignedSource(p.source("b"), self.alignments[o]))
+                for o, p in zip(self.others, pairs)]
+            calib = prepare_calibration(pairs[0], self.data, self.settings)
+            self.repaired, self.repair_report = repair_blend(self.spec, pairs[0].config, parents,
+                                                             calib, self.device)
+            LOG.info("REPAIR: mean |log std ratio| before correction per FF layer: %s",
+                     self.repair_report)
 
     def architecture(self):
-        from mergekit_permute.mergekit.architecture import run_architecture
         return run_architecture(self.spec)
 
     # ---- one tensor ----
     def merge_tensor(self, group, weight) -> torch.Tensor:
-        from mergekit_permute.checkpoints import weighted_average
         base, name = group.base, group.metadata.name
         if name in self.repaired:
             return self.repaired[name].to(base.tensor.device, base.tensor.dtype)
@@ -138,7 +130,6 @@ class PermuteRun:
 
     # ---- after the tensors ----
     def write_files(self, out_dir: Path) -> None:
-        from mergekit_permute.alignment import save_alignment
         alignments = list(self.alignments.values())
         if len(alignments) == 1:
             save_alignment(alignments[0], Path(out_dir))
@@ -147,7 +138,6 @@ class PermuteRun:
                 save_alignment(alignment, Path(out_dir), suffix=f"-{k}")
 
     def card(self, config_yaml: str, name: str) -> str:
-        from mergekit_permute.card import merge_card
         return merge_card(self, config_yaml, self.output_name or name)
 
     def models(self) -> List[str]:

@@ -2,7 +2,7 @@
 
 from typing import List, Optional, Tuple
 
-from mergekit_permute.spec.base import Axis, Bind, FeaturePoint, WeightRule
+from mergekit_permute.spec.base import Axis, Bind, FeaturePoint, HeadLayout, Space, WeightRule
 
 RESIDUAL = "residual"
 
@@ -52,3 +52,30 @@ def inputs_of(module: str) -> FeaturePoint:
 
 def outputs_of(module: str) -> FeaturePoint:
     return FeaturePoint(module=module, where="output")
+
+
+# ---- the Llama-style decoder (Llama, Phi-3, Gemma): RoPE heads, gated FF, one lm_head ----
+
+def rope_heads(config, rotary_dims: Optional[int] = None) -> HeadLayout:
+    """Query / KV heads and head_dim from the config; RoPE freezes `rotary_dims` Q/K dims of a
+    head (every one unless given)."""
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    return HeadLayout(num_heads=heads, num_kv_heads=getattr(config, "num_key_value_heads", None)
+                      or heads, head_dim=head_dim,
+                      qk_frozen_dims=head_dim if rotary_dims is None else rotary_dims)
+
+
+def decoder_spaces(layer: int, block: str, layout: HeadLayout, inter: int) -> List[Space]:
+    """A block's attention space (read at o_proj's input) and gated FF space (at down_proj's)."""
+    return [Space(name=f"attn.{layer}", kind="attention", size=layout.num_heads * layout.head_dim,
+                  heads=layout, layer=layer, features=(inputs_of(f"{block}.self_attn.o_proj"),)),
+            Space(name=f"ffn.{layer}", kind="ffn", size=inter, layer=layer, gated=True,
+                  features=(inputs_of(f"{block}.mlp.down_proj"),))]
+
+
+def lm_head(config, embeddings: str, tied_by_default: bool) -> WeightRule:
+    """The output head: reads the residual, tied to the embeddings where the config says so."""
+    tied = bool(getattr(config, "tie_word_embeddings", tied_by_default))
+    return w("lm_head.weight", (config.vocab_size, config.hidden_size), None, inp(RESIDUAL),
+             tied_to=embeddings if tied else None, vocab_axis=0)

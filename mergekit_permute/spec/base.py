@@ -1,17 +1,10 @@
 """The permutation spec: one declarative table per architecture.
 
-A *space* is a set of features that may be reordered (or, later, rotated) without changing the
-model's function: the FF neurons of one layer, the attention heads x head_dim of one layer, the
-residual stream. A space has one or more *views*: the attention space is seen as query rows,
-key rows, value rows and output-projection columns, which differ in size under GQA.
-
-Every weight of the model is listed with one binding per axis: which space and view that axis
-lives in, and whether the weight *writes* the space (role "out": rows of a projection, biases,
-embeddings along hidden), *reads* it (role "in": columns of a projection) or scales it
-elementwise (role "elem": norm gains and biases). A fused axis (GPT-2 c_attn, GPT-NeoX
-query_key_value) is a `Fused` binding: the concatenation of several views, laid out in blocks or
-interleaved per head. Everything else - apply, invert, random valid transforms, matching,
-MergeKit's weight list - is generic code driven by this table.
+A space is a set of features that may be reordered or rotated without changing the function
+(one layer's FF neurons, one layer's heads x head_dim, the residual stream), seen through
+views (queries, keys, values, output columns). Every weight lists, per axis, the space and
+view it lies in and whether it writes ("out"), reads ("in") or scales ("elem") it; fused axes
+(c_attn, query_key_value) concatenate views. Everything else is generic code driven by this.
 """
 
 from __future__ import annotations

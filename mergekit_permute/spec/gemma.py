@@ -10,9 +10,9 @@ is permutation-only (as is every Gemma with its usual tied head)."""
 from typing import List
 
 from mergekit_permute.spec._build import (
-    RESIDUAL, inp, inputs_of, layer_norm, linear, out, outputs_of, w,
+    RESIDUAL, decoder_spaces, inp, layer_norm, linear, lm_head, out, outputs_of, rope_heads, w,
 )
-from mergekit_permute.spec.base import HeadLayout, NormFold, PermutationSpec, Space, WeightRule
+from mergekit_permute.spec.base import NormFold, PermutationSpec, Space, WeightRule
 
 NOTES = {
     "GemmaForCausalLM": "as Llama; RMSNorm gains stored as 1 + w (folded with that offset), "
@@ -26,14 +26,11 @@ SANDWICH = {"Gemma2ForCausalLM"}
 
 def build(config, architecture: str) -> PermutationSpec:
     hidden, inter = config.hidden_size, config.intermediate_size
-    heads = config.num_attention_heads
-    kv_heads = getattr(config, "num_key_value_heads", None) or heads
-    head_dim = getattr(config, "head_dim", None) or hidden // heads
+    layout = rope_heads(config)
+    heads, kv_heads, head_dim = layout.num_heads, layout.num_kv_heads, layout.head_dim
     n_layers = config.num_hidden_layers
     bias = bool(getattr(config, "attention_bias", False))
     sandwich = architecture in SANDWICH
-    layout = HeadLayout(num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim,
-                        qk_frozen_dims=head_dim)
     residual_points = [outputs_of("model.embed_tokens")]
     spaces: List[Space] = []
     weights: List[WeightRule] = [
@@ -50,12 +47,7 @@ def build(config, architecture: str) -> PermutationSpec:
     for i in range(n_layers):
         L = f"model.layers.{i}"
         attn, ffn = f"attn.{i}", f"ffn.{i}"
-        spaces += [
-            Space(name=attn, kind="attention", size=heads * head_dim, heads=layout, layer=i,
-                  features=(inputs_of(f"{L}.self_attn.o_proj"),)),
-            Space(name=ffn, kind="ffn", size=inter, layer=i, gated=True,
-                  features=(inputs_of(f"{L}.mlp.down_proj"),)),
-        ]
+        spaces += decoder_spaces(i, L, layout, inter)
         residual_points.append(outputs_of(L))
         norm(f"{L}.input_layernorm", i, tuple(f"{L}.self_attn.{p}_proj.weight" for p in "qkv"))
         weights += linear(f"{L}.self_attn.q_proj", heads * head_dim, hidden, out(attn, "q"),
@@ -78,9 +70,7 @@ def build(config, architecture: str) -> PermutationSpec:
         weights += linear(f"{L}.mlp.down_proj", hidden, inter, out(RESIDUAL), inp(ffn),
                           bias=False, layer=i)
     norm("model.norm", readers=("lm_head.weight",))
-    tied = bool(getattr(config, "tie_word_embeddings", True))
-    weights.append(w("lm_head.weight", (config.vocab_size, hidden), None, inp(RESIDUAL),
-                     tied_to="model.embed_tokens.weight" if tied else None, vocab_axis=0))
+    weights.append(lm_head(config, "model.embed_tokens.weight", tied_by_default=True))
     spaces.insert(0, Space(name=RESIDUAL, kind="residual", size=hidden,
                            features=tuple(residual_points)))
     return PermutationSpec(family="gemma", architecture=architecture, spaces=tuple(spaces),

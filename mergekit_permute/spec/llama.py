@@ -9,9 +9,9 @@ Qwen3 per-head q_norm/k_norm (shared by all heads, untouched because Q/K dims ne
 from typing import List
 
 from mergekit_permute.spec._build import (
-    RESIDUAL, inp, inputs_of, layer_norm, linear, out, outputs_of, w,
+    RESIDUAL, decoder_spaces, inp, layer_norm, linear, lm_head, out, outputs_of, rope_heads, w,
 )
-from mergekit_permute.spec.base import HeadLayout, NormFold, PermutationSpec, Space, WeightRule
+from mergekit_permute.spec.base import NormFold, PermutationSpec, Space, WeightRule
 
 NOTES = {
     "LlamaForCausalLM": "RoPE: whole heads / KV groups move, V/O dims inside heads; tied or untied head",
@@ -27,15 +27,12 @@ QK_NORM = {"Qwen3ForCausalLM"}
 
 def build(config, architecture: str) -> PermutationSpec:
     hidden, inter = config.hidden_size, config.intermediate_size
-    heads = config.num_attention_heads
-    kv_heads = getattr(config, "num_key_value_heads", None) or heads
-    head_dim = getattr(config, "head_dim", None) or hidden // heads
+    layout = rope_heads(config)
+    heads, kv_heads, head_dim = layout.num_heads, layout.num_kv_heads, layout.head_dim
     n_layers = config.num_hidden_layers
     qkv_bias = architecture in QKV_BIAS or bool(getattr(config, "attention_bias", False))
     o_bias = architecture not in QKV_BIAS and bool(getattr(config, "attention_bias", False))
     mlp_bias = bool(getattr(config, "mlp_bias", False))
-    layout = HeadLayout(num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim,
-                        qk_frozen_dims=head_dim)
 
     residual_points = [outputs_of("model.embed_tokens")]
     spaces: List[Space] = []
@@ -46,12 +43,7 @@ def build(config, architecture: str) -> PermutationSpec:
     for i in range(n_layers):
         L = f"model.layers.{i}"
         attn, ffn = f"attn.{i}", f"ffn.{i}"
-        spaces += [
-            Space(name=attn, kind="attention", size=heads * head_dim, heads=layout, layer=i,
-                  features=(inputs_of(f"{L}.self_attn.o_proj"),)),
-            Space(name=ffn, kind="ffn", size=inter, layer=i, gated=True,
-                  features=(inputs_of(f"{L}.mlp.down_proj"),)),
-        ]
+        spaces += decoder_spaces(i, L, layout, inter)
         residual_points.append(outputs_of(L))
         weights += layer_norm(f"{L}.input_layernorm", hidden, RESIDUAL, bias=False, layer=i)
         weights += linear(f"{L}.self_attn.q_proj", heads * head_dim, hidden, out(attn, "q"),
@@ -81,9 +73,7 @@ def build(config, architecture: str) -> PermutationSpec:
                   NormFold(norm=f"{L}.post_attention_layernorm.weight",
                            readers=(f"{L}.mlp.gate_proj.weight", f"{L}.mlp.up_proj.weight"))]
     folds.append(NormFold(norm="model.norm.weight", readers=("lm_head.weight",)))
-    tied = bool(getattr(config, "tie_word_embeddings", False))
-    weights.append(w("lm_head.weight", (config.vocab_size, hidden), None, inp(RESIDUAL),
-                     tied_to="model.embed_tokens.weight" if tied else None, vocab_axis=0))
+    weights.append(lm_head(config, "model.embed_tokens.weight", tied_by_default=False))
     spaces.insert(0, Space(name=RESIDUAL, kind="residual", size=hidden,
                            features=tuple(residual_points)))
     return PermutationSpec(family="llama", architecture=architecture, spaces=tuple(spaces),

@@ -7,10 +7,10 @@ qkv_proj stacks [Q | K | V] along its output axis in blocks of the GQA sizes, ga
 from typing import List
 
 from mergekit_permute.spec._build import (
-    RESIDUAL, inp, inputs_of, layer_norm, linear, out, outputs_of, w,
+    RESIDUAL, decoder_spaces, inp, layer_norm, linear, lm_head, out, outputs_of, rope_heads, w,
 )
 from mergekit_permute.spec.base import (
-    Fused, HeadLayout, NormFold, PermutationSpec, Space, WeightRule,
+    Fused, NormFold, PermutationSpec, Space, WeightRule,
 )
 from mergekit_permute.spec.gpt_neox import rotary_fraction
 
@@ -21,15 +21,12 @@ MODEL_TYPES = {"Phi3ForCausalLM": "phi3"}
 
 def build(config, architecture: str) -> PermutationSpec:
     hidden, inter = config.hidden_size, config.intermediate_size
-    heads = config.num_attention_heads
-    kv_heads = getattr(config, "num_key_value_heads", None) or heads
-    head_dim = getattr(config, "head_dim", None) or hidden // heads
-    n_layers = config.num_hidden_layers
-    q, kv = heads * head_dim, kv_heads * head_dim
+    head_dim = rope_heads(config).head_dim
     # transformers rotates 2 * ceil(int(head_dim * factor) / 2) leading dims of each head.
     rotary = int(head_dim * rotary_fraction(config))
-    layout = HeadLayout(num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim,
-                        qk_frozen_dims=min(head_dim, 2 * ((rotary + 1) // 2)))
+    layout = rope_heads(config, min(head_dim, 2 * ((rotary + 1) // 2)))
+    n_layers = config.num_hidden_layers
+    q, kv = layout.num_heads * head_dim, layout.num_kv_heads * head_dim
     residual_points = [outputs_of("model.embed_tokens")]
     spaces: List[Space] = []
     weights: List[WeightRule] = [
@@ -40,12 +37,7 @@ def build(config, architecture: str) -> PermutationSpec:
     for i in range(n_layers):
         L = f"model.layers.{i}"
         attn, ffn = f"attn.{i}", f"ffn.{i}"
-        spaces += [
-            Space(name=attn, kind="attention", size=q, heads=layout, layer=i,
-                  features=(inputs_of(f"{L}.self_attn.o_proj"),)),
-            Space(name=ffn, kind="ffn", size=inter, layer=i, gated=True,
-                  features=(inputs_of(f"{L}.mlp.down_proj"),)),
-        ]
+        spaces += decoder_spaces(i, L, layout, inter)
         residual_points.append(outputs_of(L))
         qkv = Fused(parts=(out(attn, "q"), out(attn, "k"), out(attn, "v")), sizes=(q, kv, kv))
         gate_up = Fused(parts=(out(ffn, "gate"), out(ffn, "")), sizes=(inter, inter))
@@ -66,9 +58,7 @@ def build(config, architecture: str) -> PermutationSpec:
                            readers=(f"{L}.mlp.gate_up_proj.weight",))]
     weights += layer_norm("model.norm", hidden, RESIDUAL, bias=False)
     folds.append(NormFold(norm="model.norm.weight", readers=("lm_head.weight",)))
-    tied = bool(getattr(config, "tie_word_embeddings", False))
-    weights.append(w("lm_head.weight", (config.vocab_size, hidden), None, inp(RESIDUAL),
-                     tied_to="model.embed_tokens.weight" if tied else None, vocab_axis=0))
+    weights.append(lm_head(config, "model.embed_tokens.weight", tied_by_default=False))
     spaces.insert(0, Space(name=RESIDUAL, kind="residual", size=hidden,
                            features=tuple(residual_points)))
     return PermutationSpec(family="phi3", architecture=architecture, spaces=tuple(spaces),

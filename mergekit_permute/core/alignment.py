@@ -12,14 +12,14 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from mergekit_permute import __version__
-from mergekit_permute.outputs import follow_umask
-from mergekit_permute.permute import (
+from mergekit_permute.io.outputs import follow_umask
+from mergekit_permute.core.permute import (
     Gauge, Scaled, Transforms, apply_to_model, fold_gauge, identity_transforms, is_permutation,
     transform_tensor, unfold_gauge,
 )
 from mergekit_permute.settings import AlignSettings
 from mergekit_permute.spec.base import Bind, PermutationSpec
-from mergekit_permute.symmetry import check_symmetry
+from mergekit_permute.core.symmetry import check_symmetry
 
 PERMUTATIONS_FILE = "permutations.safetensors"
 ALIGNMENT_FILE = "alignment.json"

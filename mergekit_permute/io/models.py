@@ -1,15 +1,17 @@
 """Opening model pairs and checking that they can be aligned, before any expensive work;
 loading whole models where a caller needs one in memory (barrier sweeps, weight matching)."""
 
+import hashlib
 import logging
 import pickle
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Dict, Tuple
 
 import torch
 import transformers
 
-from mergekit_permute.checkpoints import (
+from mergekit_permute.io.checkpoints import (
     ALLOW_PICKLE_ENV, Checkpoint, CheckpointSource, UnsafeCheckpoint, resolve,
 )
 from mergekit_permute.spec import PermutationSpec, architecture_of, spec_for_config
@@ -83,8 +85,9 @@ class Pair:
                                 self.spec)
 
 
-def open_checkpoint(path: str, spec: PermutationSpec) -> Checkpoint:
-    checkpoint = Checkpoint(path)
+def open_checkpoint(path: str, spec: PermutationSpec, allow_unsafe_pickle: bool = False
+                    ) -> Checkpoint:
+    checkpoint = Checkpoint(path, allow_unsafe_pickle)
     if checkpoint.is_pickle:
         LOG.warning("%s ships pickle weights only; they are read with the weights-only "
                     "unpickler. Convert them to safetensors (model.save_pretrained) to avoid "
@@ -93,20 +96,20 @@ def open_checkpoint(path: str, spec: PermutationSpec) -> Checkpoint:
     return checkpoint
 
 
-def open_pair(path_a: str, path_b: str) -> Pair:
+def open_pair(path_a: str, path_b: str, allow_unsafe_pickle: bool = False) -> Pair:
     """Configs, architectures, widths, tokenizers and checkpoint contents, all checked."""
     config_a = load_config(path_a)
     spec = check_pair(config_a, load_config(path_b))
     tok_a, tok_b = load_tokenizer(path_a), load_tokenizer(path_b)
     check_tokenizers(tok_a, tok_b)
-    return Pair(spec, path_a, path_b, config_a, open_checkpoint(path_a, spec),
-                open_checkpoint(path_b, spec), tok_a)
+    return Pair(spec, path_a, path_b, config_a,
+                open_checkpoint(path_a, spec, allow_unsafe_pickle),
+                open_checkpoint(path_b, spec, allow_unsafe_pickle), tok_a)
 
 
 def scan(checkpoint: Checkpoint) -> str:
     """Content hash of the weights (the statistics-cache key); refuses NaN or inf."""
-    import hashlib
-    h = hashlib.sha256()   # hardware-accelerated on current CPUs: ~1.3 GB/s against 0.5
+    h = hashlib.sha256()   # (hardware-accelerated on current CPUs, unlike blake2b)
     bad = []
     for key in sorted(checkpoint.keys()):
         t = checkpoint.get(key)
@@ -124,7 +127,7 @@ def scan(checkpoint: Checkpoint) -> str:
 def _all_finite(t: torch.Tensor) -> bool:
     """For float32 and narrower, a float64 sum is finite exactly when every element is (it
     cannot overflow: n times float32's largest value stays far inside float64's range), and it
-    is ~5x faster than isfinite."""
+    is cheaper than isfinite."""
     if t.dtype == torch.float64:
         return bool(torch.isfinite(t).all())
     return bool(torch.isfinite(t.sum(dtype=torch.float64)))
@@ -132,7 +135,6 @@ def _all_finite(t: torch.Tensor) -> bool:
 
 def scan_pair(pair: Pair) -> Tuple[str, str]:
     """Both checkpoints' `scan`, side by side (hashing and the NaN check release the GIL)."""
-    from concurrent.futures import ThreadPoolExecutor
     with ThreadPoolExecutor(2) as pool:
         return tuple(pool.map(scan, (pair.checkpoint_a, pair.checkpoint_b)))
 
@@ -143,14 +145,14 @@ def load_state(checkpoint: Checkpoint, dtype=None) -> Dict[str, torch.Tensor]:
             for k, t in ((k, checkpoint.get(k)) for k in checkpoint.keys())}
 
 
-def load_model(path: str, device="cpu", dtype=torch.float32):
+def load_model(path: str, device="cpu", dtype=torch.float32, allow_unsafe_pickle: bool = False):
     """A whole model in memory (barrier sweeps evaluate whole models)."""
     config = load_config(path)
     cls = getattr(transformers, architecture_of(config))
     try:
         model = cls.from_pretrained(resolve(path), dtype=dtype, trust_remote_code=False)
     except pickle.UnpicklingError as e:
-        checkpoint = Checkpoint(path)       # our loader refuses (or, opted in, allows) it
+        checkpoint = Checkpoint(path, allow_unsafe_pickle)   # refused unless opted in
         model = cls(config).to(dtype)
         state = load_state(checkpoint)
         if not state:

@@ -1,20 +1,14 @@
-"""Learned alignment (`matching: learned`): start from the activation-matching solution, then
-learn further exact symmetries of B against the merged model's loss.
+"""Learned alignment (`matching: learned`): from activation (or weight) matching, further exact
+symmetries of B learned against the merged model's loss.
 
-Every learned map is a reparametrisation of B, so aligned B computes exactly B's function by
-construction (the maps are composed into the saved transforms, which `apply` and MergeKit
-replay unchanged):
-  residual   a rotation exp(S), S skew (and S 1 = 0 for LayerNorm models, so the all-ones
-             vector is kept); pre-norm models with foldable norms only;
+Every learned map is a reparametrisation of B, composed into the saved transforms, so aligned B
+computes exactly B's function:
+  residual   a rotation exp(S), S skew (S 1 = 0 for LayerNorm models); foldable norms only;
   V/O        per KV group an invertible map exp(A) on the values, its inverse on W_O's columns;
-  Q/K        per KV group a map M on the queries and M^-T on the keys (q.k is unchanged):
-             on rotary dims a 2x2 rotation-scaling per frequency pair (it commutes with RoPE),
-             on non-rotary dims a general exp(A); not where per-head Q/K norms sit in between;
-  SwiGLU     per FF neuron a scale s on the up projection and 1/s on the down projection.
-Optimised with Adam on the merged model's loss at lambda = 0.5 (or several lambdas) over the
-calibration text; a held-out slice of it stops the run early and picks the best step. Both
-models are held whole in memory (the loss needs the whole merged model): a tool for models
-that fit one device.
+  Q/K        per KV group M on the queries and M^-T on the keys: a rotation-scaling per RoPE
+             frequency pair, a general exp(A) on non-rotary dims; not past per-head Q/K norms;
+  SwiGLU     per FF neuron a scale s on up and 1/s on down.
+Both models are held whole in memory (the loss needs the whole merged model).
 """
 
 import copy
@@ -25,12 +19,20 @@ from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
+import transformers
 from tqdm.auto import tqdm
 
-from mergekit_permute.alignment import Alignment
-from mergekit_permute.permute import (
+from mergekit_permute.align.weight_match import weight_match_alignment
+from mergekit_permute.calibration.collect import Workload
+from mergekit_permute.core.alignment import Alignment
+from mergekit_permute.core.match import assign
+from mergekit_permute.evaluate import objective_for
+from mergekit_permute.io.batches import tokenize
+from mergekit_permute.io.data import chars_for, load_texts
+from mergekit_permute.core.permute import (
     Scaled, Transforms, apply_to_tensor, compose, fold_gauge, identity_transforms,
 )
+from mergekit_permute.settings import AlignSettings, lambdas_of
 from mergekit_permute.spec.base import HeadLayout, PermutationSpec
 
 LOG = logging.getLogger(__name__)
@@ -137,7 +139,6 @@ class Maps(torch.nn.Module):
 
     def hard_permutation(self, key: str) -> torch.Tensor:
         """The assignment of the scores: new feature i <- old feature p[i]."""
-        from mergekit_permute.match import assign
         scores = self.ffn_scores[key].detach().cpu().double().numpy()   # [old, new]
         perm, _ = assign(scores.T)                                       # rows: new
         return torch.from_numpy(perm)
@@ -230,8 +231,7 @@ class _Problem:
         return total / (len(lambdas) * len(batches))
 
 
-def learn(spec: PermutationSpec, model, state_a: Dict[str, torch.Tensor],
-          state_b: Dict[str, torch.Tensor], starts: Sequence[Alignment],
+def learn(spec: PermutationSpec, model, states: Tuple[Dict, Dict], starts: Sequence[Alignment],
           batches: Tuple[List[Dict], List[Dict]], schedule: Schedule,
           device: str = "cpu") -> Alignment:
     """The best of `starts` (by held-out merged loss) refined by gradient descent. `model` is
@@ -239,6 +239,7 @@ def learn(spec: PermutationSpec, model, state_a: Dict[str, torch.Tensor],
     (train, held-out) loss batches of the calibration text."""
     started = time.perf_counter()
     train, held_out = batches
+    state_a, state_b = states
     work = copy.deepcopy(model).to(device).eval()
     for p in work.parameters():
         p.requires_grad_(False)
@@ -321,3 +322,40 @@ def _composed(start: Alignment, maps: Maps) -> Alignment:
     return Alignment(spec=start.spec, transforms=transforms, settings=start.settings,
                      report=start.report, info=dict(start.info), gains_a=start.gains_a,
                      gains_b=start.gains_b, timings=dict(start.timings))
+
+
+def learn_alignment(work: Workload, start: Alignment, settings: AlignSettings) -> Alignment:
+    """`start` refined by learned exact symmetries on the calibration text: both models whole
+    in memory, a held-out tenth of the batches for early stopping."""
+    pair, spec = work.pair, work.pair.spec
+    objective = objective_for(spec.architecture)
+    if objective == "cls":
+        raise ValueError(f"matching=learned needs a language-model loss; {spec.architecture} "
+                         "has a task head (align it with matching=activations)")
+    texts = load_texts(work.data, settings.samples, max_chars=chars_for(settings.max_length))
+    batches = tokenize(pair.tokenizer, texts, settings.max_length, settings.batch_size,
+                       spec.architecture, objective)
+    if len(batches) < 2:
+        raise ValueError("matching=learned needs at least two calibration batches (one held "
+                         "out to stop early); raise --samples or lower --batch-size")
+    held = max(1, len(batches) // 10)
+    container = getattr(transformers, spec.architecture)(pair.config)
+    # The model's own parameter names (checkpoints may use legacy aliases, e.g. embed_out),
+    # one per tied group: functional_call refuses two values for tied weights.
+    unique = [n for n, _ in container.named_parameters()] + [n for n, _ in container.named_buffers()]
+    sa, sb = work.readers()
+    names = [n for n in unique if sa.get(n) is not None]
+    state_a, state_b = ({n: (t.float() if t.is_floating_point() else t)
+                         for n, t in ((n, source.get(n)) for n in names)} for source in (sa, sb))
+    starts = [start]
+    if settings.learn_init == "best":
+        try:
+            starts.append(weight_match_alignment(
+                spec, state_a, state_b, settings.model_copy(update={"matching": "weights"})))
+        except ValueError as e:   # settings weight matching cannot honour (residual=first, ...)
+            LOG.info("learn_init=best: no weight-matching start (%s)", e)
+    fixed, span = lambdas_of(settings.learn_lambdas)
+    schedule = Schedule(steps=settings.learn_steps, lr=settings.learn_lr, lambdas=fixed or (0.5,),
+                        lambda_range=span, permute_ffn=settings.learn_permutations)
+    return learn(spec, container, (state_a, state_b), starts,
+                 (batches[:-held], batches[-held:]), schedule, work.device)

@@ -15,19 +15,19 @@ from typing import Dict, Mapping, Optional, Tuple
 
 import torch
 
-from mergekit_permute.alignment import Alignment
-from mergekit_permute.match import (
+from mergekit_permute.core.alignment import Alignment
+from mergekit_permute.core.match import (
     match_attention, match_plain, mean_matched, procrustes_from_moments, rotate_vo,
 )
-from mergekit_permute.permute import plain_views
+from mergekit_permute.core.permute import plain_views
 from mergekit_permute.settings import AlignSettings, residual_policy
 from mergekit_permute.spec.base import PermutationSpec, Space
-from mergekit_permute.stats import CrossStats, ResidualSummary
+from mergekit_permute.calibration.stats import CrossStats, ResidualSummary
 
 LOG = logging.getLogger(__name__)
 Solved = Tuple[Dict[str, torch.Tensor], Dict, float]   # views, report row, seconds
-# Below this many features a space is solved in-process: a worker costs seconds to start, a
-# 2048-wide assignment about one (an 11008-wide one, FF of a 7B model: ~40 s).
+# Below this many features a space is solved in-process: a worker costs seconds to start, more
+# than such an assignment takes (BENCHMARKS.md).
 POOL_MIN_FEATURES = 2048
 
 
@@ -99,13 +99,6 @@ def _space_stats(stats: Mapping[str, CrossStats], space: str) -> Dict[str, Cross
             if key in stats}
 
 
-def active(space: Space, settings: AlignSettings) -> bool:
-    """Whether the settings move this space at all."""
-    if space.frozen:
-        return False
-    return {"ffn": settings.ffn, "attention": settings.attention,
-            "residual": settings.residual}[space.kind] != "identity"
-
 
 class Solver:
     """Solves spaces as they are handed in. Large spaces go to a process pool (forkserver: a
@@ -131,7 +124,7 @@ class Solver:
 
     def submit(self, space_name: str, stats: Mapping[str, CrossStats]) -> None:
         space = self.spec.space(space_name)
-        if not active(space, self.settings) or space.kind == "residual":
+        if not self.settings.moves(space) or space.kind == "residual":
             return
         own = _space_stats(stats, space_name)
         if self.workers > 1 and space.size >= POOL_MIN_FEATURES:
@@ -140,7 +133,7 @@ class Solver:
                     else "spawn"
                 context = multiprocessing.get_context(method)
                 if method == "forkserver":  # workers fork with the solvers already imported
-                    context.set_forkserver_preload(["mergekit_permute.solve"])
+                    context.set_forkserver_preload(["mergekit_permute.align.solve"])
                 self._pool = ProcessPoolExecutor(self.workers, mp_context=context)
             executor, limit = self._pool, 2 * self.workers
         elif not self.overlap:
@@ -241,7 +234,7 @@ def assemble(spec: PermutationSpec, settings: AlignSettings, solved: Mapping[str
         seconds[name] = round(spent, 3)
     policy = residual_policy(settings, spec)
     space = spec.space("residual")
-    if active(space, settings) and residual is not None and residual.points:
+    if settings.moves(space) and residual is not None and residual.points:
         q, report = solve_residual(spec, residual, policy)
         seconds["residual"] = round(report.pop("seconds"), 3)
         alignment.transforms["residual"] = {"": q}
@@ -250,7 +243,7 @@ def assemble(spec: PermutationSpec, settings: AlignSettings, solved: Mapping[str
             if not gains[0] or not gains[1]:
                 raise ValueError("residual=orthogonal needs both models' norm gains to fold them")
             alignment.gains_a, alignment.gains_b = dict(gains[0]), dict(gains[1])
-    alignment.info["residual_policy"] = policy if active(space, settings) else "identity"
+    alignment.info["residual_policy"] = policy if settings.moves(space) else "identity"
     alignment.timings["solve_seconds"] = seconds
     return alignment
 
@@ -262,6 +255,6 @@ def compute_alignment(spec: PermutationSpec, stats, settings: AlignSettings,
     summary under `.residual`)."""
     solver = Solver(spec, settings, workers)
     for space in spec.spaces:
-        if space.kind != "residual" and active(space, settings):
+        if space.kind != "residual" and settings.moves(space):
             solver.submit(space.name, stats)
     return assemble(spec, settings, solver.results(), getattr(stats, "residual", None), gains)

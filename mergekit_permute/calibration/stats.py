@@ -1,20 +1,10 @@
-"""Streaming cross-correlation statistics: additive float64 sums over tokens.
+"""Streaming cross statistics of A's and B's features: additive float64 sums over tokens, the
+A x B block only (the reference code builds the full 2d x 2d covariance).
 
-Only the A x B cross block is kept (the reference code builds the full 2d x 2d covariance).
-Sums from different batches, processes or machines combine with `+` / `add_` (or, across
-processes, an all-reduce after `recenter_`), so memory does not grow with the amount of
-calibration text.
-
-The sums are SHIFTED: each feature's values minus a fixed shift (the first batch's mean,
-rounded to float32), so a feature whose mean is large against its spread (1e5 times it, seen
-in real models) keeps its variance and covariances instead of losing them to cancellation in
-E[xy] - E[x]E[y]. Covariance does not depend on the shift; sums with different shifts are
-re-centred exactly (`recenter_`), and the raw, uncentred moments are recovered from them
-(`raw_sum_ab`, `raw_sq_a`, `raw_sq_b`).
-
-Per-layer spaces (FF, attention) are complete once their block has run and can be matched or
-spilled right away; the residual stream is seen at every layer, so it is kept as a
-`ResidualSummary` of what each residual policy needs, not point by point.
+The sums are shifted (each feature minus the first batch's mean), so features whose mean is
+large against their spread keep their covariances instead of losing them to cancellation;
+sums with different shifts re-centre exactly (batches, processes, all-reduce). The residual
+stream, seen at every layer, is kept as a ResidualSummary of what each policy needs.
 """
 
 from dataclasses import dataclass, field
@@ -22,7 +12,7 @@ from typing import Dict, Iterator, Mapping, Optional
 
 import torch
 
-from mergekit_permute.heap import empty_outside_heap
+from mergekit_permute.calibration.heap import empty_outside_heap
 
 
 # Products are summed in float32 between flushes into the float64 totals: one float32 GEMM
@@ -324,6 +314,10 @@ class Statistics(Mapping[str, CrossStats]):
         self.tokens = tokens
         self._loader = loader          # key -> CrossStats, for statistics kept on disk
         self._keys = None
+
+    def update(self, layer_stats: Mapping[str, CrossStats]) -> None:
+        """Hold these (completed) layer statistics in memory."""
+        self._layers.update(layer_stats)
 
     def __getitem__(self, key: str) -> CrossStats:
         if key in self._layers:

@@ -5,6 +5,8 @@ from typing import Iterable, Optional
 
 import torch
 
+from mergekit_permute.io.checkpoints import sidecar_files
+
 
 class PreflightError(ValueError):
     """A run that cannot succeed; the message names the problem and the fix."""
@@ -66,7 +68,6 @@ def check_max_length(max_length: int, configs: Iterable, option: str = "--max-le
 def checkpoint_bytes(checkpoint, dtype: Optional[torch.dtype] = None) -> int:
     """What writing a copy of this checkpoint takes (in `dtype` where given): its weights and
     the files copied beside them (config, tokenizer)."""
-    from mergekit_permute.checkpoints import sidecar_files
     total = sum(f.stat().st_size for f in sidecar_files(checkpoint.root))
     for key in checkpoint.keys():
         shape, stored = checkpoint.meta(key)

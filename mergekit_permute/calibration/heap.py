@@ -1,16 +1,12 @@
-"""The process heap during a long calibration: memory that stays flat in depth without paying
-a page fault for every activation.
+"""The process heap during a long calibration: memory flat in depth without a page fault for
+every activation.
 
-glibc serves allocations above its mmap threshold straight from mmap and unmaps them on free,
-and gives a freed top of its heap back to the OS beyond its trim threshold; either way the next
-batch faults the same activations in again (on the 32-layer scale benchmark, a third of the
-forwards' time). So: an mmap threshold above a small model's activations (real models'
-activations exceed any threshold glibc allows and are mmapped whatever we set), a trim
-threshold that keeps a batch's working set resident, and the heap trimmed explicitly (HeapWatch)
-when fragmentation has grown it by more than SLACK above its working set. Long-lived large
-matrices live outside the heap (`empty_outside_heap`), where they cannot fragment it, and are
-not counted as heap growth; a model skeleton is built with its transient parameters mmapped
-(`mmapped_allocations`), which would otherwise leave the heap hundreds of MiB wide."""
+glibc unmaps allocations above its mmap threshold on free and returns a freed heap top beyond
+its trim threshold, so the next batch faults the same activations in again. So: a fixed mmap
+threshold, a trim threshold that keeps a batch's working set resident, an explicit trim
+(HeapWatch) when fragmentation grows the heap beyond SLACK, long-lived matrices outside the
+heap (`empty_outside_heap`) and model skeletons built with their transients mmapped
+(`mmapped_allocations`). Measured in BENCHMARKS.md."""
 
 import contextlib
 import ctypes
@@ -42,11 +38,23 @@ def _libc():
         return None
 
 
+_owned = {"heap": False}
+
+
+def own_heap() -> None:
+    """This process is ours (our CLI): its allocator may be tuned. A host process (MergeKit,
+    a notebook) keeps glibc's settings, which once changed cannot be restored (setting the mmap
+    threshold turns glibc's dynamic threshold off for good)."""
+    _owned["heap"] = True
+    flat_heap()
+
+
 def flat_heap() -> None:
     """Fix the mmap threshold (glibc otherwise raises it after the first large free, and keeps
-    every later buffer of that size in its heap) and raise the trim threshold."""
+    every later buffer of that size in its heap) and raise the trim threshold; in our own
+    process only (own_heap)."""
     libc = _libc()
-    if libc is not None:
+    if libc is not None and _owned["heap"]:
         libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)
         libc.mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD)
 
@@ -59,7 +67,7 @@ def mmapped_allocations(threshold: int = 64 << 10):
     heap they would leave it hundreds of MiB wide, full of holes that later allocations
     wander through, faulting in new pages."""
     libc = _libc()
-    if libc is not None:
+    if libc is not None and _owned["heap"]:
         libc.mallopt(_M_MMAP_THRESHOLD, threshold)
     try:
         yield

@@ -187,7 +187,7 @@ def _json_rows(source: str, lines: Iterable[Tuple[int, str]], field: str) -> Ite
 def _load_hub_dataset(name: str, field: str, samples: Optional[int]) -> List[str]:
     """`owner/name`, `name:config` or `name:config:split` (split defaults to train)."""
     try:
-        import datasets
+        import datasets  # (heavy, and only for hub dataset ids)
     except ImportError:  # pragma: no cover
         raise DataError(f"{name!r} is not a file, and `datasets` is not installed") from None
     dataset, config, split = (name.split(":") + [None, None])[:3]

@@ -1,14 +1,7 @@
-"""REPAIR for Transformers (Jordan et al. 2022, adapted): after averaging, rescale each FF
-neuron of the merged model so its activation statistics on the calibration text match the
-interpolation of the parents' statistics; averaging aligned neurons that are not perfectly
-correlated shrinks their variance ("variance collapse"), which this undoes.
-
-The correction acts on the FF features the spec already matches (the input of the down
-projection): a' = (a - mean_merged) * std_target / std_merged + mean_target. It is folded into
-the weight that reads those features (its columns scaled) and that weight's bias (the mean
-shift); without a bias (Llama), only a scale is possible and it matches the root mean square.
-Everything runs block by block (blocks.py): each layer is measured after the layers before it
-were corrected, and only one block is in memory.
+"""REPAIR (Jordan et al. 2022, adapted): after averaging, each FF neuron of the merge is
+rescaled so its statistics on the calibration text match the mix of the parents' (averaging
+imperfectly correlated neurons shrinks their variance). The correction is folded into the down
+projection's columns (and bias: the mean), layer by layer, one block in memory.
 """
 
 import logging
@@ -18,8 +11,9 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 from tqdm.auto import tqdm
 
-from mergekit_permute.blocks import BlockModel
-from mergekit_permute.calibrate import capture
+from mergekit_permute.calibration.blocks import BlockModel
+from mergekit_permute.io.checkpoints import BlendSource
+from mergekit_permute.calibration.calibrate import capture
 from mergekit_permute.spec.base import PermutationSpec
 
 LOG = logging.getLogger(__name__)
@@ -165,3 +159,18 @@ def repair(model: BlockModel, spec: PermutationSpec, targets: Dict[str, Moments]
 
     _walk(model, spec, batches, masks, per_layer, desc)
     return corrected, report
+
+
+def repair_blend(spec: PermutationSpec, config, parents: Sequence[Tuple[float, object]],
+                 calib, device: str = "cpu", moments: Optional[Sequence[Dict[str, Moments]]] = None
+                 ) -> Tuple[Dict[str, torch.Tensor], Dict[str, float]]:
+    """The weighted average of `parents` ((weight, tensor source) in one basis) REPAIRed toward
+    the same mix of the parents' FF moments on the calibration batches (`moments`: measured
+    before, one per parent). Returns the corrected tensors and the report."""
+    def runner(source) -> BlockModel:
+        return BlockModel.skeleton(spec, config, source, device)
+    if moments is None:
+        moments = [measure(runner(s), spec, calib.batches, calib.masks) for _, s in parents]
+    targets = {k: Moments.mix([(w, m[k]) for (w, _), m in zip(parents, moments)])
+               for k in moments[0]}
+    return repair(runner(BlendSource(parents)), spec, targets, calib.batches, calib.masks)

@@ -1,16 +1,17 @@
 """Assignment solvers: correlation matrices -> permutations, per kind of space."""
 
-from typing import Dict, List, Literal, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
 
-from mergekit_permute.heads import HeadPerm, flat_views
+from mergekit_permute.core.heads import HeadPerm, flat_views
+from mergekit_permute.settings import AlignSettings
 from mergekit_permute.spec.base import HeadLayout
 
-AttentionMode = Literal["head_perm", "monotonic", "identity", "ignore_heads"]
-QKMode = Literal["follow_vo", "separate", "joint"]
+AttentionMode = AlignSettings.model_fields["attention"].annotation
+QKMode = AlignSettings.model_fields["qk"].annotation
 
 
 def assign(score: np.ndarray) -> Tuple[np.ndarray, float]:

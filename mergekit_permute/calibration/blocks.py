@@ -1,20 +1,19 @@
 """Layer-wise execution: a model run one block at a time over fixed calibration batches.
 
-The "catch the first layer's inputs" pattern of GPTQ / AutoAWQ / llm-compressor: the model is
-built on the meta device, only its embeddings are loaded, and one forward pass per batch stops
-at the blocks, recording what each block receives (hidden states of block 0, masks, position
-embeddings; per block, since some families give layers different masks). Then each block is
-loaded alone, run over every batch's hidden states, and freed. Memory: one block plus the
-hidden-state buffer, flat in depth. A model already in memory runs the same way (nothing is
-loaded or freed), so every caller shares one code path.
+GPTQ's "catch the first layer's inputs": a skeleton on the meta device runs its embeddings and
+records what every block receives (hidden states, masks, position embeddings); then each block
+is loaded alone, run over every batch and freed. Memory: one block and the hidden states.
 """
 
+import inspect
 import logging
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
+import transformers
+from accelerate import init_empty_weights
 
-from mergekit_permute.heap import empty_outside_heap, mmapped_allocations
+from mergekit_permute.calibration.heap import empty_outside_heap, mmapped_allocations
 from mergekit_permute.spec.base import PermutationSpec
 
 LOG = logging.getLogger(__name__)
@@ -54,8 +53,6 @@ class BlockModel:
     def skeleton(spec: PermutationSpec, config, source, device="cpu",
                  dtype: torch.dtype = torch.float32) -> "BlockModel":
         """A model with no weights yet: parameters on the meta device, buffers real."""
-        import transformers
-        from accelerate import init_empty_weights
         cls = getattr(transformers, spec.architecture)
         with init_empty_weights(include_buffers=False), mmapped_allocations():
             model = cls(config)
@@ -159,6 +156,5 @@ class BlockModel:
 
 def _no_cache(model) -> Dict[str, Any]:
     """A KV cache would grow with every batch and leak state between runs of a block."""
-    import inspect
     return {"use_cache": False} if "use_cache" in inspect.signature(model.forward).parameters \
         else {}

@@ -1,13 +1,9 @@
 """Data-free weight matching (Git Re-Basin, Ainsworth et al. 2022), generic over the spec.
 
-The objective is the inner product of A's weights with B's aligned weights, summed over every
-tensor. With all spaces but one fixed it is linear in that space's permutation: a similarity
-matrix S [n_A, n_B] between A's and B's "rows" along every axis bound to the space, solved by
-the same assignment solvers as activation matching. Coordinate descent visits the spaces in a
-seeded random order until a whole sweep changes nothing.
-
-Conventions as in permute.py: a permutation p gives new = old[p], so it scores sum_i S[i, p[i]];
-an orthogonal residual Q [dB, dA] (writers take Q, readers Q^-T = Q) scores trace(S Q).
+With every other space fixed, the inner product of A's and aligned B's weights is linear in one
+space's permutation (a similarity S [n_A, n_B] over every axis bound to it); coordinate descent
+over the spaces, in a seeded order, until a sweep changes nothing. A permutation p scores
+sum_i S[i, p[i]], an orthogonal residual Q [dB, dA] trace(S Q).
 """
 
 import logging
@@ -15,9 +11,9 @@ from typing import Dict, List, Mapping, Tuple
 
 import torch
 
-from mergekit_permute.alignment import Alignment
-from mergekit_permute.match import match_attention, match_plain, procrustes
-from mergekit_permute.permute import (
+from mergekit_permute.core.alignment import Alignment
+from mergekit_permute.core.match import match_attention, match_plain, procrustes
+from mergekit_permute.core.permute import (
     Transforms, apply_to_tensor, fold_gauge, identity_transforms, is_permutation, norm_gains,
     plain_views,
 )
@@ -196,10 +192,8 @@ def weight_match(spec: PermutationSpec, state_a: State, state_b: State, *,
             raise ValueError(f"residual=orthogonal: {error}")
         state_a, state_b = _fold(spec, state_a), _fold(spec, state_b)
 
-    def active(s: Space) -> bool:
-        return not s.frozen and {"attention": attention, "ffn": ffn,
-                                 "residual": residual}[s.kind] != "identity"
-    spaces = [s for s in spec.spaces if active(s)]
+    moving = AlignSettings(attention=attention, ffn=ffn, residual=residual)
+    spaces = [s for s in spec.spaces if moving.moves(s)]
     transforms = identity_transforms(spec)
     # Only the numbers are kept: a real model's similarity matrices would not fit memory.
     before = {s.name: _cosine(*_similarity(spec, state_a, state_b, transforms, s.name),

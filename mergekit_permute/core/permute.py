@@ -1,15 +1,9 @@
 """Apply, invert and draw transforms, generically over a PermutationSpec.
 
-A transform set maps space name -> view name -> transform. A 1-D integer tensor is a
-permutation (new = old[p]); `Scaled(p, s)` a permutation with per-feature scales (new_i =
-s_i * old[p_i], e.g. SwiGLU's up / down); a 2-D float tensor M a general change of basis
-(features h' = h @ M). Writers ("out" axes) take the map, readers ("in" axes) its inverse
-transpose. Norm gains ("elem" axes) only admit permutations (a folded, unit gain commutes with
-any map).
-
-A `Gauge` moves norm gains into or out of the weights that read the norm's output: folding
-(gains -> 1) is what lets an orthogonal map pass a norm; unfolding with model A's gains writes
-an aligned B whose norms look like A's, so any stock merge of A with it is exact.
+A transform is a permutation (1-D int, new = old[p]), a `Scaled` permutation (SwiGLU up/down)
+or a dense change of basis M (h' = h @ M); writers take M, readers its inverse transpose. A
+`Gauge` folds norm gains into their readers (what lets a rotation pass a norm) and unfolds A's,
+so aligned B is written in A's norm gauge and any stock merge of the two is exact.
 """
 
 from dataclasses import dataclass, field
@@ -17,7 +11,7 @@ from typing import Dict, Mapping, NamedTuple, Optional, Tuple, Union
 
 import torch
 
-from mergekit_permute.heads import HeadPerm
+from mergekit_permute.core.heads import HeadPerm
 from mergekit_permute.spec.base import Bind, PermutationSpec, WeightRule
 
 
@@ -195,9 +189,11 @@ class Gauge:
         return (tensor.to(work) * factor.to(tensor.device, work).reshape(shape)).to(tensor.dtype)
 
 
-def norm_gains(spec: PermutationSpec, state: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-    """The gains of every foldable norm, float64 on the CPU."""
-    return {f.norm: state[f.norm].detach().to("cpu", torch.float64) for f in spec.norm_folds}
+def norm_gains(spec: PermutationSpec, source) -> Dict[str, torch.Tensor]:
+    """The gains of every foldable norm, float64 on the CPU, from a state dict or any tensor
+    source (`.get(name)`)."""
+    return {f.norm: source.get(f.norm).detach().to("cpu", torch.float64)
+            for f in spec.norm_folds}
 
 
 def _reader_axis(rule: WeightRule) -> int:

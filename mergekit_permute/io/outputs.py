@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterable, Iterator, Optional, Tuple
 
-from mergekit_permute.preflight import PreflightError
+from mergekit_permute.io.preflight import PreflightError
 
 LOG = logging.getLogger(__name__)
 # Files that mark a directory written by mergekit-permute (align, apply, barrier, merge) or by

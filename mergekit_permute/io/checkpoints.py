@@ -18,8 +18,10 @@ from pathlib import Path
 from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import torch
+from huggingface_hub import snapshot_download
+from tqdm.auto import tqdm
 
-from mergekit_permute.heap import HeapWatch
+from mergekit_permute.calibration.heap import HeapWatch
 
 LOG = logging.getLogger(__name__)
 ALLOW_PICKLE_ENV = "MERGEKIT_PERMUTE_ALLOW_UNSAFE_PICKLE"
@@ -46,7 +48,6 @@ def resolve(path: str) -> Path:
         return local
     if path.startswith(("/", ".", "~")) or path.count("/") > 1:
         raise FileNotFoundError(f"model {path!r} does not exist (neither a directory nor a hub id)")
-    from huggingface_hub import snapshot_download
     try:
         return Path(snapshot_download(path, allow_patterns=[
             "*.json", "*.safetensors", "*.bin", "*.txt", "*.model", "*.jinja", "*.tiktoken",
@@ -59,8 +60,9 @@ def resolve(path: str) -> Path:
 class Checkpoint:
     """The weight files of one model directory: names, shapes, dtypes, tensors on demand."""
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, allow_unsafe_pickle: bool = False):
         self.path = str(path)
+        self.allow_unsafe_pickle = allow_unsafe_pickle
         self.root = resolve(path)
         self._open: Dict[str, object] = {}
         self.files, self.key_file = self._index()
@@ -91,7 +93,7 @@ class Checkpoint:
             if file.endswith(".safetensors"):
                 self._open[file] = SafetensorsFile(full)
             else:
-                self._open[file] = _load_pickle(full)
+                self._open[file] = _load_pickle(full, self.allow_unsafe_pickle)
         return self._open[file]
 
     @property
@@ -182,11 +184,12 @@ class SafetensorsFile:
         return out
 
 
-def _load_pickle(path: Path):
+def _load_pickle(path: Path, allow_unsafe: bool = False):
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except pickle.UnpicklingError as e:
-        if os.environ.get(ALLOW_PICKLE_ENV) != "1":
+        # (the environment variable is for programs that take no flag, e.g. mergekit-yaml)
+        if not allow_unsafe and os.environ.get(ALLOW_PICKLE_ENV) != "1":
             raise UnsafeCheckpoint(
                 f"{path}: its pickle needs full unpickling, which can run arbitrary code, so it "
                 "was refused (the weights-only unpickler rejected it). Convert it to safetensors "
@@ -265,6 +268,11 @@ class BlendSource:
         if any(t is None for _, t in tensors):
             return None
         return weighted_average([t for _, t in tensors], [w for w, _ in tensors])
+
+
+def dtype_of(name: Optional[str]) -> Optional[torch.dtype]:
+    """A dtype setting (RunSettings.dtype) -> torch dtype; None for auto (the checkpoint's)."""
+    return None if name in (None, "auto") else getattr(torch, name)
 
 
 def weighted_average(tensors: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
@@ -356,7 +364,6 @@ def write_like(src: Checkpoint, out_dir: Path, transform: Callable[[str, torch.T
                dtype: Optional[torch.dtype] = None, desc: str = "writing") -> None:
     """A transformed copy of `src` in `out_dir`, shard by shard like the input (pickles become
     safetensors), one tensor in memory at a time; config and tokenizer files copied beside."""
-    from tqdm.auto import tqdm
     out_dir = Path(out_dir)
     names = _output_names(src.files)
     shards: Dict[str, List[str]] = {}

@@ -12,8 +12,8 @@ from typing import Dict, Mapping, Optional
 
 import torch
 
-from mergekit_permute.heads import HeadPerm
-from mergekit_permute.permute import Scaled, Transforms, as_matrix, is_permutation
+from mergekit_permute.core.heads import HeadPerm
+from mergekit_permute.core.permute import Scaled, Transforms, as_matrix, is_permutation
 from mergekit_permute.spec.base import HeadLayout, PermutationSpec, Space
 
 TOL = 1e-6   # float64 maps: rounding is ~1e-15; tampering is orders of magnitude above this
@@ -178,14 +178,17 @@ def _check_head_maps(space: Space, m: Dict[str, torch.Tensor], orthogonal_vo: bo
                                "group's K map, so q.k would change")
         if rotary is not None and (
                 float((mq[:f, :f] @ rotary - rotary @ mq[:f, :f]).abs().max()) > TOL * scale
-                or float(mq[:f, f:].abs().max(initial=0.0)) > TOL * scale
-                or float(mq[f:, :f].abs().max(initial=0.0)) > TOL * scale):
+                or _max_abs(mq[:f, f:]) > TOL * scale or _max_abs(mq[f:, :f]) > TOL * scale):
             raise NotASymmetry(f"{name}: head {i}'s Q map does not commute with RoPE (rotary "
                                "dims admit only a rotation-scaling per frequency pair)")
         if orthogonal_vo and float((mv.T @ mv - eye).abs().max()) > TOL:
             raise NotASymmetry(f"{name}: V/O maps claim to be rotations but are not orthogonal")
         if float(torch.linalg.svdvals(mv).min()) < TOL * max(1.0, float(mv.abs().max())):
             raise NotASymmetry(f"{name}: head {i}'s V/O map is singular")
+
+
+def _max_abs(t: torch.Tensor) -> float:
+    return float(t.abs().max()) if t.numel() else 0.0
 
 
 def _rope_generator(frozen: int) -> Optional[torch.Tensor]:

@@ -12,8 +12,9 @@ import os
 from typing import Dict, List, Sequence, TypeVar
 
 import torch
+import torch.distributed as td
 
-from mergekit_permute.stats import SUMS, CrossStats
+from mergekit_permute.calibration.stats import SUMS, CrossStats
 
 LOG = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -23,7 +24,6 @@ class Distributed:
     """The current process group (or a single process)."""
 
     def __init__(self):
-        import torch.distributed as td
         self.active = td.is_available() and td.is_initialized()
         self.rank = td.get_rank() if self.active else 0
         self.size = td.get_world_size() if self.active else 1
@@ -42,7 +42,6 @@ class Distributed:
         tokens, broadcast from it, so the all-reduced sums are about one shift, exactly."""
         if not self.active:
             return stats
-        import torch.distributed as td
         device = _device()
         keys = sorted(stats)
         # per key, the first rank with tokens (its shifts are everyone's); `size`: none has
@@ -64,19 +63,16 @@ class Distributed:
     def total(self, count: int) -> int:
         if not self.active:
             return count
-        import torch.distributed as td
         t = torch.tensor(float(count), dtype=torch.float64, device=_device())
         td.all_reduce(t)
         return int(t.item())
 
     def barrier(self) -> None:
         if self.active:
-            import torch.distributed as td
             td.barrier()
 
 
 def _device() -> torch.device:
-    import torch.distributed as td
     if td.get_backend() == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
@@ -84,7 +80,6 @@ def _device() -> torch.device:
 
 def init_from_env(device: str) -> Distributed:
     """Join the process group torchrun describes (WORLD_SIZE > 1), else a single process."""
-    import torch.distributed as td
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not td.is_initialized():
         backend = "nccl" if torch.device(device).type == "cuda" else "gloo"
         if backend == "nccl":

@@ -1,0 +1,69 @@
+"""Text -> token batches, one way for calibration, evaluation and learning: rows cut before the
+tokenizer sees them, padded batches of the model's own inputs, and the labels of a loss (next
+tokens, fixed-seed masked tokens, or classes)."""
+
+import inspect
+from typing import Dict, List, Literal, Optional, Sequence
+
+import torch
+import transformers
+
+from mergekit_permute.io.data import clip_texts
+
+Objective = Literal["mlm", "clm", "cls"]
+
+
+def prepare_tokenizer(tokenizer):
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    return tokenizer
+
+
+def model_inputs(batch: Dict[str, torch.Tensor], architecture: Optional[str] = None
+                 ) -> Dict[str, torch.Tensor]:
+    """Drop tokenizer outputs the model's forward does not take (e.g. token_type_ids)."""
+    if architecture is None or "token_type_ids" not in batch:
+        return batch
+    forward = getattr(transformers, architecture).forward
+    if "token_type_ids" not in inspect.signature(forward).parameters:
+        batch = {k: v for k, v in batch.items() if k != "token_type_ids"}
+    return batch
+
+
+def mask_tokens(input_ids: torch.Tensor, special: torch.Tensor, mask_id: int, vocab: int,
+                gen: torch.Generator, prob: float = 0.15, low: int = 5):
+    """BERT masking (80% [MASK], 10% random, 10% kept) -> (inputs, labels with -100 elsewhere).
+    Random tokens are drawn from [low, vocab) (the zoo tokenizers' special tokens lie below)."""
+    labels = input_ids.clone()
+    chosen = (torch.rand(input_ids.shape, generator=gen) < prob) & ~special
+    labels[~chosen] = -100
+    inputs = input_ids.clone()
+    roll = torch.rand(input_ids.shape, generator=gen)
+    inputs[chosen & (roll < 0.8)] = mask_id
+    rand_pos = chosen & (roll >= 0.8) & (roll < 0.9)
+    inputs[rand_pos] = torch.randint(low, vocab, input_ids.shape, generator=gen)[rand_pos]
+    return inputs, labels
+
+
+def tokenize(tokenizer, texts: Sequence[str], max_length: int, batch_size: int,
+             architecture: Optional[str] = None, objective: Optional[Objective] = None,
+             seed: int = 0, labels: Sequence = ()) -> List[Dict[str, torch.Tensor]]:
+    """Batches of at most `max_length` tokens a row; with an `objective`, with its labels
+    (MLM: the same masked positions for a given seed, whatever is evaluated on them)."""
+    prepare_tokenizer(tokenizer)
+    gen = torch.Generator().manual_seed(seed)
+    batches = []
+    for i in range(0, len(texts), batch_size):
+        enc = dict(tokenizer(clip_texts(texts[i:i + batch_size], max_length), padding=True,
+                             truncation=True, max_length=max_length, return_tensors="pt"))
+        ids, attn = enc["input_ids"], enc["attention_mask"]
+        if objective == "mlm":
+            special = torch.isin(ids, torch.tensor(tokenizer.all_special_ids)) | (attn == 0)
+            enc["input_ids"], enc["labels"] = mask_tokens(ids, special, tokenizer.mask_token_id,
+                                                          len(tokenizer), gen)
+        elif objective == "clm":
+            enc["labels"] = ids.masked_fill(attn == 0, -100)
+        elif objective == "cls":
+            enc["labels"] = torch.tensor(list(labels[i:i + batch_size]))
+        batches.append(model_inputs(enc, architecture))
+    return batches
