@@ -16,6 +16,7 @@ import json
 
 from benchmarks.quality import CALIB, RESULTS
 from mergekit_permute.barrier import run_multi
+from mergekit_permute.evaluate import Evaluation
 
 METHODS = ["vanilla", "default", "default+reference=average", "default+repair",
            "default+reference=average+repair", "default+matching=weights"]
@@ -24,9 +25,9 @@ METHODS = ["vanilla", "default", "default+reference=average", "default+repair",
 def run(arch: str, seeds: int) -> dict:
     from benchmarks.zoo import zoo
     cfg, paths = zoo(arch, seeds)
-    doc = run_multi([str(p) for p in paths], eval_data="shakespeare-eval",
-                    calibration="shakespeare-calib", methods=METHODS, settings=CALIB,
-                    eval_samples=256, eval_max_length=64)
+    doc = run_multi([str(p) for p in paths], methods=METHODS, settings=CALIB,
+                    evaluation=Evaluation("shakespeare-eval", 256, 64),
+                    calibration="shakespeare-calib")
     doc.update(arch=arch, zoo=cfg.model_dump(), seeds=seeds)
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"multi-{arch}.json").write_text(json.dumps(doc, indent=1) + "\n")

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from mergekit_permute.settings import AlignSettings
 from mergekit_permute.barrier import run_barrier
+from mergekit_permute.evaluate import Evaluation
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
@@ -49,9 +50,8 @@ def run(arch: str, seeds: int, lambdas: int, extra_methods=(), methods=None,
     methods = list(methods or METHODS[arch]) + list(extra_methods)
     pairs = []
     for a, b in itertools.combinations(paths, 2):
-        r = run_barrier(a, b, eval_data="shakespeare-eval", calibration="shakespeare-calib",
-                        methods=methods, lambdas=lambdas, settings=CALIB, eval_samples=256,
-                        eval_max_length=64)
+        r = run_barrier(a, b, methods=methods, settings=CALIB, calibration="shakespeare-calib",
+                        evaluation=Evaluation("shakespeare-eval", 256, 64, lambdas=lambdas))
         pairs.append(r)
         print(arch, Path(a).name, Path(b).name,
               {m: round(v["barrier"], 4) for m, v in r["methods"].items()}, flush=True)

@@ -24,23 +24,25 @@ ZOO = HERE / ".zoo-realistic"
 OUT = HERE / "results" / "realistic"
 METHODS = ["vanilla", "default", "default+repair", "default+matching=learned"]
 CALIBRATION = dict(samples=512, max_length=128, batch_size=16)
-EVAL = dict(eval_samples=256, eval_max_length=128, lambdas=11)
+EVAL = dict(samples=256, max_length=128, lambdas=11)
 
 
 def run_pair(arch: str, a: int, b: int, threads: int) -> Path:
     import torch
 
     from mergekit_permute.barrier import run_barrier
-    from mergekit_permute.settings import AlignSettings
+    from mergekit_permute.evaluate import Evaluation
+    from mergekit_permute.settings import AlignSettings, RunSettings
     torch.set_num_threads(threads)
     out = OUT / f"{arch}-{a}-{b}.json"
     if out.is_file():
         print(f"{out.name} exists: skipped", flush=True)
         return out
     result = run_barrier(str(ZOO / f"{arch}-seed{a}"), str(ZOO / f"{arch}-seed{b}"),
-                         eval_data=str(ZOO / "corpus" / "eval.txt"),
-                         calibration=str(ZOO / "corpus" / "calib.txt"), methods=METHODS,
-                         settings=AlignSettings(**CALIBRATION), cache="refresh", **EVAL)
+                         methods=METHODS, settings=AlignSettings(**CALIBRATION),
+                         evaluation=Evaluation(str(ZOO / "corpus" / "eval.txt"), **EVAL),
+                         calibration=str(ZOO / "corpus" / "calib.txt"),
+                         run=RunSettings(cache="refresh"))
     result.update(arch=arch, seeds=[a, b], calibration_settings=CALIBRATION, threads=threads)
     OUT.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".partial")

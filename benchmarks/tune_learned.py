@@ -40,7 +40,8 @@ def main() -> None:
 
     from benchmarks.zoo import zoo
     from mergekit_permute.barrier import run_barrier
-    from mergekit_permute.settings import AlignSettings
+    from mergekit_permute.evaluate import Evaluation
+    from mergekit_permute.settings import AlignSettings, RunSettings
     torch.set_num_threads(args.threads)
     pairs = [tuple(int(x) for x in p.split("-")) for p in args.pairs.split(",")]
     _, paths = zoo("llama", max(max(p) for p in pairs), "cpu")
@@ -49,10 +50,10 @@ def main() -> None:
         out = OUT / f"llama-{a}-{b}.json"
         if out.is_file():
             continue
-        result = run_barrier(paths[a - 1], paths[b - 1], eval_data="shakespeare-eval",
-                             calibration="shakespeare-calib", methods=args.methods.split(","),
+        result = run_barrier(paths[a - 1], paths[b - 1], methods=args.methods.split(","),
                              settings=AlignSettings(samples=512, max_length=64, batch_size=16),
-                             eval_samples=256, eval_max_length=64, lambdas=11, cache="refresh")
+                             evaluation=Evaluation("shakespeare-eval", 256, 64, lambdas=11),
+                             calibration="shakespeare-calib", run=RunSettings(cache="refresh"))
         result.update(arch="llama", seeds=[a, b], zoo="benchmarks/zoo.py --size cpu (Shakespeare)")
         tmp = out.with_suffix(".partial")
         tmp.write_text(json.dumps(result, indent=1) + "\n")

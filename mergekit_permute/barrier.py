@@ -5,24 +5,22 @@ evaluated in memory on one loaded model; the methods share one set of statistics
 import json
 import time
 from pathlib import Path
-from typing import Dict, Mapping, Optional, Sequence, Union
+from typing import Dict, Mapping, Sequence, Union
 
 import numpy as np
-from matplotlib.figure import Figure
 
 from mergekit_permute.align.multi import aligned_states
 from mergekit_permute.align.pipeline import align_from
 from mergekit_permute.align.repair import measure, repair_blend
 from mergekit_permute.calibration.blocks import BlockModel
-from mergekit_permute.calibration.cache import CacheMode
 from mergekit_permute.calibration.collect import Workload, prepare_calibration, statistics
 from mergekit_permute.card import barrier_table
 from mergekit_permute.core.alignment import summarize
-from mergekit_permute.evaluate import LOSS_NAME, EvalSet, barrier_values, evaluate
+from mergekit_permute.evaluate import LOSS_NAME, EvalSet, Evaluation, barrier_values, evaluate
 from mergekit_permute.evaluate import interpolation_losses
 from mergekit_permute.io.checkpoints import StateSource, average_states
 from mergekit_permute.io.models import load_model, open_pair, scan_pair
-from mergekit_permute.settings import AlignSettings, check_settings
+from mergekit_permute.settings import AlignSettings, RunSettings, check_settings
 
 Methods = Union[Sequence[str], Mapping[str, AlignSettings]]
 
@@ -38,21 +36,20 @@ def _loaded(path: str, device: str, allow_unsafe_pickle: bool = False):
     return model, {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-def run_barrier(model_a: str, model_b: str, *, eval_data: str, calibration: str,
-                methods: Methods, lambdas: int, settings: AlignSettings,
-                eval_samples: int = 256, eval_max_length: Optional[int] = None, seed: int = 0,
-                device: str = "cpu", cache: CacheMode = "use", label_field: str = "label",
-                workers=1, allow_unsafe_pickle: bool = False) -> Dict:
+def run_barrier(model_a: str, model_b: str, *, methods: Methods, settings: AlignSettings,
+                evaluation: Evaluation, calibration: str, run: RunSettings = RunSettings()
+                ) -> Dict:
+    """Every method's loss along the path (`settings`: the calibration fields all share)."""
     parsed = _parse(methods, settings)
-    pair = open_pair(model_a, model_b, allow_unsafe_pickle)
+    pair = open_pair(model_a, model_b, run.allow_unsafe_pickle)
     for s in parsed.values():
         check_settings(pair.spec, s)
     fingerprints = scan_pair(pair)
-    evalset = EvalSet.prepare(pair, eval_data, eval_samples, eval_max_length,
-                              settings.batch_size, seed, label_field)   # before any model loads
-    model, state_a = _loaded(model_a, device, allow_unsafe_pickle)
-    state_b = _loaded(model_b, device, allow_unsafe_pickle)[1]
-    work = Workload(pair, calibration, device=device, workers=workers, cache=cache,
+    evalset = EvalSet.prepare(pair, evaluation, settings.batch_size)   # before any model loads
+    device = run.device
+    model, state_a = _loaded(model_a, device, run.allow_unsafe_pickle)
+    state_b = _loaded(model_b, device, run.allow_unsafe_pickle)[1]
+    work = Workload(pair, calibration, device=device, workers=run.workers, cache=run.cache,
                     sources=(StateSource(state_a, pair.spec), StateSource(state_b, pair.spec)),
                     fingerprints=fingerprints)
     calib, started = None, time.perf_counter()
@@ -60,9 +57,9 @@ def run_barrier(model_a: str, model_b: str, *, eval_data: str, calibration: str,
         calib = prepare_calibration(pair, calibration, settings)
         work.shared = statistics(work, calib, settings,
                                  qk=any(s.needs_qk_features for s in parsed.values()))
-    grid = [float(x) for x in np.linspace(0.0, 1.0, lambdas)]
+    grid = [float(x) for x in np.linspace(0.0, 1.0, evaluation.lambdas)]
     result = {"loss": LOSS_NAME[evalset.objective], "objective": evalset.objective,
-              "eval_data": eval_data, "eval_max_length": evalset.max_length,
+              "eval_data": evaluation.data, "eval_max_length": evalset.max_length,
               "calibration_seconds": round(time.perf_counter() - started, 2),
               "calibration": calibration, "model_a": model_a,
               "model_b": model_b, "lambda_meaning": "theta = lambda * A + (1 - lambda) * aligned B",
@@ -103,23 +100,20 @@ def _repair_hook(pair, calib, state_a, aligned_b, device: str):
     return after_mix
 
 
-def run_multi(models: Sequence[str], *, eval_data: str, calibration: str, methods: Methods,
-              settings: AlignSettings, eval_samples: int = 256,
-              eval_max_length: Optional[int] = None,
-              seed: int = 0, device: str = "cpu", cache: CacheMode = "use", workers=1,
-              allow_unsafe_pickle: bool = False) -> Dict:
+def run_multi(models: Sequence[str], *, methods: Methods, settings: AlignSettings,
+              evaluation: Evaluation, calibration: str, run: RunSettings = RunSettings()
+              ) -> Dict:
     """N >= 3 models aligned into the first one's basis (to it, or to the running average:
     `reference=`), then the N-average (REPAIRed with `repair`). Reports the merge's loss
     against each parent's and against the vanilla N-average."""
     parsed = _parse(methods, settings)
-    ref = models[0]
+    ref, device, allow_unsafe_pickle = models[0], run.device, run.allow_unsafe_pickle
     pair = open_pair(ref, models[1], allow_unsafe_pickle)
     for other in models[2:]:
         open_pair(ref, other, allow_unsafe_pickle)  # every model checked before any work
     for s in parsed.values():
         check_settings(pair.spec, s)
-    evalset = EvalSet.prepare(pair, eval_data, eval_samples, eval_max_length,
-                              settings.batch_size, seed)
+    evalset = EvalSet.prepare(pair, evaluation, settings.batch_size)
     if evalset.objective == "cls":
         raise ValueError("N-model evaluation supports language-model losses only")
     a, state_a = _loaded(ref, device, allow_unsafe_pickle)
@@ -128,12 +122,12 @@ def run_multi(models: Sequence[str], *, eval_data: str, calibration: str, method
     for path in models[1:]:
         parents[path] = evaluate(_loaded(path, device, allow_unsafe_pickle)[0], batches,
                                  objective, device)
-    out = {"loss": LOSS_NAME[objective], "eval_data": eval_data, "models": list(models),
+    out = {"loss": LOSS_NAME[objective], "eval_data": evaluation.data, "models": list(models),
            "reference": ref, "parents": parents, "methods": {}}
     for name, s in parsed.items():
         states = aligned_states(list(models), [1.0] * len(models), calibration, s,
-                                allow_unsafe_pickle, device=device, cache=cache,
-                                workers=workers)
+                                allow_unsafe_pickle, device=device, cache=run.cache,
+                                workers=run.workers)
         merged = average_states([(1.0, st) for st in states])
         if s.repair:
             calib = prepare_calibration(pair, calibration, s)
@@ -173,6 +167,7 @@ def write_report(result: Dict, out: Path) -> None:
 
 
 def plot(result: Dict, path: Path) -> None:
+    from matplotlib.figure import Figure  # (its import writes a font cache under $HOME)
     fig = Figure(figsize=(6.4, 4.2), dpi=120)   # no pyplot: the user's backend stays as it is
     ax = fig.subplots()
     lam = result["lambdas"]

@@ -22,6 +22,7 @@ from mergekit_permute.core.alignment import (
     ALIGNMENT_FILE, PERMUTATIONS_FILE, load_alignment, locate, save_alignment, summarize,
 )
 from mergekit_permute.demo import run_demo
+from mergekit_permute.evaluate import Evaluation
 from mergekit_permute.io.checkpoints import CheckpointSource, dtype_of, write_like
 from mergekit_permute.io.models import load_config, open_checkpoint, open_pair
 from mergekit_permute.io.outputs import atomic_dir, check_output, check_space, follow_umask
@@ -220,10 +221,9 @@ def barrier(models, eval_data, calibration, methods, lambdas, eval_samples,
         *((f"model {m}", m) for m in models), ("evaluation data", eval_data),
         ("calibration data", calibration),
         ("statistics cache", None if cache == "off" else str(cache_dir()))])
-    common = dict(eval_data=eval_data, calibration=calibration, methods=names, settings=settings,
-                  eval_samples=eval_samples, eval_max_length=eval_max_length, seed=seed,
-                  device=run.device, cache=cache, workers=run.workers,
-                  allow_unsafe_pickle=run.allow_unsafe_pickle)
+    evaluation = Evaluation(eval_data, eval_samples, eval_max_length, seed, lambdas=lambdas)
+    common = dict(calibration=calibration, methods=names, settings=settings,
+                  evaluation=evaluation, run=run.model_copy(update={"cache": cache}))
     if len(models) > 2:
         result = run_multi(models, **common)
         with atomic_dir(out, overwrite) as tmp:
@@ -231,7 +231,7 @@ def barrier(models, eval_data, calibration, methods, lambdas, eval_samples,
             (tmp / "merge.md").write_text(multi_table(result) + "\n")
         click.echo(multi_table(result))
         return
-    result = run_barrier(*models, lambdas=lambdas, **common)
+    result = run_barrier(*models, **common)
     with atomic_dir(out, overwrite) as tmp:
         write_report(result, tmp)
     click.echo(barrier_table(result))

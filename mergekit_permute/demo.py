@@ -10,6 +10,7 @@ from typing import Dict
 import yaml
 
 from mergekit_permute.barrier import run_barrier, write_report
+from mergekit_permute.evaluate import Evaluation
 from mergekit_permute.io.outputs import check_output
 from mergekit_permute.recipes import run_recipe
 from mergekit_permute.settings import AlignSettings
@@ -40,10 +41,10 @@ def run_demo(out: Path, arch: str = "llama", size: str = "full", seeds=(1, 2),
     model_a, model_b = (str(p) for p in train_pair(zoo, seeds, out / "models"))
     settings = AlignSettings(samples=ev["calib"], max_length=ev["max_length"])
 
-    result = run_barrier(model_a, model_b, eval_data="shakespeare-eval",
-                         calibration="shakespeare-calib", methods=["vanilla", "default"],
-                         lambdas=ev["lambdas"], settings=settings, eval_samples=ev["samples"],
-                         eval_max_length=ev["max_length"])
+    evaluation = Evaluation("shakespeare-eval", ev["samples"], ev["max_length"],
+                            lambdas=ev["lambdas"])
+    result = run_barrier(model_a, model_b, methods=["vanilla", "default"], settings=settings,
+                         evaluation=evaluation, calibration="shakespeare-calib")
     write_report(result, out)
 
     recipe = {

@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 
 from mergekit_permute.io.batches import Objective, tokenize
 from mergekit_permute.io.checkpoints import average_states
-from mergekit_permute.io.data import DataError, load_texts
+from mergekit_permute.io.data import DataError, chars_for, load_texts
 from mergekit_permute.io.preflight import check_max_length, check_scorable, eval_length
 
 LOSS_NAME = {"mlm": "masked-LM cross-entropy", "clm": "next-token cross-entropy",
@@ -35,6 +35,18 @@ def objective_for(model) -> Objective:
                      "*ForCausalLM or *ForSequenceClassification checkpoint")
 
 
+@dataclass(frozen=True)
+class Evaluation:
+    """What a barrier is measured on: the text, how much of it, the points of lambda."""
+
+    data: str
+    samples: int = 256
+    max_length: Optional[int] = None     # default: 128, or the model's positions if fewer
+    seed: int = 0                        # the masking seed (MLM)
+    label_field: str = "label"           # classification: the label beside each text
+    lambdas: int = 21
+
+
 @dataclass
 class EvalSet:
     """Fixed loss batches of one text for one pair: the same masked positions for every lambda
@@ -45,16 +57,16 @@ class EvalSet:
     max_length: int
 
     @staticmethod
-    def prepare(pair, data: str, samples: int, max_length: Optional[int], batch_size: int,
-                seed: int = 0, label_field: str = "label") -> "EvalSet":
+    def prepare(pair, evaluation: Evaluation, batch_size: int) -> "EvalSet":
         """Checked before any model loads: length against the positions, scorable tokens."""
+        e = evaluation
         objective = objective_for(pair.config.architectures[0])
-        length = eval_length(max_length, pair.config)
+        length = eval_length(e.max_length, pair.config)
         check_max_length(length, [("model A", pair.config)], "--eval-max-length")
-        texts, labels = labelled(data, samples, label_field) if objective == "cls" else \
-            (load_texts(data, samples), ())
+        texts, labels = labelled(e.data, e.samples, e.label_field) if objective == "cls" else \
+            (load_texts(e.data, e.samples, max_chars=chars_for(length)), ())
         batches = tokenize(pair.tokenizer, texts, length, batch_size, pair.spec.architecture,
-                           objective, seed, labels)
+                           objective, e.seed, labels)
         check_scorable(batches, objective)
         return EvalSet(objective, batches, length)
 

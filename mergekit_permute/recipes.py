@@ -11,6 +11,7 @@ from mergekit.options import MergeOptions
 from pydantic import ValidationError
 
 from mergekit_permute.barrier import run_barrier, write_report
+from mergekit_permute.evaluate import Evaluation
 from mergekit_permute.calibration.cache import cache_dir
 from mergekit_permute.io.checkpoints import Checkpoint
 from mergekit_permute.io.models import load_config
@@ -18,7 +19,7 @@ from mergekit_permute.io.outputs import atomic_dir, check_output, check_space, f
 from mergekit_permute.io.preflight import check_device, checkpoint_bytes
 from mergekit_permute.mergekit import install
 from mergekit_permute.mergekit.run import PermuteRun, validate_recipe
-from mergekit_permute.settings import DATA_PARAM
+from mergekit_permute.settings import DATA_PARAM, RunSettings
 
 
 def load_recipe(path: Path):
@@ -80,9 +81,10 @@ def recipe_barrier(path: Path, out: Path, eval_data: str, lambdas: int, device: 
                          f"merges {len(others) + 1}")
     check_output(out, overwrite, [*recipe_inputs(path, config), ("evaluation data", eval_data)])
     vanilla = settings.with_method("vanilla")
-    return run_barrier(base, others[0], eval_data=eval_data, calibration=data,
-                       methods={"vanilla": vanilla, "this merge": settings}, lambdas=lambdas,
-                       settings=settings, device=device, allow_unsafe_pickle=allow_unsafe_pickle)
+    return run_barrier(base, others[0], methods={"vanilla": vanilla, "this merge": settings},
+                       settings=settings, evaluation=Evaluation(eval_data, lambdas=lambdas),
+                       calibration=data, run=RunSettings(device=device,
+                                                         allow_unsafe_pickle=allow_unsafe_pickle))
 
 
 def run_recipe(path: Path, out: Path, *, device: str = "cpu", overwrite: bool = False,

@@ -107,12 +107,14 @@ def test_align_preserves_function_and_stock_mergekit_merges(pairs, tmp_path, arc
 
 def test_classifier_barrier_uses_task_loss(pairs, tmp_path):
     from mergekit_permute.barrier import run_barrier
+    from mergekit_permute.evaluate import Evaluation
     a, b = pairs("RobertaForSequenceClassification")
     data = tmp_path / "cls.jsonl"
     lines = [json.dumps({"text": t, "label": i % 3}) for i, t in enumerate(
         ["Good morrow.", "Alas, poor Yorick.", "To be, or not to be.", "Out, damned spot!"] * 4)]
     data.write_text("\n".join(lines))
-    r = run_barrier(a, b, eval_data=str(data), calibration="shakespeare-calib",
-                    methods=["vanilla", "default"], lambdas=3, settings=SETTINGS)
+    r = run_barrier(a, b, evaluation=Evaluation(str(data), lambdas=3),
+                    calibration="shakespeare-calib", methods=["vanilla", "default"],
+                    settings=SETTINGS)
     assert r["objective"] == "cls" and "classification" in r["loss"]
     assert all(len(m["losses"]) == 3 for m in r["methods"].values())

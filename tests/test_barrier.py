@@ -3,12 +3,13 @@ import json
 import pytest
 
 from mergekit_permute.barrier import run_barrier
-from mergekit_permute.evaluate import barrier_values
+from mergekit_permute.evaluate import Evaluation, barrier_values
 from mergekit_permute.settings import AlignSettings
 from tests.conftest import invoke
 
-EVAL = dict(eval_data="shakespeare-eval", calibration="shakespeare-calib", eval_samples=48,
-            eval_max_length=32, settings=AlignSettings(samples=120, max_length=32))
+def _eval_args(lambdas: int, calibration: str = "shakespeare-calib"):
+    return dict(evaluation=Evaluation("shakespeare-eval", 48, 32, lambdas=lambdas),
+                calibration=calibration, settings=AlignSettings(samples=120, max_length=32))
 
 
 def test_barrier_values_match_a_hand_computed_curve():
@@ -39,7 +40,7 @@ def test_method_names_parse_into_settings():
 @pytest.mark.parametrize("arch", ["bert", "llama"])
 def test_barrier_of_a_model_with_itself_is_zero(zoo, arch):
     a, _ = zoo(arch)
-    r = run_barrier(a, a, methods=["vanilla", "default"], lambdas=5, **EVAL)
+    r = run_barrier(a, a, methods=["vanilla", "default"], **_eval_args(5))
     for m in r["methods"].values():  # (the orthogonal map of a model to itself is I to ~1e-12)
         assert m["barrier"] == pytest.approx(0.0, abs=1e-5)
         assert max(m["losses"]) - min(m["losses"]) < 1e-5
@@ -89,5 +90,5 @@ def test_barrier_refuses_models_without_a_loss(tmp_path):
 def test_ignore_heads_is_refused_for_gqa_before_calibration(zoo):
     a, b = zoo("llama")
     with pytest.raises(ValueError, match="grouped-query attention"):
-        run_barrier(a, b, methods=["vanilla", "ignore_heads"], lambdas=3,
-                    **{**EVAL, "calibration": "/nonexistent.txt"})
+        run_barrier(a, b, methods=["vanilla", "ignore_heads"],
+                    **_eval_args(3, calibration="/nonexistent.txt"))

@@ -185,10 +185,11 @@ def test_align_preserves_function_and_stock_mergekit_merges(arch, tmp_path, toke
 @pytest.mark.parametrize("arch", ["phi3", "gemma"])
 def test_alignment_lowers_the_barrier_of_a_trained_pair(zoo, arch):
     from mergekit_permute.barrier import run_barrier
+    from mergekit_permute.evaluate import Evaluation
     a, b = zoo(arch)
-    r = run_barrier(a, b, eval_data="shakespeare-eval", calibration="shakespeare-calib",
-                    eval_samples=48, eval_max_length=32, methods=["vanilla", "default"],
-                    lambdas=5, settings=AlignSettings(samples=120, max_length=32))
+    r = run_barrier(a, b, evaluation=Evaluation("shakespeare-eval", 48, 32, lambdas=5),
+                    calibration="shakespeare-calib", methods=["vanilla", "default"],
+                    settings=AlignSettings(samples=120, max_length=32))
     vanilla, default = r["methods"]["vanilla"], r["methods"]["default"]
     assert default["barrier"] < 0.5 * vanilla["barrier"]
     assert default["loss_a"] == pytest.approx(vanilla["loss_a"], abs=1e-5)

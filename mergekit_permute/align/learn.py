@@ -239,18 +239,11 @@ def learn(spec: PermutationSpec, model, states: Tuple[Dict, Dict], starts: Seque
     (train, held-out) loss batches of the calibration text."""
     started = time.perf_counter()
     train, held_out = batches
-    state_a, state_b = states
     work = copy.deepcopy(model).to(device).eval()
     for p in work.parameters():
         p.requires_grad_(False)
-    problem, maps, start_loss = None, None, float("inf")
-    with torch.no_grad():
-        for candidate in starts:
-            trial = _Problem(spec, work, state_a, state_b, candidate, device)
-            trial_maps = Maps(spec, candidate.folded, schedule.permute_ffn).to(device)
-            loss = float(trial.loss(trial_maps, held_out, schedule.held_out_lambdas))
-            if loss < start_loss:
-                problem, maps, start_loss = trial, trial_maps, loss
+    problem, maps, start_loss = _best_start(spec, work, states, starts, held_out, schedule,
+                                            device)
     best_state, best_step, best, step = copy.deepcopy(maps.state_dict()), 0, start_loss, 0
     opt = torch.optim.Adam(maps.parameters(), lr=schedule.lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: schedule.lr_factor(i + 1))
@@ -303,6 +296,20 @@ def learn(spec: PermutationSpec, model, states: Tuple[Dict, Dict], starts: Seque
     LOG.info("learned alignment: held-out merged loss %.4f -> %.4f (step %d of %d)",
              start_loss, best, best_step, step)
     return out
+
+
+@torch.no_grad()
+def _best_start(spec: PermutationSpec, model, states, starts: Sequence[Alignment], held_out,
+                schedule: Schedule, device: str) -> Tuple[_Problem, Maps, float]:
+    """The start with the lowest held-out merged loss, its maps at the identity, that loss."""
+    best = (None, None, float("inf"))
+    for candidate in starts:
+        problem = _Problem(spec, model, *states, candidate, device)
+        maps = Maps(spec, candidate.folded, schedule.permute_ffn).to(device)
+        loss = float(problem.loss(maps, held_out, schedule.held_out_lambdas))
+        if loss < best[2]:
+            best = (problem, maps, loss)
+    return best
 
 
 def _composed(start: Alignment, maps: Maps) -> Alignment:

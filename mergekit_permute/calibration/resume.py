@@ -8,6 +8,7 @@ import os
 import shutil
 import time
 from concurrent.futures import Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, List, Mapping, Optional, Sequence
 
@@ -73,6 +74,7 @@ def resumable(cache: StatsCache) -> Optional["Resume"]:
             shutil.rmtree(found.path, ignore_errors=True)
     return best
 
+
 def _resume_from(cache: StatsCache, path: Path) -> Optional["Resume"]:
     progress_path = path / RESUME / "progress.json"
     if not progress_path.is_file():
@@ -102,6 +104,7 @@ def _resume_from(cache: StatsCache, path: Path) -> Optional["Resume"]:
 # ---- writing ----
 
 
+@dataclass
 class Resume:
     """An interrupted run's partial entry: its complete layer files, and the state after its
     last checkpointed layer (the hidden states entering the next block, the residual
