@@ -359,6 +359,24 @@ def scale_section(doc) -> str:
     return "\n".join(lines)
 
 
+def assignment_section(doc) -> str:
+    """Seconds per exact solver and size (CPU time, one thread), against scipy."""
+    cpu = doc.get("machine", {}).get("cpu", "this CPU")
+    lines = [f"CPU seconds of one thread ({cpu}); `assign` uses lapx's `lapjvh`, scipy where "
+             "lapx cannot run (non-finite or rectangular scores).", "",
+             "| size | matrix | scipy | lapx `lapjvh` | speed-up | same assignment as scipy |",
+             "|---|---|---|---|---|---|"]
+    for row in doc["results"]:
+        solvers = row["solvers"]
+        if "scipy" not in solvers or "lapx.lapjvh" not in solvers:
+            continue
+        ours, ref = solvers["lapx.lapjvh"], solvers["scipy"]
+        lines.append(f"| {row['size']} | {row['kind']} | {ref['seconds']:.2f} | "
+                     f"{ours['seconds']:.2f} | {ref['seconds'] / ours['seconds']:.1f}x | "
+                     f"{'yes' if ours['equals_scipy'] else 'no'} |")
+    return "\n".join(lines)
+
+
 def suite_line(doc) -> str:
     runs = doc["runs"]
     off, on = runs["plugin_disabled"], runs["plugin_active"]
@@ -462,6 +480,10 @@ def main():
                   "architecture, so no error bars: read differences of a few hundredths as "
                   "noise.", ""]
         parts += [multi_section(doc) for doc in multi]
+    if (results / "assignment-cpu.json").is_file():
+        parts += ["## Exact assignment: `python benchmarks/assignment.py`", "",
+                  assignment_section(json.loads((results / "assignment-cpu.json").read_text())),
+                  ""]
     for name in ("scale-cpu.json", "scale-cuda.json"):
         path = results / name
         if path.is_file():

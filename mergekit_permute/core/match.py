@@ -2,6 +2,7 @@
 
 from typing import Dict, List, Optional, Tuple
 
+import lap
 import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
@@ -14,18 +15,29 @@ AttentionMode = AlignSettings.model_fields["attention"].annotation
 QKMode = AlignSettings.model_fields["qk"].annotation
 
 
+def _minimise(cost: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    """(rows, cols) of the minimum-cost assignment: lapx's Jonker-Volgenant solver on square
+    finite float64 costs (the same assignment as scipy's, several times faster: BENCHMARKS.md),
+    scipy otherwise (it also names NaN and inf)."""
+    solver = getattr(lap, "lapjvh", None)   # (another package may install a module `lap`)
+    if solver is not None and cost.dtype == np.float64 and cost.shape[0] == cost.shape[1] \
+            and bool(np.isfinite(cost).all()):
+        return solver(cost, return_cost=False)
+    return linear_sum_assignment(cost)
+
+
 def assign(score: np.ndarray) -> Tuple[np.ndarray, float]:
     """Maximise total score: perm[i] = column matched to row i (rows = A, columns = B)."""
     if score.dtype == np.float64 and score.flags.c_contiguous and score.flags.writeable:
-        # scipy's maximize=True minimises a negated copy; negating in place (and back, both
-        # exact) gives it the same numbers without a second [n, n] matrix.
+        # Negating in place (and back, both exact) gives the minimiser the same numbers
+        # without a second [n, n] matrix.
         np.negative(score, out=score)
         try:
-            rows, cols = linear_sum_assignment(score)
+            rows, cols = _minimise(score)
         finally:
             np.negative(score, out=score)
     else:
-        rows, cols = linear_sum_assignment(score, maximize=True)
+        rows, cols = _minimise(-np.asarray(score, dtype=np.float64))
     perm = np.empty(score.shape[0], dtype=np.int64)
     perm[rows] = cols
     return perm, float(score[rows, cols].sum())
