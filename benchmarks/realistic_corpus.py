@@ -82,6 +82,12 @@ def build_corpus(out: Path, src: Optional[Path] = None) -> Dict:
         "split": "zlib.crc32(passage utf-8) % 10: 0 calib, 1 eval, 2-9 train",
         "splits": {},
     }
+    return write_splits(out, splits, meta, meta_path)
+
+
+def write_splits(out: Path, splits: Dict[str, List[str]], meta: Dict, meta_path: Path) -> Dict:
+    """Each split as one passage per line (renamed into place), its counts and sha256 in
+    `meta`, `meta` written to `meta_path`; returns `meta`."""
     for s in SPLITS:
         data = ("\n".join(splits[s]) + "\n").encode("utf-8")
         tmp_path = out / f".{s}.txt.tmp"

@@ -401,11 +401,16 @@ def write_results() -> Dict:
         "configs": CONFIGS,
         "models": models,
     }
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    tmp = RESULTS.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(out, indent=1) + "\n")
-    tmp.replace(RESULTS)
-    return out
+    return write_json(RESULTS, out)
+
+
+def write_json(path: Path, doc: Dict) -> Dict:
+    """`doc` written to `path` whole (beside it, then renamed in); returns `doc`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(doc, indent=1) + "\n")
+    tmp.replace(path)
+    return doc
 
 
 def main(argv=None) -> None:
