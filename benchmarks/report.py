@@ -350,7 +350,19 @@ def scale_section(doc) -> str:
                   f"grows {growth:.2f}x for {last['layers'] / first['layers']:.0f}x the depth "
                   f"(highest peaks: {highest:.2f}x); "
                   "the floor (both models whole, bare forwards) grows with depth."]
-    solve = doc["solve"]
+    gpu = [r for r in doc["rows"] if r.get("peak_gpu_mib")]
+    if gpu:
+        lines += ["", "| layers | `align` peak GPU (MiB) | floor peak GPU (MiB) | `matching: learned` "
+                  "(s / time vs floor / peak GPU MiB) |", "|---|---|---|---|"]
+        for r in gpu:
+            learned = r.get("learned")
+            lines.append(f"| {r['layers']} | {r['peak_gpu_mib']:.0f} | {r['floor_peak_gpu_mib']:.0f} | "
+                         + (f"{learned['seconds']:.0f} / {learned['time_vs_floor']:.2f}x / "
+                            f"{learned['peak_gpu_mib']:.0f} ({learned['steps']} steps)"
+                            if learned else "-") + " |")
+    solve = doc.get("solve")
+    if solve is None:
+        return "\n".join(lines + [""])
     lines += ["", f"Solving {solve['spaces']} spaces {solve['width']} wide (independent "
               "features: assignments as hard as a random-init pair's): " + ", ".join(
                   f"{w} worker{'s' if w != '1' else ''} {t:.2f} s" for w, t in
@@ -484,11 +496,9 @@ def main():
         parts += ["## Exact assignment: `python benchmarks/assignment.py`", "",
                   assignment_section(json.loads((results / "assignment-cpu.json").read_text())),
                   ""]
-    for name in ("scale-cpu.json", "scale-cuda.json"):
-        path = results / name
-        if path.is_file():
-            parts += [f"## Scale ({name[6:-5]}): `python benchmarks/scale.py`", "",
-                      scale_section(json.loads(path.read_text()))]
+    for path in sorted(results.glob("scale-*.json")):
+        parts += [f"## Scale ({path.stem[6:]}): `python benchmarks/scale.py`", "",
+                  scale_section(json.loads(path.read_text()))]
     if (results / "mergekit-suite.json").is_file():
         parts += ["## MergeKit's own tests", "",
                   suite_line(json.loads((results / "mergekit-suite.json").read_text())), ""]
