@@ -59,15 +59,6 @@ def repairable_spaces(spec: PermutationSpec) -> List[str]:
     return [s.name for s in spec.spaces if s.kind == "ffn"]
 
 
-def repaired_names(spec: PermutationSpec) -> List[str]:
-    """The tensors REPAIR changes: every FF reader and its bias."""
-    names = []
-    for space in repairable_spaces(spec):
-        reader = reader_of(spec, space)
-        names += [reader.weight] + ([reader.bias] if reader.bias else [])
-    return names
-
-
 def _moments(sums) -> Moments:
     n, total, sq = sums
     return Moments(total / n, sq / n)

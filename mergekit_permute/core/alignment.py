@@ -77,14 +77,6 @@ class Alignment:
     def apply_to_model(self, model: torch.nn.Module) -> None:
         apply_to_model(self.spec, model, self.transforms, self.fold, self.unfold)
 
-    def for_checkpoint(self, gains: Mapping[str, torch.Tensor]) -> "Alignment":
-        """The same transforms for another checkpoint of B's architecture (e.g. a fine-tune of
-        B): its own gains are folded, A's come out."""
-        return Alignment(spec=self.spec, transforms=self.transforms, settings=self.settings,
-                         report=self.report, info=self.info, gains_a=self.gains_a,
-                         gains_b=dict(gains) if self.folded else {})
-
-
 def summarize(report: Dict[str, Dict]) -> Dict[str, Dict[str, float]]:
     by_kind: Dict[str, List[Dict]] = {}
     for r in report.values():

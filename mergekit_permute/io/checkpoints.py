@@ -15,7 +15,7 @@ import pickle
 import shutil
 import struct
 from pathlib import Path
-from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 from huggingface_hub import snapshot_download
@@ -298,15 +298,6 @@ def average_states(weighted: Sequence[Tuple[float, Mapping[str, torch.Tensor]]]
             for k in first}
 
 
-def state_fingerprint(state: Mapping[str, torch.Tensor]) -> str:
-    h = hashlib.blake2b(digest_size=16)
-    for name, t in sorted(state.items()):
-        h.update(name.encode())
-        t = t.detach().to("cpu").contiguous()
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
-
-
 # ---- streaming writer -----------------------------------------------------------------------------
 
 _DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
@@ -422,8 +413,3 @@ def _set_config_dtype(path: Path, dtype: torch.dtype) -> None:
         if key in config:
             config[key] = name
     path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-
-
-def iter_tensors(src: Checkpoint, names: Iterable[str]) -> Iterable[Tuple[str, torch.Tensor]]:
-    for name in names:
-        yield name, src.get(name)

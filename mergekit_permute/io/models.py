@@ -160,12 +160,3 @@ def load_model(path: str, device="cpu", dtype=torch.float32, allow_unsafe_pickle
         model.load_state_dict(state, strict=False)
         model.tie_weights()
     return model.to(device).eval()
-
-
-def load_pair(path_a: str, path_b: str, device="cpu", dtype=torch.float32
-              ) -> Tuple[PermutationSpec, object, object, object]:
-    """(spec, model A, model B, tokenizer) in memory, checked for compatibility first."""
-    pair = open_pair(path_a, path_b)
-    scan_pair(pair)
-    return (pair.spec, load_model(path_a, device, dtype), load_model(path_b, device, dtype),
-            pair.tokenizer)
