@@ -299,76 +299,112 @@ def plot_curves(doc, path: Path, title: str, baseline=None) -> None:
     plt.close(fig)
 
 
-def _peak_median(row) -> float:
-    import statistics
-    return statistics.median(row.get("peak_rss_above_import_each") or [row["peak_rss_above_import_mib"]])
+SHAPE_NAMES = {"toy": "toy Llama (512 / 1408)", "tinyllama": "TinyLlama-1.1B shape",
+               "bert-base": "BERT-base shape", "pythia-410m": "Pythia-410M shape",
+               "llama7b": "Llama-2-7B shape"}
+
+
+def _shape_cell(doc) -> str:
+    d = doc["shape"]
+    heads = f"{d['num_attention_heads']}" + (f" / {d['num_key_value_heads']}"
+                                            if "num_key_value_heads" in d else "")
+    return (f"{SHAPE_NAMES.get(doc['shape_name'], doc['shape_name'])} ({d['model']}, "
+            f"{d['hidden_size']} / {d['intermediate_size']}, {heads} heads)")
+
+
+def scale_rows(docs) -> str:
+    """One line per shape and depth: the shipped `align` against the floor."""
+    lines = ["| shape | layers | one bf16 checkpoint (MiB) | `align` peak above import (MiB) | "
+             "peak / this checkpoint | peak / full-depth checkpoint | must be resident: "
+             "2 blocks + hidden states + 1 layer's statistics (MiB) | solver processes (MiB) | "
+             "`align` (s) | floor (s) | time / floor | FF solve, per space (s) | written |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for doc in docs:
+        for r in doc["rows"]:
+            v = r["variants"]["default"]
+            full = next(k for k in v if k.startswith("peak_vs_full_"))
+            must = r["must_be_resident_mib"]
+            ff = v["solve_seconds_by_space"].get("ffn", {}).get("median")
+            lines.append(
+                f"| {_shape_cell(doc)} | {r['layers']} | {r['checkpoint_mib']:.0f} | "
+                f"{v['peak_above_import_mib']:.0f} | {v['peak_vs_checkpoint']:.2f}x | "
+                f"{v[full]:.2f}x ({full.split('_')[3]} layers) | "
+                f"{must['total']:.0f} ({must['two_blocks']:.0f} + {must['hidden_states']:.0f} + "
+                f"{must['one_layer_statistics']:.0f}) | {v['solver_processes_peak_mib']:.0f} | "
+                f"{v['align_seconds']:.1f} | {r['floor_seconds']:.1f} | "
+                f"{v['time_vs_floor']:.2f}x | {'-' if ff is None else f'{ff:.2f}'} | "
+                f"{', '.join(d.lower() for d in r['written_dtypes'])} |")
+    return "\n".join(lines)
 
 
 def scale_section(doc) -> str:
-    lines = [f"Machine: {doc['machine']['cpus']} CPUs, device `{doc['device']}`; random-init "
-             f"Llama pairs (hidden {doc['shape']['hidden_size']}, FF "
-             f"{doc['shape']['intermediate_size']}, {doc['shape']['num_attention_heads']} query / "
-             f"{doc['shape']['num_key_value_heads']} KV heads, bf16 safetensors); calibration "
-             f"`{' '.join(doc['calibration'])}`. Each measurement in its own process.", "",
-             "| layers | checkpoint (MiB) | `align` peak RSS above import, highest (median) "
-             "(MiB) | peak / one checkpoint, highest (median) | floor's peak (MiB) | `align` (s) | "
-             "solving, summed over spaces (s) | floor (s) | time / floor | written dtype |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
-    for r in doc["rows"]:
-        solving = f"{r['solve_seconds']:.1f}" if "solve_seconds" in r else "-"
-        median = _peak_median(r)
-        lines.append(f"| {r['layers']} | {r['checkpoint_mib']:.1f} | "
-                     f"{r['peak_rss_above_import_mib']:.1f} ({median:.1f}) | "
-                     f"{r['peak_vs_checkpoint']:.2f}x ({median / r['checkpoint_mib']:.2f}x) | "
-                     f"{r['floor_peak_rss_above_import_mib']:.1f} | {r['align_seconds']:.1f} | "
-                     f"{solving} | {r['floor_seconds']:.1f} | {r['time_vs_floor']:.2f}x | "
-                     f"{', '.join(d.replace('torch.', '') for d in r['written_dtypes'])} |")
-    if all("cached_seconds" in r for r in doc["rows"]):
-        lines += ["", "`align` above runs with `--cache off`: the floor's work plus alignment. "
-                  "A first run on the default path (`--no-cache`, or `--cache use` with no "
-                  "entry yet) also hashes both checkpoints and writes every layer's float64 "
-                  "statistics to the cache:", "",
-                  "| layers | `align --no-cache` (s) | time / floor | peak above import, "
-                  "highest (MiB) | peak / one checkpoint |", "|---|---|---|---|---|"]
+    if "variants" not in doc["rows"][0]:
+        return "(an older result format; rerun `python benchmarks/scale.py`)"
+    lines = [f"Machine: {doc['machine']['cpus']} CPUs, device `{doc['device']}`"
+             + (f" ({doc['machine']['gpu']})" if doc["machine"].get("gpu") else "")
+             + f", {doc['date']}; random-init bf16 pairs; calibration "
+             f"`{' '.join(doc['calibration'])}`. Memory: {doc['memory']}. Times are medians "
+             f"of {doc['repeats']} alternating runs of floor and `align`, peaks the highest.", "",
+             scale_rows([doc])]
+    variants = [v for v in doc["variants"] if v != "default"]
+    if variants:
+        lines += ["", "Machinery switched off (`--variant`): `plain-heap` runs glibc's own "
+                  "allocator behaviour (no mallopt, no trims, every buffer in the heap); "
+                  "`no-heap-tuning` only the thresholds and trims, `no-outside-heap` only the "
+                  "long-lived buffers' own mappings; `no-pool` (measured before the process "
+                  "pool was removed) solved every space in the main process, on threads.", "",
+                  "| layers | variant | `align` (s), each run | time / floor | peak above import "
+                  "(MiB), each run | solver processes (MiB) |", "|---|---|---|---|---|---|"]
         for r in doc["rows"]:
-            peak = max(r["cached_peak_rss_above_import_each"])
-            lines.append(f"| {r['layers']} | {r['cached_seconds']:.1f} | "
-                         f"{r['cached_time_vs_floor']:.2f}x | {peak:.1f} | "
-                         f"{peak / r['checkpoint_mib']:.2f}x |")
-    if doc.get("repeats", 1) > 1:
-        spread = max(max(r["peak_rss_above_import_each"]) - min(r["peak_rss_above_import_each"])
-                     for r in doc["rows"] if r.get("peak_rss_above_import_each"))
-        lines += ["", f"Times are medians of {doc['repeats']} alternating runs of floor and "
-                  "`align`; peaks are given as the highest run and the median. Identical runs' "
-                  f"peaks differ by up to {spread:.0f} MiB (how glibc's heap happens to be laid "
-                  "out); every run is in the JSON."]
-    if len(doc["rows"]) > 1:
-        first, last = doc["rows"][0], doc["rows"][-1]
-        growth = _peak_median(last) / _peak_median(first)
-        highest = last["peak_rss_above_import_mib"] / first["peak_rss_above_import_mib"]
-        lines += ["", f"Median peak memory from {first['layers']} to {last['layers']} layers "
-                  f"grows {growth:.2f}x for {last['layers'] / first['layers']:.0f}x the depth "
-                  f"(highest peaks: {highest:.2f}x); "
-                  "the floor (both models whole, bare forwards) grows with depth."]
-    gpu = [r for r in doc["rows"] if r.get("peak_gpu_mib")]
+            for name, v in r["variants"].items():
+                lines.append(f"| {r['layers']} | {name} | "
+                             f"{', '.join(f'{x:.1f}' for x in v['align_seconds_each'])} | "
+                             f"{v['time_vs_floor']:.2f}x | "
+                             f"{', '.join(f'{x:.0f}' for x in v['peak_above_import_each'])} | "
+                             f"{v['solver_processes_peak_mib']:.0f} |")
+    checks = [(r["layers"], r["variants"]["default"].get("function_check")) for r in doc["rows"]]
+    if any(c for _, c in checks):
+        lines += ["", "Function check written by `align` (alignment.json `function_check`: "
+                  "relative logit difference on a fixed probe): aligned B against B, and "
+                  "storing B's own float32 original in the written dtype:", "",
+                  "| layers | dtype | aligned B vs B | rounding baseline | ratio |",
+                  "|---|---|---|---|---|"]
+        for layers, c in checks:
+            if c:
+                ratio = c["aligned_vs_b"] / c["rounding_baseline"] if c["rounding_baseline"] \
+                    else float("nan")
+                lines.append(f"| {layers} | {c['dtype']} | {c['aligned_vs_b']:.2e} | "
+                             f"{c['rounding_baseline']:.2e} | {ratio:.2f} |")
+    if any("cached" in r for r in doc["rows"]):
+        lines += ["", "A first run on the default path (`--no-cache`) also hashes both "
+                  "checkpoints and writes every layer's statistics to the cache:", "",
+                  "| layers | `align --no-cache` (s) | time / floor | peak above import (MiB) |",
+                  "|---|---|---|---|"]
+        for r in doc["rows"]:
+            if "cached" in r:
+                c = r["cached"]
+                lines.append(f"| {r['layers']} | {c['seconds']:.1f} | {c['time_vs_floor']:.2f}x"
+                             f" | {max(c['peak_above_import_each']):.0f} |")
+    if doc.get("peak_growth_first_to_last_depth"):
+        lines += ["", f"Peak memory from {doc['rows'][0]['layers']} to "
+                  f"{doc['rows'][-1]['layers']} layers grows "
+                  f"{doc['peak_growth_first_to_last_depth']:.2f}x."]
+    gpu = [r for r in doc["rows"] if r["variants"]["default"].get("peak_gpu_mib")]
     if gpu:
-        lines += ["", "| layers | `align` peak GPU (MiB) | floor peak GPU (MiB) | `matching: learned` "
-                  "(s / time vs floor / peak GPU MiB) |", "|---|---|---|---|"]
+        lines += ["", "| layers | `align` peak GPU (MiB) | floor peak GPU (MiB) | "
+                  "`matching: learned` (s / time vs floor / peak GPU MiB) |", "|---|---|---|---|"]
         for r in gpu:
             learned = r.get("learned")
-            lines.append(f"| {r['layers']} | {r['peak_gpu_mib']:.0f} | {r['floor_peak_gpu_mib']:.0f} | "
+            lines.append(f"| {r['layers']} | {r['variants']['default']['peak_gpu_mib']:.0f} | "
+                         f"{r['floor_peak_gpu_mib']:.0f} | "
                          + (f"{learned['seconds']:.0f} / {learned['time_vs_floor']:.2f}x / "
-                            f"{learned['peak_gpu_mib']:.0f} ({learned['steps']} steps)"
-                            if learned else "-") + " |")
-    solve = doc.get("solve")
-    if solve is None:
-        return "\n".join(lines + [""])
-    lines += ["", f"Solving {solve['spaces']} spaces {solve['width']} wide (independent "
-              "features: assignments as hard as a random-init pair's): " + ", ".join(
-                  f"{w} worker{'s' if w != '1' else ''} {t:.2f} s" for w, t in
-                  solve["seconds_by_workers"].items()) + " (a pool's time includes starting "
-              "its processes).", ""]
-    return "\n".join(lines)
+                            f"{learned['peak_gpu_mib']:.0f} |" if learned else "- |"))
+    if "solve" in doc:
+        sv = doc["solve"]
+        lines += ["", f"Solving {sv['spaces']} spaces {sv['width']} wide (independent features): "
+                  + ", ".join(f"{k} worker{'s' if k != '1' else ''} {v:.2f} s"
+                              for k, v in sv["seconds_by_workers"].items()) + "."]
+    return "\n".join(lines) + "\n"
 
 
 def assignment_section(doc) -> str:

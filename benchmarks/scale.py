@@ -1,23 +1,32 @@
-"""Scale benchmark: memory flat in depth, time against the floor, solving on every core.
-Random-init Llama pairs (bf16 safetensors) of a `--shape`: `toy` (hidden 512, FF 1408, 8 query /
-2 KV heads; the CPU smoke), `tinyllama` (2048 / 5632, 32 / 4 heads) or `llama7b` (4096 / 11008,
-32 / 32 heads), at `--layers` depths; 64 passages x 64 tokens. `--learned STEPS` also times
-`matching: learned`; on a GPU (`--device cuda`) the peak GPU memory is recorded too.
+"""Scale benchmark at the shapes users run: memory flat in depth, time against the floor.
+Random-init bf16 pairs of a `--shape`:
+  toy        Llama, hidden 512, FF 1408, 8 / 2 heads (the quick CI-sized smoke)
+  tinyllama  Llama, 2048 / 5632, 32 query / 4 KV heads, vocabulary 32000 (TinyLlama-1.1B)
+  bert-base  BERT, 768 / 3072, 12 heads, vocabulary 30522 (MultiBERTs)
+  pythia-410m  GPT-NeoX, 1024 / 4096, 16 heads, parallel residual, vocabulary 50304
+  llama7b    Llama, 4096 / 11008, 32 / 32 heads (a GPU shape)
+at `--layers` depths; calibration 64 x 64 tokens for `toy`, 128 x 128 for the others.
 
-Every measurement runs in its own process, which reports its own peak RSS, so the numbers are
-not polluted by each other; floor and align alternate `--repeats` times per depth (median
-time, highest peak), since a shared machine's speed drifts by 10-30% between runs:
-  floor   load both models (fp32) and run their bare forwards over the same batches;
-  align   `mergekit-permute align --cache off` (calibration, solving, writing aligned B): the
-          same work as the floor plus alignment, nothing else written;
-  cached  `mergekit-permute align --no-cache`: the default path of a first run, which also
-          hashes both checkpoints and writes every layer's statistics to the cache;
-  solve   solving alone: eight 3072-wide FF-like spaces, 1 worker vs every core.
-Peak memory is reported above the import baseline (a process that imports the same modules)
-and as a multiple of one bf16 checkpoint.
+Every measurement runs in its own process; its peak memory is the larger of its own resident
+high-water mark and, sampled every 20 ms, its resident memory plus the proportional resident
+memory (PSS) of any process it starts. Floor and align alternate `--repeats` times per depth
+(median time, highest peak):
+  floor   load both models (in align's compute dtype) and run their bodies' bare forwards
+          (embeddings and blocks, no vocabulary head) over the same batches;
+  align   `mergekit-permute align --cache off` (calibration, solving, writing aligned B);
+  cached  `mergekit-permute align --no-cache`: a first run's default path, which also hashes
+          both checkpoints and writes every layer's statistics to the cache.
+Peak memory is reported above the import baseline, as a multiple of one bf16 checkpoint of
+the depth run and (`--per-checkpoint-layers`) of the full-depth model, beside what must be
+resident: two blocks, both models' hidden states, one layer's statistics. `--variant` also
+runs align with calibration/heap.py's devices switched off: `plain-heap` (all), `no-heap-tuning`
+(glibc's thresholds, no trims), `no-outside-heap` (long-lived buffers in the heap).
 
-    python benchmarks/scale.py [--layers 8 16 32] [--device cpu] [--shape toy]
-    # one H100, a few minutes: the 1.1B pair (default and learned), then the 7B-class pair
+    python benchmarks/scale.py --shape tinyllama --layers 4 8 22 --repeats 2
+    python benchmarks/scale.py --shape bert-base --layers 12 --repeats 2
+    python benchmarks/scale.py --shape pythia-410m --layers 24 --repeats 2
+    python benchmarks/scale.py --shape toy --layers 8 16 32      # the CPU smoke
+    bash benchmarks/gpu.sh   # one H100, under 8 minutes: these two
     python benchmarks/scale.py --device cuda --shape tinyllama --layers 22 --repeats 1 \
         --learned 50 --no-cached --no-solve
     python benchmarks/scale.py --device cuda --shape llama7b --layers 32 --repeats 1 \
@@ -37,40 +46,106 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-# Llama shapes: `toy` is the quick CI-sized one; the others are what users run.
+LLAMA = dict(model="LlamaForCausalLM", config="LlamaConfig", tie_word_embeddings=False)
 SHAPES = {
-    "toy": dict(hidden_size=512, intermediate_size=1408, num_attention_heads=8,
+    "toy": dict(LLAMA, hidden_size=512, intermediate_size=1408, num_attention_heads=8,
                 num_key_value_heads=2, vocab_size=2048, max_position_embeddings=256),
-    "tinyllama": dict(hidden_size=2048, intermediate_size=5632, num_attention_heads=32,
-                      num_key_value_heads=4, vocab_size=32000, max_position_embeddings=2048),
-    "llama7b": dict(hidden_size=4096, intermediate_size=11008, num_attention_heads=32,
-                    num_key_value_heads=32, vocab_size=32000, max_position_embeddings=2048),
+    "tinyllama": dict(LLAMA, hidden_size=2048, intermediate_size=5632, num_attention_heads=32,
+                      num_key_value_heads=4, vocab_size=32000, max_position_embeddings=2048,
+                      full_layers=22),
+    "bert-base": dict(model="BertForMaskedLM", config="BertConfig", hidden_size=768,
+                      intermediate_size=3072, num_attention_heads=12, vocab_size=30522,
+                      max_position_embeddings=512, full_layers=12),
+    "pythia-410m": dict(model="GPTNeoXForCausalLM", config="GPTNeoXConfig", hidden_size=1024,
+                        intermediate_size=4096, num_attention_heads=16, vocab_size=50304,
+                        max_position_embeddings=2048, rotary_pct=0.25, use_parallel_residual=True,
+                        tie_word_embeddings=False, full_layers=24),
+    "llama7b": dict(LLAMA, hidden_size=4096, intermediate_size=11008, num_attention_heads=32,
+                    num_key_value_heads=32, vocab_size=32000, max_position_embeddings=2048,
+                    full_layers=32),
 }
-CALIB = ["--data", "shakespeare-calib", "--samples", "64", "--max-length", "64",
-         "--batch-size", "8"]
+
+
+def calibration(shape: str):
+    n = "64" if shape == "toy" else "128"
+    return ["--data", "shakespeare-calib", "--samples", n, "--max-length", n, "--batch-size", "8"]
+
 
 PROBE = """
-import resource, sys, time, json
-mode, args = sys.argv[1], sys.argv[2:]
+import resource, sys, time, json, os, threading
+mode, variant, args = sys.argv[1], sys.argv[2], sys.argv[3:]
 import torch, transformers, mergekit_permute.cli  # the same imports in every mode
-from transformers.models.llama import modeling_llama  # noqa: F401  (the model code itself)
 from transformers import PreTrainedTokenizerFast  # noqa: F401
+
+
+def children_pss():
+    # PSS of every descendant (the solver pool): shared pages counted once in all
+    pids, total = [], 0
+    for task in os.listdir("/proc/self/task"):
+        with open(f"/proc/self/task/{task}/children") as f:
+            pids += [int(c) for c in f.read().split()]
+    while pids:
+        pid = pids.pop()
+        try:
+            with open(f"/proc/{pid}/smaps_rollup") as f:
+                total += next(int(l.split()[1]) for l in f if l.startswith("Pss:")) * 1024
+            for task in os.listdir(f"/proc/{pid}/task"):
+                with open(f"/proc/{pid}/task/{task}/children") as f:
+                    pids += [int(c) for c in f.read().split()]
+        except (OSError, StopIteration):
+            pass
+    return total
+
+
+def own_rss():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+peak, done = {"tree": 0, "children": 0}, threading.Event()
+def sample():
+    while not done.wait(0.02):
+        kids = children_pss()
+        peak["children"] = max(peak["children"], kids)
+        peak["tree"] = max(peak["tree"], own_rss() + kids)
+threading.Thread(target=sample, daemon=True).start()
+if variant != "default":   # calibration/heap.py's devices switched off, all or one
+    from mergekit_permute.calibration import heap
+    import contextlib
+    off = {"plain-heap": {"tuning", "mappings"}, "no-heap-tuning": {"tuning"},
+           "no-outside-heap": {"mappings"}}[variant]
+    swaps = []
+    if "tuning" in off:   # glibc's own thresholds, no trims
+        swaps += [("own_heap", lambda: None), ("flat_heap", lambda: None),
+                  ("trim_heap", lambda: None)]
+        heap.HeapWatch.settle = heap.HeapWatch.check = lambda self: None
+    if "mappings" in off:   # long-lived matrices and skeleton transients in the heap
+        swaps += [("mmapped_allocations", lambda *a, **k: contextlib.nullcontext()),
+                  ("empty_outside_heap", lambda shape, dtype, device="cpu", minimum=0:
+                   torch.empty(tuple(shape), dtype=dtype, device=device))]
+    for mod in [m for n, m in sys.modules.items() if n.startswith("mergekit_permute")]:
+        for name, repl in swaps:
+            if hasattr(mod, name):
+                setattr(mod, name, repl)
 start = time.perf_counter()
 if mode == "floor":
     from mergekit_permute.io.batches import tokenize
     from mergekit_permute.io.data import load_texts
-    a, b, device = args
+    a, b, device, n = args
     tok = transformers.AutoTokenizer.from_pretrained(a)
     tok.pad_token = tok.pad_token or tok.eos_token
     # forwards in align's compute dtype: the checkpoint's (bf16) on a GPU, float32 on the CPU
     dtype = torch.float32 if device == "cpu" else torch.bfloat16
-    models = [transformers.AutoModelForCausalLM.from_pretrained(p, dtype=dtype).to(device)
-              for p in (a, b)]
-    batches = tokenize(tok, load_texts("shakespeare-calib", 64), 64, 8)
+    cls = getattr(transformers, transformers.AutoConfig.from_pretrained(a).architectures[0])
+    # the body align runs (embeddings and blocks), not the vocabulary head it never needs
+    models = [getattr(m, m.base_model_prefix) for m in
+              (cls.from_pretrained(p, dtype=dtype).to(device) for p in (a, b))]
+    batches = tokenize(tok, load_texts("shakespeare-calib", int(n)), int(n), 8)
     with torch.no_grad():
         for m in models:
+            kw = {"use_cache": False} if "use_cache" in m.forward.__code__.co_varnames else {}
             for batch in batches:
-                m(**{k: v.to(device) for k, v in batch.items()}, use_cache=False)
+                m(**{k: v.to(device) for k, v in batch.items()}, **kw)
 elif mode == "cli":
     sys.argv = ["mergekit-permute", *args]
     try:
@@ -78,18 +153,30 @@ elif mode == "cli":
     except SystemExit as e:
         assert not e.code, e.code
 seconds = time.perf_counter() - start
+done.set()
 gpu = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else 0.0
-print(json.dumps({"seconds": seconds, "peak_gpu_mib": gpu,
-                  "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024   # the exact high-water mark
+print(json.dumps({"seconds": seconds, "peak_gpu_mib": gpu, "peak_rss_mib": own / 2**20,
+                  "peak_tree_mib": max(peak["tree"], own) / 2**20,
+                  "peak_children_mib": peak["children"] / 2**20}))
 """
 
 
-def probe(mode: str, *args: str, env=None) -> dict:
-    r = subprocess.run([sys.executable, "-c", PROBE, mode, *args], capture_output=True,
+def probe(mode: str, *args: str, variant: str = "default", env=None) -> dict:
+    r = subprocess.run([sys.executable, "-c", PROBE, mode, variant, *args], capture_output=True,
                        text=True, env={**os.environ, "TQDM_DISABLE": "1", **(env or {})})
     if r.returncode:
         raise RuntimeError(r.stderr[-3000:])
     return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def config_of(shape: str, layers: int):
+    import transformers as T
+    dims = {k: v for k, v in SHAPES[shape].items() if k not in ("model", "config", "full_layers")}
+    config = getattr(T, SHAPES[shape]["config"])(num_hidden_layers=layers, pad_token_id=0,
+                                                 bos_token_id=2, eos_token_id=3, **dims)
+    config.architectures = [SHAPES[shape]["model"]]
+    return config
 
 
 def make_pair(root: Path, layers: int, shape: str = "toy", device: str = "cpu"):
@@ -100,24 +187,51 @@ def make_pair(root: Path, layers: int, shape: str = "toy", device: str = "cpu"):
 
     from mergekit_permute.io.data import load_texts
     from mergekit_permute.zoo import build_tokenizer
-    dims = SHAPES[shape]
-    tok = build_tokenizer(min(dims["vocab_size"], 8192), "llama",
+    family = "bert" if SHAPES[shape]["model"].startswith("Bert") else "llama"
+    tok = build_tokenizer(min(SHAPES[shape]["vocab_size"], 8192), family,
                           load_texts("shakespeare-train", 4000))
     paths = []
     for seed in (0, 1):
         path = root / f"{shape}-{layers}-{seed}"
         if not (path / "config.json").exists():
             torch.manual_seed(seed)
-            config = T.LlamaConfig(num_hidden_layers=layers, pad_token_id=0, bos_token_id=2,
-                                   eos_token_id=3, tie_word_embeddings=False, **dims)
-            config.architectures = ["LlamaForCausalLM"]
             with torch.device(device):
-                model = T.LlamaForCausalLM(config).to(torch.bfloat16)
-            model.save_pretrained(path)
+                model = getattr(T, SHAPES[shape]["model"])(config_of(shape, layers))
+            model.to(torch.bfloat16).save_pretrained(path)
             del model
             tok.save_pretrained(path)
         paths.append(str(path))
     return paths
+
+
+def bf16_mib(shape: str, layers: int) -> float:
+    import torch
+    import transformers as T
+    with torch.device("meta"):
+        model = getattr(T, SHAPES[shape]["model"])(config_of(shape, layers))
+    return sum(p.numel() for p in model.parameters()) * 2 / 2**20
+
+
+def resident(shape: str, layers: int, samples: int, device: str) -> dict:
+    """MiB that must be resident while a block runs: two blocks in the compute dtype, both
+    models' hidden states, one layer's statistics (float64 sums and float32 pending products
+    of every space the layer writes, the residual stream's too)."""
+    import torch
+
+    from mergekit_permute.spec import spec_for_config
+    config = config_of(shape, 1)
+    with torch.device("meta"):
+        model = __import__("transformers").AutoModel.from_config(config)
+    block = sum(p.numel() for n, p in model.named_parameters() if ".0." in n or n.startswith("0."))
+    compute = 4 if device == "cpu" else 2
+    spec = spec_for_config(config_of(shape, layers))
+    sizes = [s.size for s in spec.spaces if s.layer in (0, None)]
+    mib = lambda n: round(n / 2**20, 1)  # noqa: E731
+    out = {"two_blocks": mib(2 * block * compute),
+           "hidden_states": mib(2 * samples * samples * config.hidden_size * 4),
+           "one_layer_statistics": mib(sum(12 * n * n for n in sizes))}
+    out["total"] = round(sum(out.values()), 1)
+    return out
 
 
 def solve_benchmark(width: int = 3072, spaces: int = 16) -> dict:
@@ -155,14 +269,94 @@ def solve_benchmark(width: int = 3072, spaces: int = 16) -> dict:
     return {"width": width, "spaces": spaces, "seconds_by_workers": out}
 
 
+def _mib(x: float) -> float:
+    return round(x, 1)
+
+
+def run_depth(args, work: Path, layers: int, baseline: dict, env: dict) -> dict:
+    a, b = make_pair(work, layers, args.shape, args.device)
+    calib = calibration(args.shape)
+    samples = int(calib[calib.index("--samples") + 1])
+    checkpoint_mib = sum(f.stat().st_size for f in Path(b).glob("*.safetensors")) / 2**20
+    full = SHAPES[args.shape].get("full_layers", layers)
+    full_mib = bf16_mib(args.shape, full)   # the full-depth model's one bf16 checkpoint
+    out = work / f"aligned-{layers}"
+    floors, runs, cached = [], {v: [] for v in args.variant}, []
+    for _ in range(args.repeats):   # interleaved, so drifts of the machine hit all alike
+        floors.append(probe("floor", a, b, args.device, str(samples)))
+        for variant in args.variant:
+            r = probe("cli", "align", a, b, *calib, "--device", args.device, "--cache", "off",
+                      "--out", str(out), "--overwrite", variant=variant, env=env)
+            doc = json.loads((out / "alignment.json").read_text())
+            r["timings"], r["function_check"] = doc["timings"], doc.get("function_check")
+            runs[variant].append(r)
+        if not args.no_cached:
+            cached.append(probe("cli", "align", a, b, *calib, "--device", args.device,
+                                "--no-cache", "--out", str(out), "--overwrite", env=env))
+    from safetensors import safe_open
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        written = sorted({str(f.get_slice(k).get_dtype()) for k in f.keys()})
+    floor_s = statistics.median(f["seconds"] for f in floors)
+    base = baseline["peak_tree_mib"]
+    row = {"layers": layers, "checkpoint_mib": _mib(checkpoint_mib),
+           f"full_{full}_layer_checkpoint_mib": _mib(full_mib),
+           "floor_seconds": round(floor_s, 2),
+           "floor_seconds_each": [round(f["seconds"], 2) for f in floors],
+           "floor_peak_above_import_mib": _mib(max(f["peak_tree_mib"] for f in floors) - base),
+           "floor_peak_gpu_mib": _mib(max(f["peak_gpu_mib"] for f in floors)),
+           "must_be_resident_mib": resident(args.shape, layers, samples, args.device),
+           "written_dtypes": written, "variants": {}}
+    for variant, rs in runs.items():
+        align_s = statistics.median(r["seconds"] for r in rs)
+        above = max(r["peak_tree_mib"] for r in rs) - base
+        per_space = rs[0]["timings"]["solve_seconds"]
+        kinds: dict = {}
+        for name, sec in per_space.items():
+            kind = "residual" if name == "residual" else name.split(".")[0] \
+                if "." in name else name
+            kinds.setdefault(kind, []).append(sec)
+        row["variants"][variant] = {
+            "align_seconds": round(align_s, 2), "time_vs_floor": round(align_s / floor_s, 2),
+            "align_seconds_each": [round(r["seconds"], 2) for r in rs],
+            "peak_above_import_mib": _mib(above),
+            "peak_above_import_each": [_mib(r["peak_tree_mib"] - base) for r in rs],
+            "solver_processes_peak_mib": _mib(max(r["peak_children_mib"] for r in rs)),
+            "peak_vs_checkpoint": round(above / checkpoint_mib, 2),
+            f"peak_vs_full_{full}_layer_checkpoint": round(above / full_mib, 2),
+            "solve_seconds_total": round(sum(per_space.values()), 2),
+            "solve_seconds_by_space": {k: {"spaces": len(v), "max": round(max(v), 2),
+                                           "median": round(statistics.median(v), 2)}
+                                       for k, v in sorted(kinds.items())},
+            "peak_gpu_mib": _mib(max(r["peak_gpu_mib"] for r in rs)),
+            "function_check": rs[0]["function_check"]}
+    if cached:
+        cs = statistics.median(r["seconds"] for r in cached)
+        row["cached"] = {"seconds": round(cs, 2), "time_vs_floor": round(cs / floor_s, 2),
+                         "peak_above_import_each": [_mib(r["peak_tree_mib"] - base)
+                                                    for r in cached]}
+    if args.learned:
+        learned = probe("cli", "align", a, b, *calib, "--device", args.device,
+                        "--matching", "learned", "--learn-steps", str(args.learned),
+                        "--cache", "off", "--permutations-only", "--out", str(out),
+                        "--overwrite", env=env)
+        row["learned"] = {"steps": args.learned, "seconds": round(learned["seconds"], 2),
+                          "time_vs_floor": round(learned["seconds"] / floor_s, 2),
+                          "peak_gpu_mib": _mib(learned["peak_gpu_mib"]),
+                          "peak_above_import_mib": _mib(learned["peak_tree_mib"] - base)}
+    return row
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--layers", type=int, nargs="+", default=[8, 16, 32])
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--work", default=None, help="where the random pairs are kept")
-    ap.add_argument("--repeats", type=int, default=5,
+    ap.add_argument("--repeats", type=int, default=3,
                     help="runs of floor and align per depth: median time, highest peak")
     ap.add_argument("--shape", choices=sorted(SHAPES), default="toy")
+    ap.add_argument("--variant", nargs="+", default=["default"],
+                    choices=["default", "plain-heap", "no-heap-tuning", "no-outside-heap"],
+                    help="align as shipped, and with a piece of machinery switched off")
     ap.add_argument("--learned", type=int, default=0, metavar="STEPS",
                     help="also run matching=learned with this many steps (once per depth)")
     ap.add_argument("--no-cached", action="store_true",
@@ -172,80 +366,37 @@ def main() -> None:
                     "benchmarks/results/scale-DEVICE[-SHAPE].json)")
     args = ap.parse_args()
     work = Path(args.work or tempfile.mkdtemp(prefix="mkp-scale-"))
-    cache = work / "cache"
-    env = {"MERGEKIT_PERMUTE_CACHE": str(cache)}
+    env = {"MERGEKIT_PERMUTE_CACHE": str(work / "cache")}
     baseline = probe("none")
     rows = []
     for layers in args.layers:
-        a, b = make_pair(work, layers, args.shape, args.device)
-        checkpoint_mib = (Path(b) / "model.safetensors").stat().st_size / 2**20
-        out = work / f"aligned-{layers}"
-        floors, runs, cached, solving = [], [], [], []
-        for _ in range(args.repeats):   # interleaved, so drifts of the machine hit all alike
-            floors.append(probe("floor", a, b, args.device))
-            runs.append(probe("cli", "align", a, b, *CALIB, "--device", args.device,
-                              "--cache", "off", "--out", str(out), "--overwrite", env=env))
-            timings = json.loads((out / "alignment.json").read_text())["timings"]
-            solving.append(sum(timings["solve_seconds"].values()))
-            if not args.no_cached:
-                cached.append(probe("cli", "align", a, b, *CALIB, "--device", args.device,
-                                    "--no-cache", "--out", str(out), "--overwrite", env=env))
-        written = {str(t.dtype) for t in __import__("safetensors.torch", fromlist=["load_file"])
-                   .load_file(str(out / "model.safetensors")).values()}
-        align_s = statistics.median(r["seconds"] for r in runs)
-        floor_s = statistics.median(f["seconds"] for f in floors)
-        above = max(r["peak_rss_mib"] for r in runs) - baseline["peak_rss_mib"]
-        row = {"layers": layers, "checkpoint_mib": round(checkpoint_mib, 1),
-               "align_seconds": round(align_s, 2), "floor_seconds": round(floor_s, 2),
-               "time_vs_floor": round(align_s / floor_s, 2),
-               "align_seconds_each": [round(r["seconds"], 2) for r in runs],
-               "floor_seconds_each": [round(f["seconds"], 2) for f in floors],
-               "solve_seconds": round(statistics.median(solving), 2),
-               "peak_rss_above_import_mib": round(above, 1),
-               "peak_rss_above_import_each": [round(r["peak_rss_mib"] - baseline["peak_rss_mib"], 1)
-                                              for r in runs],
-               "peak_vs_checkpoint": round(above / checkpoint_mib, 2),
-               "peak_gpu_mib": round(max(r["peak_gpu_mib"] for r in runs), 1),
-               "floor_peak_gpu_mib": round(max(f["peak_gpu_mib"] for f in floors), 1),
-               "floor_peak_rss_above_import_mib": round(max(f["peak_rss_mib"] for f in floors)
-                                                        - baseline["peak_rss_mib"], 1),
-               "written_dtypes": sorted(written)}
-        if cached:
-            row.update(
-                cached_seconds=round(statistics.median(r["seconds"] for r in cached), 2),
-                cached_time_vs_floor=round(
-                    statistics.median(r["seconds"] for r in cached) / floor_s, 2),
-                cached_peak_rss_above_import_each=[
-                    round(r["peak_rss_mib"] - baseline["peak_rss_mib"], 1) for r in cached])
-        if args.learned:
-            learned = probe("cli", "align", a, b, *CALIB, "--device", args.device,
-                            "--matching", "learned", "--learn-steps", str(args.learned),
-                            "--cache", "off", "--permutations-only", "--out", str(out),
-                            "--overwrite", env=env)
-            row["learned"] = {"steps": args.learned, "seconds": round(learned["seconds"], 2),
-                              "time_vs_floor": round(learned["seconds"] / floor_s, 2),
-                              "peak_gpu_mib": round(learned["peak_gpu_mib"], 1),
-                              "peak_rss_above_import_mib": round(
-                                  learned["peak_rss_mib"] - baseline["peak_rss_mib"], 1)}
-        rows.append(row)
-        print(json.dumps(row), flush=True)
-    doc = {"benchmark": "scale", "device": args.device, "shape": SHAPES[args.shape],
-           "shape_name": args.shape, "calibration": CALIB,
-           "repeats": args.repeats,
-           "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
-           "import_baseline_rss_mib": round(baseline["peak_rss_mib"], 1), "rows": rows,
+        rows.append(run_depth(args, work, layers, baseline, env))
+        print(json.dumps(rows[-1]), flush=True)
+    dims = {k: v for k, v in SHAPES[args.shape].items()}
+    doc = {"benchmark": "scale", "device": args.device, "shape": dims,
+           "shape_name": args.shape, "calibration": calibration(args.shape),
+           "repeats": args.repeats, "variants": args.variant,
+           "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
+                       "gpu": __import__("torch").cuda.get_device_name()
+                       if args.device.startswith("cuda") else None},
+           "memory": "the larger of the process's resident high-water mark and its resident "
+                     "memory plus its children's PSS (sampled every 20 ms), above a process "
+                     "that only imports",
+           "import_baseline_mib": _mib(baseline["peak_tree_mib"]), "rows": rows,
            "date": time.strftime("%Y-%m-%d")}
     if not args.no_solve:
         doc["solve"] = solve_benchmark()
         print(json.dumps(doc["solve"]), flush=True)
     if len(rows) > 1:
-        doc["peak_growth_first_to_last_depth"] = round(
-            rows[-1]["peak_rss_above_import_mib"] / rows[0]["peak_rss_above_import_mib"], 2)
+        first, last = (r["variants"]["default"]["peak_above_import_mib"] for r in
+                       (rows[0], rows[-1])) if "default" in args.variant else (0, 0)
+        if first:
+            doc["peak_growth_first_to_last_depth"] = round(last / first, 2)
     (HERE / "results").mkdir(exist_ok=True)
     suffix = "" if args.shape == "toy" else f"-{args.shape}"
-    results = Path(args.results or HERE / "results" / f"scale-{args.device.split(':')[0]}{suffix}.json")
-    results.write_text(
-        json.dumps(doc, indent=1) + "\n")
+    results = Path(args.results or HERE / "results" /
+                   f"scale-{args.device.split(':')[0]}{suffix}.json")
+    results.write_text(json.dumps(doc, indent=1) + "\n")
 
 
 if __name__ == "__main__":

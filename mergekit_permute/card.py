@@ -109,6 +109,12 @@ def alignment_section(alignment, heading: str = "### Alignment") -> List[str]:
     lines += ["", f"| space | {measure} before | after |", "|---|---|---|"]
     for kind, row in summarize(alignment.report).items():
         lines.append(f"| {kind} | {row['mean_corr_before']:.3f} | {row['mean_corr_after']:.3f} |")
+    check = alignment.info.get("function_check")
+    if check:
+        lines += ["", f"Function check: aligned B's logits differ from B's by "
+                  f"{check['aligned_vs_b']:.1e} (relative), where storing B's own float32 "
+                  f"original in {check['dtype']} differs by {check['rounding_baseline']:.1e} "
+                  f"({check['probe']})."]
     return lines + [""]
 
 

@@ -5,6 +5,7 @@ import json
 import logging
 import shutil
 import sys
+import time
 from pathlib import Path
 
 import click
@@ -23,7 +24,8 @@ from mergekit_permute.core.alignment import (
 )
 from mergekit_permute.demo import run_demo
 from mergekit_permute.evaluate import Evaluation
-from mergekit_permute.io.checkpoints import CheckpointSource, dtype_of, write_like
+from mergekit_permute.io.checkpoints import Checkpoint, CheckpointSource, dtype_of, write_like
+from mergekit_permute.io.fidelity import fidelity
 from mergekit_permute.io.models import load_config, open_checkpoint, open_pair
 from mergekit_permute.io.outputs import atomic_dir, check_output, check_space, follow_umask
 from mergekit_permute.io.preflight import alignment_bytes, check_device, checkpoint_bytes
@@ -115,7 +117,13 @@ def align(model_a, model_b, data, out, permutations_only, overwrite, no_cache, *
         return
     with atomic_dir(out, overwrite) as tmp:
         if not permutations_only:
+            started = time.perf_counter()
             write_like(pair.checkpoint_b, tmp, alignment.tensor, written, desc="writing aligned B")
+            alignment.timings["write_seconds"] = round(time.perf_counter() - started, 2)
+            started = time.perf_counter()
+            alignment.info["function_check"] = fidelity(
+                pair.spec, load_config(model_b), pair.checkpoint_b, Checkpoint(str(tmp)), device)
+            alignment.timings["function_check_seconds"] = round(time.perf_counter() - started, 2)
         save_alignment(alignment, tmp)
     _print_summary(alignment)
     click.echo(f"wrote {out}")
@@ -151,11 +159,13 @@ def apply(alignment, checkpoint, out, overwrite, dtype, allow_unsafe_pickle):
     info_path = folder / (perms.stem.replace("permutations", "alignment", 1) + ".json")
     with atomic_dir(out, overwrite) as tmp:
         write_like(source, tmp, aligned.tensor, written, desc="applying")
+        check = fidelity(spec, load_config(checkpoint), source, Checkpoint(str(tmp)))
         shutil.copyfile(perms, tmp / PERMUTATIONS_FILE)
         follow_umask(tmp / PERMUTATIONS_FILE)
         if info_path.is_file():
             doc = json.loads(info_path.read_text())
-            (tmp / ALIGNMENT_FILE).write_text(json.dumps({**doc, "applied_to": checkpoint},
+            (tmp / ALIGNMENT_FILE).write_text(json.dumps({**doc, "applied_to": checkpoint,
+                                                          "function_check": check},
                                                          indent=2) + "\n")
     click.echo(f"wrote {out}")
 

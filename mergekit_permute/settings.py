@@ -249,7 +249,7 @@ class RunSettings(BaseModel):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = option(
         "auto", "Forward dtype on a GPU and the dtype written (auto: the checkpoint's; forwards "
         "on the CPU run in float32).", role="run")
-    workers: Optional[int] = option(None, "Processes solving assignments (default: every core).",
+    workers: Optional[int] = option(None, "Threads solving assignments (default: every core).",
                                     role="run", ge=1, le=4096)
     allow_unsafe_pickle: bool = option(
         False, "Fully unpickle .bin checkpoints that the weights-only unpickler rejects (runs "

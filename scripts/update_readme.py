@@ -100,9 +100,18 @@ def _times(ratio) -> str:
 
 
 def scale_block() -> str:
-    path = ROOT / "benchmarks" / "results" / "scale-cpu.json"
-    return _report().scale_section(json.loads(path.read_text())) + (
-        "\n_From `benchmarks/results/scale-cpu.json` (`python benchmarks/scale.py`)._")
+    """The shapes users run (the toy shape is only the CI smoke, in BENCHMARKS.md)."""
+    results = ROOT / "benchmarks" / "results"
+    names = ["tinyllama", "bert-base", "pythia-410m"]
+    paths = [results / f"scale-cpu-{n}.json" for n in names if (results / f"scale-cpu-{n}.json").is_file()]
+    docs = [json.loads(p.read_text()) for p in paths]
+    machine = docs[0]["machine"]["cpus"]
+    return (f"On {machine} CPU cores, random-init bf16 pairs at real widths, calibration "
+            f"`{' '.join(docs[0]['calibration'])}`; memory is {docs[0]['memory']}:\n\n"
+            + _report().scale_rows(docs)
+            + "\n\n_From " + ", ".join(f"`benchmarks/results/{p.name}`" for p in paths)
+            + " (`python benchmarks/scale.py --shape SHAPE --layers ...`, the commands in its "
+            "docstring); every run, the variants measured and the GPU results in BENCHMARKS.md._\n")
 
 
 def suite_block() -> str:

@@ -59,10 +59,14 @@ def test_recommendation_needs_two_paired_standard_errors():
     assert recommendation(doc([0.1, 0.2, 0.1])) == "default"
 
 
-def test_scale_section_reads_the_file():
+def test_scale_sections_read_every_file():
     from benchmarks.report import scale_section
-    doc = json.loads((RESULTS / "scale-cpu.json").read_text())
-    text = scale_section(doc)
-    for row in doc["rows"]:
-        assert f"| {row['layers']} | {row['checkpoint_mib']:.1f} |" in text
-        assert f"{row['time_vs_floor']:.2f}x" in text
+    paths = sorted(RESULTS.glob("scale-*.json"))
+    assert paths
+    for path in paths:
+        doc = json.loads(path.read_text())
+        text = scale_section(doc)
+        for row in doc["rows"]:
+            default = row["variants"]["default"]
+            assert f"| {row['layers']} | {row['checkpoint_mib']:.0f} |" in text, path
+            assert f"{default['time_vs_floor']:.2f}x" in text, path

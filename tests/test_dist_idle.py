@@ -81,7 +81,7 @@ def test_two_ranks_with_one_batch_give_the_permutations_of_one_process(zoo, tmp_
     nothing, contributes zero sums, and rank 0's permutations are the single process's."""
     a, b = zoo("llama")
     args = ["--data", "shakespeare-calib", "--samples", "16", "--batch-size", "16",
-            "--max-length", "32", "--residual", "all", "--no-cache", "--permutations-only"]
+            "--max-length", "32", "--residual", "all", "--cache", "off", "--permutations-only"]
     one = tmp_path / "one"
     r = invoke("mergekit-permute", "align", a, b, *args, "--out", one)
     assert r.returncode == 0, r.stdout + r.stderr

@@ -131,3 +131,32 @@ def test_pre_layernorm_orthogonal_alignment_keeps_b_function(name):
     alignment.apply_to_model(b)
     torch.testing.assert_close(outputs(b, kw)[0], before, rtol=1e-4, atol=1e-5)
     assert alignment.report["residual"]["mean_corr_after"] > alignment.report["residual"]["mean_corr_before"]
+
+
+@pytest.mark.parametrize("name", ["LlamaForCausalLM", "GPTNeoXForCausalLM", "GPT2LMHeadModel-untied"])
+def test_large_tensors_go_a_slab_at_a_time_with_the_same_result(name, monkeypatch):
+    """An embedding through a rotation is transformed in slabs along its untouched (vocab)
+    axis: the same tensors as in one piece, and the function still preserved."""
+    import mergekit_permute.core.permute as permute
+    model = build(name)
+    spec = spec_for_config(model.config)
+    if spec.orthogonal_residual_error() is not None:
+        pytest.skip(spec.orthogonal_residual_error())
+    keep_ones = spec.residual_centered
+    q = procrustes([torch.randn(32, 32, dtype=torch.float64,
+                                generator=torch.Generator().manual_seed(1))], keep_ones=keep_ones)
+    t = identity_transforms(spec)
+    t["residual"] = {"": q}
+    fold = fold_scales(spec, model.state_dict())
+    rules = spec.weight_map()
+    state = model.state_dict()
+    whole = {k: permute.transform_tensor(rules, k, v, t, fold) for k, v in state.items()}
+    monkeypatch.setattr(permute, "SLAB_BYTES", 512)   # every matrix in many slabs
+    assert any(permute._slab_dim(rules.get(k), v, (fold,)) is not None for k, v in state.items())
+    slabbed = {k: permute.transform_tensor(rules, k, v, t, fold) for k, v in state.items()}
+    for k in whole:
+        torch.testing.assert_close(slabbed[k], whole[k], rtol=0, atol=1e-12, msg=k)
+    rotated = copy.deepcopy(model)
+    apply_to_model(spec, rotated, t, fold)
+    kw = inputs(model)
+    torch.testing.assert_close(outputs(rotated, kw)[0], outputs(model, kw)[0], rtol=1e-5, atol=1e-5)

@@ -188,3 +188,21 @@ def test_the_shifts_are_kept_with_the_sums():
     assert torch.equal(t.raw_sum_ab(), s.raw_sum_ab())
     with pytest.raises(ValueError, match="shift_a has shape"):
         CrossStats.from_tensors({**s.tensors(), "shift_a": torch.zeros(D + 1, dtype=torch.float64)})
+
+
+def test_a_spent_correlation_is_the_same_and_cannot_be_read_again():
+    """correlation(consume=True) computes in the sums' own buffer: bit for bit the ordinary
+    correlation, and the statistics refuse to be read afterwards."""
+    import pytest
+    gen = torch.Generator().manual_seed(3)
+    a, b = torch.randn(20000, 30, generator=gen) + 4, torch.randn(20000, 30, generator=gen)
+    s = CrossStats.zeros(30, 30)
+    for i in range(0, 20000, 1000):
+        s.update(a[i:i + 1000], b[i:i + 1000])
+    want = s.correlation()
+    buffer = s.flush().sum_ab
+    got = s.correlation(consume=True)
+    assert torch.equal(got, want) and got.data_ptr() == buffer.data_ptr()
+    for read in (s.correlation, s.totals, s.tensors):
+        with pytest.raises(RuntimeError, match="spent"):
+            read()

@@ -65,7 +65,8 @@ def _from_activations(work: Workload, settings: AlignSettings):
                     overlap=torch.device(work.device).type != "cpu")
     try:
         stats = statistics(work, calib, settings, qk=settings.needs_qk_features, keep=False,
-                           on_layer=lambda _, s: work.dist.is_main and solver.submit_layer(s))
+                           on_layer=lambda _, s, own: work.dist.is_main and
+                           solver.submit_layer(s, consume=own))
     except BaseException:
         solver.close()
         raise

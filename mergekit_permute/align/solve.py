@@ -1,16 +1,15 @@
 """Statistics -> transforms, one space at a time, on every core.
 
 `solve_space` is a pure function of one space's statistics (their correlations, then the
-matching), so FF and attention spaces are solved in a process pool as soon as their layer's
-statistics are complete (while later layers are still being calibrated); the residual stream
-is solved last from its summary.
+matching); the assignment solvers release the GIL, so spaces are solved on threads: while
+later layers are calibrated when the forwards run on an accelerator, in batches while they
+wait on the CPU. The residual stream is solved last from its summary.
 """
 
 import logging
-import multiprocessing
 import os
 import time
-from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Dict, Mapping, Optional, Tuple
 
 import torch
@@ -26,9 +25,6 @@ from mergekit_permute.calibration.stats import CrossStats, ResidualSummary
 
 LOG = logging.getLogger(__name__)
 Solved = Tuple[Dict[str, torch.Tensor], Dict, float]   # views, report row, seconds
-# Below this many features a space is solved in-process: a worker costs seconds to start, more
-# than such an assignment takes (BENCHMARKS.md).
-POOL_MIN_FEATURES = 2048
 
 
 def default_workers() -> int:
@@ -45,28 +41,32 @@ def qk_matched(q_corr: torch.Tensor, k_corr: torch.Tensor, views: Dict[str, torc
     return total / (len(views["q"]) + len(views["k"]))
 
 
-def correlations(space: Space, stats: Mapping[str, CrossStats], settings: AlignSettings
-                 ) -> Dict[str, torch.Tensor]:
+def correlations(space: Space, stats: Mapping[str, CrossStats], settings: AlignSettings,
+                 consume: bool = False) -> Dict[str, torch.Tensor]:
     """What matching reads of a space's statistics (`stats` holds its `@0` point, and `@q`,
     `@k` for qk matching): the correlations, and the raw cross moments where the V/O rotation
-    needs them. A space waiting for its batch holds these instead of its statistics."""
-    held = {"0": stats["0"].correlation()}
+    needs them. A space waiting for its batch holds these instead of its statistics. With
+    `consume` (nothing else reads the statistics), each correlation takes its sums' buffer."""
+    held = {}
     if space.kind == "attention":
+        if settings.vo == "orthogonal":
+            held["moments"] = stats["0"].raw_sum_ab()
         if settings.needs_qk_features:
             if "q" not in stats or "k" not in stats:
                 raise ValueError(f"calibration statistics lack {space.name}@q/k, which "
                                  f"qk={settings.qk} needs; they were collected without them")
-            held["q"], held["k"] = stats["q"].correlation(), stats["k"].correlation()
-        if settings.vo == "orthogonal":
-            held["moments"] = stats["0"].raw_sum_ab()
+            held["q"] = stats["q"].correlation(consume=consume)
+            held["k"] = stats["k"].correlation(consume=consume)
+    held["0"] = stats["0"].correlation(consume=consume)
     return held
 
 
-def solve_space(space: Space, stats: Mapping[str, CrossStats], settings: AlignSettings) -> Solved:
+def solve_space(space: Space, stats: Mapping[str, CrossStats], settings: AlignSettings,
+                consume: bool = False) -> Solved:
     """One FF or attention space from its statistics. Returns its views (None if it stays in
     place), its report row, the seconds."""
     start = time.perf_counter()
-    return match_space(space, correlations(space, stats, settings), settings, start)
+    return match_space(space, correlations(space, stats, settings, consume), settings, start)
 
 
 def match_space(space: Space, held: Mapping[str, torch.Tensor], settings: AlignSettings,
@@ -101,64 +101,66 @@ def _space_stats(stats: Mapping[str, CrossStats], space: str) -> Dict[str, Cross
 
 
 class Solver:
-    """Solves spaces as they are handed in. Large spaces go to a process pool (forkserver: a
-    clean process, not a fork of one holding model weights and torch threads). Small ones
-    (a worker would cost more to start than they take) are solved in-process:
-    - `overlap` (the forwards run on an accelerator and leave the CPU idle): on a background
-      thread, while later layers are calibrated (scipy's assignment releases the GIL);
+    """Solves spaces as they are handed in, on `workers` threads (the assignment solvers and
+    torch release the GIL; a process pool measured slower and larger at real widths, since
+    every worker receives a copy of its statistics: BENCHMARKS.md):
+    - `overlap` (the forwards run on an accelerator and leave the CPU idle): in the
+      background, while later layers are calibrated;
     - else (CPU forwards that use every core; a concurrent solver only oversubscribes them,
-      measured slower): in batches of `workers` spaces of one kind, solved on that many
-      threads at once while the forwards wait. Memory holds a batch of each kind.
+      measured slower): a layer's spaces at once while the forwards wait (`submit_layer`), or
+      batches of `workers` spaces of one kind (`submit`).
     Results are identical either way (the assignment is deterministic)."""
 
     def __init__(self, spec: PermutationSpec, settings: AlignSettings,
                  workers: Optional[int] = None, overlap: bool = False):
         self.spec, self.settings, self.overlap = spec, settings, overlap
         self.workers = default_workers() if workers is None else max(1, workers)
-        self._pool: Optional[ProcessPoolExecutor] = None
         self._thread: Optional[ThreadPoolExecutor] = None
-        self._jobs: Dict[str, Tuple[Executor, Future]] = {}
+        self._jobs: Dict[str, Future] = {}
         self._done: Dict[str, Solved] = {}
         # spaces waiting for their batch: (space, correlations, seconds spent on them)
         self._batch: Dict[str, Tuple[Space, Dict[str, torch.Tensor], float]] = {}
 
-    def submit(self, space_name: str, stats: Mapping[str, CrossStats]) -> None:
+    def _threads(self) -> ThreadPoolExecutor:
+        if self._thread is None:
+            self._thread = ThreadPoolExecutor(self.workers,
+                                              thread_name_prefix="mergekit-permute-solve")
+        return self._thread
+
+    def submit(self, space_name: str, stats: Mapping[str, CrossStats],
+               consume: bool = False) -> None:
+        """`consume`: the statistics are the solver's (no cache writer or caller reads them
+        afterwards), so each correlation is computed in its sums' buffer."""
         space = self.spec.space(space_name)
         if not self.settings.moves(space) or space.kind == "residual":
             return
         own = _space_stats(stats, space_name)
-        if self.workers > 1 and space.size >= POOL_MIN_FEATURES:
-            if self._pool is None:
-                method = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() \
-                    else "spawn"
-                context = multiprocessing.get_context(method)
-                if method == "forkserver":  # workers fork with the solvers already imported
-                    context.set_forkserver_preload(["mergekit_permute.align.solve"])
-                self._pool = ProcessPoolExecutor(self.workers, mp_context=context)
-            executor, limit = self._pool, 2 * self.workers
-        elif not self.overlap:
+        if not self.overlap:
             # Batches of one kind (FF, attention): alike in cost, so the threads finish together.
             # A waiting space holds its correlations, not its statistics: a batch then needs
             # one [n, n] matrix per space, as solving one space at a time does.
             start = time.perf_counter()
-            held = correlations(space, own, self.settings)
+            held = correlations(space, own, self.settings, consume)
             self._batch[space_name] = (space, held, time.perf_counter() - start)
             if sum(s.kind == space.kind for s, _, _ in self._batch.values()) >= self.workers:
                 self._solve_batch(space.kind)
             return
-        else:
-            if self._thread is None:
-                self._thread = ThreadPoolExecutor(1, thread_name_prefix="mergekit-permute-solve")
-            executor, limit = self._thread, 4
         # Backpressure: a queued job holds its space's statistics; never let them pile up.
-        waiting = [n for n, (e, job) in self._jobs.items() if e is executor and not job.done()]
-        if len(waiting) >= limit:
-            self._done[waiting[0]] = self._jobs.pop(waiting[0])[1].result()
-        self._jobs[space_name] = (executor, executor.submit(solve_space, space, own, self.settings))
+        waiting = [n for n, job in self._jobs.items() if not job.done()]
+        if len(waiting) >= 2 * self.workers:
+            self._done[waiting[0]] = self._jobs.pop(waiting[0]).result()
+        self._jobs[space_name] = self._threads().submit(solve_space, space, own, self.settings,
+                                                        consume)
 
-    def submit_layer(self, stats: Mapping[str, CrossStats]) -> None:
+    def submit_layer(self, stats: Mapping[str, CrossStats], consume: bool = False) -> None:
         for name in sorted({k.split("@", 1)[0] for k in stats}):
-            self.submit(name, stats)
+            self.submit(name, stats, consume)
+        if self._batch:
+            # (CPU) the layer's spaces are solved before the next layer runs, together: one
+            # FF correlation resident at a time. Waiting for a second layer's FF space to
+            # solve two at once halved the solving time but held a correlation through a
+            # layer's calibration, the largest item of the peak (BENCHMARKS.md).
+            self._solve_batch()
 
     def _solve_batch(self, kind: Optional[str] = None) -> None:
         names = [n for n, job in self._batch.items() if kind in (None, job[0].kind)]
@@ -167,9 +169,7 @@ class Solver:
             name, space, held, spent = batch.pop()
             self._done[name] = match_space(space, held, self.settings, time.perf_counter() - spent)
             return
-        if self._thread is None:
-            self._thread = ThreadPoolExecutor(self.workers, thread_name_prefix="mergekit-permute-solve")
-        jobs = {name: self._thread.submit(match_space, space, held, self.settings,
+        jobs = {name: self._threads().submit(match_space, space, held, self.settings,
                                           time.perf_counter() - spent)
                 for name, space, held, spent in batch}
         del batch   # each job holds its own correlations, dropped as it finishes
@@ -180,7 +180,7 @@ class Solver:
         try:
             if self._batch:
                 self._solve_batch()
-            for name, (_, job) in list(self._jobs.items()):
+            for name, job in list(self._jobs.items()):
                 self._done[name] = job.result()
             self._jobs.clear()
         finally:
@@ -189,10 +189,9 @@ class Solver:
 
     def close(self) -> None:
         """Stop the workers; queued jobs are dropped (a failed run)."""
-        for executor in (self._pool, self._thread):
-            if executor is not None:
-                executor.shutdown(cancel_futures=True)
-        self._pool = self._thread = None
+        if self._thread is not None:
+            self._thread.shutdown(cancel_futures=True)
+        self._thread = None
         self._batch.clear()
 
 

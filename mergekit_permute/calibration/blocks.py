@@ -41,6 +41,7 @@ class BlockModel:
         # a freed block's weight buffers, by (shape, dtype): the next block (every block has
         # the same shapes) is copied into them instead of into fresh memory it must fault in
         self._spare: Dict[Tuple[torch.Size, torch.dtype], List[torch.Tensor]] = {}
+        self._hooks: List[Any] = []   # loading outside the blocks on first call (load(None))
         if len(self.blocks) != spec.num_layers:
             raise BlockRunError(f"{spec.blocks} holds {len(self.blocks)} blocks, the config "
                                 f"{spec.num_layers}")
@@ -73,14 +74,49 @@ class BlockModel:
             tensor, requires_grad=False)
 
     def load(self, layer: Optional[int]) -> None:
-        """Materialise block `layer` (None: everything outside the blocks) from the source."""
+        """Materialise block `layer` from the source. With `layer` None, what lies outside the
+        blocks is materialised module by module as the embedding pass first calls it, so a
+        head after the blocks (a vocabulary-sized matrix) is never loaded."""
         if self.source is None:
             return
-        for name in self._params(layer):
+        if layer is None:
+            self._load_on_call()
+            return
+        self._load_names(self._params(layer))
+
+    def _load_on_call(self) -> None:
+        params = set(self._params(None))
+        inside = f"{self.spec.blocks}."
+        for mname, module in self.model.named_modules(remove_duplicate=False):
+            if mname == self.spec.blocks or mname.startswith(inside):
+                continue
+            names = [n for n in (f"{mname}.{a}" if mname else a
+                                 for a, p in module._parameters.items() if p is not None)
+                     if n in params]
+            if not names:
+                continue
+            if self._gather_only(module):
+                # a lookup of stored values cast afterwards is the lookup of cast values:
+                # the table stays in its stored dtype (half a float32 copy)
+                names = [(n, None) for n in names]
+                self._hooks.append(module.register_forward_hook(
+                    lambda _m, _i, out: out.to(self.dtype), prepend=True))
+            self._hooks.append(module.register_forward_pre_hook(
+                lambda m, _i, names=names: self._load_names(
+                    n for n in names if getattr(m, _attr(n)).is_meta)))
+
+    def _gather_only(self, module: torch.nn.Module) -> bool:
+        return type(module) is torch.nn.Embedding and module.max_norm is None and \
+            self.dtype is not None and module.weight.dtype.is_floating_point
+
+    def _load_names(self, names) -> None:
+        for entry in names:
+            name, cast = entry if isinstance(entry, tuple) else (entry, True)
             tensor = self.source.get(name)
             if tensor is None:  # e.g. a head tied to the embeddings and not stored
                 continue
-            dtype = self.dtype if tensor.is_floating_point() and self.dtype else tensor.dtype
+            dtype = self.dtype if cast and tensor.is_floating_point() and self.dtype \
+                else tensor.dtype
             # a copy: callers may correct a loaded block in place (REPAIR), never the source;
             # outside the heap, where a block's weights would fragment it between layers
             spare = self._spare.get((tensor.shape, dtype))
@@ -95,6 +131,9 @@ class BlockModel:
             return
         if layer is None:
             self._spare.clear()
+            for hook in self._hooks:
+                hook.remove()
+            self._hooks.clear()
         for name in self._params(layer):
             module, _, attr = name.rpartition(".")
             param = self.model.get_submodule(module)._parameters[attr]
@@ -152,6 +191,10 @@ class BlockModel:
             raise BlockRunError(f"{self.spec.architecture}: block {layer} of {self.spec.blocks} "
                                 f"could not run standalone ({type(e).__name__}: {e})") from e
         return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def _attr(name) -> str:
+    return (name[0] if isinstance(name, tuple) else name).rpartition(".")[2]
 
 
 def _no_cache(model) -> Dict[str, Any]:

@@ -55,8 +55,7 @@ def _sha256(path: Path) -> str:
 
 def _write_file(path: Path, tensors: Mapping[str, torch.Tensor]) -> str:
     """One statistics file, streamed tensor by tensor (no second copy in memory), float64
-    throughout (float32 sums are widened as they are written); returns the sha256 of the bytes
-    as written."""
+    throughout; returns the sha256 of the bytes as written."""
     items = dict(sorted(tensors.items()))
     hasher = hashlib.sha256()
     stream_safetensors(path, [(k, tuple(t.shape), torch.float64 if t.is_floating_point()
@@ -101,7 +100,7 @@ class CacheEntry:
 
 def _flatten(stats: Mapping[str, CrossStats]) -> Dict[str, torch.Tensor]:
     return {f"{k}/{n}": t.contiguous() for k, s in stats.items()
-            for n, t in s.totals(widen=False).items()}
+            for n, t in s.totals().items()}
 
 
 def _unflatten(flat: Mapping[str, torch.Tensor]) -> Dict[str, CrossStats]:

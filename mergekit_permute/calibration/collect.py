@@ -193,8 +193,9 @@ def _store(work: "Workload", calib: Calibration, settings: AlignSettings, qk: bo
 def statistics(work: "Workload", calib: Calibration, settings: AlignSettings, *, qk: bool,
                on_layer: Optional[Callable] = None, keep: bool = True) -> Statistics:
     """Calibration statistics of a pair: from a valid cache entry, or computed layer by layer
-    (and cached), as `work.cache` says. `on_layer(layer, stats)` sees every layer's statistics
-    either way; `keep` holds them in memory (several methods on one set of statistics).
+    (and cached), as `work.cache` says. `on_layer(layer, stats, own)` sees every layer's
+    statistics either way, `own` when nothing else reads them afterwards (it may spend them);
+    `keep` holds them in memory (several methods on one set of statistics).
     `work.sources` replace the checkpoints' weights (e.g. a running average); they are not
     cached unless `work.fingerprints` name them."""
     pair, dist, cache = work.pair, work.dist, work.cache
@@ -208,7 +209,7 @@ def statistics(work: "Workload", calib: Calibration, settings: AlignSettings, *,
                                                                tokens=entry.statistics().tokens)
         for _, layer_stats in entry.layers():
             if on_layer is not None:
-                on_layer(None, layer_stats)
+                on_layer(None, layer_stats, not keep)
             if keep:
                 stats.update(layer_stats)
         return stats
@@ -224,7 +225,7 @@ def statistics(work: "Workload", calib: Calibration, settings: AlignSettings, *,
                  resume.next_layer, spec.num_layers, resume.path)
         for layer_stats in resume.layers():
             if on_layer is not None:
-                on_layer(None, layer_stats)
+                on_layer(None, layer_stats, not keep)
             if keep:
                 resumed_layers.update(layer_stats)
 
@@ -232,7 +233,7 @@ def statistics(work: "Workload", calib: Calibration, settings: AlignSettings, *,
         if writer is not None:
             writer.layer(layer, layer_stats)
         if on_layer is not None:
-            on_layer(layer, layer_stats)
+            on_layer(layer, layer_stats, writer is None and not keep)
 
     plan = memory_plan(pair, calib, device, dtype)
     models = block_models(pair, device, dtype, sources)

@@ -180,7 +180,7 @@ class EntryWriter:
         self.meta["layers"][name] = sorted(stats)
         for s in stats.values():
             s.seal()   # then only read, here and by the writer's thread
-        # read on the writer's thread; float32-only sums are widened as they are written
+        # read on the writer's thread
         self._save(name, lambda: _flatten(stats))
 
     def checkpoint(self, layer: int, hidden_a: Sequence[torch.Tensor],

@@ -41,6 +41,8 @@ class CrossStats:
     _pending_tokens: int = field(default=0, repr=False, compare=False)
     # the shifts are fixed (set by the first batch with tokens; from sums: n > 0)
     _fixed: Optional[bool] = field(default=None, repr=False, compare=False)
+    # sum_ab became a correlation (correlation(consume=True)): nothing may read them again
+    _spent: bool = field(default=False, repr=False, compare=False)
 
     def __post_init__(self):
         for name, like in (("shift_a", self.sum_a), ("shift_b", self.sum_b)):
@@ -93,6 +95,8 @@ class CrossStats:
 
     def flush(self) -> "CrossStats":
         """Fold the pending float32 products into the float64 totals (every reader does)."""
+        if self._spent:
+            raise RuntimeError("these statistics were spent by an in-place correlation")
         if self.sum_ab.stride() == (0, 0):          # still the zero view of `zeros`
             total = empty_outside_heap(self.sum_ab.shape, torch.float64, self.sum_ab.device)
             self.sum_ab = total.copy_(self._pending) if self._pending is not None else total.zero_()
@@ -102,24 +106,19 @@ class CrossStats:
         return self
 
     def seal(self) -> "CrossStats":
-        """The statistics are complete. Pending products are folded into float64 totals that
-        already exist (past FLUSH_TOKENS tokens); float32 sums without totals stay as they are.
-        Either way, nothing changes in place afterwards: `totals()` and `correlation()` only
-        read, so a cache writer may read on its own thread beside the solver."""
-        if self.sum_ab.stride() != (0, 0) and self._pending is not None:
-            self.flush()
-        return self
+        """The statistics are complete: pending products folded into the float64 totals.
+        Nothing changes in place afterwards: `totals()` and `correlation()` only read, so a
+        cache writer may read on its own thread beside the solver."""
+        return self.flush()
 
-    def totals(self, widen: bool = True) -> Dict[str, torch.Tensor]:
-        """`tensors()` without folding anything in place: float32-only sums are copied to
-        float64 here (exact), or with `widen=False` given as they are (their values are the
-        float64 totals' exactly; a writer widens them a slice at a time)."""
+    def totals(self) -> Dict[str, torch.Tensor]:
+        """`tensors()` without folding anything in place (pending products added to a copy)."""
+        if self._spent:
+            raise RuntimeError("these statistics were spent by an in-place correlation")
         sum_ab = self.sum_ab
         if self._pending is not None:
-            if sum_ab.stride() != (0, 0):
-                sum_ab = sum_ab + self._pending
-            else:
-                sum_ab = self._pending.double() if widen else self._pending
+            sum_ab = sum_ab + self._pending if sum_ab.stride() != (0, 0) \
+                else self._pending.double()
         return {"n": self.n, "sum_a": self.sum_a, "sum_b": self.sum_b, "sq_a": self.sq_a,
                 "sq_b": self.sq_b, "sum_ab": sum_ab, "shift_a": self.shift_a,
                 "shift_b": self.shift_b}
@@ -137,7 +136,7 @@ class CrossStats:
 
     def to(self, device) -> "CrossStats":
         if all(x.device == torch.device(device) for x in (self.n, self.sum_ab)):
-            return self   # (not flushed: the float32 sums may be all a correlation reads)
+            return self
         return CrossStats(*(x.to(device) for x in self.tensors().values()), _fixed=self._fixed)
 
     # ---- combining ----
@@ -210,21 +209,23 @@ class CrossStats:
     def raw_sq_b(self) -> torch.Tensor:
         return self.sq_b + (2 * self.sum_b + self.n * self.shift_b) * self.shift_b
 
-    def correlation(self, eps: float = 1e-12) -> torch.Tensor:
+    def correlation(self, eps: float = 1e-12, consume: bool = False) -> torch.Tensor:
         """Pearson correlation [da, db]; a zero-variance feature correlates 0, never NaN.
-        (From the shifted sums: the means they give are small against the spread.)"""
+        (From the shifted sums: the means they give are small against the spread.) With
+        `consume`, computed in the cross-product sums' own buffer (no second [da, db] matrix),
+        and these statistics are spent."""
         n = self.n.clamp_min(1.0)
         mean_a, mean_b = self.sum_a / n, self.sum_b / n
         std_a = (self.sq_a / n - mean_a**2).clamp_min(0).sqrt()
         std_b = (self.sq_b / n - mean_b**2).clamp_min(0).sqrt()
         # One [da, db] buffer, updated in place (these matrices are the largest of a run).
-        corr = empty_outside_heap(self.sum_ab.shape, torch.float64, self.sum_ab.device)
-        if self.sum_ab.stride() == (0, 0) and self._pending is not None:
-            # Only float32 sums so far: read directly (exact in float64, as a flush would be),
-            # without a float64 copy of them beside the result.
-            corr.copy_(self._pending).div_(n)
+        total = self.flush().sum_ab
+        if consume and total.stride() != (0, 0):
+            corr, self.sum_ab, self._spent = total, None, True
+            corr.div_(n)
         else:
-            torch.div(self.flush().sum_ab, n, out=corr)
+            corr = empty_outside_heap(total.shape, torch.float64, total.device)
+            torch.div(total, n, out=corr)
         corr.addr_(mean_a, mean_b, alpha=-1)                   # covariance
         corr.div_(std_a[:, None]).div_(std_b[None, :])
         # A (near-)constant feature correlates 0 with everything, never NaN. (Each pass over

@@ -226,8 +226,8 @@ def load_alignment(path: Path, spec: PermutationSpec,
         check_gains(spec, gains_a, "the alignment's norm gains (model A's)")
         check_gains(spec, gains_b or {}, "this checkpoint's norm gains")
     return Alignment(spec=spec, transforms=transforms, settings=settings,
-                     report=doc.get("spaces", {}), info={k: doc[k] for k in ("model_a", "model_b")
-                                                         if k in doc},
+                     report=doc.get("spaces", {}), info={k: doc[k] for k in ("model_a", "model_b",
+                                                                   "function_check") if k in doc},
                      gains_a=gains_a, gains_b=dict(gains_b or {}) if folded else {})
 
 

@@ -258,12 +258,45 @@ def _has_arithmetic(rule: Optional[WeightRule], transforms: Transforms) -> bool:
     return any(not is_permutation(transforms[b.space][b.view]) for b in binds)
 
 
+# Working copies of a large tensor (an embedding through a residual rotation: float32 or
+# float64 copies, the product, BLAS buffers) are made a slab of this many bytes at a time.
+SLAB_BYTES = 32 << 20
+
+
+def _slab_dim(rule: Optional[WeightRule], tensor: torch.Tensor,
+              gauges: Tuple[Optional[Gauge], ...]) -> Optional[int]:
+    """An axis no transform touches along which `tensor` is cut into slabs, or None (small
+    tensors, and norms whose gauge replaces them whole)."""
+    if rule is None or tensor.ndim < 2 or not tensor.is_floating_point() or \
+            tensor.numel() * 8 <= SLAB_BYTES or \
+            any(g and g.ops.get(rule.name, ("",))[0] == "set" for g in gauges):
+        return None
+    return next((d for d, axis in enumerate(rule.axes) if axis is None), None)
+
+
 def transform_tensor(spec_rules: Mapping[str, WeightRule], name: str, tensor: torch.Tensor,
                      transforms: Transforms, fold: Optional[Gauge] = None,
                      unfold: Optional[Gauge] = None) -> torch.Tensor:
     """fold (B's gains -> 1), transform, unfold (1 -> A's gains): one tensor of aligned B,
-    computed in `exact_dtype` and rounded to the tensor's own dtype once, at the end."""
+    computed in `exact_dtype` and rounded to the tensor's own dtype once, at the end. A large
+    tensor goes a slab at a time along an untouched axis, so its working copies stay small."""
     rule = spec_rules.get(name)
+    dim = _slab_dim(rule, tensor, (fold, unfold))
+    if dim is None:
+        return _transform_whole(rule, name, tensor, transforms, fold, unfold)
+    out = torch.empty_like(tensor)
+    row_bytes = tensor.numel() // tensor.shape[dim] * 8
+    rows = max(1, SLAB_BYTES // row_bytes)
+    for start in range(0, tensor.shape[dim], rows):
+        n = min(rows, tensor.shape[dim] - start)
+        out.narrow(dim, start, n).copy_(_transform_whole(
+            rule, name, tensor.narrow(dim, start, n), transforms, fold, unfold))
+    return out
+
+
+def _transform_whole(rule: Optional[WeightRule], name: str, tensor: torch.Tensor,
+                     transforms: Transforms, fold: Optional[Gauge],
+                     unfold: Optional[Gauge]) -> torch.Tensor:
     key = rule.name if rule is not None else name   # gauges use the spec's names, not aliases
     stored = tensor.dtype
     if tensor.is_floating_point() and (_has_arithmetic(rule, transforms)

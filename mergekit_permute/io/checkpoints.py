@@ -375,7 +375,11 @@ def write_like(src: Checkpoint, out_dir: Path, transform: Callable[[str, torch.T
 
         def produce(key: str) -> torch.Tensor:
             bar.update(1)
-            return transform(key, src.get(key)).to(kinds[key])
+            t = src.get(key)
+            if t.is_floating_point() and kinds[key].is_floating_point and \
+                    torch.finfo(kinds[key]).bits > torch.finfo(t.dtype).bits:
+                t = t.to(kinds[key])   # widened first: the transform rounds to what is written
+            return transform(key, t).to(kinds[key])
         stream_safetensors(out_dir / out_file, layout, produce)
     bar.close()
     if len(shards) > 1:
