@@ -126,13 +126,14 @@ def _solver_threads(monkeypatch) -> set:
 
 
 def test_batched_solving_equals_serial(zoo, monkeypatch):
-    """On the CPU, small spaces are solved in batches of `workers` on that many threads while
-    the forwards wait; the result is the one-at-a-time one, bit for bit."""
+    """On the CPU, a layer's spaces are solved together on `workers` threads while the
+    forwards wait; the result is the one-at-a-time one, bit for bit."""
     a, b = zoo("llama")
     serial = align(a, b, "shakespeare-calib", SETTINGS, workers=1)
     threads = _solver_threads(monkeypatch)
     batched = align(a, b, "shakespeare-calib", SETTINGS, workers=3)
-    assert len([t for t in threads if t.startswith("mergekit-permute-solve")]) >= 2, threads
+    # (a fast space may finish before the next is handed in, so one thread may do them all)
+    assert threads and all(t.startswith("mergekit-permute-solve") for t in threads), threads
     for space, views in serial.transforms.items():
         for view, t in views.items():
             assert torch.equal(batched.transforms[space][view], t), (space, view)
