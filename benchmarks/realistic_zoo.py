@@ -234,6 +234,13 @@ def build_model(cfg: Dict, vocab_size: int, seed: int):
                                  hidden_dropout=0.0, attention_dropout=0.0)
         config.architectures = ["GPTNeoXForCausalLM"]
         return T.GPTNeoXForCausalLM(config)
+    if a == "gpt2":  # GPT-2: pre-LN, learned positions, tied head (the Theus et al. anchor)
+        config = T.GPT2Config(vocab_size=vocab_size, n_embd=cfg["hidden"], n_layer=cfg["layers"],
+                              n_head=cfg["heads"], n_inner=cfg["intermediate"],
+                              n_positions=cfg["seq_len"], bos_token_id=2, eos_token_id=3,
+                              resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+        config.architectures = ["GPT2LMHeadModel"]
+        return T.GPT2LMHeadModel(config)
     config = T.LlamaConfig(**common, num_key_value_heads=cfg["kv_heads"], bos_token_id=2,
                            eos_token_id=3, tie_word_embeddings=False)
     config.architectures = ["LlamaForCausalLM"]
@@ -402,6 +409,59 @@ def write_results() -> Dict:
         "models": models,
     }
     return write_json(RESULTS, out)
+
+
+def seed_zoo_results(arch: str, cfg: Dict, description: str, unigram: str, **extra) -> Dict:
+    """RESULTS of a one-architecture seed zoo (the models under ROOT whose stamp is `cfg`)."""
+    models = []
+    for path in sorted(ROOT.glob(f"{arch}-seed*"), key=lambda p: int(p.name.split("seed")[1])):
+        rec = stamp_matches(path, cfg, int(path.name.split("seed")[1]))
+        if rec:
+            models.append(dict({k: v for k, v in rec.items() if k != "history"},
+                               path=str(path.relative_to(HERE.parent)), history=rec["history"]))
+    corpus = ROOT / "corpus" / "corpus.json"
+    return write_json(RESULTS, {
+        "description": description, **extra, "unigram": unigram,
+        "corpus": json.loads(corpus.read_text()) if corpus.is_file() else None,
+        "machine": {"cpu": platform.processor() or platform.machine(),
+                    "python": platform.python_version()},
+        "config": cfg, "models": models})
+
+
+def seed_zoo_main(args, arch: str, cfg: Dict, write_results) -> None:
+    """Train seeds args.first..args.seeds of one architecture (or --probe), resumably."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stdout)
+    torch.set_num_threads(args.threads)
+    torch.set_num_interop_threads(1)
+    torch.use_deterministic_algorithms(True)
+    ROOT.mkdir(parents=True, exist_ok=True)
+    data = Data(arch, cfg)
+    if args.probe:
+        rec = train_one(dict(cfg, eval_every=args.probe), 0, data, None, max_steps=args.probe)
+        print(json.dumps({k: rec[k] for k in ("arch", "s_per_step", "held_out_loss",
+                                              "unigram_loss", "gap", "wall_s")}))
+        return
+    for seed in range(args.first, args.seeds + 1):
+        path = ROOT / f"{arch}-seed{seed}"
+        if stamp_matches(path, cfg, seed):
+            LOG.info("%s exists with this config: skipped", path)
+            continue
+        rec = train_one(cfg, seed, data, path)
+        if not rec["meets_target"]:
+            LOG.warning("%s seed %d MISSED the target: gap %.3f < %.1f nats", arch, seed,
+                        rec["gap"], TARGET_GAP)
+        write_results()
+    write_results()
+
+
+def seed_zoo_parser(doc: str, seeds: int) -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(description=doc.split("\n")[0])
+    ap.add_argument("--seeds", type=int, default=seeds, help="last seed (seeds FIRST..N)")
+    ap.add_argument("--first", type=int, default=1, help="first seed")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--probe", type=int, default=0,
+                    help="train seed 0 for this many steps, print timings/losses, save nothing")
+    return ap
 
 
 def write_json(path: Path, doc: Dict) -> Dict:

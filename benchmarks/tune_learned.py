@@ -6,7 +6,8 @@ the settings chosen here are then reported, unchanged, on the evaluation zoos
 
     python benchmarks/tune_learned.py [--pairs 1-2,3-4] [--threads 1]
 
-Output: benchmarks/results/tune/llama-<a>-<b>.json (resumable per pair).
+Output: benchmarks/results/tune/llama-<a>-<b>.json (resumable per method: methods already in a
+pair's file are skipped, new ones measured and merged in).
 """
 
 import argparse
@@ -27,6 +28,9 @@ CANDIDATES = [
     f"{LEARNED}+learn_lr=0.003+learn_steps=600",
     f"{LEARNED}+learn_lr=0.003+learn_steps=600+learn_lambdas=0.4-0.6",
     f"{LEARNED}+learn_lr=0.003+learn_steps=600+learn_lambdas=0.4-0.6+learn_init=best",
+    # FF permutations learned too: straight-through estimator against Sinkhorn (issue 22)
+    f"{LEARNED}+learn_permutations=true",
+    f"{LEARNED}+learn_permutations=true+learn_estimator=sinkhorn",
 ]
 
 
@@ -48,13 +52,20 @@ def main() -> None:
     OUT.mkdir(parents=True, exist_ok=True)
     for a, b in pairs:
         out = OUT / f"llama-{a}-{b}.json"
-        if out.is_file():
+        old = json.loads(out.read_text()) if out.is_file() else None
+        todo = [m for m in args.methods.split(",") if not old or m not in old["methods"]]
+        if not todo:
             continue
-        result = run_barrier(paths[a - 1], paths[b - 1], methods=args.methods.split(","),
+        result = run_barrier(paths[a - 1], paths[b - 1], methods=todo,
                              settings=AlignSettings(samples=512, max_length=64, batch_size=16),
                              evaluation=Evaluation("shakespeare-eval", 256, 64, lambdas=11),
                              calibration="shakespeare-calib", run=RunSettings(cache="refresh"))
         result.update(arch="llama", seeds=[a, b], zoo="benchmarks/zoo.py --size cpu (Shakespeare)")
+        if old:   # methods measured in earlier runs kept; the share removed against one vanilla
+            result["methods"] = dict(old["methods"], **result["methods"])
+            vanilla = result["methods"]["vanilla"]["barrier"]
+            for m in result["methods"].values():
+                m["removed_vs_vanilla"] = 1 - m["barrier"] / vanilla
         tmp = out.with_suffix(".partial")
         tmp.write_text(json.dumps(result, indent=1) + "\n")
         os.replace(tmp, out)

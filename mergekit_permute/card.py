@@ -105,6 +105,10 @@ def alignment_section(alignment, heading: str = "### Alignment") -> List[str]:
                      f"`{data['fingerprint']}`)")
     elif s.matching == "weights":
         lines.append("- data-free weight matching (no calibration text)")
+    for which, record in alignment.info.get("untied", {}).items():
+        lines.append(f"- model {which.upper()}: output head untied from the embeddings by "
+                     f"`mergekit-permute untie` (from `{record['source']}`; same function, "
+                     "`tie_word_embeddings: false`, one vocabulary x hidden tensor more)")
     measure = "mean matched correlation" if s.matching == "activations" else "weight cosine"
     lines += ["", f"| space | {measure} before | after |", "|---|---|---|"]
     for kind, row in summarize(alignment.report).items():

@@ -1,4 +1,4 @@
-"""`mergekit-permute align | apply | merge | barrier | demo`."""
+"""`mergekit-permute align | apply | merge | barrier | untie | demo`."""
 
 import functools
 import json
@@ -29,6 +29,7 @@ from mergekit_permute.io.fidelity import fidelity
 from mergekit_permute.io.models import load_config, open_checkpoint, open_pair
 from mergekit_permute.io.outputs import atomic_dir, check_output, check_space, follow_umask
 from mergekit_permute.io.preflight import alignment_bytes, check_device, checkpoint_bytes
+from mergekit_permute.io.untie import untie as run_untie
 from mergekit_permute.recipes import recipe_barrier, run_recipe
 from mergekit_permute.settings import RunSettings, choices, click_options, settings_from_cli
 from mergekit_permute.spec import spec_for_config
@@ -168,6 +169,20 @@ def apply(alignment, checkpoint, out, overwrite, dtype, allow_unsafe_pickle):
                                                           "function_check": check},
                                                          indent=2) + "\n")
     click.echo(f"wrote {out}")
+
+
+@main.command()
+@click.argument("checkpoint")
+@click.option("--out", required=True, type=click.Path(path_type=Path))
+@click.option("--overwrite", is_flag=True)
+@click.option("--allow-unsafe-pickle", is_flag=True,
+              help=RunSettings.model_fields["allow_unsafe_pickle"].description)
+@_friendly
+def untie(checkpoint, out, overwrite, allow_unsafe_pickle):
+    """Copy a tied-embedding model (GPT-2, tied Llama) with its output head as its own tensor:
+    the same function, and then the residual stream can be rotated (residual=orthogonal,
+    matching=learned). Untie both models of a pair."""
+    click.echo(f"wrote {run_untie(checkpoint, out, overwrite, allow_unsafe_pickle)}")
 
 
 @main.command()

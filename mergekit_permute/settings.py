@@ -89,8 +89,13 @@ class AlignSettings(BaseModel):
         "(held-out merged loss) of activation and weight matching.", role="method",
         vanilla="activations", only_if=("matching", "learned"))
     learn_permutations: bool = option(
-        False, "matching=learned: also learn the FF permutations (straight-through estimator; "
-        "slower).", role="method", vanilla=False, only_if=("matching", "learned"))
+        False, "matching=learned: also learn the FF permutations (slower).", role="method",
+        vanilla=False, only_if=("matching", "learned"))
+    learn_estimator: Literal["ste", "sinkhorn"] = option(
+        "ste", "learn_permutations: how their gradient is estimated: ste (hard permutation "
+        "forward, straight-through gradient) or sinkhorn (a soft doubly-stochastic matrix while "
+        "learning, projected to the nearest permutation at the end).", role="method",
+        vanilla="ste", only_if=("learn_permutations", True))
 
     # ---- calibration ----
     samples: int = option(256, "Calibration passages.", role="calibration",

@@ -21,7 +21,7 @@ from mergekit_permute.io.batches import mask_tokens
 from mergekit_permute.io.data import load_texts
 
 LOG = logging.getLogger(__name__)
-Arch = Literal["bert", "llama", "neox", "phi3", "gemma"]
+Arch = Literal["bert", "llama", "neox", "phi3", "gemma", "gpt2"]
 SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
 
@@ -97,6 +97,13 @@ def build_model(cfg: ZooConfig, vocab_size: int, seed: int):
                                bos_token_id=2, eos_token_id=3, tie_word_embeddings=True)
         config.architectures = ["GemmaForCausalLM"]
         return T.GemmaForCausalLM(config)
+    if cfg.arch == "gpt2":  # pre-LN, learned positions, Conv1D, tied head
+        config = T.GPT2Config(vocab_size=vocab_size, n_embd=cfg.hidden, n_layer=cfg.layers,
+                              n_head=cfg.heads, n_inner=cfg.intermediate,
+                              n_positions=max(128, cfg.seq_len), bos_token_id=2, eos_token_id=3,
+                              resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+        config.architectures = ["GPT2LMHeadModel"]
+        return T.GPT2LMHeadModel(config)
     config = T.LlamaConfig(vocab_size=vocab_size, hidden_size=cfg.hidden,
                            intermediate_size=cfg.intermediate, num_hidden_layers=cfg.layers,
                            num_attention_heads=cfg.heads, num_key_value_heads=cfg.kv_heads,

@@ -70,3 +70,18 @@ def test_scale_sections_read_every_file():
             default = row["variants"]["default"]
             assert f"| {row['layers']} | {row['checkpoint_mib']:.0f} |" in text, path
             assert f"{default['time_vs_floor']:.2f}x" in text, path
+
+
+def test_anchor_table_sits_beside_the_papers_row_and_is_in_the_report():
+    """GPT-2 6L/256 Shakespeare: each of Theus et al.'s rows beside the committed barrier of the
+    method that does the same thing, and the section in BENCHMARKS.md as generated."""
+    from benchmarks.report import ANCHOR_ROWS, anchor_doc, anchor_section
+    files = sorted((RESULTS / "anchor").glob("*.json"))
+    assert files, "no anchor results committed"
+    section = anchor_section(anchor_doc(RESULTS))
+    assert section in (ROOT / "BENCHMARKS.md").read_text()
+    pairs = [json.loads(f.read_text()) for f in files]
+    for theirs, value, ours in ANCHOR_ROWS:
+        if ours:
+            mean = sum(p["methods"][ours]["barrier"] for p in pairs) / len(pairs)
+            assert f"| {theirs} | {value:.2f} | `{ours}` | {mean:.4f}" in section

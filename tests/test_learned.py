@@ -178,14 +178,16 @@ def test_learned_in_a_recipe_and_as_a_barrier_method(zoo, tmp_path):
     assert learned["settings"]["matching"] == "learned"
 
 
-@pytest.mark.parametrize("name", ["LlamaForCausalLM", "BertForMaskedLM"])
-def test_learned_ffn_permutations_end_as_hard_permutations(name):
-    """Straight-through scores: whatever they hold, the final maps are permutations (scaled for
-    SwiGLU) that keep B's function."""
+@pytest.mark.parametrize("name, estimator", [("LlamaForCausalLM", "ste"),
+                                             ("BertForMaskedLM", "ste"),
+                                             ("LlamaForCausalLM", "sinkhorn")])
+def test_learned_ffn_permutations_end_as_hard_permutations(name, estimator):
+    """Straight-through or Sinkhorn scores: whatever they hold, the final maps are permutations
+    (scaled for SwiGLU) that keep B's function."""
     model = build(name)
     spec = spec_for_config(model.config)
     folded = spec.orthogonal_residual_error() is None
-    maps = Maps(spec, rotate_residual=folded, permute_ffn=True)
+    maps = Maps(spec, rotate_residual=folded, permute_ffn=True, estimator=estimator)
     gen = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for p in maps.parameters():
@@ -201,3 +203,24 @@ def test_learned_ffn_permutations_end_as_hard_permutations(name):
     kw = inputs(model)
     for x, y in zip(outputs(_apply(model, spec, final, folded), kw), outputs(model, kw)):
         torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-4)
+
+
+def test_sinkhorn_is_soft_while_learning_and_doubly_stochastic():
+    """The Sinkhorn estimator's matrix: rows and columns sum to one, starts near (not at) the
+    identity, and carries gradient to every score; projected, it is a permutation."""
+    spec = spec_for_config(build("LlamaForCausalLM").config)
+    maps = Maps(spec, rotate_residual=False, permute_ffn=True, estimator="sinkhorn")
+    m = maps.transforms()["ffn.0"]["gate"]
+    torch.testing.assert_close(m.sum(0), torch.ones(m.shape[0]))
+    torch.testing.assert_close(m.sum(1), torch.ones(m.shape[0]))
+    diag = m.detach().diagonal()
+    assert 0.9 < float(diag.min()) and float(diag.max()) < 0.99        # near I, soft
+    with torch.no_grad():
+        maps.ffn_scores["ffn_0"].add_(torch.randn(m.shape, generator=torch.Generator().manual_seed(0)))
+    m = maps.transforms()["ffn.0"]["gate"]
+    assert float(m.detach().max(1).values.min()) < 0.99       # soft: not a permutation
+    torch.testing.assert_close(m.sum(0), torch.ones(m.shape[0]))
+    (m * torch.randn(m.shape)).sum().backward()
+    assert int((maps.ffn_scores["ffn_0"].grad != 0).sum()) > m.shape[0]   # beyond one per row
+    hard = maps.transforms(hard=True)["ffn.0"]["gate"].detach()
+    assert torch.equal(hard.sum(0), torch.ones(m.shape[0])) and set(hard.unique().tolist()) == {0.0, 1.0}

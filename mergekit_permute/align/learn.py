@@ -38,6 +38,26 @@ from mergekit_permute.spec.base import HeadLayout, PermutationSpec
 LOG = logging.getLogger(__name__)
 
 
+SINKHORN_MARGIN = 3.0    # initial logit of a neuron's own match over all n - 1 others together
+SINKHORN_ITERS = 20
+
+
+def sinkhorn_tau(n: int) -> float:
+    """Temperature at which identity scores give P_ii ~ 1 / (1 + e^-SINKHORN_MARGIN) ~ 0.95: soft
+    enough to carry gradient (a colder P ~ I is flat: learning never leaves the start), close
+    enough to B's own function to start from."""
+    return 1.0 / (math.log(max(n - 1, 1)) + SINKHORN_MARGIN)
+
+
+def sinkhorn(logits: torch.Tensor, iters: int = SINKHORN_ITERS) -> torch.Tensor:
+    """[n, n] doubly-stochastic matrix: alternate row and column normalisation in log space."""
+    log_p = logits
+    for _ in range(iters):
+        log_p = log_p - torch.logsumexp(log_p, dim=1, keepdim=True)
+        log_p = log_p - torch.logsumexp(log_p, dim=0, keepdim=True)
+    return log_p.exp()
+
+
 def _block_diag(blocks: torch.Tensor, owners: Sequence[int]) -> torch.Tensor:
     """[len(owners) * d] square matrix with blocks[owners[i]] on its i-th diagonal block."""
     return torch.block_diag(*[blocks[o] for o in owners])
@@ -50,9 +70,10 @@ def _qk_norms(spec: PermutationSpec) -> bool:
 class Maps(torch.nn.Module):
     """The learnable exact symmetries of one architecture, all at the identity at the start."""
 
-    def __init__(self, spec: PermutationSpec, rotate_residual: bool, permute_ffn: bool = False):
+    def __init__(self, spec: PermutationSpec, rotate_residual: bool, permute_ffn: bool = False,
+                 estimator: str = "ste"):
         super().__init__()
-        self.spec = spec
+        self.spec, self.estimator = spec, estimator
         d = spec.space("residual").size
         self.rotate_residual = rotate_residual
         self.residual = torch.nn.Parameter(torch.zeros(d, d)) if rotate_residual else None
@@ -61,8 +82,10 @@ class Maps(torch.nn.Module):
         self.qk_log_r = torch.nn.ParameterDict()
         self.qk_angle = torch.nn.ParameterDict()
         self.ffn = torch.nn.ParameterDict()
-        # FF permutations by a straight-through estimator: scores whose assignment is the
-        # permutation used (hard, exact) while their gradient is the permuted weights' own.
+        # FF permutations from scores [old, new]. ste: their assignment is the permutation
+        # used (hard, exact) while their gradient is the permuted weights' own. sinkhorn: the
+        # soft doubly-stochastic sinkhorn(scores / tau) is used while learning (B's function
+        # only approximately kept), its assignment at the end.
         self.ffn_scores = torch.nn.ParameterDict()
         learn_qk = not _qk_norms(spec)
         for space in spec.spaces:
@@ -102,8 +125,9 @@ class Maps(torch.nn.Module):
             m = torch.cat([m[:, :rot], torch.cat([m[:, rot:, :rot], free], 2)], 1)
         return m
 
-    def transforms(self) -> Transforms:
-        """The learned maps as a transform set (identity where nothing is learned)."""
+    def transforms(self, hard: bool = False) -> Transforms:
+        """The learned maps as a transform set (identity where nothing is learned); `hard`:
+        soft permutations as their nearest permutation (what `final` will keep)."""
         out: Transforms = identity_transforms(self.spec)
         if self.residual is not None:
             a = self.residual - self.residual.T
@@ -126,10 +150,14 @@ class Maps(torch.nn.Module):
                                              range(h.num_kv_heads))
                 out[space.name].update(views)
             elif key in self.ffn_scores:
-                p = self.hard_permutation(key)
-                onehot = torch.zeros_like(self.ffn_scores[key])
-                onehot[p, torch.arange(len(p))] = 1.0        # h' = h @ M, M[p[i], i] = 1
-                m = onehot + self.ffn_scores[key] - self.ffn_scores[key].detach()
+                scores = self.ffn_scores[key]
+                if self.estimator == "sinkhorn" and not hard:
+                    m = sinkhorn(scores / sinkhorn_tau(len(scores)))
+                else:
+                    p = self.hard_permutation(key)
+                    onehot = torch.zeros_like(scores)
+                    onehot[p, torch.arange(len(p))] = 1.0        # h' = h @ M, M[p[i], i] = 1
+                    m = onehot + (scores - scores.detach())   # = onehot exactly
                 out[space.name] = {view: m for view in space.views}
                 if key in self.ffn:
                     out[space.name][""] = m * self.ffn[key].exp()[None, :]
@@ -144,8 +172,8 @@ class Maps(torch.nn.Module):
         return torch.from_numpy(perm)
 
     def final(self) -> Transforms:
-        """The learned maps with every straight-through matrix replaced by its permutation."""
-        out = self.transforms()
+        """The learned maps with every learned permutation matrix as its permutation."""
+        out = self.transforms(hard=True)
         for space in self.spec.spaces:
             key = space.name.replace(".", "_")
             if key in self.ffn_scores:
@@ -167,6 +195,7 @@ class Schedule:
     lambdas: Tuple[float, ...] = (0.5,)
     lambda_range: Optional[Tuple[float, float]] = None
     permute_ffn: bool = False
+    estimator: str = "ste"
     warmup: float = 0.05
     seed: int = 0
 
@@ -216,8 +245,9 @@ class _Problem:
             self.b[k] = (apply_to_tensor(rule, t, start.transforms) if rule else t).to(device)
         self.model = model
 
-    def loss(self, maps: "Maps", batches, lambdas: Sequence[float]) -> torch.Tensor:
-        t = maps.transforms()
+    def loss(self, maps: "Maps", batches, lambdas: Sequence[float], hard: bool = False
+             ) -> torch.Tensor:
+        t = maps.transforms(hard)
         b = {k: apply_to_tensor(self.rules[k], v, t, exact=False) if k in self.rules else v
              for k, v in self.b.items()}
         total = 0.0
@@ -263,7 +293,8 @@ def learn(spec: PermutationSpec, model, states: Tuple[Dict, Dict], starts: Seque
             if step % schedule.eval_every and step != schedule.steps:
                 continue
             with torch.no_grad():
-                val = float(problem.loss(maps, held_out, schedule.held_out_lambdas))
+                # judged as it will be kept: soft permutations projected
+                val = float(problem.loss(maps, held_out, schedule.held_out_lambdas, hard=True))
             if val != val:
                 raise FloatingPointError("the held-out loss is not finite")
         except (torch.linalg.LinAlgError, FloatingPointError, RuntimeError) as e:
@@ -291,6 +322,8 @@ def learn(spec: PermutationSpec, model, states: Tuple[Dict, Dict], starts: Seque
                            "lambdas": list(schedule.lambda_range or schedule.lambdas),
                            "lambda_sampling": "uniform" if schedule.lambda_range else "fixed",
                            "lr": schedule.lr, "schedule": "linear warmup, cosine decay",
+                           **({"permutation_estimator": schedule.estimator}
+                              if schedule.permute_ffn else {}),
                            "maps": sorted({n.split(".")[0] for n, _ in maps.named_parameters()})}
     out.timings["learn_seconds"] = round(time.perf_counter() - started, 2)
     LOG.info("learned alignment: held-out merged loss %.4f -> %.4f (step %d of %d)",
@@ -305,7 +338,7 @@ def _best_start(spec: PermutationSpec, model, states, starts: Sequence[Alignment
     best = (None, None, float("inf"))
     for candidate in starts:
         problem = _Problem(spec, model, *states, candidate, device)
-        maps = Maps(spec, candidate.folded, schedule.permute_ffn).to(device)
+        maps = Maps(spec, candidate.folded, schedule.permute_ffn, schedule.estimator).to(device)
         loss = float(problem.loss(maps, held_out, schedule.held_out_lambdas))
         if loss < best[2]:
             best = (problem, maps, loss)
@@ -363,6 +396,7 @@ def learn_alignment(work: Workload, start: Alignment, settings: AlignSettings) -
             LOG.info("learn_init=best: no weight-matching start (%s)", e)
     fixed, span = lambdas_of(settings.learn_lambdas)
     schedule = Schedule(steps=settings.learn_steps, lr=settings.learn_lr, lambdas=fixed or (0.5,),
-                        lambda_range=span, permute_ffn=settings.learn_permutations)
+                        lambda_range=span, permute_ffn=settings.learn_permutations,
+                        estimator=settings.learn_estimator)
     return learn(spec, container, (state_a, state_b), starts,
                  (batches[:-held], batches[-held:]), schedule, work.device)

@@ -19,6 +19,7 @@ from mergekit_permute.calibration.collect import Workload, prepare_calibration, 
 from mergekit_permute.calibration.heap import flat_heap
 from mergekit_permute.core.alignment import Alignment
 from mergekit_permute.io.models import load_model, open_pair
+from mergekit_permute.io.untie import untied_record
 from mergekit_permute.settings import AlignSettings, check_settings, residual_policy
 
 LOG = logging.getLogger(__name__)
@@ -34,6 +35,10 @@ def align_from(work: Workload, settings: AlignSettings) -> Alignment:
         LOG.warning("attention=ignore_heads is NOT function-preserving (paper ablation only)")
     info: Dict = {"model_a": work.pair.path_a, "model_b": work.pair.path_b,
                   "matching": settings.matching}
+    untied = {k: r for k, r in (("a", untied_record(work.pair.path_a)),
+                                ("b", untied_record(work.pair.path_b))) if r}
+    if untied:
+        info["untied"] = untied
     if settings.aligns_nothing:
         alignment = Alignment.identity(spec, settings)
     elif settings.matching == "weights":

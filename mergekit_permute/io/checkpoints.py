@@ -352,14 +352,19 @@ def stream_safetensors(path: Path, layout: Sequence[Tuple[str, Tuple[int, ...], 
 
 
 def write_like(src: Checkpoint, out_dir: Path, transform: Callable[[str, torch.Tensor], torch.Tensor],
-               dtype: Optional[torch.dtype] = None, desc: str = "writing") -> None:
+               dtype: Optional[torch.dtype] = None, desc: str = "writing",
+               copies: Optional[Dict[str, str]] = None) -> None:
     """A transformed copy of `src` in `out_dir`, shard by shard like the input (pickles become
-    safetensors), one tensor in memory at a time; config and tokenizer files copied beside."""
+    safetensors), one tensor in memory at a time; config and tokenizer files copied beside.
+    `copies`: new key -> the key of `src` it starts as (written in that key's shard)."""
     out_dir = Path(out_dir)
     names = _output_names(src.files)
     shards: Dict[str, List[str]] = {}
-    for key, file in src.key_file.items():
-        shards.setdefault(names[file], []).append(key)
+    copies = copies or {}
+    origin = {key: key for key in src.key_file}
+    origin.update(copies)
+    for key, from_key in origin.items():
+        shards.setdefault(names[src.key_file[from_key]], []).append(key)
     total = sum(len(v) for v in shards.values())
     bar = tqdm(total=total, desc=desc, unit="tensor")
     weight_map = {}
@@ -367,7 +372,7 @@ def write_like(src: Checkpoint, out_dir: Path, transform: Callable[[str, torch.T
         keys = sorted(keys)
         layout = []
         for key in keys:
-            shape, stored = src.meta(key)
+            shape, stored = src.meta(origin[key])
             layout.append((key, shape, dtype if dtype is not None and stored.is_floating_point
                            else stored))
             weight_map[key] = out_file
@@ -375,7 +380,7 @@ def write_like(src: Checkpoint, out_dir: Path, transform: Callable[[str, torch.T
 
         def produce(key: str) -> torch.Tensor:
             bar.update(1)
-            t = src.get(key)
+            t = src.get(origin[key])
             if t.is_floating_point() and kinds[key].is_floating_point and \
                     torch.finfo(kinds[key]).bits > torch.finfo(t.dtype).bits:
                 t = t.to(kinds[key])   # widened first: the transform rounds to what is written

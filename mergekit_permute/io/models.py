@@ -51,7 +51,8 @@ def check_pair(config_a, config_b) -> PermutationSpec:
         which = "A" if len(tied_a) > len(tied_b) else "B"
         raise IncompatibleModels(f"model {which} ties its output head to the embeddings "
                                  "(tie_word_embeddings) and the other does not; both must be "
-                                 "tied or both untied")
+                                 "tied or both untied (`mergekit-permute untie MODEL --out "
+                                 "COPY` unties one, keeping its function)")
     if spec_a != spec_b:
         raise IncompatibleModels("the models' attention head layouts differ (heads, KV heads, "
                                  "head_dim or rotary dims)")

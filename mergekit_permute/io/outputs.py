@@ -20,10 +20,10 @@ from typing import Iterable, Iterator, Optional, Tuple
 from mergekit_permute.io.preflight import PreflightError
 
 LOG = logging.getLogger(__name__)
-# Files that mark a directory written by mergekit-permute (align, apply, barrier, merge) or by
+# Files that mark a directory written by mergekit-permute (align, apply, barrier, merge, untie) or by
 # MergeKit (every merge writes its recipe as mergekit_config.yml).
 OURS = ("alignment.json", "alignment-1.json", "permutations.safetensors", "barrier.json",
-        "merge.json", "mergekit_config.yml")
+        "merge.json", "mergekit_config.yml", "untied.json")
 Inputs = Iterable[Tuple[str, Optional[str]]]   # (what it is, a path or hub id) pairs
 
 

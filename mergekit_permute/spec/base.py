@@ -228,7 +228,9 @@ class PermutationSpec(_Frozen):
             and any(w.name in f.readers for f in self.norm_folds)]
         if tied:
             return (f"{self.architecture}: the final norm's gain cannot be folded into a head "
-                    f"tied to the embeddings ({tied[0]}); use a permutation policy")
+                    f"tied to the embeddings ({tied[0]}); untie both models first "
+                    "(`mergekit-permute untie MODEL --out COPY`: same function, the head becomes "
+                    "its own tensor) or use a permutation policy")
         return None
 
     def writer_point(self, space: str, view: str) -> Optional[FeaturePoint]:
