@@ -13,13 +13,22 @@ a fresh copy per call, outside the timing). Two kinds of matrix per size:
           large); B's features are a hidden permutation of A's; each side adds independent
           noise sized so that the matched correlation of feature j is c_j ~ U(0.05, 0.75)
           (mean ~0.4, like trained models' FF layers; the row-wise argmax finds only about a
-          third of the hidden pairs, so the assignment is not trivial).
+          third of the hidden pairs, so the assignment is not trivial);
+  real:   the FF correlation matrix of a one-layer random-init pair at that width, calibrated by
+          `align` (benchmarks/real_correlations.py writes them to --real-dir);
+  trained: the first FF space of a trained pair (real_correlations.py --trained A B).
 An exact solver must return scipy's permutation (rows that differ are counted) and the same total
 score to 1e-9 relative. Solvers with a float32 kernel (lapjv[f32], lapx.lapjvs[f32]) are timed
-too, marked float64_kernel=false. Optional packages that are not installed are skipped. `lap`
-(gatagat) and `lapx` both install a module called `lap`: install lapx in the venv and lap with
-`pip install --no-deps --target DIR lap`, then pass --alt-lap DIR. To keep the run short, a
-solver whose speedup over scipy at one size was below 0.8 (n < 5632) or below 1.5 (n >= 5632)
+too, marked float64_kernel=false. `lapx.lapjvs[f32]+certificate` is the candidate for an exact
+fast path: lapjvs's float32 solve, then a float64 optimality certificate (`certify`), and lapx's
+float64 lapjvh where the certificate fails; its time includes all three. Every row also records
+which solver the package's `assign` picks for it (`assign_solver`, by `mutual_best`: the share
+of rows and best columns that choose each other) and what deciding costs; `--annotate` adds
+that to an existing results file without timing anything again. Optional packages that are
+not installed are skipped. `lap` (gatagat) and `lapx` both install a module called `lap`:
+install lapx in the venv and lap with `pip install --no-deps --target DIR lap`, then pass
+--alt-lap DIR. To keep the run short (unless --keep-all), a solver whose speedup over scipy at
+one size was below 0.8 (n < 5632) or below 1.5 (n >= 5632)
 is not run at the larger sizes of that matrix kind; torch_linear_assignment (its CPU path calls
 scipy) runs at n <= 2048 only. Times are CPU seconds of this process (time.process_time, one
 thread), which other jobs on a shared machine inflate less than wall time (also recorded); min
@@ -87,6 +96,7 @@ def solvers(alt_lap):
             lambda c: _perm(len(c), *m.lapjvs(c, return_cost=False, prefer_float32=False)),
         )
         out["lapx.lapjvs[f32]"] = ("lapx", False, lambda c: _perm(len(c), *m.lapjvs(c, return_cost=False)))
+        out["lapx.lapjvs[f32]+certificate"] = ("lapx", True, certified_f32(m))
 
     add("lap", lapx)
     if alt_lap:
@@ -139,6 +149,44 @@ def solvers(alt_lap):
     return out
 
 
+def certify(cost, perm, budget=40.0, chunk=256, tol=1e-12):
+    """Whether `perm` (row i -> column perm[i]) is a minimum-cost assignment of `cost`, up to
+    n * tol * max|cost|: column potentials v relaxed Bellman-Ford style (Gauss-Seidel, only the
+    rows whose dual u_i = cost[i, perm[i]] - v[perm[i]] moved), until every reduced cost
+    cost[i, j] - u_i - v_j is >= -tol * max|cost| (then perm is optimal: LP duality) or the work
+    passes `budget` full sweeps (a negative cycle: perm is not optimal)."""
+    n = len(cost)
+    eps = tol * float(np.abs(cost).max())
+    v = np.zeros(n)
+    owner = np.empty(n, np.int64)
+    owner[perm] = np.arange(n)
+    own_cost = cost[np.arange(n), perm]
+    rows, work = np.arange(n), 0
+    while len(rows):
+        work += len(rows)
+        if work > budget * n:
+            return False
+        moved = []
+        for s in range(0, len(rows), chunk):
+            r = rows[s:s + chunk]
+            u = own_cost[r] - v[perm[r]]
+            best = (cost[r] - u[:, None]).min(0)   # [n]: the tightest bound on each v_j
+            lower = np.flatnonzero(best < v - eps)
+            v[lower] = best[lower]
+            moved.append(lower)
+        rows = np.unique(owner[np.concatenate(moved)])
+    return True
+
+
+def certified_f32(m):
+    def solve(c):
+        perm = _perm(len(c), *m.lapjvs(c, return_cost=False))
+        if certify(c, perm):
+            return perm
+        return _perm(len(c), *m.lapjvh(c, return_cost=False))
+    return solve
+
+
 def random_scores(n, seed):
     g = torch.Generator().manual_seed(seed)
     return torch.rand(n, n, generator=g, dtype=torch.float64).numpy(), None
@@ -161,6 +209,27 @@ def corr_scores(n, seed, tokens, rank):
     truth = torch.empty(n, dtype=torch.long)
     truth[hidden] = torch.arange(n)  # A row i <-> B column truth[i]
     return score, truth.numpy()
+
+
+def annotate(row, cost):
+    """Which solver the package's `assign` picks for this matrix (mergekit_permute.core.match:
+    `solver_for`), the statistic it decides by, and what deciding costs."""
+    from mergekit_permute.core.match import mutual_best, solver_for
+    t = time.process_time()
+    choice = solver_for(cost)
+    row["dispatch_seconds"] = round(time.process_time() - t, 3)
+    row["mutual_best"] = round(mutual_best(cost), 4)
+    row["assign_solver"] = {"lapjvh": "lapx.lapjvh", "scipy": "scipy"}[choice]
+
+
+def matrix(kind, n, args):
+    """(score, hidden truth or None) of one row of the benchmark."""
+    if kind == "random":
+        return random_scores(n, seed=n)
+    if kind in ("real", "trained"):
+        name = f"ffn-{n}.npy" if kind == "real" else f"ffn-trained-{n}.npy"
+        return np.load(os.path.join(args.real_dir, name)), None
+    return corr_scores(n, seed=n, tokens=args.tokens or min(4 * n, 4096), rank=args.rank)
 
 
 def bench(fn, cost, repeats):
@@ -199,10 +268,27 @@ def main():
     p.add_argument("--tokens", type=int, default=0, help="default min(4n, 4096)")
     p.add_argument("--rank", type=int, default=64)
     p.add_argument("--alt-lap", default=None)
+    p.add_argument("--real-dir", default=os.path.join(os.path.dirname(__file__), ".corr"),
+                   help="where kind `real` finds ffn-N.npy (benchmarks/real_correlations.py)")
+    p.add_argument("--keep-all", action="store_true",
+                   help="run every solver at every size (no dropping of slow ones)")
     p.add_argument("--only", nargs="*", default=None, help="solver names to run (scipy always)")
     p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "assignment-cpu.json"))
+    p.add_argument("--annotate", action="store_true",
+                   help="add the package's solver choice to every row of --out, timing nothing")
     args = p.parse_args()
     torch.set_num_threads(1)
+    if args.annotate:
+        with open(args.out) as f:
+            report = json.load(f)
+        args.tokens, args.rank = 0 if report["config"]["tokens"] == "min(4n, 4096)" else \
+            report["config"]["tokens"], report["config"]["rank"]
+        for row in report["results"]:
+            annotate(row, np.negative(matrix(row["kind"], row["size"], args)[0]))
+            print(row["size"], row["kind"], row["assign_solver"], row["mutual_best"], flush=True)
+        with open(args.out, "w") as f:
+            json.dump(report, f, indent=1)
+        return
     sol = solvers(args.alt_lap)
     if args.only is not None:
         sol = {k: v for k, v in sol.items() if k == "scipy" or k in args.only}
@@ -240,13 +326,11 @@ def main():
         repeats = 3 if n <= 2048 else 1
         for kind in args.kinds:
             t0 = time.perf_counter()
-            if kind == "random":
-                score, truth = random_scores(n, seed=n)
-            else:
-                score, truth = corr_scores(n, seed=n, tokens=args.tokens or min(4 * n, 4096), rank=args.rank)
+            score, truth = matrix(kind, n, args)
             cost = np.negative(score)
             build = time.perf_counter() - t0
             row = {"size": n, "kind": kind, "build_s": round(build, 2), "repeats": repeats, "solvers": {}}
+            annotate(row, cost)
             print(f"n={n} {kind}: built in {build:.1f}s", flush=True)
             ref = None
             for name, (_, exact, fn) in sol.items():
@@ -280,7 +364,8 @@ def main():
                     f"differ={diff} rel={rel:.1e}",
                     flush=True,
                 )
-                if name != "scipy" and ref[2] / secs < (1.5 if n >= 5632 else 0.8):
+                if name != "scipy" and not args.keep_all and \
+                        ref[2] / secs < (1.5 if n >= 5632 else 0.8):
                     dropped[kind].add(name)
             timed = {
                 k: v for k, v in row["solvers"].items() if "seconds" in v and sol[k][1] and v["equals_scipy"]

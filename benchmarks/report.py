@@ -399,11 +399,13 @@ def scale_section(doc) -> str:
              scale_rows([doc])]
     variants = [v for v in doc["variants"] if v != "default"]
     if variants:
-        lines += ["", "Machinery switched off (`--variant`): `plain-heap` runs glibc's own "
-                  "allocator behaviour (no mallopt, no trims, every buffer in the heap); "
-                  "`no-heap-tuning` only the thresholds and trims, `no-outside-heap` only the "
-                  "long-lived buffers' own mappings; `no-pool` (measured before the process "
-                  "pool was removed) solved every space in the main process, on threads.", "",
+        lines += ["", "Machinery switched off (`--variant`): `no-heap-tuning` runs glibc's own "
+                  "thresholds and no trims; measured before their removal: `plain-heap` "
+                  "(also every long-lived buffer in the heap), `no-outside-heap` (only the "
+                  "long-lived buffers' own mappings and the mmapped skeleton build off: no "
+                  "difference, so they were removed), `no-pool` (every space solved in the "
+                  "main process, on threads: smaller and faster, so the process pool was "
+                  "removed).", "",
                   "| layers | variant | `align` (s), each run | time / floor | peak above import "
                   "(MiB), each run | solver processes (MiB) |", "|---|---|---|---|---|---|"]
         for r in doc["rows"]:
@@ -450,6 +452,21 @@ def scale_section(doc) -> str:
                          f"{r['floor_peak_gpu_mib']:.0f} | "
                          + (f"{learned['seconds']:.0f} / {learned['time_vs_floor']:.2f}x / "
                             f"{learned['peak_gpu_mib']:.0f} |" if learned else "- |"))
+    cpu_learned = [r for r in doc["rows"] if "learned_whole_model" in r]
+    if cpu_learned:
+        lines += ["", f"`matching: learned` ({cpu_learned[0]['learned']['steps']} steps, "
+                  "`--permutations-only`), each block recomputed in the backward pass with its "
+                  "merged weights built inside (the default from "
+                  "`learn.CHECKPOINT_FROM` parameters) against the whole-model backward:", "",
+                  "| layers | path | `align` (s) | learning (s) | peak above import (MiB) | "
+                  "peak / checkpoint |", "|---|---|---|---|---|---|"]
+        for r in cpu_learned:
+            for key, name in (("learned", "blocks recomputed"),
+                              ("learned_whole_model", "whole model")):
+                v = r[key]
+                lines.append(f"| {r['layers']} | {name} | {v['seconds']:.0f} | "
+                             f"{v['learn_seconds']:.0f} | {v['peak_above_import_mib']:.0f} | "
+                             f"{v['peak_vs_checkpoint']:.2f}x |")
     if "solve" in doc:
         sv = doc["solve"]
         lines += ["", f"Solving {sv['spaces']} spaces {sv['width']} wide (independent features): "
@@ -458,21 +475,60 @@ def scale_section(doc) -> str:
     return "\n".join(lines) + "\n"
 
 
+ASSIGNMENT_REAL = (
+    "`real`: each width's FF correlation matrix from a one-layer random-init pair of a model "
+    "that has it (TinyLlama 5632, Llama-3.2-1B 8192, Llama-2-7B 11008, Mistral-7B 14336), "
+    "calibrated by `align` on about 2 tokens per feature; `trained`: the first FF layer of the "
+    "anchor zoo's GPT-2 seeds (1024 wide, the only trained pair here). Commands in the results "
+    "file (`python benchmarks/real_correlations.py`, then `python benchmarks/assignment.py "
+    "--kinds real ...`). Random models' neurons barely correlate, and their rows mostly prefer "
+    "the same few columns: there Jonker-Volgenant is {slower} slower than scipy, where on the "
+    "synthetic trained-like matrices below it is faster.")
+
+
+def _jv_slowdowns(doc) -> str:
+    ratios = [r["solvers"]["lapx.lapjvh"]["seconds"] / r["solvers"]["scipy"]["seconds"]
+              for r in doc["results"] if r["kind"] == "real"
+              and "seconds" in r["solvers"].get("lapx.lapjvh", {})]
+    return f"{min(ratios):.1f}-{max(ratios):.1f}x" if ratios else "(not measured)"
+
+
 def assignment_section(doc) -> str:
-    """Seconds per exact solver and size (CPU time, one thread), against scipy."""
+    """Seconds per exact solver and size (CPU time, one thread), against scipy, and what the
+    package's `assign` picks for each matrix."""
+    from mergekit_permute.core.match import JV_FROM_MUTUAL
     cpu = doc.get("machine", {}).get("cpu", "this CPU")
-    lines = [f"CPU seconds of one thread ({cpu}); `assign` uses lapx's `lapjvh`, scipy where "
-             "lapx cannot run (non-finite or rectangular scores).", "",
-             "| size | matrix | scipy | lapx `lapjvh` | speed-up | same assignment as scipy |",
-             "|---|---|---|---|---|---|"]
+    cand = "lapx.lapjvs[f32]+certificate"
+    has_cand = any(cand in r["solvers"] for r in doc["results"])
+    lines = [f"CPU seconds of one thread ({cpu}). `assign` picks lapx's `lapjvh` where at "
+             f"least {JV_FROM_MUTUAL} (`JV_FROM_MUTUAL`) of the rows and their best columns "
+             "choose each other (column 'mutual best'), scipy otherwise and where lapx cannot "
+             "run (non-finite or rectangular scores); deciding costs two argmins."
+             + (" The last column is the float32 candidate: lapx's float32 `lapjvs`, a float64 "
+                "optimality certificate, float64 `lapjvh` where it fails." if has_cand else ""),
+             "",
+             "| size | matrix | mutual best | scipy | lapx `lapjvh` | `assign` picks | "
+             "same assignment as scipy |" + (" float32 + certificate (same) |" if has_cand else ""),
+             "|---|---|---|---|---|---|---|" + ("---|" if has_cand else "")]
     for row in doc["results"]:
         solvers = row["solvers"]
-        if "scipy" not in solvers or "lapx.lapjvh" not in solvers:
+        if "scipy" not in solvers:
             continue
-        ours, ref = solvers["lapx.lapjvh"], solvers["scipy"]
-        lines.append(f"| {row['size']} | {row['kind']} | {ref['seconds']:.2f} | "
-                     f"{ours['seconds']:.2f} | {ref['seconds'] / ours['seconds']:.1f}x | "
-                     f"{'yes' if ours['equals_scipy'] else 'no'} |")
+        ours, ref = solvers.get("lapx.lapjvh", {}), solvers["scipy"]
+        pick = row.get("assign_solver")
+        picked = (f"{'`lapjvh`' if pick == 'lapx.lapjvh' else 'scipy'} "
+                  f"({solvers[pick]['seconds']:.2f})" if pick in solvers else "-")
+        line = (f"| {row['size']} | {row['kind']} | "
+                + (f"{row['mutual_best']:.2f}" if "mutual_best" in row else "-")
+                + f" | {ref['seconds']:.2f} | "
+                + (f"{ours['seconds']:.2f} | {picked} | "
+                   f"{'yes' if ours['equals_scipy'] else 'no'} |" if "seconds" in ours
+                   else f"not run | {picked} | - |"))
+        if has_cand:
+            c = solvers.get(cand, {})
+            line += (f" {c['seconds']:.2f} ({'yes' if c['equals_scipy'] else 'no'}) |"
+                     if "seconds" in c else " - |")
+        lines.append(line)
     return "\n".join(lines)
 
 
@@ -583,10 +639,12 @@ def main():
                   "architecture, so no error bars: read differences of a few hundredths as "
                   "noise.", ""]
         parts += [multi_section(doc) for doc in multi]
-    if (results / "assignment-cpu.json").is_file():
-        parts += ["## Exact assignment: `python benchmarks/assignment.py`", "",
-                  assignment_section(json.loads((results / "assignment-cpu.json").read_text())),
-                  ""]
+    for path in sorted(results.glob("assignment-cpu*.json")):
+        doc = json.loads(path.read_text())
+        title = "real-width correlation matrices, " if "real" in doc["config"]["kinds"] else ""
+        parts += [f"## Exact assignment ({title}`python benchmarks/assignment.py`)", "",
+                  *([ASSIGNMENT_REAL.format(slower=_jv_slowdowns(doc)), ""] if title else []),
+                  assignment_section(doc), ""]
     for path in sorted(results.glob("scale-*.json")):
         parts += [f"## Scale ({path.stem[6:]}): `python benchmarks/scale.py`", "",
                   scale_section(json.loads(path.read_text()))]

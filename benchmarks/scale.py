@@ -5,6 +5,8 @@ Random-init bf16 pairs of a `--shape`:
   bert-base  BERT, 768 / 3072, 12 heads, vocabulary 30522 (MultiBERTs)
   pythia-410m  GPT-NeoX, 1024 / 4096, 16 heads, parallel residual, vocabulary 50304
   llama7b    Llama, 4096 / 11008, 32 / 32 heads (a GPU shape)
+  llama3-1b, mistral7b  Llama, 2048 / 8192 and 4096 / 14336 (FF widths for the assignment
+             benchmark's correlation matrices)
 at `--layers` depths; calibration 64 x 64 tokens for `toy`, 128 x 128 for the others.
 
 Every measurement runs in its own process; its peak memory is the larger of its own resident
@@ -18,14 +20,19 @@ memory (PSS) of any process it starts. Floor and align alternate `--repeats` tim
           both checkpoints and writes every layer's statistics to the cache.
 Peak memory is reported above the import baseline, as a multiple of one bf16 checkpoint of
 the depth run and (`--per-checkpoint-layers`) of the full-depth model, beside what must be
-resident: two blocks, both models' hidden states, one layer's statistics. `--variant` also
-runs align with calibration/heap.py's devices switched off: `plain-heap` (all), `no-heap-tuning`
-(glibc's thresholds, no trims), `no-outside-heap` (long-lived buffers in the heap).
+resident: two blocks, both models' hidden states, one layer's statistics. `--variant
+no-heap-tuning` also runs align with calibration/heap.py switched off (glibc's own thresholds,
+no trims); `plain-heap` and `no-outside-heap` (long-lived buffers' own mappings off) were
+measured before those mappings were removed (results/scale-variants-cpu-tinyllama.json).
+`--learned STEPS` also runs `matching: learned` (blocks recomputed in the backward pass at these
+sizes), and with `--learned-whole-model` the whole-model backward beside it.
 
     python benchmarks/scale.py --shape tinyllama --layers 4 8 22 --repeats 2
     python benchmarks/scale.py --shape bert-base --layers 12 --repeats 2
     python benchmarks/scale.py --shape pythia-410m --layers 24 --repeats 2
     python benchmarks/scale.py --shape toy --layers 8 16 32      # the CPU smoke
+    python benchmarks/scale.py --shape tinyllama --layers 2 --repeats 1 --no-cached \
+        --no-solve --learned 3 --learned-whole-model --results ...scale-learned-cpu.json
     bash benchmarks/gpu.sh   # one H100, under 8 minutes: these two
     python benchmarks/scale.py --device cuda --shape tinyllama --layers 22 --repeats 1 \
         --learned 50 --no-cached --no-solve
@@ -63,6 +70,13 @@ SHAPES = {
     "llama7b": dict(LLAMA, hidden_size=4096, intermediate_size=11008, num_attention_heads=32,
                     num_key_value_heads=32, vocab_size=32000, max_position_embeddings=2048,
                     full_layers=32),
+    # two more FF widths for the assignment benchmark (benchmarks/real_correlations.py)
+    "llama3-1b": dict(LLAMA, hidden_size=2048, intermediate_size=8192, num_attention_heads=32,
+                      num_key_value_heads=8, vocab_size=32000, max_position_embeddings=2048,
+                      full_layers=16),
+    "mistral7b": dict(LLAMA, hidden_size=4096, intermediate_size=14336, num_attention_heads=32,
+                      num_key_value_heads=8, vocab_size=32000, max_position_embeddings=2048,
+                      full_layers=32),
 }
 
 
@@ -109,24 +123,16 @@ def sample():
         peak["children"] = max(peak["children"], kids)
         peak["tree"] = max(peak["tree"], own_rss() + kids)
 threading.Thread(target=sample, daemon=True).start()
-if variant != "default":   # calibration/heap.py's devices switched off, all or one
+if variant == "learn-whole-model":   # learned alignment without recomputed blocks
+    import mergekit_permute.align.learn
+    mergekit_permute.align.learn.CHECKPOINT_FROM = float("inf")
+elif variant == "no-heap-tuning":   # calibration/heap.py: glibc's own thresholds, no trims
     from mergekit_permute.calibration import heap
-    import contextlib
-    off = {"plain-heap": {"tuning", "mappings"}, "no-heap-tuning": {"tuning"},
-           "no-outside-heap": {"mappings"}}[variant]
-    swaps = []
-    if "tuning" in off:   # glibc's own thresholds, no trims
-        swaps += [("own_heap", lambda: None), ("flat_heap", lambda: None),
-                  ("trim_heap", lambda: None)]
-        heap.HeapWatch.settle = heap.HeapWatch.check = lambda self: None
-    if "mappings" in off:   # long-lived matrices and skeleton transients in the heap
-        swaps += [("mmapped_allocations", lambda *a, **k: contextlib.nullcontext()),
-                  ("empty_outside_heap", lambda shape, dtype, device="cpu", minimum=0:
-                   torch.empty(tuple(shape), dtype=dtype, device=device))]
     for mod in [m for n, m in sys.modules.items() if n.startswith("mergekit_permute")]:
-        for name, repl in swaps:
+        for name in ("own_heap", "flat_heap", "trim_heap"):
             if hasattr(mod, name):
-                setattr(mod, name, repl)
+                setattr(mod, name, lambda: None)
+    heap.HeapWatch.settle = heap.HeapWatch.check = lambda self: None
 start = time.perf_counter()
 if mode == "floor":
     from mergekit_permute.io.batches import tokenize
@@ -334,15 +340,21 @@ def run_depth(args, work: Path, layers: int, baseline: dict, env: dict) -> dict:
         row["cached"] = {"seconds": round(cs, 2), "time_vs_floor": round(cs / floor_s, 2),
                          "peak_above_import_each": [_mib(r["peak_tree_mib"] - base)
                                                     for r in cached]}
-    if args.learned:
+    for variant in (["default", "learn-whole-model"] if args.learned_whole_model else
+                    ["default"]) if args.learned else []:
         learned = probe("cli", "align", a, b, *calib, "--device", args.device,
                         "--matching", "learned", "--learn-steps", str(args.learned),
                         "--cache", "off", "--permutations-only", "--out", str(out),
-                        "--overwrite", env=env)
-        row["learned"] = {"steps": args.learned, "seconds": round(learned["seconds"], 2),
-                          "time_vs_floor": round(learned["seconds"] / floor_s, 2),
-                          "peak_gpu_mib": _mib(learned["peak_gpu_mib"]),
-                          "peak_above_import_mib": _mib(learned["peak_tree_mib"] - base)}
+                        "--overwrite", variant=variant, env=env)
+        doc = json.loads((out / "alignment.json").read_text())
+        key = "learned" if variant == "default" else "learned_whole_model"
+        row[key] = {"steps": args.learned, "seconds": round(learned["seconds"], 2),
+                    "learn_seconds": doc["timings"].get("learn_seconds"),
+                    "time_vs_floor": round(learned["seconds"] / floor_s, 2),
+                    "peak_gpu_mib": _mib(learned["peak_gpu_mib"]),
+                    "peak_above_import_mib": _mib(learned["peak_tree_mib"] - base),
+                    "peak_vs_checkpoint": round((learned["peak_tree_mib"] - base)
+                                                / checkpoint_mib, 2)}
     return row
 
 
@@ -355,10 +367,12 @@ def main() -> None:
                     help="runs of floor and align per depth: median time, highest peak")
     ap.add_argument("--shape", choices=sorted(SHAPES), default="toy")
     ap.add_argument("--variant", nargs="+", default=["default"],
-                    choices=["default", "plain-heap", "no-heap-tuning", "no-outside-heap"],
+                    choices=["default", "no-heap-tuning"],
                     help="align as shipped, and with a piece of machinery switched off")
     ap.add_argument("--learned", type=int, default=0, metavar="STEPS",
                     help="also run matching=learned with this many steps (once per depth)")
+    ap.add_argument("--learned-whole-model", action="store_true",
+                    help="with --learned, also without recomputed blocks (learn.CHECKPOINT_FROM)")
     ap.add_argument("--no-cached", action="store_true",
                     help="skip the cached first run (it writes every layer's float64 statistics)")
     ap.add_argument("--no-solve", action="store_true", help="skip the solver benchmark")

@@ -1,11 +1,12 @@
-"""The assignment solver: lapx's Jonker-Volgenant gives scipy's assignment exactly (ties
-aside), on random costs and on correlation matrices like real FF layers'."""
+"""The assignment solver: lapx's Jonker-Volgenant or scipy, whichever `solver_for` picks, gives
+scipy's assignment exactly (ties aside), on random costs, on correlation matrices like trained FF
+layers', and on flat ones whose rows mostly prefer the same few columns (random-init models')."""
 
 import numpy as np
 import pytest
 from scipy.optimize import linear_sum_assignment
 
-from mergekit_permute.core.match import assign
+from mergekit_permute.core.match import JV_FROM_MUTUAL, assign, mutual_best, solver_for
 
 
 def _correlation(n: int, seed: int) -> np.ndarray:
@@ -19,11 +20,21 @@ def _correlation(n: int, seed: int) -> np.ndarray:
     return a.T @ b / a.shape[0]
 
 
+def _hubs(n: int, seed: int) -> np.ndarray:
+    """Scores dominated by a rank-1 term: most rows' best column is one of a few hubs."""
+    rng = np.random.default_rng(seed)
+    return np.outer(rng.random(n), rng.random(n)) + 0.05 * rng.standard_normal((n, n))
+
+
 @pytest.mark.parametrize("n", [1, 2, 7, 64, 300])
-@pytest.mark.parametrize("kind", ["random", "correlation"])
+@pytest.mark.parametrize("kind", ["random", "correlation", "hubs"])
 def test_the_assignment_is_scipys(n, kind):
-    score = np.random.default_rng(n).standard_normal((n, n)) if kind == "random" \
-        else _correlation(n, n)
+    score = {"random": lambda: np.random.default_rng(n).standard_normal((n, n)),
+             "correlation": lambda: _correlation(n, n), "hubs": lambda: _hubs(n, n)}[kind]()
+    if n >= 64:   # both solvers are exercised
+        expected = "scipy" if kind == "hubs" else "lapjvh"
+        assert solver_for(-score) == expected, mutual_best(-score)
+        assert (mutual_best(-score) >= JV_FROM_MUTUAL) == (expected == "lapjvh")
     before = score.copy()
     perm, total = assign(score)
     rows, cols = linear_sum_assignment(score, maximize=True)

@@ -85,3 +85,36 @@ def test_anchor_table_sits_beside_the_papers_row_and_is_in_the_report():
         if ours:
             mean = sum(p["methods"][ours]["barrier"] for p in pairs) / len(pairs)
             assert f"| {theirs} | {value:.2f} | `{ours}` | {mean:.4f}" in section
+
+
+def test_assignment_sections_show_what_assign_picks_and_are_in_the_report():
+    """Every committed assignment run (synthetic, real-width and trained matrices): each size's
+    scipy and lapjvh times, and the solver the package's `assign` picks for that matrix, which
+    is the faster of the two wherever their times differ by more than 1.5x."""
+    from benchmarks.report import assignment_section
+    paths = sorted(RESULTS.glob("assignment-cpu*.json"))
+    assert paths
+    report = (ROOT / "BENCHMARKS.md").read_text()
+    for path in paths:
+        doc = json.loads(path.read_text())
+        section = assignment_section(doc)
+        assert section in report, path
+        for row in doc["results"]:
+            s = row["solvers"]
+            if "seconds" not in s.get("lapx.lapjvh", {}):
+                continue
+            assert f"| {row['size']} | {row['kind']} |" in section
+            pick = row["assign_solver"]
+            other = "scipy" if pick == "lapx.lapjvh" else "lapx.lapjvh"
+            assert s[pick]["seconds"] <= 1.5 * s[other]["seconds"], (path, row["size"])
+
+
+def test_learned_memory_rows_are_in_the_report():
+    from benchmarks.report import scale_section
+    docs = [json.loads(p.read_text()) for p in sorted(RESULTS.glob("scale-*.json"))]
+    rows = [(d, r) for d in docs for r in d["rows"] if "learned_whole_model" in r]
+    assert rows, "no learned-alignment memory run committed"
+    for doc, row in rows:
+        text = scale_section(doc)
+        for key in ("learned", "learned_whole_model"):
+            assert f"{row[key]['peak_above_import_mib']:.0f} |" in text

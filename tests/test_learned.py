@@ -10,7 +10,7 @@ from click.testing import CliRunner
 from safetensors.torch import load_file
 
 from mergekit_permute.cli import main
-from mergekit_permute.align.learn import Maps
+from mergekit_permute.align.maps import Maps
 from mergekit_permute.core.permute import (
     Scaled, apply_to_model, as_matrix, compose, fold_scales,
 )
@@ -224,3 +224,55 @@ def test_sinkhorn_is_soft_while_learning_and_doubly_stochastic():
     assert int((maps.ffn_scores["ffn_0"].grad != 0).sum()) > m.shape[0]   # beyond one per row
     hard = maps.transforms(hard=True)["ffn.0"]["gate"].detach()
     assert torch.equal(hard.sum(0), torch.ones(m.shape[0])) and set(hard.unique().tolist()) == {0.0, 1.0}
+
+
+@pytest.mark.parametrize("name", ["LlamaForCausalLM", "GPTNeoXForCausalLM", "BertForMaskedLM",
+                                  "GPT2LMHeadModel-untied"])
+def test_checkpointed_blocks_give_the_same_loss_and_gradients(name):
+    """Blocks recomputed in the backward pass, their merged weights built inside (learned
+    alignment at real size): the loss and every map's gradient as the whole-model path's."""
+    from accelerate import init_empty_weights
+    from mergekit_permute.align.learn import _Problem
+    from mergekit_permute.core.alignment import Alignment
+    from mergekit_permute.settings import AlignSettings
+    a, b = build(name, seed=0), build(name, seed=1)
+    spec = spec_for_config(a.config)
+    with init_empty_weights(include_buffers=False):
+        container = type(a)(a.config).eval()
+    container.tie_weights()
+    names = [n for n, _ in container.named_parameters()]
+    states = [{n: m.get_parameter(n).detach() for n in names} for m in (a, b)]
+    start = Alignment.identity(spec, AlignSettings())
+    kw = inputs(a)
+    batches = [{**kw, "labels": kw["input_ids"].masked_fill(kw["attention_mask"] == 0, -100)}]
+    maps = _random_maps(spec, folded=False)
+    results = []
+    for checkpoint in (False, True):
+        problem = _Problem(spec, container, *states, start, "cpu", torch.float32, checkpoint)
+        maps.zero_grad()
+        loss = problem.loss(maps, batches, (0.3, 0.5))
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad.clone() for n, p in maps.named_parameters()
+                                        if p.grad is not None}))
+    half = _Problem(spec, container, *states, start, "cpu", torch.bfloat16, True)
+    half_loss = half.loss(maps, batches, (0.3, 0.5)).detach()   # A and B held in bf16
+    (plain, grads), (ckpt, grads_ckpt) = results
+    torch.testing.assert_close(half_loss, plain, rtol=2e-2, atol=0)
+    assert all(v.dtype == torch.bfloat16 for v in half.b.values() if v.is_floating_point())
+    torch.testing.assert_close(ckpt, plain, rtol=1e-6, atol=1e-6)
+    assert grads and grads.keys() == grads_ckpt.keys()
+    for n in grads:
+        torch.testing.assert_close(grads_ckpt[n], grads[n], rtol=1e-5, atol=1e-6)
+    assert not any("forward" in vars(m) for m in container.modules())   # blocks restored
+
+
+def test_checkpointed_learning_matches_whole_model_learning(zoo, tmp_path, monkeypatch):
+    """`matching: learned` with every block recomputed (as at real size) learns what the
+    whole-model path learns."""
+    import mergekit_permute.align.learn as learn
+    a, b = zoo("llama")
+    plain = _align_learned(a, b, tmp_path / "plain", samples=120, steps=20)["learned"]
+    monkeypatch.setattr(learn, "CHECKPOINT_FROM", 0)
+    ckpt = _align_learned(a, b, tmp_path / "ckpt", samples=120, steps=20)["learned"]
+    assert ckpt["best_step"] == plain["best_step"] and ckpt["steps_run"] == plain["steps_run"]
+    assert ckpt["held_out_loss_best"] == pytest.approx(plain["held_out_loss_best"], abs=1e-5)

@@ -293,36 +293,6 @@ def test_finite_check_is_exact_for_every_dtype():
         assert not _all_finite(t)
 
 
-def test_large_buffers_live_outside_the_heap():
-    """Statistics-sized buffers (and a block's weights) get their own mapping, so freeing them
-    hands the memory back instead of leaving holes in the heap; small ones stay ordinary."""
-    import os
-
-    import pytest
-
-    from mergekit_permute.calibration.heap import MMAP_THRESHOLD, empty_outside_heap
-    if not os.path.exists("/proc/self/maps"):
-        pytest.skip("needs /proc")
-
-    def mapping_of(t: torch.Tensor) -> str:
-        ptr = t.data_ptr()
-        with open("/proc/self/maps") as f:
-            for line in f:
-                lo, hi = (int(x, 16) for x in line.split()[0].split("-"))
-                if lo <= ptr < hi:
-                    return line.split()[5] if len(line.split()) > 5 else "anonymous"
-        return "?"
-    big = empty_outside_heap((1408, 1408), torch.float64)
-    assert big.is_contiguous() and big.dtype == torch.float64 and big.shape == (1408, 1408)
-    assert mapping_of(big) == "anonymous"
-    big.fill_(1.5)
-    assert float(big.sum()) == 1.5 * 1408 * 1408
-    weights = empty_outside_heap((1408, 512), torch.float32, minimum=1 << 20)
-    assert mapping_of(weights) == "anonymous"
-    small = empty_outside_heap((16,), torch.float32)
-    assert small.numel() * 4 < MMAP_THRESHOLD and small.shape == (16,)
-
-
 def test_the_heap_watch_trims_growth_not_the_working_set(monkeypatch):
     """A trim is followed by a new measure of the working set (what the next batch faults back
     in), so a working set above the first measure does not trim after every batch."""
@@ -339,27 +309,6 @@ def test_the_heap_watch_trims_growth_not_the_working_set(monkeypatch):
     # its slack; 125 > 120: trim; 118 is the new measure; 119 and 126 are within its slack
     assert [t >> 20 for t in trims] == [120, 125]
     assert watch.base == 118 << 20
-
-
-def test_a_skeleton_leaves_the_heap_compact():
-    """Building a model on the meta device allocates every parameter before moving it there:
-    those allocations are mmapped, not left behind as a heap hundreds of MiB wide."""
-    from mergekit_permute.calibration import heap
-    libc = heap._libc()
-    if libc is None or not hasattr(libc, "mallinfo2"):
-        pytest.skip("needs glibc >= 2.33")
-    libc.mallinfo2.restype = heap._MallInfo2
-    config = T.LlamaConfig(num_hidden_layers=8, hidden_size=512, intermediate_size=1408,
-                           num_attention_heads=8, num_key_value_heads=2, vocab_size=2048)
-    config.architectures = ["LlamaForCausalLM"]
-    spec = spec_for_config(config)
-    heap.own_heap()
-    before = libc.mallinfo2().arena
-    model = BlockModel.skeleton(spec, config, source=None)
-    grown = libc.mallinfo2().arena - before
-    assert all(p.is_meta for p in model.model.parameters())
-    weights = sum(p.numel() * 4 for p in model.model.parameters())
-    assert grown < weights // 8, (grown, weights)
 
 
 def test_narrower_floats_are_widened_as_they_are_streamed(tmp_path, monkeypatch):
@@ -398,3 +347,24 @@ def test_a_host_process_keeps_its_allocator_settings(zoo, monkeypatch):
     assert calls == []
     heap.own_heap()
     assert calls
+
+
+def test_the_scale_benchmark_runs_at_toy_size(tmp_path):
+    """benchmarks/scale.py end to end at its CI-sized shape (the real widths run by hand):
+    floor, align, learned with and without recomputed blocks, the results file."""
+    from pathlib import Path
+    root = Path(__file__).resolve().parent.parent
+    out = tmp_path / "scale.json"
+    r = subprocess.run([sys.executable, str(root / "benchmarks" / "scale.py"), "--shape", "toy",
+                        "--layers", "2", "--repeats", "1", "--no-cached", "--no-solve",
+                        "--learned", "1", "--learned-whole-model", "--work", str(tmp_path),
+                        "--results", str(out)], capture_output=True, text=True,
+                       env={**__import__("os").environ, "PYTHONPATH": str(root)})
+    assert r.returncode == 0, r.stderr[-3000:]
+    row = json.loads(out.read_text())["rows"][0]
+    default = row["variants"]["default"]
+    assert default["time_vs_floor"] > 0 and default["peak_above_import_mib"] > 0
+    assert row["written_dtypes"] == ["BF16"]
+    check = default["function_check"]
+    assert check["aligned_vs_b"] <= 4 * check["rounding_baseline"]
+    assert row["learned"]["steps"] == 1 and row["learned_whole_model"]["seconds"] > 0

@@ -8,9 +8,12 @@ computes exactly B's function:
   Q/K        per KV group M on the queries and M^-T on the keys: a rotation-scaling per RoPE
              frequency pair, a general exp(A) on non-rotary dims; not past per-head Q/K norms;
   SwiGLU     per FF neuron a scale s on up and 1/s on down.
-Both models are held whole in memory (the loss needs the whole merged model).
+Both models are held whole in memory (the loss needs the whole merged model); from
+CHECKPOINT_FROM parameters (and on accelerators) each block is recomputed in the backward pass
+with its merged weights built inside, so only A, B and one block's working set are resident.
 """
 
+import contextlib
 import copy
 import logging
 import math
@@ -19,169 +22,26 @@ from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
+import torch.utils.checkpoint
 import transformers
+from accelerate import init_empty_weights
 from tqdm.auto import tqdm
 
+from mergekit_permute.align.maps import Maps
 from mergekit_permute.align.weight_match import weight_match_alignment
+from mergekit_permute.calibration.blocks import no_cache
 from mergekit_permute.calibration.collect import Workload
 from mergekit_permute.core.alignment import Alignment
-from mergekit_permute.core.match import assign
 from mergekit_permute.evaluate import objective_for
 from mergekit_permute.io.batches import tokenize
 from mergekit_permute.io.data import chars_for, load_texts
 from mergekit_permute.core.permute import (
-    Scaled, Transforms, apply_to_tensor, compose, fold_gauge, identity_transforms,
+    Scaled, Transforms, apply_to_tensor, compose, fold_gauge,
 )
 from mergekit_permute.settings import AlignSettings, lambdas_of
-from mergekit_permute.spec.base import HeadLayout, PermutationSpec
+from mergekit_permute.spec.base import PermutationSpec
 
 LOG = logging.getLogger(__name__)
-
-
-SINKHORN_MARGIN = 3.0    # initial logit of a neuron's own match over all n - 1 others together
-SINKHORN_ITERS = 20
-
-
-def sinkhorn_tau(n: int) -> float:
-    """Temperature at which identity scores give P_ii ~ 1 / (1 + e^-SINKHORN_MARGIN) ~ 0.95: soft
-    enough to carry gradient (a colder P ~ I is flat: learning never leaves the start), close
-    enough to B's own function to start from."""
-    return 1.0 / (math.log(max(n - 1, 1)) + SINKHORN_MARGIN)
-
-
-def sinkhorn(logits: torch.Tensor, iters: int = SINKHORN_ITERS) -> torch.Tensor:
-    """[n, n] doubly-stochastic matrix: alternate row and column normalisation in log space."""
-    log_p = logits
-    for _ in range(iters):
-        log_p = log_p - torch.logsumexp(log_p, dim=1, keepdim=True)
-        log_p = log_p - torch.logsumexp(log_p, dim=0, keepdim=True)
-    return log_p.exp()
-
-
-def _block_diag(blocks: torch.Tensor, owners: Sequence[int]) -> torch.Tensor:
-    """[len(owners) * d] square matrix with blocks[owners[i]] on its i-th diagonal block."""
-    return torch.block_diag(*[blocks[o] for o in owners])
-
-
-def _qk_norms(spec: PermutationSpec) -> bool:
-    return any(w.name.endswith(("q_norm.weight", "k_norm.weight")) for w in spec.weights)
-
-
-class Maps(torch.nn.Module):
-    """The learnable exact symmetries of one architecture, all at the identity at the start."""
-
-    def __init__(self, spec: PermutationSpec, rotate_residual: bool, permute_ffn: bool = False,
-                 estimator: str = "ste"):
-        super().__init__()
-        self.spec, self.estimator = spec, estimator
-        d = spec.space("residual").size
-        self.rotate_residual = rotate_residual
-        self.residual = torch.nn.Parameter(torch.zeros(d, d)) if rotate_residual else None
-        self.vo = torch.nn.ParameterDict()
-        self.qk_free = torch.nn.ParameterDict()
-        self.qk_log_r = torch.nn.ParameterDict()
-        self.qk_angle = torch.nn.ParameterDict()
-        self.ffn = torch.nn.ParameterDict()
-        # FF permutations from scores [old, new]. ste: their assignment is the permutation
-        # used (hard, exact) while their gradient is the permuted weights' own. sinkhorn: the
-        # soft doubly-stochastic sinkhorn(scores / tau) is used while learning (B's function
-        # only approximately kept), its assignment at the end.
-        self.ffn_scores = torch.nn.ParameterDict()
-        learn_qk = not _qk_norms(spec)
-        for space in spec.spaces:
-            key = space.name.replace(".", "_")
-            if space.kind == "attention":
-                h = space.heads
-                self.vo[key] = torch.nn.Parameter(torch.zeros(h.num_kv_heads, h.head_dim, h.head_dim))
-                if learn_qk:
-                    rot, free = h.qk_frozen_dims, h.head_dim - h.qk_frozen_dims
-                    if rot:
-                        self.qk_log_r[key] = torch.nn.Parameter(torch.zeros(h.num_kv_heads, rot // 2))
-                        self.qk_angle[key] = torch.nn.Parameter(torch.zeros(h.num_kv_heads, rot // 2))
-                    if free:
-                        self.qk_free[key] = torch.nn.Parameter(torch.zeros(h.num_kv_heads, free, free))
-            elif space.kind == "ffn":
-                if space.gated:
-                    self.ffn[key] = torch.nn.Parameter(torch.zeros(space.size))
-                if permute_ffn:
-                    self.ffn_scores[key] = torch.nn.Parameter(torch.eye(space.size))
-
-    def _qk_block(self, key: str, h: HeadLayout) -> torch.Tensor:
-        """[kv, d, d]: per KV group the map on query dims (h' = h @ M)."""
-        d, rot = h.head_dim, h.qk_frozen_dims
-        like = next(self.parameters())
-        m = torch.eye(d, dtype=like.dtype, device=like.device).repeat(h.num_kv_heads, 1, 1)
-        if key in self.qk_log_r:
-            half = rot // 2
-            r = self.qk_log_r[key].exp()
-            c, s = r * self.qk_angle[key].cos(), r * self.qk_angle[key].sin()   # [kv, half]
-            g = torch.arange(h.num_kv_heads, device=m.device)[:, None]         # [kv, 1]
-            i = torch.arange(half, device=m.device)[None, :]
-            j = i + half                 # rotate_half pairs dim i with i + rot/2
-            m = m.index_put((g, i, i), c).index_put((g, j, j), c)
-            m = m.index_put((g, i, j), s).index_put((g, j, i), -s)
-        if key in self.qk_free:
-            free = torch.matrix_exp(self.qk_free[key])                          # [kv, f, f]
-            m = torch.cat([m[:, :rot], torch.cat([m[:, rot:, :rot], free], 2)], 1)
-        return m
-
-    def transforms(self, hard: bool = False) -> Transforms:
-        """The learned maps as a transform set (identity where nothing is learned); `hard`:
-        soft permutations as their nearest permutation (what `final` will keep)."""
-        out: Transforms = identity_transforms(self.spec)
-        if self.residual is not None:
-            a = self.residual - self.residual.T
-            if self.spec.residual_centered:   # keep the all-ones vector: S 1 = 0
-                d = a.shape[0]
-                p = torch.eye(d, dtype=a.dtype, device=a.device) - 1.0 / d
-                a = p @ a @ p
-            out["residual"] = {"": torch.matrix_exp(a)}
-        for space in self.spec.spaces:
-            key = space.name.replace(".", "_")
-            if space.kind == "attention":
-                h = space.heads
-                groups = [i // h.group_size for i in range(h.num_heads)]
-                c = torch.matrix_exp(self.vo[key])                              # [kv, d, d]
-                views = {"v": _block_diag(c, range(h.num_kv_heads)), "o": _block_diag(c, groups)}
-                if key in self.qk_log_r or key in self.qk_free:
-                    b = self._qk_block(key, h)
-                    views["q"] = _block_diag(b, groups)
-                    views["k"] = _block_diag(torch.linalg.inv(b).transpose(1, 2),
-                                             range(h.num_kv_heads))
-                out[space.name].update(views)
-            elif key in self.ffn_scores:
-                scores = self.ffn_scores[key]
-                if self.estimator == "sinkhorn" and not hard:
-                    m = sinkhorn(scores / sinkhorn_tau(len(scores)))
-                else:
-                    p = self.hard_permutation(key)
-                    onehot = torch.zeros_like(scores)
-                    onehot[p, torch.arange(len(p))] = 1.0        # h' = h @ M, M[p[i], i] = 1
-                    m = onehot + (scores - scores.detach())   # = onehot exactly
-                out[space.name] = {view: m for view in space.views}
-                if key in self.ffn:
-                    out[space.name][""] = m * self.ffn[key].exp()[None, :]
-            elif key in self.ffn:
-                out[space.name][""] = Scaled(torch.arange(space.size), self.ffn[key].exp())
-        return out
-
-    def hard_permutation(self, key: str) -> torch.Tensor:
-        """The assignment of the scores: new feature i <- old feature p[i]."""
-        scores = self.ffn_scores[key].detach().cpu().double().numpy()   # [old, new]
-        perm, _ = assign(scores.T)                                       # rows: new
-        return torch.from_numpy(perm)
-
-    def final(self) -> Transforms:
-        """The learned maps with every learned permutation matrix as its permutation."""
-        out = self.transforms(hard=True)
-        for space in self.spec.spaces:
-            key = space.name.replace(".", "_")
-            if key in self.ffn_scores:
-                p = self.hard_permutation(key)
-                out[space.name] = {view: p for view in space.views}
-                if key in self.ffn:
-                    out[space.name][""] = Scaled(p, self.ffn[key].exp().detach())
-        return out
 
 
 @dataclass(frozen=True)
@@ -226,28 +86,66 @@ class Schedule:
         return (lo + (hi - lo) * float(torch.rand((), generator=gen)),)
 
 
+# From this many parameters per model, the loss recomputes each block in the backward pass
+# (torch.utils.checkpoint) with its merged weights built inside, so only the blocks' outputs
+# are kept: memory is A and B plus one block's weights and activations, not a whole merged
+# model with every activation (on an accelerator always: memory is what binds there).
+CHECKPOINT_FROM = 100_000_000
+
+
 class _Problem:
     """A (folded) and B (aligned by a start, folded the same way) on one device, and the merged
-    model's loss for a set of maps."""
+    model's loss for a set of maps. `dtype`: how A and B are held (the maps stay float32;
+    bfloat16 forwards under autocast on accelerators). `checkpoint`: blocks recomputed in the
+    backward pass, their weights merged inside (CHECKPOINT_FROM)."""
 
     def __init__(self, spec: PermutationSpec, model, state_a, state_b, start: Alignment,
-                 device: str):
+                 device: str, dtype: torch.dtype = torch.float32, checkpoint: bool = False):
         self.spec, self.start, self.device = spec, start, device
+        self.dtype, self.checkpoint = dtype, checkpoint
         self.rules = spec.weight_map()
         gauge_a = fold_gauge(spec, start.gains_a) if start.folded else None
+        held = lambda t: t.to(device, dtype) if t.is_floating_point() else t.to(device)  # noqa: E731
         # The frame the maps act in: A with its gains folded, B aligned and folded the same way.
-        self.a = {k: (gauge_a.apply(self.rules[k].name, v) if gauge_a and k in self.rules
-                      else v).to(device) for k, v in state_a.items()}
+        self.a = {k: held(gauge_a.apply(self.rules[k].name, v) if gauge_a and k in self.rules
+                          else v) for k, v in state_a.items()}
         self.b = {}
         for k, v in state_b.items():
             rule = self.rules.get(k)
             t = start.fold.apply(rule.name, v) if start.folded and rule else v
-            self.b[k] = (apply_to_tensor(rule, t, start.transforms) if rule else t).to(device)
+            self.b[k] = held(apply_to_tensor(rule, t, start.transforms) if rule else t)
         self.model = model
+        prefix = f"{spec.blocks}."
+        self.blocks = [[k for k in self.a if k.startswith(f"{prefix}{i}.")]
+                       for i in range(spec.num_layers)]
+        inside = {k for names in self.blocks for k in names}
+        self.outside = [k for k in self.a if k not in inside]
+
+    def _merged(self, names, t, lam: float) -> Dict[str, torch.Tensor]:
+        """lam A + (1 - lam) B mapped by `t`, for `names`, in float32."""
+        out = {}
+        for k in names:
+            a = self.a[k]
+            if not a.is_floating_point():
+                out[k] = a
+                continue
+            b = self.b[k].float()
+            if k in self.rules:
+                b = apply_to_tensor(self.rules[k], b, t, exact=False)
+            out[k] = lam * a.float() + (1 - lam) * b
+        return out
+
+    def _autocast(self):
+        kind = torch.device(self.device).type
+        if kind == "cpu" or self.dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(kind, dtype=self.dtype)
 
     def loss(self, maps: "Maps", batches, lambdas: Sequence[float], hard: bool = False
              ) -> torch.Tensor:
         t = maps.transforms(hard)
+        if self.checkpoint:
+            return self._checkpointed_loss(t, batches, lambdas)
         b = {k: apply_to_tensor(self.rules[k], v, t, exact=False) if k in self.rules else v
              for k, v in self.b.items()}
         total = 0.0
@@ -256,24 +154,84 @@ class _Problem:
                       for k, a in self.a.items()}
             for batch in batches:
                 inputs = {k: v.to(self.device) for k, v in batch.items()}
-                total = total + torch.func.functional_call(self.model, params, args=(),
-                                                           kwargs=inputs).loss
+                with self._autocast():
+                    total = total + torch.func.functional_call(self.model, params, args=(),
+                                                               kwargs=inputs).loss
+        return total / (len(lambdas) * len(batches))
+
+    def _checkpointed_loss(self, t, batches, lambdas: Sequence[float]) -> torch.Tensor:
+        total = 0.0
+        for lam in lambdas:
+            params = self._merged(self.outside, t, lam)   # embeddings, final norm, head
+            with _blocks_checkpointed(self, t, lam):
+                for batch in batches:
+                    # (a KV cache would take each block's keys again when it is recomputed)
+                    inputs = {**{k: v.to(self.device) for k, v in batch.items()},
+                              **no_cache(self.model)}
+                    with self._autocast():
+                        total = total + torch.func.functional_call(
+                            self.model, params, args=(), kwargs=inputs, strict=False).loss
         return total / (len(lambdas) * len(batches))
 
 
-def learn(spec: PermutationSpec, model, states: Tuple[Dict, Dict], starts: Sequence[Alignment],
+@contextlib.contextmanager
+def _blocks_checkpointed(problem: _Problem, t, lam: float):
+    """Inside, block i's forward is checkpointed: its merged weights are built from A, B and the
+    maps `t` inside the recomputed function, so neither they nor its activations outlive it."""
+    blocks = problem.model.get_submodule(problem.spec.blocks)
+    inside = [False]
+
+    def wrap(i: int, block: torch.nn.Module):
+        own = block.forward
+
+        prefix = f"{problem.spec.blocks}.{i}."
+
+        def run(*args, **kwargs):
+            with torch.autocast(torch.device(problem.device).type, enabled=False):
+                # the maps act in float32; only the block's own forward runs in bf16
+                params = {k[len(prefix):]: v for k, v in
+                          problem._merged(problem.blocks[i], t, lam).items()}
+            inside[0] = True
+            try:
+                return torch.func.functional_call(block, params, args, kwargs, strict=False)
+            finally:
+                inside[0] = False
+
+        def forward(*args, **kwargs):
+            if inside[0]:   # functional_call calling the block itself
+                return own(*args, **kwargs)
+            return torch.utils.checkpoint.checkpoint(run, *args, use_reentrant=False, **kwargs)
+        return forward
+
+    for i, block in enumerate(blocks):
+        block.forward = wrap(i, block)
+    try:
+        yield
+    finally:
+        for block in blocks:
+            del block.forward   # the class's own again
+
+
+def learn(spec: PermutationSpec, model, states: List[Dict], starts: Sequence[Alignment],
           batches: Tuple[List[Dict], List[Dict]], schedule: Schedule,
-          device: str = "cpu") -> Alignment:
+          device: str = "cpu", dtype: torch.dtype = torch.float32,
+          checkpoint: bool = False) -> Alignment:
     """The best of `starts` (by held-out merged loss) refined by gradient descent. `model` is
-    any instance of the architecture (a container for functional calls); `batches` are the
-    (train, held-out) loss batches of the calibration text."""
+    any instance of the architecture, its parameters possibly on the meta device (a container
+    for functional calls); `batches` are the (train, held-out) loss batches of the calibration
+    text; `dtype` and `checkpoint` as in _Problem. `states` [A's, B's] is emptied once the
+    problem holds its own (folded, aligned) copies: the caller's tensors need not outlive it."""
     started = time.perf_counter()
     train, held_out = batches
-    work = copy.deepcopy(model).to(device).eval()
+    work = copy.deepcopy(model).eval()
+    for name, buf in list(work.named_buffers()):   # (rotary frequencies: the weights come in)
+        module, _, attr = name.rpartition(".")
+        work.get_submodule(module)._buffers[attr] = buf.to(device)
     for p in work.parameters():
         p.requires_grad_(False)
     problem, maps, start_loss = _best_start(spec, work, states, starts, held_out, schedule,
-                                            device)
+                                            device, dtype, checkpoint)
+    states.clear()
     best_state, best_step, best, step = copy.deepcopy(maps.state_dict()), 0, start_loss, 0
     opt = torch.optim.Adam(maps.parameters(), lr=schedule.lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: schedule.lr_factor(i + 1))
@@ -333,11 +291,12 @@ def learn(spec: PermutationSpec, model, states: Tuple[Dict, Dict], starts: Seque
 
 @torch.no_grad()
 def _best_start(spec: PermutationSpec, model, states, starts: Sequence[Alignment], held_out,
-                schedule: Schedule, device: str) -> Tuple[_Problem, Maps, float]:
+                schedule: Schedule, device: str, dtype: torch.dtype, checkpoint: bool
+                ) -> Tuple[_Problem, Maps, float]:
     """The start with the lowest held-out merged loss, its maps at the identity, that loss."""
     best = (None, None, float("inf"))
     for candidate in starts:
-        problem = _Problem(spec, model, *states, candidate, device)
+        problem = _Problem(spec, model, *states, candidate, device, dtype, checkpoint)
         maps = Maps(spec, candidate.folded, schedule.permute_ffn, schedule.estimator).to(device)
         loss = float(problem.loss(maps, held_out, schedule.held_out_lambdas))
         if loss < best[2]:
@@ -379,7 +338,9 @@ def learn_alignment(work: Workload, start: Alignment, settings: AlignSettings) -
         raise ValueError("matching=learned needs at least two calibration batches (one held "
                          "out to stop early); raise --samples or lower --batch-size")
     held = max(1, len(batches) // 10)
-    container = getattr(transformers, spec.architecture)(pair.config)
+    with init_empty_weights(include_buffers=False):   # every weight comes from A and B
+        container = getattr(transformers, spec.architecture)(pair.config)
+    container.tie_weights()   # (not done on the meta device)
     # The model's own parameter names (checkpoints may use legacy aliases, e.g. embed_out),
     # one per tied group: functional_call refuses two values for tied weights.
     unique = [n for n, _ in container.named_parameters()] + [n for n, _ in container.named_buffers()]
@@ -387,6 +348,12 @@ def learn_alignment(work: Workload, start: Alignment, settings: AlignSettings) -
     names = [n for n in unique if sa.get(n) is not None]
     state_a, state_b = ({n: (t.float() if t.is_floating_point() else t)
                          for n, t in ((n, source.get(n)) for n in names)} for source in (sa, sb))
+    # Accelerators: A and B held in the checkpoint's half dtype, bfloat16 forwards, every block
+    # recomputed in the backward pass; the CPU: float32, blocks recomputed from CHECKPOINT_FROM.
+    stored = next(t.dtype for t in map(sa.get, names) if t.is_floating_point())
+    accelerated = torch.device(work.device).type != "cpu"
+    dtype = stored if accelerated and stored in (torch.bfloat16, torch.float16) else torch.float32
+    checkpoint = accelerated or sum(t.numel() for t in state_a.values()) >= CHECKPOINT_FROM
     starts = [start]
     if settings.learn_init == "best":
         try:
@@ -398,5 +365,7 @@ def learn_alignment(work: Workload, start: Alignment, settings: AlignSettings) -
     schedule = Schedule(steps=settings.learn_steps, lr=settings.learn_lr, lambdas=fixed or (0.5,),
                         lambda_range=span, permute_ffn=settings.learn_permutations,
                         estimator=settings.learn_estimator)
-    return learn(spec, container, (state_a, state_b), starts,
-                 (batches[:-held], batches[-held:]), schedule, work.device)
+    states = [state_a, state_b]
+    del state_a, state_b   # (learn empties `states` once its problem holds its own copies)
+    return learn(spec, container, states, starts,
+                 (batches[:-held], batches[-held:]), schedule, work.device, dtype, checkpoint)

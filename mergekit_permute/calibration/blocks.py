@@ -13,7 +13,6 @@ import torch
 import transformers
 from accelerate import init_empty_weights
 
-from mergekit_permute.calibration.heap import empty_outside_heap, mmapped_allocations
 from mergekit_permute.spec.base import PermutationSpec
 
 LOG = logging.getLogger(__name__)
@@ -55,7 +54,7 @@ class BlockModel:
                  dtype: torch.dtype = torch.float32) -> "BlockModel":
         """A model with no weights yet: parameters on the meta device, buffers real."""
         cls = getattr(transformers, spec.architecture)
-        with init_empty_weights(include_buffers=False), mmapped_allocations():
+        with init_empty_weights(include_buffers=False):
             model = cls(config)
         return BlockModel(spec, model, source, device, dtype)
 
@@ -117,11 +116,10 @@ class BlockModel:
                 continue
             dtype = self.dtype if cast and tensor.is_floating_point() and self.dtype \
                 else tensor.dtype
-            # a copy: callers may correct a loaded block in place (REPAIR), never the source;
-            # outside the heap, where a block's weights would fragment it between layers
+            # a copy: callers may correct a loaded block in place (REPAIR), never the source
             spare = self._spare.get((tensor.shape, dtype))
             buffer = spare.pop() if spare else \
-                empty_outside_heap(tensor.shape, dtype, self.device, 1 << 20)
+                torch.empty(tensor.shape, dtype=dtype, device=self.device)
             self._set(name, buffer.copy_(tensor))
 
     def free(self, layer: Optional[int]) -> None:
@@ -160,7 +158,7 @@ class BlockModel:
             block.forward = recorder(i)
         inputs = {k: v.to(self.device) for k, v in batch.items() if k != "labels"}
         try:
-            self.model(**inputs, **_no_cache(self.model))
+            self.model(**inputs, **no_cache(self.model))
         except _Stop:
             pass
         except Exception as e:
@@ -197,7 +195,7 @@ def _attr(name) -> str:
     return (name[0] if isinstance(name, tuple) else name).rpartition(".")[2]
 
 
-def _no_cache(model) -> Dict[str, Any]:
+def no_cache(model) -> Dict[str, Any]:
     """A KV cache would grow with every batch and leak state between runs of a block."""
     return {"use_cache": False} if "use_cache" in inspect.signature(model.forward).parameters \
         else {}

@@ -1,20 +1,19 @@
 """The process heap during a long calibration: memory flat in depth without a page fault for
 every activation.
 
-glibc unmaps allocations above its mmap threshold on free and returns a freed heap top beyond
-its trim threshold, so the next batch faults the same activations in again. So: a fixed mmap
-threshold, a trim threshold that keeps a batch's working set resident, an explicit trim
-(HeapWatch) when fragmentation grows the heap beyond SLACK, long-lived matrices outside the
-heap (`empty_outside_heap`) and model skeletons built with their transients mmapped
-(`mmapped_allocations`). Measured in BENCHMARKS.md."""
+glibc raises its mmap threshold after the first large free (and from then on keeps every buffer
+of that size in its heap, which fragments) and returns a freed heap top beyond its trim
+threshold, so the next batch faults the same activations in again. So: a fixed mmap threshold
+(long-lived matrices above it are their own mappings), a trim threshold that keeps a batch's
+working set resident, and an explicit trim (HeapWatch) when fragmentation grows the heap beyond
+SLACK. Measured at TinyLlama's width in BENCHMARKS.md (`--variant no-heap-tuning`): without
+them the peak is hundreds of MiB higher, at a few percent of time. Own mappings for long-lived
+buffers and a skeleton built with its transients mmapped measured no different there and were
+removed."""
 
-import contextlib
 import ctypes
 import functools
-import mmap
 import os
-import threading
-import weakref
 
 import torch
 
@@ -24,7 +23,7 @@ _M_MMAP_THRESHOLD = -3
 _M_TRIM_THRESHOLD = -1
 # Free memory at the heap's top that free() leaves resident (glibc's default, 128 KiB, hands a
 # batch's activations back to the OS as they are freed, and the next batch faults them in
-# again: a third of a block's time); HeapWatch trims explicitly instead.
+# again); HeapWatch trims explicitly instead.
 TRIM_THRESHOLD = 64 << 20
 
 
@@ -59,22 +58,6 @@ def flat_heap() -> None:
         libc.mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD)
 
 
-@contextlib.contextmanager
-def mmapped_allocations(threshold: int = 64 << 10):
-    """Inside, every allocation from `threshold` bytes up is its own mapping. For code that
-    allocates large buffers it frees at once (a model skeleton built under
-    init_empty_weights creates every parameter before moving it to the meta device): in the
-    heap they would leave it hundreds of MiB wide, full of holes that later allocations
-    wander through, faulting in new pages."""
-    libc = _libc()
-    if libc is not None and _owned["heap"]:
-        libc.mallopt(_M_MMAP_THRESHOLD, threshold)
-    try:
-        yield
-    finally:
-        flat_heap()
-
-
 def trim_heap() -> None:
     """Hand the heap's free pages back to the OS."""
     libc = _libc()
@@ -97,20 +80,11 @@ def _mmapped_chunks() -> int:
     return int(libc.mallinfo2().hblkhd)
 
 
-_outside = {"bytes": 0}
-_outside_lock = threading.Lock()
-
-
-def _count_outside(nbytes: int) -> None:
-    with _outside_lock:
-        _outside["bytes"] += nbytes
-
-
 def heap_bytes() -> int:
-    """The resident memory that is neither a mapping of `empty_outside_heap` nor one of glibc's
-    own mmapped chunks: the heap, plus what does not move (code, libraries). Unlike the whole
-    resident memory, it does not grow when long-lived matrices outside the heap come and go."""
-    return resident_bytes() - _outside["bytes"] - _mmapped_chunks()
+    """The resident memory that is not one of glibc's own mmapped chunks: the heap, plus what
+    does not move (code, libraries). Unlike the whole resident memory, it does not grow when
+    long-lived matrices (mmapped: above the threshold) come and go."""
+    return resident_bytes() - _mmapped_chunks()
 
 
 def resident_bytes() -> int:
@@ -146,23 +120,6 @@ class HeapWatch:
         elif now > self.base + self.slack:
             trim_heap()
             self._refit = True
-
-
-def empty_outside_heap(shape, dtype: torch.dtype, device="cpu", minimum: int = MMAP_THRESHOLD
-                       ) -> torch.Tensor:
-    """An uninitialised tensor that, on the CPU and from `minimum` bytes up, is its own
-    anonymous mapping, returned to the OS when freed. glibc serves such sizes from a free
-    heap chunk whenever one fits, and long-lived matrices parked in the heap that way
-    fragment it differently from run to run."""
-    shape = tuple(shape)
-    nbytes = int(torch.Size(shape).numel()) * torch.empty((), dtype=dtype).element_size()
-    if torch.device(device).type != "cpu" or nbytes < minimum or \
-            not hasattr(mmap, "MAP_ANONYMOUS"):   # (not a POSIX system)
-        return torch.empty(shape, dtype=dtype, device=device)
-    private = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    _count_outside(nbytes)   # (counted as resident: every user fills its buffer at once)
-    weakref.finalize(private, _count_outside, -nbytes)
-    return torch.frombuffer(private, dtype=dtype).view(shape)
 
 
 def release_memory() -> None:

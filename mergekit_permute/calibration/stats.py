@@ -12,7 +12,6 @@ from typing import Dict, Iterator, Mapping, Optional
 
 import torch
 
-from mergekit_permute.calibration.heap import empty_outside_heap
 
 
 # Products are summed in float32 between flushes into the float64 totals: one float32 GEMM
@@ -86,8 +85,8 @@ class CrossStats:
         self.sq_a += torch.linalg.vector_norm(a, dim=0, dtype=torch.float64).square_()
         self.sq_b += torch.linalg.vector_norm(b, dim=0, dtype=torch.float64).square_()
         if self._pending is None:
-            self._pending = empty_outside_heap(self.sum_ab.shape, torch.float32,
-                                               self.sum_ab.device).zero_()
+            self._pending = torch.zeros(self.sum_ab.shape, dtype=torch.float32,
+                                        device=self.sum_ab.device)
         self._pending.addmm_(a.T, b)   # [da, tokens] @ [tokens, db], accumulated in place
         self._pending_tokens += tokens
         if self._pending_tokens >= FLUSH_TOKENS:
@@ -98,7 +97,7 @@ class CrossStats:
         if self._spent:
             raise RuntimeError("these statistics were spent by an in-place correlation")
         if self.sum_ab.stride() == (0, 0):          # still the zero view of `zeros`
-            total = empty_outside_heap(self.sum_ab.shape, torch.float64, self.sum_ab.device)
+            total = torch.empty(self.sum_ab.shape, dtype=torch.float64, device=self.sum_ab.device)
             self.sum_ab = total.copy_(self._pending) if self._pending is not None else total.zero_()
         elif self._pending is not None:
             self.sum_ab += self._pending
@@ -224,7 +223,7 @@ class CrossStats:
             corr, self.sum_ab, self._spent = total, None, True
             corr.div_(n)
         else:
-            corr = empty_outside_heap(total.shape, torch.float64, total.device)
+            corr = torch.empty(total.shape, dtype=torch.float64, device=total.device)
             torch.div(total, n, out=corr)
         corr.addr_(mean_a, mean_b, alpha=-1)                   # covariance
         corr.div_(std_a[:, None]).div_(std_b[None, :])
