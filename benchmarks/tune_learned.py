@@ -4,9 +4,9 @@ benchmarks/zoo.py (cpu size), disjoint pairs 1-2 and 3-4. Every candidate settin
 the settings chosen here are then reported, unchanged, on the evaluation zoos
 (benchmarks/eval_quality.py), which are never used to choose anything.
 
-    python benchmarks/tune_learned.py [--pairs 1-2,3-4] [--threads 1]
+    python benchmarks/tune_learned.py [--pairs 1-2,3-4] [--threads 1] [--text calib|train]
 
-Output: benchmarks/results/tune/llama-<a>-<b>.json (resumable per method: methods already in a
+Output: benchmarks/results/tune/llama-<a>-<b>[-train-text].json (resumable per method: methods already in a
 pair's file are skipped, new ones measured and merged in).
 """
 
@@ -21,25 +21,43 @@ sys.path.insert(0, str(HERE.parent))
 
 OUT = HERE / "results" / "tune"
 LEARNED = "default+matching=learned"
+# (measured before learn_samples: each learned candidate's loss on the 512 calibration passages)
+BEFORE = "+learn_samples=512"
 CANDIDATES = [
     "vanilla", "default",
-    f"{LEARNED}+learn_lr=0.01+learn_steps=300",                                  # before
-    f"{LEARNED}+learn_lr=0.01+learn_steps=300+learn_lambdas=0.4-0.6",
-    f"{LEARNED}+learn_lr=0.003+learn_steps=600",
-    f"{LEARNED}+learn_lr=0.003+learn_steps=600+learn_lambdas=0.4-0.6",
-    f"{LEARNED}+learn_lr=0.003+learn_steps=600+learn_lambdas=0.4-0.6+learn_init=best",
+    f"{LEARNED}+learn_lr=0.01+learn_steps=300{BEFORE}",                          # before
+    f"{LEARNED}+learn_lr=0.01+learn_steps=300+learn_lambdas=0.4-0.6{BEFORE}",
+    f"{LEARNED}+learn_lr=0.003+learn_steps=600{BEFORE}",
+    f"{LEARNED}+learn_lr=0.003+learn_steps=600+learn_lambdas=0.4-0.6{BEFORE}",
+    f"{LEARNED}+learn_lr=0.003+learn_steps=600+learn_lambdas=0.4-0.6+learn_init=best{BEFORE}",
     # FF permutations learned too: straight-through estimator against Sinkhorn (issue 22)
-    f"{LEARNED}+learn_permutations=true",
-    f"{LEARNED}+learn_permutations=true+learn_estimator=sinkhorn",
+    f"{LEARNED}+learn_permutations=true{BEFORE}",
+    f"{LEARNED}+learn_permutations=true+learn_estimator=sinkhorn{BEFORE}",
 ]
+# More text for the learned loss (`learn_samples`; its passages shuffled with a fixed seed), on
+# the tuning zoo's training text (5557 passages; the calibration file holds 693): 512 (the
+# calibration's), 2048 and 4096; with 2048, 600 steps at the default rate and the schedule
+# candidate.
+SCHEDULE = "learn_lr=0.003+learn_steps=600+learn_lambdas=0.4-0.6+learn_init=best"
+TEXT_CANDIDATES = ["vanilla", "default"] + [
+    f"{LEARNED}+learn_samples={n}" for n in (512, 2048, 4096)] + [
+    f"{LEARNED}+learn_steps=600+learn_samples=2048",
+    f"{LEARNED}+{SCHEDULE}+learn_samples=2048"]
+TEXTS = {"calib": ("shakespeare-calib", "", CANDIDATES),
+         "train": ("shakespeare-train", "-train-text", TEXT_CANDIDATES)}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--pairs", default="1-2,3-4")
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--methods", default=",".join(CANDIDATES))
+    ap.add_argument("--text", choices=sorted(TEXTS), default="calib",
+                    help="calibration text: calib (693 passages) or train (the zoo's training "
+                         "text, 5557 passages, for the learn_samples candidates)")
+    ap.add_argument("--methods", default=None, help="default: the candidates of --text")
     args = ap.parse_args()
+    calibration, suffix, candidates = TEXTS[args.text]
+    methods = args.methods.split(",") if args.methods else candidates
     import torch
 
     from benchmarks.zoo import zoo
@@ -51,16 +69,17 @@ def main() -> None:
     _, paths = zoo("llama", max(max(p) for p in pairs), "cpu")
     OUT.mkdir(parents=True, exist_ok=True)
     for a, b in pairs:
-        out = OUT / f"llama-{a}-{b}.json"
+        out = OUT / f"llama-{a}-{b}{suffix}.json"
         old = json.loads(out.read_text()) if out.is_file() else None
-        todo = [m for m in args.methods.split(",") if not old or m not in old["methods"]]
+        todo = [m for m in methods if not old or m not in old["methods"]]
         if not todo:
             continue
         result = run_barrier(paths[a - 1], paths[b - 1], methods=todo,
                              settings=AlignSettings(samples=512, max_length=64, batch_size=16),
                              evaluation=Evaluation("shakespeare-eval", 256, 64, lambdas=11),
-                             calibration="shakespeare-calib", run=RunSettings(cache="refresh"))
-        result.update(arch="llama", seeds=[a, b], zoo="benchmarks/zoo.py --size cpu (Shakespeare)")
+                             calibration=calibration, run=RunSettings(cache="refresh"))
+        result.update(arch="llama", seeds=[a, b], zoo="benchmarks/zoo.py --size cpu (Shakespeare)",
+                      text=calibration)
         if old:   # methods measured in earlier runs kept; the share removed against one vanilla
             result["methods"] = dict(old["methods"], **result["methods"])
             vanilla = result["methods"]["vanilla"]["barrier"]

@@ -84,6 +84,12 @@ class AlignSettings(BaseModel):
                                 "0.25/0.5/0.75) or a range sampled uniformly every step "
                                 "(0.4-0.6).", role="method", vanilla="0.5",
                                 only_if=("matching", "learned"))
+    learn_samples: int = option(
+        2048, "matching=learned: passages its loss is learned on (at least the calibration "
+        "passages; read from the calibration data as far as it holds, shuffled with a fixed "
+        "seed; a tenth of the calibration passages is held out to stop early). More than the "
+        "statistics need: on a few batches the maps fit the text, not the models.",
+        role="method", vanilla=2048, only_if=("matching", "learned"), ge=2)
     learn_init: Literal["activations", "best"] = option(
         "activations", "matching=learned: start from activation matching, or from the better "
         "(held-out merged loss) of activation and weight matching.", role="method",

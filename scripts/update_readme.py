@@ -66,33 +66,55 @@ def _report():
 
 
 def recommend_block() -> str:
-    """Per architecture of the realistic zoo: what the default and the best method remove."""
+    """Per architecture of the realistic zoo, then of the evaluation zoos (never tuned on) and
+    the anchor: what the default and the best method remove."""
     report = _report()
-    rows = ["| realistic zoo (BENCHMARKS.md) | default removes | default + REPAIR | "
+    results = ROOT / "benchmarks" / "results"
+    rows = ["| zoo (BENCHMARKS.md) | default removes | default + REPAIR | "
             "`matching: learned` removes | learned minus default (paired) | learned's time / "
             "default's | recommended |", "|---|---|---|---|---|---|---|"]
-    for arch, label in (("llama", "Llama, GQA (RMSNorm)"), ("neox", "GPT-NeoX (pre-LayerNorm)"),
-                        ("bert", "BERT (post-LayerNorm)")):
-        doc = report.realistic_doc(arch)
-        if doc is None:
+    zoos = [(("llama",), "realistic: Llama, GQA (RMSNorm)"),
+            (("neox",), "realistic: GPT-NeoX (pre-LayerNorm)"),
+            (("bert",), "realistic: BERT (post-LayerNorm)"),
+            (("llama", results, "eval", "zoo-eval.json"), "evaluation (SOTU): Llama, GQA"),
+            (("neox", results, "eval", "zoo-eval-neox.json"), "evaluation (SOTU): GPT-NeoX"),
+            (("gpt2-untied", results, "eval-gpt2", "zoo-eval-gpt2.json", "gpt2"),
+             "evaluation (SOTU): GPT-2 6L, untied"),
+            (("gpt2-untied", results, "anchor", "zoo-anchor.json", "gpt2"),
+             "anchor (Shakespeare): GPT-2 6L, untied")]
+    for args, label in zoos:
+        if len(args) > 3 and not (results / args[3]).is_file():
+            continue
+        doc = report.realistic_doc(*args)
+        if doc is None or "default" not in doc["summary"]:
             continue
         s = doc["summary"]
 
         def pct(m):
             return report.fmt(s[m]["removed_vs_vanilla"], pct=True) if m in s else "-"
-        learned = "default+matching=learned"
+        learned = report.learned_default(s)
+        if learned is None:
+            continue
         diff, se = report.versus_default(doc, learned)   # se is nan with one pair
-        rows.append(f"| {label} | {pct('default')} | {pct('default+repair')} | {pct(learned)} | "
-                    f"{diff:+.4f} ± {se:.4f} ({doc['pairs']} pairs) | "
+        rows.append(f"| {label} | {pct('default')} | {pct('default+repair')} | "
+                    f"{pct(learned)}{_samples_note(learned)} | "
+                    f"{diff:+.4f} ± {se:.4f} ({doc['pairs']} pair{'s' * (doc['pairs'] > 1)}) | "
                     f"{_times(report.cost_ratio(doc, learned))} | `{report.recommendation(doc)}` |")
     rows += ["", "A method is recommended over the default only where it lowers the barrier "
              "by more than two paired standard errors; the default itself changes only where "
              "that method also costs at most 3x the default's time (calibration included), so "
              "`matching: activations` stays the default and `matching: learned` is the choice "
-             "when quality matters more than minutes. _Read from "
-             "`benchmarks/results/realistic/*.json` by `python scripts/update_readme.py`; method "
+             "when quality matters more than minutes. With one pair there is no standard error, so "
+             "nothing is recommended over the default. _Read from `benchmarks/results/"
+             "{realistic,eval,eval-gpt2,anchor}/*.json` by `python scripts/update_readme.py`; method "
              "names as in `mergekit-permute barrier --methods`._"]
     return "\n".join(rows)
+
+
+def _samples_note(method: str) -> str:
+    """Results measured before learn_samples (the loss learned on the calibration passages)."""
+    n = method.partition("+learn_samples=")[2]
+    return f" (measured before `learn_samples`: {n} passages, in file order)" if n else ""
 
 
 def _times(ratio) -> str:

@@ -117,11 +117,11 @@ def test_compose_and_invert_scaled_permutations():
     torch.testing.assert_close(compose(p0, dense), as_matrix(p0) @ dense)
 
 
-def _align_learned(a, b, out, samples: int, steps: int) -> dict:
+def _align_learned(a, b, out, samples: int, steps: int, *extra: str) -> dict:
     """`align --matching learned` run in-process; its alignment.json."""
     r = CliRunner().invoke(main, ["align", a, b, "--data", "shakespeare-calib", "--samples",
                                   str(samples), "--max-length", "32", "--matching", "learned",
-                                  "--learn-steps", str(steps), "--out", str(out)])
+                                  "--learn-steps", str(steps), "--out", str(out), *extra])
     assert r.exit_code == 0, r.output
     return json.loads((out / "alignment.json").read_text())
 
@@ -149,6 +149,55 @@ def test_learned_alignment_end_to_end(zoo, tmp_path):
     assert r.exit_code == 0, r.output
     for k, v in load_file(tmp_path / "applied" / "model.safetensors").items():
         torch.testing.assert_close(v, load_file(out / "model.safetensors")[k], rtol=0, atol=0)
+
+
+def test_learned_loss_reads_learn_samples_passages_and_holds_out_a_tenth_of_calibration(
+        zoo, tmp_path):
+    """The learned loss trains on `learn_samples` passages of the calibration data (more text
+    than the statistics need), holding out a tenth of the calibration passages' batches; with
+    learn_samples at most the calibration passages it is the calibration text itself."""
+    a, b = zoo("llama")
+    more = _align_learned(a, b, tmp_path / "more", 80, 3, "--learn-samples", "400",
+                          "--batch-size", "8")["learned"]
+    assert (more["passages"], more["held_out_passages"]) == (392, 8)   # 400 read, 10 batches: 1
+    same = _align_learned(a, b, tmp_path / "same", 80, 3, "--learn-samples", "2",
+                          "--batch-size", "8")["learned"]
+    assert (same["passages"], same["held_out_passages"]) == (72, 8)
+    # the built-in calibration file holds 693 passages: what is there is used
+    all_ = _align_learned(a, b, tmp_path / "all", 80, 3, "--learn-samples", "100000",
+                          "--batch-size", "8")["learned"]
+    assert all_["passages"] + all_["held_out_passages"] == 693
+
+
+def test_learned_loss_batches_sample_the_whole_text(zoo, tmp_path, monkeypatch):
+    """Files are often ordered (by date, by play): the learned loss's passages are shuffled with
+    a fixed seed, so the held-out slice is not the file's last stretch, and reruns agree."""
+    import mergekit_permute.align.learn as learn
+    a, b = zoo("llama")
+    data = tmp_path / "ordered.txt"
+    data.write_text("".join(f"passage {i} " + "word " * 8 + "\n" for i in range(200)))
+    seen = []
+    monkeypatch.setattr(learn, "learn", lambda *args, **kw: seen.append(args[4]) or args[3][0])
+    for run in ("one", "two"):
+        r = CliRunner().invoke(main, ["align", a, b, "--data", str(data), "--samples", "100",
+                                      "--max-length", "32", "--batch-size", "10", "--matching",
+                                      "learned", "--learn-samples", "200", "--out",
+                                      str(tmp_path / run)])
+        assert r.exit_code == 0, r.output
+    (train, held), (train2, held2) = seen
+    assert len(held) == 1 and len(train) == 19
+    for x, y in zip(train + held, train2 + held2):
+        assert torch.equal(x["input_ids"], y["input_ids"])
+    from transformers import AutoTokenizer
+    from mergekit_permute.io.batches import tokenize
+    lines = data.read_text().splitlines()
+    in_order = tokenize(AutoTokenizer.from_pretrained(a), [t.strip() for t in lines], 32, 10,
+                        "LlamaForCausalLM", "clm")
+    rows = lambda bs: sorted(tuple(r[m.bool()].tolist()) for b in bs  # noqa: E731
+                             for r, m in zip(b["input_ids"], b["attention_mask"]))
+    assert rows(train + held) == rows(in_order)            # the same passages, all of them
+    assert rows(held) != rows(in_order[-1:])               # not the file's last ten
+    assert not all(torch.equal(x["input_ids"], y["input_ids"]) for x, y in zip(train, in_order))
 
 
 def test_learned_alignment_of_a_tied_mlm(zoo, tmp_path):
@@ -276,3 +325,52 @@ def test_checkpointed_learning_matches_whole_model_learning(zoo, tmp_path, monke
     ckpt = _align_learned(a, b, tmp_path / "ckpt", samples=120, steps=20)["learned"]
     assert ckpt["best_step"] == plain["best_step"] and ckpt["steps_run"] == plain["steps_run"]
     assert ckpt["held_out_loss_best"] == pytest.approx(plain["held_out_loss_best"], abs=1e-5)
+
+
+@pytest.mark.parametrize("order", ["better_first", "better_last"])
+def test_best_start_keeps_the_better_start_and_one_problem_at_a_time(order, monkeypatch):
+    """learn_init=best: the start with the lower held-out merged loss is kept (its loss as a
+    fresh problem's), whichever comes first; no two copies of A and B are alive together."""
+    import gc
+    import weakref
+    import mergekit_permute.align.learn as learn
+    from mergekit_permute.align.learn import Schedule, _Problem, _best_start
+    from mergekit_permute.align.weight_match import weight_match_alignment
+    from mergekit_permute.core.alignment import Alignment
+    from mergekit_permute.settings import AlignSettings
+    a, b = build("LlamaForCausalLM", seed=0), build("LlamaForCausalLM", seed=1)
+    spec = spec_for_config(a.config)
+    model = type(a)(a.config).eval()
+    states = [{n: t.detach() for n, t in m.state_dict().items()} for m in (a, b)]
+    kw = inputs(a)
+    held = [{**kw, "labels": kw["input_ids"].masked_fill(kw["attention_mask"] == 0, -100)}]
+    schedule = Schedule(steps=1, lr=1e-2)
+    identity = Alignment.identity(spec, AlignSettings(residual="all"))
+    matched = weight_match_alignment(spec, *states, AlignSettings(matching="weights",
+                                                                  residual="all"))
+    loss = {}
+    for name, start in (("identity", identity), ("weights", matched)):
+        with torch.no_grad():
+            problem = _Problem(spec, model, *states, start, "cpu")
+            loss[name] = float(problem.loss(Maps(spec, start.folded), held, (0.5,)))
+    del problem
+    better = min(loss, key=loss.get)
+    starts = {"identity": identity, "weights": matched}
+    names = [better, *(n for n in starts if n != better)]
+    if order == "better_last":
+        names.reverse()
+    alive, most = [], [0]
+    real_init = _Problem.__init__
+
+    def counting_init(self, *args, **kwargs):
+        alive[:] = [r for r in alive if r() is not None]
+        real_init(self, *args, **kwargs)
+        alive.append(weakref.ref(self))
+        gc.collect()
+        most[0] = max(most[0], sum(r() is not None for r in alive))
+    monkeypatch.setattr(learn._Problem, "__init__", counting_init)
+    problem, _, got = _best_start(spec, model, states, [starts[n] for n in names], held,
+                                  schedule, "cpu", torch.float32, False)
+    assert problem.start is starts[better]
+    assert got == pytest.approx(loss[better], rel=1e-6)
+    assert most[0] == 1

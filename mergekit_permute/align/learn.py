@@ -18,6 +18,7 @@ import copy
 import logging
 import math
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -34,6 +35,7 @@ from mergekit_permute.calibration.collect import Workload
 from mergekit_permute.core.alignment import Alignment
 from mergekit_permute.evaluate import objective_for
 from mergekit_permute.io.batches import tokenize
+from mergekit_permute.io.checkpoints import CheckpointSource
 from mergekit_permute.io.data import chars_for, load_texts
 from mergekit_permute.core.permute import (
     Scaled, Transforms, apply_to_tensor, compose, fold_gauge,
@@ -212,7 +214,7 @@ def _blocks_checkpointed(problem: _Problem, t, lam: float):
             del block.forward   # the class's own again
 
 
-def learn(spec: PermutationSpec, model, states: List[Dict], starts: Sequence[Alignment],
+def learn(spec: PermutationSpec, model, states: List[Mapping], starts: Sequence[Alignment],
           batches: Tuple[List[Dict], List[Dict]], schedule: Schedule,
           device: str = "cpu", dtype: torch.dtype = torch.float32,
           checkpoint: bool = False) -> Alignment:
@@ -277,6 +279,8 @@ def learn(spec: PermutationSpec, model, states: List[Dict], starts: Sequence[Ali
                            "held_out_loss_start": round(start_loss, 6),
                            "held_out_loss_best": round(best, 6),
                            "train_loss_last": round(sum(recent) / max(len(recent), 1), 6),
+                           "passages": sum(_rows(b) for b in train),
+                           "held_out_passages": sum(_rows(b) for b in held_out),
                            "lambdas": list(schedule.lambda_range or schedule.lambdas),
                            "lambda_sampling": "uniform" if schedule.lambda_range else "fixed",
                            "lr": schedule.lr, "schedule": "linear warmup, cosine decay",
@@ -289,19 +293,58 @@ def learn(spec: PermutationSpec, model, states: List[Dict], starts: Sequence[Ali
     return out
 
 
+def _rows(batch: Dict[str, torch.Tensor]) -> int:
+    return int(next(iter(batch.values())).shape[0])
+
+
+def _shape(reader, name: str) -> Optional[Tuple[int, ...]]:
+    """A tensor's shape (None: absent), from a checkpoint's header without reading it."""
+    if isinstance(reader, CheckpointSource):
+        key = reader.key(name)
+        return None if key is None else tuple(reader.checkpoint.meta(key)[0])
+    t = reader.get(name)
+    return None if t is None else tuple(t.shape)
+
+
+class _Float32View(Mapping):
+    """`names` of a checkpoint reader as float32 tensors, read when asked for."""
+
+    def __init__(self, reader, names: Sequence[str]):
+        self.reader, self.names = reader, list(names)
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        t = self.reader.get(name)
+        return t.float() if t.is_floating_point() else t
+
+    def __iter__(self):
+        return iter(self.names)
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+
 @torch.no_grad()
 def _best_start(spec: PermutationSpec, model, states, starts: Sequence[Alignment], held_out,
                 schedule: Schedule, device: str, dtype: torch.dtype, checkpoint: bool
                 ) -> Tuple[_Problem, Maps, float]:
-    """The start with the lowest held-out merged loss, its maps at the identity, that loss."""
-    best = (None, None, float("inf"))
-    for candidate in starts:
+    """The start with the lowest held-out merged loss, its maps at the identity, that loss.
+    One problem (a copy of A and B) exists at a time: a better start's is built again."""
+    def build(candidate: Alignment) -> Tuple[_Problem, Maps, float]:
         problem = _Problem(spec, model, *states, candidate, device, dtype, checkpoint)
         maps = Maps(spec, candidate.folded, schedule.permute_ffn, schedule.estimator).to(device)
-        loss = float(problem.loss(maps, held_out, schedule.held_out_lambdas))
-        if loss < best[2]:
-            best = (problem, maps, loss)
-    return best
+        return problem, maps, float(problem.loss(maps, held_out, schedule.held_out_lambdas))
+
+    losses = []
+    for i, candidate in enumerate(starts):
+        problem, maps, loss = build(candidate)
+        losses.append(loss)
+        if i < len(starts) - 1:
+            del problem, maps
+    best = min(range(len(starts)), key=losses.__getitem__)
+    if best != len(starts) - 1:
+        del problem, maps
+        problem, maps, _ = build(starts[best])
+    return problem, maps, losses[best]
 
 
 def _composed(start: Alignment, maps: Maps) -> Alignment:
@@ -331,13 +374,23 @@ def learn_alignment(work: Workload, start: Alignment, settings: AlignSettings) -
     if objective == "cls":
         raise ValueError(f"matching=learned needs a language-model loss; {spec.architecture} "
                          "has a task head (align it with matching=activations)")
-    texts = load_texts(work.data, settings.samples, max_chars=chars_for(settings.max_length))
+    texts = load_texts(work.data, max(settings.samples, settings.learn_samples),
+                       max_chars=chars_for(settings.max_length))
+    # Shuffled (seeded): text files are often ordered (by date, by play), and both the held-out
+    # slice and every stretch of steps should sample all of the text, not its last era.
+    order = torch.randperm(len(texts), generator=torch.Generator().manual_seed(0)).tolist()
+    texts = [texts[i] for i in order]
     batches = tokenize(pair.tokenizer, texts, settings.max_length, settings.batch_size,
                        spec.architecture, objective)
     if len(batches) < 2:
         raise ValueError("matching=learned needs at least two calibration batches (one held "
                          "out to stop early); raise --samples or lower --batch-size")
-    held = max(1, len(batches) // 10)
+    if len(texts) < settings.learn_samples:
+        LOG.info("learned alignment: %s holds %d passages, fewer than learn_samples=%d; "
+                 "learning on all of them", work.data, len(texts), settings.learn_samples)
+    # Held out: a tenth of the calibration passages' batches (what judging a step costs does not
+    # grow with learn_samples); learned on: every other batch, each seen once per epoch.
+    held = max(1, min(len(batches), -(-settings.samples // settings.batch_size)) // 10)
     with init_empty_weights(include_buffers=False):   # every weight comes from A and B
         container = getattr(transformers, spec.architecture)(pair.config)
     container.tie_weights()   # (not done on the meta device)
@@ -345,20 +398,23 @@ def learn_alignment(work: Workload, start: Alignment, settings: AlignSettings) -
     # one per tied group: functional_call refuses two values for tied weights.
     unique = [n for n, _ in container.named_parameters()] + [n for n, _ in container.named_buffers()]
     sa, sb = work.readers()
-    names = [n for n in unique if sa.get(n) is not None]
-    state_a, state_b = ({n: (t.float() if t.is_floating_point() else t)
-                         for n, t in ((n, source.get(n)) for n in names)} for source in (sa, sb))
+    shapes = {n: _shape(sa, n) for n in unique}
+    names = [n for n in unique if shapes[n] is not None]
+    # Read tensor by tensor as the problem is built: only the problem's own copies of A and B
+    # are ever whole in memory.
+    state_a, state_b = _Float32View(sa, names), _Float32View(sb, names)
     # Accelerators: A and B held in the checkpoint's half dtype, bfloat16 forwards, every block
     # recomputed in the backward pass; the CPU: float32, blocks recomputed from CHECKPOINT_FROM.
     stored = next(t.dtype for t in map(sa.get, names) if t.is_floating_point())
     accelerated = torch.device(work.device).type != "cpu"
     dtype = stored if accelerated and stored in (torch.bfloat16, torch.float16) else torch.float32
-    checkpoint = accelerated or sum(t.numel() for t in state_a.values()) >= CHECKPOINT_FROM
+    checkpoint = accelerated or sum(math.prod(shapes[n]) for n in names) >= CHECKPOINT_FROM
     starts = [start]
     if settings.learn_init == "best":
-        try:
+        try:   # (weight matching reads every weight many times: whole float32 copies, briefly)
             starts.append(weight_match_alignment(
-                spec, state_a, state_b, settings.model_copy(update={"matching": "weights"})))
+                spec, dict(state_a), dict(state_b),
+                settings.model_copy(update={"matching": "weights"})))
         except ValueError as e:   # settings weight matching cannot honour (residual=first, ...)
             LOG.info("learn_init=best: no weight-matching start (%s)", e)
     fixed, span = lambdas_of(settings.learn_lambdas)
@@ -366,6 +422,5 @@ def learn_alignment(work: Workload, start: Alignment, settings: AlignSettings) -
                         lambda_range=span, permute_ffn=settings.learn_permutations,
                         estimator=settings.learn_estimator)
     states = [state_a, state_b]
-    del state_a, state_b   # (learn empties `states` once its problem holds its own copies)
     return learn(spec, container, states, starts,
                  (batches[:-held], batches[-held:]), schedule, work.device, dtype, checkpoint)
