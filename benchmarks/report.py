@@ -664,7 +664,7 @@ def main():
                   "`python benchmarks/anchor_quality.py --corpus sotu` unties both heads and "
                   "measures each pair as the anchor below; no setting was chosen by looking at "
                   "these numbers.", ""]
-        plot_curves(gpt2_eval, results / "eval-gpt2-untied.png", "GPT-2 6L/256, evaluation zoo")
+        plot_curves(gpt2_eval, results / "eval-gpt2-gpt2-untied.png", "GPT-2 6L/256, evaluation zoo")
         parts.append(realistic_section(gpt2_eval))
     anchor = anchor_doc(results)
     if anchor:
