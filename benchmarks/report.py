@@ -315,8 +315,8 @@ def tune_section(tune) -> list:
             base, _, n = m.partition("+learn_samples=")
             if n.isdigit():
                 by_samples.setdefault(base, {})[int(n)] = b
-        if len(by_samples) and all(len(v) > 1 for v in by_samples.values()) and \
-                doc.get("text"):
+        by_samples = {k: v for k, v in by_samples.items() if len(v) > 1}
+        if by_samples and doc.get("text"):
             parts += [f"More text for the learned loss ({doc['text']}, "
                       "barrier by `learn_samples`): " + "; ".join(
                           f"`{base}`: " + ", ".join(f"{n} passages {b:.4f}"
