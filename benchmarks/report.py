@@ -454,6 +454,21 @@ def scale_rows(docs) -> str:
     return "\n".join(lines)
 
 
+VARIANT_NOTES = {
+    "no-heap-tuning": "`no-heap-tuning` runs glibc's own thresholds and no trims",
+    "plain-heap": "`plain-heap` (measured before its removal) also keeps every long-lived "
+                  "buffer in the heap",
+    "no-outside-heap": "`no-outside-heap` (measured before their removal) switches only the "
+                       "long-lived buffers' own mappings and the mmapped skeleton build off: no "
+                       "difference, so they were removed",
+    "no-pool": "`no-pool` (measured before its removal) solves every space in the main "
+               "process, on threads: smaller and faster, so the process pool was removed",
+    "float32-products": "`float32-products` runs `align --stats-products float32`, where "
+                        "`default` (`auto`) multiplies the statistics' features in bfloat16 "
+                        "on a CPU that does so natively (this one: {native})",
+}
+
+
 def scale_section(doc) -> str:
     if "variants" not in doc["rows"][0]:
         return "(an older result format; rerun `python benchmarks/scale.py`)"
@@ -461,17 +476,15 @@ def scale_section(doc) -> str:
              + (f" ({doc['machine']['gpu']})" if doc["machine"].get("gpu") else "")
              + f", {doc['date']}; random-init bf16 pairs; calibration "
              f"`{' '.join(doc['calibration'])}`. Memory: {doc['memory']}. Times are medians "
-             f"of {doc['repeats']} alternating runs of floor and `align`, peaks the highest.", "",
+             f"of {doc['repeats']} alternating runs of floor and `align`, peaks the highest."
+             + (f" Note: {doc['note']}." if doc.get("note") else ""), "",
              scale_rows([doc])]
     variants = [v for v in doc["variants"] if v != "default"]
     if variants:
-        lines += ["", "Machinery switched off (`--variant`): `no-heap-tuning` runs glibc's own "
-                  "thresholds and no trims; measured before their removal: `plain-heap` "
-                  "(also every long-lived buffer in the heap), `no-outside-heap` (only the "
-                  "long-lived buffers' own mappings and the mmapped skeleton build off: no "
-                  "difference, so they were removed), `no-pool` (every space solved in the "
-                  "main process, on threads: smaller and faster, so the process pool was "
-                  "removed).", "",
+        lines += ["", "Variants (`--variant`): " + "; ".join(
+                      VARIANT_NOTES[v].format(native="yes" if doc["machine"].get(
+                          "native_bf16_cpu") else "no") for v in variants
+                      if v in VARIANT_NOTES) + ".", "",
                   "| layers | variant | `align` (s), each run | time / floor | peak above import "
                   "(MiB), each run | solver processes (MiB) |", "|---|---|---|---|---|---|"]
         for r in doc["rows"]:
@@ -534,8 +547,7 @@ def scale_section(doc) -> str:
                              f"{v['learn_seconds']:.0f} | {v['peak_above_import_mib']:.0f} | "
                              f"{v['peak_vs_checkpoint']:.2f}x |")
         lines += ["", "Both paths read A and B tensor by tensor into the learning problem's own "
-                  "float32 copies (one copy of each, whichever start wins)."
-                  + (f" Note: {doc['note']}." if doc.get("note") else "")]
+                  "float32 copies (one copy of each, whichever start wins)."]
     if "solve" in doc:
         sv = doc["solve"]
         lines += ["", f"Solving {sv['spaces']} spaces {sv['width']} wide (independent features): "
@@ -562,23 +574,37 @@ def _jv_slowdowns(doc) -> str:
     return f"{min(ratios):.1f}-{max(ratios):.1f}x" if ratios else "(not measured)"
 
 
+# exact candidates measured against scipy: column title, what it is
+CANDIDATES = {
+    "lapx.lapjvs[f32]+certificate": (
+        "float32 + certificate",
+        "The float32 candidate: lapx's float32 `lapjvs`, a float64 optimality certificate, "
+        "float64 `lapjvh` where it fails."),
+    "sparse[k=16]+certificate": (
+        "sparse + certificate",
+        "The sparse candidate (`sparse_certified` in benchmarks/assignment.py): scipy's sparse "
+        "LAPJVsp on each row's and column's ~16 cheapest entries, column potentials on that "
+        "graph, every dense entry with a negative reduced cost added until none is (exact by "
+        "LP duality)."),
+}
+
+
 def assignment_section(doc) -> str:
     """Seconds per exact solver and size (CPU time, one thread), against scipy, and what the
     package's `assign` picks for each matrix."""
     from mergekit_permute.core.match import JV_FROM_MUTUAL
     cpu = doc.get("machine", {}).get("cpu", "this CPU")
-    cand = "lapx.lapjvs[f32]+certificate"
-    has_cand = any(cand in r["solvers"] for r in doc["results"])
+    cands = [c for c in CANDIDATES if any(c in r["solvers"] for r in doc["results"])]
     lines = [f"CPU seconds of one thread ({cpu}). `assign` picks lapx's `lapjvh` where at "
              f"least {JV_FROM_MUTUAL} (`JV_FROM_MUTUAL`) of the rows and their best columns "
              "choose each other (column 'mutual best'), scipy otherwise and where lapx cannot "
              "run (non-finite or rectangular scores); deciding costs two argmins."
-             + (" The last column is the float32 candidate: lapx's float32 `lapjvs`, a float64 "
-                "optimality certificate, float64 `lapjvh` where it fails." if has_cand else ""),
+             + "".join(" " + CANDIDATES[c][1] for c in cands),
              "",
              "| size | matrix | mutual best | scipy | lapx `lapjvh` | `assign` picks | "
-             "same assignment as scipy |" + (" float32 + certificate (same) |" if has_cand else ""),
-             "|---|---|---|---|---|---|---|" + ("---|" if has_cand else "")]
+             "same assignment as scipy |" + "".join(f" {CANDIDATES[c][0]} (same) |"
+                                                    for c in cands),
+             "|---|---|---|---|---|---|---|" + "---|" * len(cands)]
     for row in doc["results"]:
         solvers = row["solvers"]
         if "scipy" not in solvers:
@@ -593,7 +619,7 @@ def assignment_section(doc) -> str:
                 + (f"{ours['seconds']:.2f} | {picked} | "
                    f"{'yes' if ours['equals_scipy'] else 'no'} |" if "seconds" in ours
                    else f"not run | {picked} | - |"))
-        if has_cand:
+        for cand in cands:
             c = solvers.get(cand, {})
             line += (f" {c['seconds']:.2f} ({'yes' if c['equals_scipy'] else 'no'}) |"
                      if "seconds" in c else " - |")

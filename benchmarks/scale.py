@@ -22,7 +22,9 @@ Peak memory is reported above the import baseline, as a multiple of one bf16 che
 the depth run and (`--per-checkpoint-layers`) of the full-depth model, beside what must be
 resident: two blocks, both models' hidden states, one layer's statistics. `--variant
 no-heap-tuning` also runs align with calibration/heap.py switched off (glibc's own thresholds,
-no trims); `plain-heap` and `no-outside-heap` (long-lived buffers' own mappings off) were
+no trims); `--variant float32-products` runs align with `--stats-products float32` (auto picks
+bfloat16 products for these bf16 checkpoints where the CPU multiplies bfloat16 natively);
+`plain-heap` and `no-outside-heap` (long-lived buffers' own mappings off) were
 measured before those mappings were removed (results/scale-variants-cpu-tinyllama.json).
 `--learned STEPS` also runs `matching: learned` (blocks recomputed in the backward pass at these
 sizes), and with `--learned-whole-model` the whole-model backward beside it.
@@ -53,6 +55,9 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+from mergekit_permute.calibration.collect import native_bf16_cpu  # noqa: E402
+
 LLAMA = dict(model="LlamaForCausalLM", config="LlamaConfig", tie_word_embeddings=False)
 SHAPES = {
     "toy": dict(LLAMA, hidden_size=512, intermediate_size=1408, num_attention_heads=8,
@@ -133,6 +138,8 @@ elif variant == "no-heap-tuning":   # calibration/heap.py: glibc's own threshold
             if hasattr(mod, name):
                 setattr(mod, name, lambda: None)
     heap.HeapWatch.settle = heap.HeapWatch.check = lambda self: None
+elif variant == "float32-products":   # the statistics' cross products in float32 (not auto)
+    args = [*args, "--stats-products", "float32"]
 start = time.perf_counter()
 if mode == "floor":
     from mergekit_permute.io.batches import tokenize
@@ -367,7 +374,7 @@ def main() -> None:
                     help="runs of floor and align per depth: median time, highest peak")
     ap.add_argument("--shape", choices=sorted(SHAPES), default="toy")
     ap.add_argument("--variant", nargs="+", default=["default"],
-                    choices=["default", "no-heap-tuning"],
+                    choices=["default", "no-heap-tuning", "float32-products"],
                     help="align as shipped, and with a piece of machinery switched off")
     ap.add_argument("--learned", type=int, default=0, metavar="STEPS",
                     help="also run matching=learned with this many steps (once per depth)")
@@ -391,6 +398,7 @@ def main() -> None:
            "shape_name": args.shape, "calibration": calibration(args.shape),
            "repeats": args.repeats, "variants": args.variant,
            "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
+                       "native_bf16_cpu": native_bf16_cpu(),
                        "gpu": __import__("torch").cuda.get_device_name()
                        if args.device.startswith("cuda") else None},
            "memory": "the larger of the process's resident high-water mark and its resident "

@@ -133,7 +133,26 @@ def scale_block() -> str:
             + _report().scale_rows(docs)
             + "\n\n_From " + ", ".join(f"`benchmarks/results/{p.name}`" for p in paths)
             + " (`python benchmarks/scale.py --shape SHAPE --layers ...`, the commands in its "
-            "docstring); every run, the variants measured and the GPU results in BENCHMARKS.md._\n")
+            "docstring); every run, the variants measured and the GPU results in BENCHMARKS.md._"
+            + products_note(docs, results / "scale-products-cpu-tinyllama.json") + "\n")
+
+
+def products_note(docs, path) -> str:
+    """Rows measured before `stats_products` existed multiplied the statistics in float32."""
+    old = [d for d in docs if "native_bf16_cpu" not in d["machine"]]
+    if not old or not path.is_file():
+        return ""
+    doc = json.loads(path.read_text())
+    row = doc["rows"][0]
+    auto, f32 = (row["variants"][v] for v in ("default", "float32-products"))
+    which = "These rows were" if len(old) == len(docs) else \
+        "The rows of " + ", ".join(d["shape_name"] for d in old) + " were"
+    return (f"\n\n_{which} measured before `stats_products`: the statistics multiplied in "
+            f"float32 (the only path then). `auto` now multiplies them in bfloat16 on CPUs that do so "
+            f"natively, as this one: at {row['layers']} layers of this shape that took "
+            f"{auto['align_seconds']:.0f} s against {f32['align_seconds']:.0f} s "
+            f"({auto['time_vs_floor']:.2f}x against {f32['time_vs_floor']:.2f}x the floor of the "
+            f"same run; `benchmarks/results/{path.name}`, on a shared machine)._")
 
 
 def suite_block() -> str:

@@ -69,8 +69,9 @@ def test_align_output_computes_b_and_is_permuted(zoo, tmp_path, arch):
     assert (out / "tokenizer.json").exists() and (out / "config.json").exists()
 
 
-@pytest.mark.parametrize("arch", ["bert", "llama"])
-def test_alignment_recovers_a_random_permutation_of_itself(zoo, tmp_path, arch):
+@pytest.mark.parametrize("arch,products", [("bert", "float32"), ("llama", "float32"),
+                                            ("llama", "bfloat16")])
+def test_alignment_recovers_a_random_permutation_of_itself(zoo, tmp_path, arch, products):
     a, _ = zoo(arch)
     model = T.AutoModelForMaskedLM.from_pretrained(a) if arch == "bert" else \
         T.AutoModelForCausalLM.from_pretrained(a)
@@ -81,7 +82,8 @@ def test_alignment_recovers_a_random_permutation_of_itself(zoo, tmp_path, arch):
     model.save_pretrained(permuted)
     for f in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(f"{a}/{f}", permuted / f)
-    settings = AlignSettings(samples=120, max_length=32, residual="all")
+    # (bfloat16 cross products in the statistics recover it as well as float32 ones)
+    settings = AlignSettings(samples=120, max_length=32, residual="all", stats_products=products)
     alignment, model_a, model_b, _ = align_pair(a, str(permuted), "shakespeare-calib", settings,
                                                 cache="refresh")
     alignment.apply_to_model(model_b)

@@ -206,3 +206,34 @@ def test_a_spent_correlation_is_the_same_and_cannot_be_read_again():
     for read in (s.correlation, s.totals, s.tensors):
         with pytest.raises(RuntimeError, match="spent"):
             read()
+
+
+def test_bfloat16_products_correlate_within_their_rounding_and_rerun_identically():
+    # Each batch's cross products rounded to 8 bits (stats_products=bfloat16): the correlation
+    # moves by far less than its sampling error over these tokens (1/sqrt(3000) = 0.018), the
+    # matching is the float32 one, and a rerun is bit-identical.
+    a, b, perm = _pair(seed=2, std=0.5)
+    runs = []
+    for _ in range(2):
+        s = CrossStats.zeros(D, D, products=torch.bfloat16)
+        for i in range(0, TOKENS, 64):
+            s.update(a[i:i + 64], b[i:i + 64])
+        runs.append(s.correlation())
+    assert torch.equal(runs[0], runs[1])
+    reference = _reference(a, b)
+    # measured: 5e-4 (shifted values and each batch's products rounded to bfloat16)
+    torch.testing.assert_close(runs[0], reference, rtol=0, atol=2e-3)
+    assert not torch.equal(runs[0], _stats(a, b, 64).correlation())   # (the products differ)
+    assert torch.equal(match_plain(runs[0]), perm)
+
+
+def test_auto_products_are_bfloat16_only_for_half_checkpoints_where_native(monkeypatch):
+    from mergekit_permute.calibration import collect
+    monkeypatch.setattr(collect, "native_bf16_cpu", lambda: True)
+    assert collect.product_dtype("auto", "cpu", torch.bfloat16) == torch.bfloat16
+    assert collect.product_dtype("auto", "cpu", torch.float16) == torch.bfloat16
+    assert collect.product_dtype("auto", "cpu", torch.float32) == torch.float32
+    assert collect.product_dtype("float32", "cpu", torch.bfloat16) == torch.float32
+    monkeypatch.setattr(collect, "native_bf16_cpu", lambda: False)   # emulated: slower
+    assert collect.product_dtype("auto", "cpu", torch.bfloat16) == torch.float32
+    assert collect.product_dtype("bfloat16", "cpu", torch.float32) == torch.bfloat16

@@ -124,9 +124,9 @@ class PairCalibration:
 
     def __init__(self, spec: PermutationSpec, models: Tuple[BlockModel, BlockModel],
                  points: Points, masks: Sequence[torch.Tensor], hooks: Hooks = Hooks(), *,
-                 keep: bool = True, buffer_device=None):
+                 keep: bool = True, buffer_device=None, products: torch.dtype = torch.float32):
         self.spec, self.models, self.hooks, self.keep = spec, models, hooks, keep
-        self.buffer_device = buffer_device
+        self.buffer_device, self.products = buffer_device, products
         self.by_layer: Dict[Optional[int], Points] = {}
         for key, point in points:
             self.by_layer.setdefault(spec.layer_of(point.module), []).append((key, point))
@@ -223,20 +223,22 @@ class PairCalibration:
             a, b = (_tokens(select_part(cap[name], point.part), self.masks[j], self.kept[j])
                     for cap in caps)
             if key not in layer_stats:
-                layer_stats[key] = CrossStats.zeros(a.shape[1], b.shape[1], device=a.device)
+                layer_stats[key] = CrossStats.zeros(a.shape[1], b.shape[1], device=a.device,
+                                                    products=self.products)
             layer_stats[key].update(a, b)
 
 
 @torch.no_grad()
 def calibrate_pair(spec: PermutationSpec, models: Tuple[BlockModel, BlockModel], batches,
                    points: Points, masks: Sequence[torch.Tensor], hooks: Hooks = Hooks(), *,
-                   keep: bool = True, buffer_device=None, resume=None) -> Statistics:
+                   keep: bool = True, buffer_device=None, resume=None,
+                   products: torch.dtype = torch.float32) -> Statistics:
     """Statistics of every point over every unmasked token of `batches`, layer by layer (see
     PairCalibration); `resume` (calibration.resume.Resume) continues an interrupted run after
     its last checkpointed layer."""
     flat_heap()
     run = PairCalibration(spec, models, points, masks, hooks, keep=keep,
-                          buffer_device=buffer_device)
+                          buffer_device=buffer_device, products=products)
     start = run.catch(batches, resume)
     for layer in tqdm(range(start, spec.num_layers), desc="calibrating", unit="layer",
                       initial=start, total=spec.num_layers):

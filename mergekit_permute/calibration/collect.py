@@ -2,6 +2,7 @@
 and the statistics themselves, read from a valid cache entry or computed block by block (and
 cached; an interrupted run is continued)."""
 
+import functools
 import logging
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Tuple
@@ -64,6 +65,30 @@ class Workload:
 def calibration_spaces(spec: PermutationSpec) -> List[str]:
     """Every space whose statistics any setting could use."""
     return [s.name for s in spec.spaces if not s.frozen]
+
+
+@functools.lru_cache(maxsize=None)
+def native_bf16_cpu() -> bool:
+    """Whether this CPU multiplies bfloat16 natively (Linux flags avx512_bf16 / amx_bf16; oneDNN
+    emulates it on other AVX-512 CPUs, slower than float32)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f
+                          if line.startswith("flags")), [])
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def product_dtype(choice: str, device: str, stored: torch.dtype) -> torch.dtype:
+    """The dtype of the feature cross products summed into the statistics (the setting
+    `stats_products`; auto: bfloat16 for half-precision checkpoints where it is native)."""
+    if choice != "auto":
+        return getattr(torch, choice)
+    kind = torch.device(device).type
+    native = kind == "cuda" or (kind == "cpu" and native_bf16_cpu())
+    return torch.bfloat16 if native and stored in (torch.bfloat16, torch.float16) \
+        else torch.float32
 
 
 def compute_dtype(device: str, dtype: Optional[str], stored: torch.dtype) -> torch.dtype:
@@ -241,8 +266,13 @@ def statistics(work: "Workload", calib: Calibration, settings: AlignSettings, *,
     hooks = Hooks(on_layer=layer_done, reduce=dist.reduce,
                   checkpoint=writer.checkpoint if writer is not None and dist.size == 1 else None)
     try:
+        products = product_dtype(settings.stats_products, device, pair.checkpoint_a.dtype())
+        if products != torch.float32:
+            LOG.info("statistics: %s cross products (stats_products=%s)",
+                     str(products).removeprefix("torch."), settings.stats_products)
         stats = calibrate_pair(spec, models, batches, points, masks, hooks, keep=keep,
-                               buffer_device=plan["buffer_device"], resume=resume)
+                               buffer_device=plan["buffer_device"], resume=resume,
+                               products=products)
         stats.update(resumed_layers)
     except BaseException:
         if writer is not None:

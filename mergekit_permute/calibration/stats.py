@@ -42,6 +42,8 @@ class CrossStats:
     _fixed: Optional[bool] = field(default=None, repr=False, compare=False)
     # sum_ab became a correlation (correlation(consume=True)): nothing may read them again
     _spent: bool = field(default=False, repr=False, compare=False)
+    # the dtype of the cross products of a batch (bfloat16: rounded before the float32 sum)
+    _products: torch.dtype = field(default=torch.float32, repr=False, compare=False)
 
     def __post_init__(self):
         for name, like in (("shift_a", self.sum_a), ("shift_b", self.sum_b)):
@@ -55,12 +57,13 @@ class CrossStats:
             self._fixed = bool(self.n > 0)
 
     @staticmethod
-    def zeros(da: int, db: int, device="cpu") -> "CrossStats":
+    def zeros(da: int, db: int, device="cpu", products: torch.dtype = torch.float32
+              ) -> "CrossStats":
         z = lambda *s: torch.zeros(*s, dtype=torch.float64, device=device)  # noqa: E731
         # sum_ab starts as a zero view without memory; the first flush makes it real, so a
         # layer's batches hold only the float32 pending products.
         return CrossStats(z(()), z(da), z(db), z(da), z(db), z(()).expand(da, db), z(da), z(db),
-                          _fixed=False)
+                          _fixed=False, _products=products)
 
     def update(self, a: torch.Tensor, b: torch.Tensor) -> None:
         """a: [tokens, da], b: [tokens, db], the same tokens in the same order.
@@ -69,7 +72,8 @@ class CrossStats:
         feature near its shift minus the shift is exact). Shifted values are float32 (fp16/bf16
         products cannot overflow there); per-feature sums of a batch are float32 reductions
         (squares: float64) added to the float64 totals, the cross products go through the
-        float32 pending buffer (see FLUSH_TOKENS)."""
+        float32 pending buffer (see FLUSH_TOKENS), multiplied in float32 or, if the statistics
+        were made with `products=torch.bfloat16`, in bfloat16 (the setting stats_products)."""
         tokens = a.shape[0]
         if tokens == 0:
             return
@@ -87,7 +91,13 @@ class CrossStats:
         if self._pending is None:
             self._pending = torch.zeros(self.sum_ab.shape, dtype=torch.float32,
                                         device=self.sum_ab.device)
-        self._pending.addmm_(a.T, b)   # [da, tokens] @ [tokens, db], accumulated in place
+        if self._products == torch.float32:
+            self._pending.addmm_(a.T, b)   # [da, tokens] @ [tokens, db], accumulated in place
+        else:
+            # The batch's products in bfloat16 ([da, db], rounded to 8 bits: a relative error
+            # of 2^-9 per batch, against a correlation's sampling error of 1/sqrt(tokens)),
+            # summed in float32 like the rest.
+            self._pending += a.T.to(self._products) @ b.to(self._products)
         self._pending_tokens += tokens
         if self._pending_tokens >= FLUSH_TOKENS:
             self.flush()
