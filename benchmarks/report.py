@@ -223,6 +223,8 @@ REALISTIC_EXPLAIN = {
     "default+matching=weights+residual=all": "weight matching, residual permuted (no rotation)",
     "default+matching=learned+learn_lr=0.003+learn_steps=600+learn_lambdas=0.4-0.6"
     "+learn_init=best": "learned, the tuning zoo's 600-step schedule",
+    "default+matching=learned+learn_steps=600": "learned, 600 steps (the tuning zoo's next "
+                                                "candidate)",
 }
 
 
@@ -241,6 +243,22 @@ def learned_default(summary) -> Optional[str]:
     return plain if plain in summary else next(
         (m for m in summary if m.startswith(plain + "+learn_samples=")
          and "+" not in m[len(plain) + 1:]), None)
+
+
+def timing_section(doc) -> list:
+    """`matching: learned` timed on one evaluation pair (benchmarks/learned_timing.py)."""
+    lines = ["## Learned alignment's time on 2 CPU cores", "",
+             "`default+matching=learned` on one evaluation pair, calibration included (issue "
+             "22's criterion for a default: at most 5 minutes per 4-layer/256 pair on 2 CPU "
+             "cores). `python benchmarks/learned_timing.py --threads N`.", "",
+             "| zoo | pair | torch threads | calibration (s) | learning and assembly (s) | "
+             "total (s) | steps | barrier | machine |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in doc["runs"]:
+        lines.append(f"| {r['arch']} (SOTU) | {r['pair']} | {r['threads']} | "
+                     f"{r['calibration_seconds']:.1f} | {r['alignment_seconds']:.1f} | "
+                     f"{r['calibration_plus_alignment']:.1f} | {r['steps_run']} | "
+                     f"{r['barrier']:.4f} | {r['note']} |")
+    return lines + [""]
 
 
 # Theus et al. 2025, GPT-2 6L/256/4 heads on Tiny Shakespeare: (their method, its barrier,
@@ -661,7 +679,8 @@ def main():
             plot_curves(doc, results / f"realistic-{arch}.png",
                         f"{arch}, realistic zoo: interpolation curves")
             parts.append(realistic_section(doc))
-    for arch, zoo_file in (("llama", "zoo-eval.json"), ("neox", "zoo-eval-neox.json")):
+    for arch, zoo_file in (("llama", "zoo-eval.json"), ("neox", "zoo-eval-neox.json"),
+                           ("bert", "zoo-eval-bert.json")):
         if not (results / zoo_file).is_file():
             continue
         eval_doc = realistic_doc(arch, results, "eval", zoo_file)
@@ -699,6 +718,8 @@ def main():
     tune = [json.loads(p.read_text()) for p in sorted((results / "tune").glob("*.json"))]
     if tune:
         parts += tune_section(tune)
+    if (results / "learned-timing-cpu.json").is_file():
+        parts += timing_section(json.loads((results / "learned-timing-cpu.json").read_text()))
     parts += ["## Quality: the paper's ablations on the small zoo (first round)", "",
               "A 600-step CPU zoo (hidden 128); its models are barely past unigram statistics, "
               "which flatters alignment (see the realistic zoo above). Measured with the first "
