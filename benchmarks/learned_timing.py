@@ -44,7 +44,8 @@ def main() -> None:
            "alignment_seconds": m["alignment_seconds"],
            "calibration_plus_alignment": round(doc["calibration_seconds"]
                                                + m["alignment_seconds"], 2),
-           "wall_seconds_with_barrier": round(wall, 1), "steps_run": m["learned"]["steps_run"],
+           "wall_seconds_with_barrier": round(wall, 1),
+           "learn_steps": m["settings"]["learn_steps"], "steps_run": m["learned"]["steps_run"],
            "barrier": m["barrier"], "date": datetime.date.today().isoformat(),
            "note": args.note}
     old = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {"runs": []}

@@ -31,17 +31,17 @@ CANDIDATES = [
     f"{LEARNED}+learn_lr=0.003+learn_steps=600+learn_lambdas=0.4-0.6{BEFORE}",
     f"{LEARNED}+learn_lr=0.003+learn_steps=600+learn_lambdas=0.4-0.6+learn_init=best{BEFORE}",
     # FF permutations learned too: straight-through estimator against Sinkhorn (issue 22)
-    f"{LEARNED}+learn_permutations=true{BEFORE}",
-    f"{LEARNED}+learn_permutations=true+learn_estimator=sinkhorn{BEFORE}",
+    f"{LEARNED}+learn_steps=300+learn_permutations=true{BEFORE}",
+    f"{LEARNED}+learn_steps=300+learn_permutations=true+learn_estimator=sinkhorn{BEFORE}",
 ]
 # More text for the learned loss (`learn_samples`; its passages shuffled with a fixed seed), on
 # the tuning zoo's training text (5557 passages; the calibration file holds 693): 512 (the
-# calibration's), 2048 and 4096; with 2048, 600 steps at the default rate and the schedule
-# candidate.
+# calibration's), 2048 and 4096 at the then-default 300 steps; with 2048, 600 steps at the
+# default rate (the candidate that became the default) and the schedule candidate.
 SCHEDULE = "learn_lr=0.003+learn_steps=600+learn_lambdas=0.4-0.6+learn_init=best"
 TEXT_CANDIDATES = ["vanilla", "default"] + [
-    f"{LEARNED}+learn_samples={n}" for n in (512, 2048, 4096)] + [
-    f"{LEARNED}+learn_steps=600+learn_samples=2048",
+    f"{LEARNED}+learn_steps=300+learn_samples={n}" for n in (512, 2048, 4096)] + [
+    f"{LEARNED}+learn_samples=2048",
     f"{LEARNED}+{SCHEDULE}+learn_samples=2048"]
 TEXTS = {"calib": ("shakespeare-calib", "", CANDIDATES),
          "train": ("shakespeare-train", "-train-text", TEXT_CANDIDATES)}

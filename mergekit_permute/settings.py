@@ -73,9 +73,9 @@ class AlignSettings(BaseModel):
     reference: Literal["base", "average"] = option(
         "base", "N >= 3 models: align each to the base, or to the running average of the base "
         "and the models before it.", role="method", vanilla="base", scope="merge")
-    learn_steps: int = option(300, "matching=learned: Adam steps (at most; a held-out slice of "
+    learn_steps: int = option(600, "matching=learned: Adam steps (at most; a held-out slice of "
                               "the calibration text stops it early).", role="method",
-                              vanilla=300, only_if=("matching", "learned"), ge=1, le=1_000_000)
+                              vanilla=600, only_if=("matching", "learned"), ge=1, le=1_000_000)
     learn_lr: float = option(1e-2, "matching=learned: Adam learning rate (0 < lr <= 1).",
                              role="method", vanilla=1e-2, only_if=("matching", "learned"), gt=0,
                              le=1.0, allow_inf_nan=False)
