@@ -79,6 +79,8 @@ def recommend_block() -> str:
             (("llama", results, "eval", "zoo-eval.json"), "evaluation (SOTU): Llama, GQA"),
             (("neox", results, "eval", "zoo-eval-neox.json"), "evaluation (SOTU): GPT-NeoX"),
             (("bert", results, "eval", "zoo-eval-bert.json"), "evaluation (SOTU): BERT"),
+            (("llama6x384", results, "eval", "zoo-eval-llama6x384.json", "llama"),
+             "evaluation (SOTU): Llama, GQA, 6L x 384"),
             (("gpt2-untied", results, "eval-gpt2", "zoo-eval-gpt2.json", "gpt2"),
              "evaluation (SOTU): GPT-2 6L, untied"),
             (("gpt2-untied", results, "anchor", "zoo-anchor.json", "gpt2"),
@@ -121,6 +123,8 @@ def steps_note(report, results) -> list:
     for name, args in (("llama", ("llama", results, "eval", "zoo-eval.json")),
                        ("neox", ("neox", results, "eval", "zoo-eval-neox.json")),
                        ("bert", ("bert", results, "eval", "zoo-eval-bert.json")),
+                       ("llama6x384", ("llama6x384", results, "eval",
+                                       "zoo-eval-llama6x384.json", "llama")),
                        ("gpt2", ("gpt2-untied", results, "eval-gpt2", "zoo-eval-gpt2.json",
                                  "gpt2"))):
         if not (results / args[3]).is_file():
