@@ -116,9 +116,9 @@ class AlignSettings(BaseModel):
         "auto", "Precision of the feature cross products summed into the statistics (the "
         "largest matrix products of a run): float32, or bfloat16 (each batch's products "
         "rounded to 8 bits before the float32 sum: far below a correlation's sampling error; "
-        "about 1.5x faster where the hardware multiplies bfloat16 natively). auto: bfloat16 "
-        "for bfloat16/float16 checkpoints on a CUDA GPU or on a CPU with native bfloat16 "
-        "(AVX512-BF16, AMX), float32 otherwise.", role="calibration")
+        "faster where the hardware multiplies bfloat16 natively). auto: bfloat16 for "
+        "bfloat16/float16 checkpoints on a CUDA GPU, float32 otherwise (on the CPU, bfloat16 "
+        "products measured no faster and a peak that grew with depth).", role="calibration")
 
     @field_validator("*", mode="before")
     @classmethod

@@ -183,21 +183,25 @@ def scale_block() -> str:
 
 
 def products_note(docs, path) -> str:
-    """Rows measured before `stats_products` existed multiplied the statistics in float32."""
-    old = [d for d in docs if "native_bf16_cpu" not in d["machine"]]
-    if not old or not path.is_file():
+    """The statistics' products in bfloat16 on the CPU (`--stats-products bfloat16`; `auto`
+    keeps float32 there, the path of the rows above): the rerun that showed why."""
+    bf16 = path.with_name("scale-bf16products-cpu-tinyllama.json")
+    if not path.is_file() or not bf16.is_file():
         return ""
-    doc = json.loads(path.read_text())
-    row = doc["rows"][0]
-    auto, f32 = (row["variants"][v] for v in ("default", "float32-products"))
-    which = "These rows were" if len(old) == len(docs) else \
-        "The rows of " + ", ".join(d["shape_name"] for d in old) + " were"
-    return (f"\n\n_{which} measured before `stats_products`: the statistics multiplied in "
-            f"float32 (the only path then). `auto` now multiplies them in bfloat16 on CPUs that do so "
-            f"natively, as this one: at {row['layers']} layers of this shape that took "
-            f"{auto['align_seconds']:.0f} s against {f32['align_seconds']:.0f} s "
-            f"({auto['time_vs_floor']:.2f}x against {f32['time_vs_floor']:.2f}x the floor of the "
-            f"same run; `benchmarks/results/{path.name}`, on a shared machine)._")
+    row = json.loads(path.read_text())["rows"][0]
+    bf, f32 = (row["variants"][v] for v in ("default", "float32-products"))
+    rows = json.loads(bf16.read_text())["rows"]
+    peaks = "/".join(f"{r['variants']['default']['peak_above_import_mib']:.0f}" for r in rows)
+    depths = "/".join(str(r["layers"]) for r in rows)
+    ratios = "/".join(f"{r['variants']['default']['time_vs_floor']:.2f}x" for r in rows)
+    return (f"\n\n_The rows above multiply the statistics in float32 (`stats_products: auto` on "
+            f"the CPU). With bfloat16 products on this CPU (native bfloat16), the same shape "
+            f"on 2 threads on a quiet machine peaked at {peaks} MiB above import at {depths} "
+            f"layers ({ratios} the floor): higher with every layer, so `auto` keeps float32 on "
+            f"the CPU (`benchmarks/results/{bf16.name}`; float32 on 2 threads not yet rerun "
+            f"with the current code). An earlier 4-layer comparison on a shared machine had "
+            f"bfloat16 at {bf['time_vs_floor']:.2f}x against float32's "
+            f"{f32['time_vs_floor']:.2f}x (`benchmarks/results/{path.name}`)._")
 
 
 def suite_block() -> str:

@@ -227,13 +227,12 @@ def test_bfloat16_products_correlate_within_their_rounding_and_rerun_identically
     assert torch.equal(match_plain(runs[0]), perm)
 
 
-def test_auto_products_are_bfloat16_only_for_half_checkpoints_where_native(monkeypatch):
+def test_auto_products_are_bfloat16_only_for_half_checkpoints_on_cuda(monkeypatch):
     from mergekit_permute.calibration import collect
-    monkeypatch.setattr(collect, "native_bf16_cpu", lambda: True)
-    assert collect.product_dtype("auto", "cpu", torch.bfloat16) == torch.bfloat16
-    assert collect.product_dtype("auto", "cpu", torch.float16) == torch.bfloat16
-    assert collect.product_dtype("auto", "cpu", torch.float32) == torch.float32
-    assert collect.product_dtype("float32", "cpu", torch.bfloat16) == torch.float32
-    monkeypatch.setattr(collect, "native_bf16_cpu", lambda: False)   # emulated: slower
+    assert collect.product_dtype("auto", "cuda", torch.bfloat16) == torch.bfloat16
+    assert collect.product_dtype("auto", "cuda:1", torch.float16) == torch.bfloat16
+    assert collect.product_dtype("auto", "cuda", torch.float32) == torch.float32
+    assert collect.product_dtype("float32", "cuda", torch.bfloat16) == torch.float32
+    monkeypatch.setattr(collect, "native_bf16_cpu", lambda: True)   # even native: float32
     assert collect.product_dtype("auto", "cpu", torch.bfloat16) == torch.float32
     assert collect.product_dtype("bfloat16", "cpu", torch.float32) == torch.bfloat16
