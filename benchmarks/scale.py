@@ -22,8 +22,9 @@ Peak memory is reported above the import baseline, as a multiple of one bf16 che
 the depth run and (`--per-checkpoint-layers`) of the full-depth model, beside what must be
 resident: two blocks, both models' hidden states, one layer's statistics. `--variant
 no-heap-tuning` also runs align with calibration/heap.py switched off (glibc's own thresholds,
-no trims); `--variant float32-products` runs align with `--stats-products float32` (auto picks
-bfloat16 products for these bf16 checkpoints where the CPU multiplies bfloat16 natively);
+no trims); `--variant float32-products` / `bfloat16-products` run align with
+`--stats-products float32` / `bfloat16` (auto: bfloat16 for half checkpoints on CUDA only). The
+peak's own resident memory is split into anonymous (tensors, heap) and file-backed (mappings).
 `plain-heap` and `no-outside-heap` (long-lived buffers' own mappings off) were
 measured before those mappings were removed (results/scale-variants-cpu-tinyllama.json).
 `--learned STEPS` also runs `matching: learned` (blocks recomputed in the backward pass at these
@@ -117,16 +118,20 @@ def children_pss():
 
 
 def own_rss():
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    # resident bytes: anonymous (heap, tensors) and file-backed (mapped files, libraries)
+    with open("/proc/self/status") as f:
+        kb = {l.split(":")[0]: int(l.split()[1]) for l in f if l.startswith("Rss")}
+    return kb["RssAnon"] * 1024, (kb["RssFile"] + kb["RssShmem"]) * 1024
 
 
-peak, done = {"tree": 0, "children": 0}, threading.Event()
+peak, done = {"tree": 0, "children": 0, "anon": 0, "file": 0}, threading.Event()
 def sample():
     while not done.wait(0.02):
         kids = children_pss()
         peak["children"] = max(peak["children"], kids)
-        peak["tree"] = max(peak["tree"], own_rss() + kids)
+        anon, file = own_rss()
+        if anon + file + kids > peak["tree"]:   # the peak's parts, at the peak
+            peak.update(tree=anon + file + kids, anon=anon, file=file)
 threading.Thread(target=sample, daemon=True).start()
 if variant == "learn-whole-model":   # learned alignment without recomputed blocks
     import mergekit_permute.align.learn
@@ -140,6 +145,8 @@ elif variant == "no-heap-tuning":   # calibration/heap.py: glibc's own threshold
     heap.HeapWatch.settle = heap.HeapWatch.check = lambda self: None
 elif variant == "float32-products":   # the statistics' cross products in float32 (not auto)
     args = [*args, "--stats-products", "float32"]
+elif variant == "bfloat16-products":   # ... in bfloat16 (auto picks float32 on a CPU)
+    args = [*args, "--stats-products", "bfloat16"]
 start = time.perf_counter()
 if mode == "floor":
     from mergekit_permute.io.batches import tokenize
@@ -171,7 +178,8 @@ gpu = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() els
 own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024   # the exact high-water mark
 print(json.dumps({"seconds": seconds, "peak_gpu_mib": gpu, "peak_rss_mib": own / 2**20,
                   "peak_tree_mib": max(peak["tree"], own) / 2**20,
-                  "peak_children_mib": peak["children"] / 2**20}))
+                  "peak_children_mib": peak["children"] / 2**20,
+                  "peak_anon_mib": peak["anon"] / 2**20, "peak_file_mib": peak["file"] / 2**20}))
 """
 
 
@@ -334,6 +342,9 @@ def run_depth(args, work: Path, layers: int, baseline: dict, env: dict) -> dict:
             "peak_above_import_mib": _mib(above),
             "peak_above_import_each": [_mib(r["peak_tree_mib"] - base) for r in rs],
             "solver_processes_peak_mib": _mib(max(r["peak_children_mib"] for r in rs)),
+            # the sampled peak's own resident memory: anonymous, and file-backed (mappings)
+            "peak_anon_mib": _mib(max(r.get("peak_anon_mib", 0) for r in rs)),
+            "peak_file_backed_mib": _mib(max(r.get("peak_file_mib", 0) for r in rs)),
             "peak_vs_checkpoint": round(above / checkpoint_mib, 2),
             f"peak_vs_full_{full}_layer_checkpoint": round(above / full_mib, 2),
             "solve_seconds_total": round(sum(per_space.values()), 2),
@@ -374,7 +385,8 @@ def main() -> None:
                     help="runs of floor and align per depth: median time, highest peak")
     ap.add_argument("--shape", choices=sorted(SHAPES), default="toy")
     ap.add_argument("--variant", nargs="+", default=["default"],
-                    choices=["default", "no-heap-tuning", "float32-products"],
+                    choices=["default", "no-heap-tuning", "float32-products",
+                             "bfloat16-products"],
                     help="align as shipped, and with a piece of machinery switched off")
     ap.add_argument("--learned", type=int, default=0, metavar="STEPS",
                     help="also run matching=learned with this many steps (once per depth)")

@@ -23,26 +23,30 @@ OUT = HERE / "results" / "tune"
 LEARNED = "default+matching=learned"
 # (measured before learn_samples: each learned candidate's loss on the 512 calibration passages)
 BEFORE = "+learn_samples=512"
+# (measured before learn_plateau, and stopped at a plateau: named as they ran)
+STOP = "+learn_plateau=stop"
 CANDIDATES = [
     "vanilla", "default",
     f"{LEARNED}+learn_lr=0.01+learn_steps=300{BEFORE}",                          # before
     f"{LEARNED}+learn_lr=0.01+learn_steps=300+learn_lambdas=0.4-0.6{BEFORE}",
-    f"{LEARNED}+learn_lr=0.003+learn_steps=600{BEFORE}",
-    f"{LEARNED}+learn_lr=0.003+learn_steps=600+learn_lambdas=0.4-0.6{BEFORE}",
-    f"{LEARNED}+learn_lr=0.003+learn_steps=600+learn_lambdas=0.4-0.6+learn_init=best{BEFORE}",
+    f"{LEARNED}+learn_lr=0.003+learn_steps=600{STOP}{BEFORE}",
+    f"{LEARNED}+learn_lr=0.003+learn_steps=600+learn_lambdas=0.4-0.6{STOP}{BEFORE}",
+    f"{LEARNED}+learn_lr=0.003+learn_steps=600+learn_lambdas=0.4-0.6+learn_init=best{STOP}{BEFORE}",
     # FF permutations learned too: straight-through estimator against Sinkhorn (issue 22)
     f"{LEARNED}+learn_steps=300+learn_permutations=true{BEFORE}",
-    f"{LEARNED}+learn_steps=300+learn_permutations=true+learn_estimator=sinkhorn{BEFORE}",
+    f"{LEARNED}+learn_steps=300+learn_permutations=true+learn_estimator=sinkhorn{STOP}{BEFORE}",
 ]
 # More text for the learned loss (`learn_samples`; its passages shuffled with a fixed seed), on
 # the tuning zoo's training text (5557 passages; the calibration file holds 693): 512 (the
 # calibration's), 2048 and 4096 at the then-default 300 steps; with 2048, 600 steps at the
-# default rate (the candidate that became the default) and the schedule candidate.
+# default rate (the candidate that became the default) and the schedule candidate at 600 and
+# 1200 steps.
 SCHEDULE = "learn_lr=0.003+learn_steps=600+learn_lambdas=0.4-0.6+learn_init=best"
+LONG_SCHEDULE = SCHEDULE.replace("learn_steps=600", "learn_steps=1200")
 TEXT_CANDIDATES = ["vanilla", "default"] + [
     f"{LEARNED}+learn_steps=300+learn_samples={n}" for n in (512, 2048, 4096)] + [
     f"{LEARNED}+learn_samples=2048",
-    f"{LEARNED}+{SCHEDULE}+learn_samples=2048"]
+    f"{LEARNED}+{SCHEDULE}+learn_samples=2048", f"{LEARNED}+{LONG_SCHEDULE}+learn_samples=2048"]
 TEXTS = {"calib": ("shakespeare-calib", "", CANDIDATES),
          "train": ("shakespeare-train", "-train-text", TEXT_CANDIDATES)}
 

@@ -95,6 +95,19 @@ def what_was_done(settings: AlignSettings, alignments: List, n_models: int) -> L
     return lines
 
 
+def learned_line(learned: Dict) -> str:
+    """`matching: learned` in one line: what was learned, how far, and any back-off."""
+    line = (f"- learned exact symmetries ({', '.join(learned['maps'])}) on "
+            f"{learned['passages']} passages: held-out merged loss "
+            f"{learned['held_out_loss_start']:.4f} -> {learned['held_out_loss_best']:.4f}, best "
+            f"at step {learned['best_step']} of {learned['steps_run']}")
+    backoffs = learned.get("backoffs") or []
+    if backoffs:
+        line += (", learning rate halved (back to the best maps) at step "
+                 + ", ".join(str(step) for step, _ in backoffs))
+    return line
+
+
 def alignment_section(alignment, heading: str = "### Alignment") -> List[str]:
     s = alignment.settings
     lines = [heading, "", f"- settings: `{s.label()}`"]
@@ -109,6 +122,8 @@ def alignment_section(alignment, heading: str = "### Alignment") -> List[str]:
         lines.append(f"- model {which.upper()}: output head untied from the embeddings by "
                      f"`mergekit-permute untie` (from `{record['source']}`; same function, "
                      "`tie_word_embeddings: false`, one vocabulary x hidden tensor more)")
+    if alignment.info.get("learned"):
+        lines.append(learned_line(alignment.info["learned"]))
     measure = "mean matched correlation" if s.matching == "activations" else "weight cosine"
     lines += ["", f"| space | {measure} before | after |", "|---|---|---|"]
     for kind, row in summarize(alignment.report).items():

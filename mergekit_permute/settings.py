@@ -94,6 +94,10 @@ class AlignSettings(BaseModel):
         "activations", "matching=learned: start from activation matching, or from the better "
         "(held-out merged loss) of activation and weight matching.", role="method",
         vanilla="activations", only_if=("matching", "learned"))
+    learn_plateau: Literal["backoff", "stop"] = option(
+        "backoff", "matching=learned: when the held-out loss has not improved for a third of "
+        "the steps: back to the best maps at half the learning rate (twice at most, then stop), "
+        "or stop there.", role="method", vanilla="backoff", only_if=("matching", "learned"))
     learn_permutations: bool = option(
         False, "matching=learned: also learn the FF permutations (slower).", role="method",
         vanilla=False, only_if=("matching", "learned"))
@@ -118,7 +122,7 @@ class AlignSettings(BaseModel):
         "rounded to 8 bits before the float32 sum: far below a correlation's sampling error; "
         "faster where the hardware multiplies bfloat16 natively). auto: bfloat16 for "
         "bfloat16/float16 checkpoints on a CUDA GPU, float32 otherwise (on the CPU, bfloat16 "
-        "products measured no faster and a peak that grew with depth).", role="calibration")
+        "products measured no faster).", role="calibration")
 
     @field_validator("*", mode="before")
     @classmethod

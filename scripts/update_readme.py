@@ -194,12 +194,22 @@ def products_note(docs, path) -> str:
     peaks = "/".join(f"{r['variants']['default']['peak_above_import_mib']:.0f}" for r in rows)
     depths = "/".join(str(r["layers"]) for r in rows)
     ratios = "/".join(f"{r['variants']['default']['time_vs_floor']:.2f}x" for r in rows)
+    again = path.with_name("scale-products8-cpu-tinyllama.json")
+    rerun = ""
+    if again.is_file():
+        row8 = json.loads(again.read_text())["rows"][0]
+        f, b = (row8["variants"][v]["peak_above_import_mib"]
+                for v in ("default", "bfloat16-products"))
+        rerun = (f" A rerun of {row8['layers']} layers with both in one run peaked at {f:.0f} "
+                 f"(float32) and {b:.0f} (bfloat16) MiB above import, flat again: the growth "
+                 f"did not reproduce there, nor in a standalone `align` (its cause is not "
+                 f"found; `benchmarks/results/{again.name}`).")
     return (f"\n\n_The rows above multiply the statistics in float32 (`stats_products: auto` on "
             f"the CPU). With bfloat16 products on this CPU (native bfloat16), the same shape "
-            f"on 2 threads on a quiet machine peaked at {peaks} MiB above import at {depths} "
-            f"layers ({ratios} the floor): higher with every layer, so `auto` keeps float32 on "
-            f"the CPU (`benchmarks/results/{bf16.name}`; float32 on 2 threads not yet rerun "
-            f"with the current code). An earlier 4-layer comparison on a shared machine had "
+            f"on 2 threads on a quiet machine once peaked at {peaks} MiB above import at "
+            f"{depths} layers ({ratios} the floor, `benchmarks/results/{bf16.name}`).{rerun} "
+            f"`auto` keeps float32 on the CPU, where bfloat16 products showed no gain in time "
+            f"on a quiet machine; an earlier 4-layer comparison on a shared machine had "
             f"bfloat16 at {bf['time_vs_floor']:.2f}x against float32's "
             f"{f32['time_vs_floor']:.2f}x (`benchmarks/results/{path.name}`)._")
 

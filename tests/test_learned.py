@@ -132,6 +132,11 @@ def test_learned_alignment_end_to_end(zoo, tmp_path):
     doc = _align_learned(a, b, out, samples=120, steps=40)
     learned = doc["learned"]
     assert learned["held_out_loss_best"] <= learned["held_out_loss_start"]
+    # every held-out check recorded: the start at step 0, the best among them
+    steps, losses = zip(*learned["held_out_checks"])
+    assert steps[0] == 0 and list(steps) == sorted(steps) and steps[-1] == learned["steps_run"]
+    assert losses[0] == learned["held_out_loss_start"]
+    assert min(losses) == pytest.approx(learned["held_out_loss_best"], abs=2e-6)
     assert {"residual", "vo", "ffn", "qk_angle"} <= set(learned["maps"])
     assert "matching=learned" in doc["label"] and "learn_steps=40" in doc["label"]
     assert doc["timings"]["learn_seconds"] > 0
@@ -149,6 +154,30 @@ def test_learned_alignment_end_to_end(zoo, tmp_path):
     assert r.exit_code == 0, r.output
     for k, v in load_file(tmp_path / "applied" / "model.safetensors").items():
         torch.testing.assert_close(v, load_file(out / "model.safetensors")[k], rtol=0, atol=0)
+
+
+def test_a_stalled_run_backs_off_to_its_best_maps_at_half_the_rate(zoo, tmp_path):
+    """A rate too high for the models: the held-out loss rises from the start. With the default
+    `learn_plateau: backoff` the run goes back to its best maps at half the rate after a third
+    of its steps and goes on; with `stop` it ends there."""
+    a, b = zoo("llama")
+    runs = {plateau: _align_learned(a, b, tmp_path / plateau, 120, 40, "--learn-lr", "0.3",
+                                    "--learn-plateau", plateau, "--permutations-only")["learned"]
+            for plateau in ("backoff", "stop")}
+    backoff, stop = runs["backoff"], runs["stop"]
+    # identical up to the plateau (same seed, same steps)
+    assert backoff["held_out_checks"][:5] == stop["held_out_checks"]
+    assert stop["steps_run"] == 20 and stop["backoffs"] == [] and stop["on_plateau"] == "stop"
+    # patience: a third of 40 steps, at least 4 checks of 5 steps
+    assert backoff["backoffs"] == [[20, 0.15]] and backoff["steps_run"] == 40
+    after = [loss for step, loss in backoff["held_out_checks"] if step > 20]
+    # it goes on from the best maps at the lower rate, and ends below where the path had gone
+    assert len(after) == 4 and after[-1] < backoff["held_out_checks"][4][1]
+    assert backoff["held_out_loss_best"] <= stop["held_out_loss_best"]
+    # the merge card says it
+    from mergekit_permute.card import learned_line
+    assert learned_line(backoff).endswith("halved (back to the best maps) at step 20")
+    assert "halved" not in learned_line(stop)
 
 
 def test_learned_loss_reads_learn_samples_passages_and_holds_out_a_tenth_of_calibration(

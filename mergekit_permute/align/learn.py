@@ -58,6 +58,7 @@ class Schedule:
     lambda_range: Optional[Tuple[float, float]] = None
     permute_ffn: bool = False
     estimator: str = "ste"
+    plateau: str = "backoff"
     warmup: float = 0.05
     seed: int = 0
 
@@ -67,9 +68,19 @@ class Schedule:
 
     @property
     def patience(self) -> int:
-        """Steps without a better held-out loss before stopping (a third of the run: the
+        """Steps without a better held-out loss before backing off (a third of the run: the
         held-out loss of one slice is noisy, and the decaying rate still improves late)."""
         return max(self.steps // 3, 4 * self.eval_every)
+
+    # A run whose held-out loss has not improved for `patience` steps goes back to its best
+    # maps with the rate times BACKOFF (Adam's moments reset) and goes on; after max_backoffs
+    # it stops. A rate too high for the models (the held-out loss rising from the warmup on)
+    # thus costs steps, not the run; a run that improves within every `patience` is unchanged.
+    BACKOFF = 0.5
+
+    @property
+    def max_backoffs(self) -> int:
+        return 2 if self.plateau == "backoff" else 0
 
     @property
     def held_out_lambdas(self) -> Tuple[float, ...]:
@@ -236,9 +247,13 @@ def learn(spec: PermutationSpec, model, states: List[Mapping], starts: Sequence[
     states.clear()
     best_state, best_step, best, step = copy.deepcopy(maps.state_dict()), 0, start_loss, 0
     opt = torch.optim.Adam(maps.parameters(), lr=schedule.lr)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: schedule.lr_factor(i + 1))
+    rate = [1.0]   # the schedule's factor, times BACKOFF at each back-off
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: rate[0] * schedule.lr_factor(i + 1))
+    backoffs: List[Tuple[int, float]] = []   # (step, rate from then on)
+    since = 0   # the last step that improved or backed off
     gen = torch.Generator().manual_seed(schedule.seed)
     recent: List[float] = []
+    checks: List[Tuple[int, float]] = [(0, round(start_loss, 6))]   # (step, held-out loss)
     bar = tqdm(range(1, schedule.steps + 1), desc="learning maps", unit="step")
     for step in bar:
         try:
@@ -266,11 +281,24 @@ def learn(spec: PermutationSpec, model, states: List[Mapping], starts: Sequence[
                         str(e).splitlines()[0], schedule.lr, best_step)
             break
         bar.set_postfix(loss=f"{sum(recent) / len(recent):.4f}", held_out=f"{best:.4f}")
+        checks.append((step, round(val, 6)))
         if val < best - 1e-6:
             best, best_step, best_state = val, step, copy.deepcopy(maps.state_dict())
-        elif step - best_step >= schedule.patience:
-            LOG.info("held-out loss stopped improving at step %d", best_step)
-            break
+            since = step
+        elif step - since >= schedule.patience and step < schedule.steps:
+            if len(backoffs) == schedule.max_backoffs:
+                LOG.info("held-out loss stopped improving at step %d", best_step)
+                break
+            rate[0] *= schedule.BACKOFF
+            backoffs.append((step, schedule.lr * rate[0]))
+            LOG.info("held-out loss not improved since step %d (best at step %d): back to the "
+                     "best maps, learning rate x%g from step %d", since, best_step,
+                     schedule.BACKOFF, step)
+            maps.load_state_dict(best_state)
+            opt.state.clear()   # Adam's moments belong to the abandoned path
+            for group in opt.param_groups:
+                group["lr"] = schedule.lr * rate[0] * schedule.lr_factor(step + 1)
+            since = step
     bar.close()
     maps.load_state_dict(best_state)
     out = _composed(problem.start, maps)
@@ -279,10 +307,13 @@ def learn(spec: PermutationSpec, model, states: List[Mapping], starts: Sequence[
                            "held_out_loss_start": round(start_loss, 6),
                            "held_out_loss_best": round(best, 6),
                            "train_loss_last": round(sum(recent) / max(len(recent), 1), 6),
+                           "held_out_checks": checks,
+                           "backoffs": backoffs,
                            "passages": sum(_rows(b) for b in train),
                            "held_out_passages": sum(_rows(b) for b in held_out),
                            "lambdas": list(schedule.lambda_range or schedule.lambdas),
                            "lambda_sampling": "uniform" if schedule.lambda_range else "fixed",
+                           "on_plateau": schedule.plateau,
                            "lr": schedule.lr, "schedule": "linear warmup, cosine decay",
                            **({"permutation_estimator": schedule.estimator}
                               if schedule.permute_ffn else {}),
@@ -420,7 +451,7 @@ def learn_alignment(work: Workload, start: Alignment, settings: AlignSettings) -
     fixed, span = lambdas_of(settings.learn_lambdas)
     schedule = Schedule(steps=settings.learn_steps, lr=settings.learn_lr, lambdas=fixed or (0.5,),
                         lambda_range=span, permute_ffn=settings.learn_permutations,
-                        estimator=settings.learn_estimator)
+                        estimator=settings.learn_estimator, plateau=settings.learn_plateau)
     states = [state_a, state_b]
     return learn(spec, container, states, starts,
                  (batches[:-held], batches[-held:]), schedule, work.device, dtype, checkpoint)

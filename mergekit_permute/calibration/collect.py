@@ -83,9 +83,9 @@ def native_bf16_cpu() -> bool:
 def product_dtype(choice: str, device: str, stored: torch.dtype) -> torch.dtype:
     """The dtype of the feature cross products summed into the statistics (the setting
     `stats_products`; auto: bfloat16 for half-precision checkpoints on a CUDA GPU). Not on the
-    CPU, even with native bfloat16: there a TinyLlama-width run with bfloat16 products on 2
-    threads peaked higher with every layer (4321 MiB above import at 22 layers against 1240
-    with float32; BENCHMARKS.md), at no measured gain in time on a quiet machine."""
+    CPU, even with native bfloat16: there they measured no gain in time on a quiet machine
+    (and one TinyLlama-width run with them peaked higher with every layer, 4321 MiB above
+    import at 22 layers against 1240 with float32, not reproduced since; BENCHMARKS.md)."""
     if choice != "auto":
         return getattr(torch, choice)
     native = torch.device(device).type == "cuda"
