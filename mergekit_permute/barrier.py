@@ -160,10 +160,12 @@ def multi_table(result: Dict) -> str:
 
 
 def write_report(result: Dict, out: Path) -> None:
-    """barrier.json, barrier.md and barrier.png into `out` (an existing directory)."""
+    """barrier.json, barrier.md, barrier.png (and learning.png with a learned method) into
+    `out` (an existing directory)."""
     (out / "barrier.json").write_text(json.dumps(result, indent=2) + "\n")
     (out / "barrier.md").write_text(barrier_table(result) + "\n")
     plot(result, out / "barrier.png")
+    plot_learning(result, out / "learning.png")
 
 
 def plot(result: Dict, path: Path) -> None:
@@ -180,6 +182,31 @@ def plot(result: Dict, path: Path) -> None:
     ax.set_xlabel("lambda (weight of model A)")
     ax.set_ylabel(result["loss"])
     ax.set_title("Loss along the interpolation path")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+
+
+def plot_learning(result: Dict, path: Path) -> None:
+    """The held-out merged loss of every `matching: learned` method at each check, its
+    back-offs marked (nothing is written without a learned method)."""
+    runs = {n: m["learned"] for n, m in result["methods"].items()
+            if m.get("learned", {}).get("held_out_checks")}
+    if not runs:
+        return
+    from matplotlib.figure import Figure
+    fig = Figure(figsize=(6.4, 4.2), dpi=120)
+    ax = fig.subplots()
+    for name, learned in runs.items():
+        steps, losses = zip(*learned["held_out_checks"])
+        line, = ax.plot(steps, losses, marker=".", label=f"{name} (best at step "
+                                                          f"{learned['best_step']})")
+        for step, _ in learned.get("backoffs", []):
+            ax.axvline(step, ls="--", lw=1, color=line.get_color())
+    ax.set_xlabel("step (dashed: learning rate halved, back to the best maps)")
+    ax.set_ylabel("held-out merged loss")
+    ax.set_title("Learned alignment: held-out checks")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()

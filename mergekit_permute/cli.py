@@ -260,7 +260,8 @@ def barrier(models, eval_data, calibration, methods, lambdas, eval_samples,
     with atomic_dir(out, overwrite) as tmp:
         write_report(result, tmp)
     click.echo(barrier_table(result))
-    click.echo(f"wrote {out}/barrier.json, barrier.md, barrier.png")
+    learning = ", learning.png" if (out / "learning.png").is_file() else ""
+    click.echo(f"wrote {out}/barrier.json, barrier.md, barrier.png{learning}")
 
 
 @main.command()

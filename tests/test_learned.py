@@ -254,6 +254,8 @@ def test_learned_in_a_recipe_and_as_a_barrier_method(zoo, tmp_path):
     plain, learned = doc["methods"]["default"], doc["methods"]["default+matching=learned"]
     assert learned["loss_b"] == pytest.approx(plain["loss_b"], abs=1e-4)   # B unchanged
     assert learned["settings"]["matching"] == "learned"
+    # its held-out checks drawn beside the barrier plot
+    assert (tmp_path / "b" / "learning.png").stat().st_size > 0
 
 
 @pytest.mark.parametrize("name, estimator", [("LlamaForCausalLM", "ste"),
