@@ -756,6 +756,15 @@ def main():
     if anchor:
         plot_curves(anchor, results / "anchor-gpt2-untied.png", "GPT-2 6L/256, Shakespeare (anchor)")
         parts.append(anchor_section(anchor))
+        pair = json.loads(sorted((results / "anchor").glob("*.json"))[0].read_text())
+        # what `barrier` draws for learned methods: held-out checks, back-offs dashed
+        from mergekit_permute.barrier import plot_learning
+        plot_learning(pair, results / "anchor-learning.png")
+        if (results / "anchor-learning.png").is_file():
+            parts += [f"Learned runs that recorded their held-out checks (seeds "
+                      f"{pair['seeds'][0]}-{pair['seeds'][1]}; `barrier` draws the same "
+                      "`learning.png`):", "",
+                      "![anchor learning](benchmarks/results/anchor-learning.png)", ""]
     tune = [json.loads(p.read_text()) for p in sorted((results / "tune").glob("*.json"))]
     if tune:
         parts += tune_section(tune)
