@@ -194,6 +194,7 @@ def realistic_doc(arch: str, results: Path = HERE / "results", subdir: str = "re
     config = zoo["configs"].get(arch, {}) if "configs" in zoo else zoo.get("config", {})
     return {"arch": arch, "pairs": len(pairs), "loss": pairs[0]["loss"], "summary": summary,
             "endpoint_loss": mean_se(endpoint), "config": config, "subdir": subdir,
+            "threads": [p.get("threads", 1) for p in pairs],
             "zoo_models": [{k: m[k] for k in ("seed", "class", "steps", "held_out_loss",
                                               "unigram_loss", "gap")} for m in trained],
             "lambdas": pairs[0]["lambdas"], "calibration": pairs[0]["calibration_settings"],
@@ -384,6 +385,13 @@ def tune_section(tune) -> list:
     return parts
 
 
+def _threads(per_pair) -> str:
+    """The torch threads the pairs ran on, e.g. '1 CPU thread' or '1/2 CPU threads by pair'."""
+    if len(set(per_pair)) == 1:
+        return f"{per_pair[0]} CPU thread{'s' * (per_pair[0] > 1)}"
+    return "/".join(map(str, per_pair)) + " CPU threads by pair"
+
+
 def realistic_section(doc) -> str:
     cfg = doc["config"] or {}
     shape = ", ".join(f"{k} {cfg[k]}" for k in ("layers", "hidden", "heads", "kv_heads",
@@ -396,7 +404,7 @@ def realistic_section(doc) -> str:
              f"{doc['calibration']['samples']} passages x {doc['calibration']['max_length']} "
              f"tokens; {len(doc['lambdas'])} points of lambda.", "",
              "| method | what | barrier | removed vs. vanilla | seconds to align after the "
-             "shared calibration pass (1 CPU thread) |",
+             f"shared calibration pass ({_threads(doc.get('threads', [1]))}) |",
              "|---|---|---|---|---|"]
     for m, row in doc["summary"].items():
         lines.append(f"| {m} | {explain(m)} | {fmt(row['barrier'])} | "
