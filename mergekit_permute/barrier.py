@@ -195,7 +195,7 @@ def plot_learning(result: Dict, path: Path) -> None:
             if m.get("learned", {}).get("held_out_checks")}
     if not runs:
         return
-    from matplotlib.figure import Figure
+    from matplotlib.figure import Figure  # (as plot: matplotlib only when drawing)
     fig = Figure(figsize=(6.4, 4.2), dpi=120)
     ax = fig.subplots()
     for name, learned in runs.items():
