@@ -112,8 +112,13 @@ def align(model_a, model_b, data, out, permutations_only, overwrite, no_cache, *
         0 if permutations_only else checkpoint_bytes(pair.checkpoint_b, written)))
     dist = init_from_env(run.device)
     device = f"cuda:{dist.rank}" if dist.active and run.device == "cuda" else run.device
-    alignment = run_align(model_a, model_b, data, settings, pair=pair, device=device,
-                          dtype=run.dtype, workers=run.workers, cache=cache, dist=dist)
+    try:
+        alignment = run_align(model_a, model_b, data, settings, pair=pair, device=device,
+                              dtype=run.dtype, workers=run.workers, cache=cache, dist=dist)
+    finally:
+        # every collective is done: leave the group before exiting (a rank that exits with
+        # gloo's threads still running aborts: "terminate called without an active exception")
+        dist.close()
     if not dist.is_main:
         return
     with atomic_dir(out, overwrite) as tmp:

@@ -71,6 +71,11 @@ class Distributed:
         if self.active:
             td.barrier()
 
+    def close(self) -> None:
+        """Leave the process group (every rank, once its last collective is done)."""
+        if self.active and td.is_initialized():
+            td.destroy_process_group()
+
 
 def _device() -> torch.device:
     if td.get_backend() == "nccl":
