@@ -21,7 +21,10 @@ An exact solver must return scipy's permutation (rows that differ are counted) a
 score to 1e-9 relative. Solvers with a float32 kernel (lapjv[f32], lapx.lapjvs[f32]) are timed
 too, marked float64_kernel=false. `lapx.lapjvs[f32]+certificate` is the candidate for an exact
 fast path: lapjvs's float32 solve, then a float64 optimality certificate (`certify`), and lapx's
-float64 lapjvh where the certificate fails; its time includes all three. Every row also records
+float64 lapjvh where the certificate fails; its time includes all three. `auction+lapjvh` is
+the package's solver from `PRICED_FROM` wide (mergekit_permute/core/match.py `_priced`): auction
+prices (core/prices.py), then lapx's float64 lapjvh on the costs less those prices and each
+row's minimum; its time includes the auction. Every row also records
 which solver the package's `assign` picks for it (`assign_solver`, by `mutual_best`: the share
 of rows and best columns that choose each other) and what deciding costs; `--annotate` adds
 that to an existing results file without timing anything again. Optional packages that are
@@ -147,6 +150,8 @@ def solvers(alt_lap):
 
     add("torch_linear_assignment", tla)
     out["sparse[k=16]+certificate"] = ("scipy", True, sparse_certified(16))
+    from mergekit_permute.core import match   # (the package under test)
+    out["auction+lapjvh"] = ("lapx", True, lambda c: _perm(len(c), *match._priced(c)[:2]))
     return out
 
 
@@ -272,7 +277,7 @@ def annotate(row, cost):
     choice = solver_for(cost)
     row["dispatch_seconds"] = round(time.process_time() - t, 3)
     row["mutual_best"] = round(mutual_best(cost), 4)
-    row["assign_solver"] = {"lapjvh": "lapx.lapjvh", "scipy": "scipy"}[choice]
+    row["assign_solver"] = {"lapjvh": "lapx.lapjvh", "scipy": "scipy", "priced": "auction+lapjvh"}[choice]
 
 
 def matrix(kind, n, args):

@@ -33,14 +33,14 @@ def dump(width: int, out: Path, work: Path, pair=None) -> Path:
     a, b = pair or scale.make_pair(work, 1, WIDTH_SHAPE[width])
     real_match = solve.match_plain
 
-    def saving(corr):
+    def saving(corr, spend=False):
         nonlocal target
         if pair and not list(out.glob("ffn-trained-*.npy")):
             target = out / f"ffn-trained-{corr.shape[0]}.npy"
             np.save(target, corr.double().cpu().numpy())
         elif corr.shape[0] == width:
             np.save(target, corr.double().cpu().numpy())
-        return real_match(corr)
+        return real_match(corr, spend)
 
     solve.match_plain = saving
     try:

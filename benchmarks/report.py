@@ -530,6 +530,13 @@ VARIANT_NOTES = {
 }
 
 
+RU_MAXRSS = (" _Measured before the probes read VmHWM: their high-water mark was getrusage's "
+             "ru_maxrss, which Linux carries across exec from the benchmark's own process, so a "
+             "depth whose pair was built in the same run can read that process's memory (up to "
+             "a whole float32 model) instead of its own; the sampled anonymous peak, where "
+             "recorded, is unaffected._")
+
+
 def scale_section(doc) -> str:
     if "variants" not in doc["rows"][0]:
         return "(an older result format; rerun `python benchmarks/scale.py`)"
@@ -538,7 +545,8 @@ def scale_section(doc) -> str:
              + f", {doc['date']}; random-init bf16 pairs; calibration "
              f"`{' '.join(doc['calibration'])}`. Memory: {doc['memory']}. Times are medians "
              f"of {doc['repeats']} alternating runs of floor and `align`, peaks the highest."
-             + (f" Note: {doc['note']}." if doc.get("note") else ""), "",
+             + (f" Note: {doc['note']}." if doc.get("note") else "")
+             + ("" if "VmHWM" in doc["memory"] else RU_MAXRSS), "",
              scale_rows([doc])]
     variants = [v for v in doc["variants"] if v != "default"]
     if variants:
@@ -620,8 +628,7 @@ def scale_section(doc) -> str:
 ASSIGNMENT_REAL = (
     "`real`: each width's FF correlation matrix from a one-layer random-init pair of a model "
     "that has it (TinyLlama 5632, Llama-3.2-1B 8192, Llama-2-7B 11008, Mistral-7B 14336), "
-    "calibrated by `align` on about 2 tokens per feature; `trained`: the first FF layer of the "
-    "anchor zoo's GPT-2 seeds (1024 wide, the only trained pair here). Commands in the results "
+    "calibrated by `align` on about 2 tokens per feature{trained}. Commands in the results "
     "file (`python benchmarks/real_correlations.py`, then `python benchmarks/assignment.py "
     "--kinds real ...`). Random models' neurons barely correlate, and their rows mostly prefer "
     "the same few columns: there Jonker-Volgenant is {slower} slower than scipy, where on the "
@@ -635,8 +642,18 @@ def _jv_slowdowns(doc) -> str:
     return f"{min(ratios):.1f}-{max(ratios):.1f}x" if ratios else "(not measured)"
 
 
+PRICED_TEXT = (
+    "From {priced_from} wide (`PRICED_FROM`), `assign` solves every square finite matrix from "
+    "auction prices (`core/prices.py`): two epsilon phases of a vectorised float32 auction "
+    "give column prices near the optimal duals; lapx's float64 `lapjvh` then solves the costs "
+    "less those prices and each row's minimum, which has the same optimal assignment (column "
+    "'auction + lapjvh', its time includes the auction). Below it, lapx's `lapjvh` where at "
+    "least {mutual} of the rows and their best columns choose each other, scipy otherwise. "
+    "The auction's settings were chosen on the 5632-wide real matrix alone.")
+
 # exact candidates measured against scipy: column title, what it is
 CANDIDATES = {
+    "auction+lapjvh": ("auction + lapjvh", ""),
     "lapx.lapjvs[f32]+certificate": (
         "float32 + certificate",
         "The float32 candidate: lapx's float32 `lapjvs`, a float64 optimality certificate, "
@@ -653,17 +670,20 @@ CANDIDATES = {
 def assignment_section(doc) -> str:
     """Seconds per exact solver and size (CPU time, one thread), against scipy, and what the
     package's `assign` picks for each matrix."""
-    from mergekit_permute.core.match import JV_FROM_MUTUAL
+    from mergekit_permute.core.match import JV_FROM_MUTUAL, PRICED_FROM
     cpu = doc.get("machine", {}).get("cpu", "this CPU")
     cands = [c for c in CANDIDATES if any(c in r["solvers"] for r in doc["results"])]
-    lines = [f"CPU seconds of one thread ({cpu}). `assign` picks lapx's `lapjvh` where at "
-             f"least {JV_FROM_MUTUAL} (`JV_FROM_MUTUAL`) of the rows and their best columns "
-             "choose each other (column 'mutual best'), scipy otherwise and where lapx cannot "
-             "run (non-finite or rectangular scores); deciding costs two argmins."
-             + "".join(" " + CANDIDATES[c][1] for c in cands),
+    priced = any("auction+lapjvh" in r["solvers"] for r in doc["results"])
+    lines = [f"CPU seconds of one thread ({cpu}). "
+             + (PRICED_TEXT.format(priced_from=PRICED_FROM, mutual=JV_FROM_MUTUAL) if priced
+                else "Measured before `assign` solved from auction prices (the 'picks' column "
+                "is the choice of that time: lapx's `lapjvh` where at least "
+                f"{JV_FROM_MUTUAL} of the rows and their best columns choose each other, "
+                "scipy otherwise).")
+             + "".join(" " + CANDIDATES[c][1] for c in cands if CANDIDATES[c][1]),
              "",
              "| size | matrix | mutual best | scipy | lapx `lapjvh` | `assign` picks | "
-             "same assignment as scipy |" + "".join(f" {CANDIDATES[c][0]} (same) |"
+             "same assignment as scipy |" + "".join(f" {CANDIDATES[c][0]}: s, vs scipy (same) |"
                                                     for c in cands),
              "|---|---|---|---|---|---|---|" + "---|" * len(cands)]
     for row in doc["results"]:
@@ -672,8 +692,9 @@ def assignment_section(doc) -> str:
             continue
         ours, ref = solvers.get("lapx.lapjvh", {}), solvers["scipy"]
         pick = row.get("assign_solver")
-        picked = (f"{'`lapjvh`' if pick == 'lapx.lapjvh' else 'scipy'} "
-                  f"({solvers[pick]['seconds']:.2f})" if pick in solvers else "-")
+        label = {"lapx.lapjvh": "`lapjvh`", "auction+lapjvh": "auction + `lapjvh`"}.get(pick,
+                                                                                      "scipy")
+        picked = f"{label} ({solvers[pick]['seconds']:.2f})" if pick in solvers else "-"
         line = (f"| {row['size']} | {row['kind']} | "
                 + (f"{row['mutual_best']:.2f}" if "mutual_best" in row else "-")
                 + f" | {ref['seconds']:.2f} | "
@@ -682,8 +703,8 @@ def assignment_section(doc) -> str:
                    else f"not run | {picked} | - |"))
         for cand in cands:
             c = solvers.get(cand, {})
-            line += (f" {c['seconds']:.2f} ({'yes' if c['equals_scipy'] else 'no'}) |"
-                     if "seconds" in c else " - |")
+            line += (f" {c['seconds']:.2f}, {c['speedup_vs_scipy']:.1f}x "
+                     f"({'yes' if c['equals_scipy'] else 'no'}) |" if "seconds" in c else " - |")
         lines.append(line)
     return "\n".join(lines)
 
@@ -812,11 +833,17 @@ def main():
                   "architecture, so no error bars: read differences of a few hundredths as "
                   "noise.", ""]
         parts += [multi_section(doc) for doc in multi]
-    for path in sorted(results.glob("assignment-cpu*.json")):
+    # the package's current solver first, then the candidates measured before it
+    for path in sorted(results.glob("assignment-*cpu*.json"), key=lambda p: "priced" not in p.name):
         doc = json.loads(path.read_text())
         title = "real-width correlation matrices, " if "real" in doc["config"]["kinds"] else ""
+        if "priced" in path.name:
+            title = "the package's solver: auction prices, " + title
         parts += [f"## Exact assignment ({title}`python benchmarks/assignment.py`)", "",
-                  *([ASSIGNMENT_REAL.format(slower=_jv_slowdowns(doc)), ""] if title else []),
+                  *([ASSIGNMENT_REAL.format(slower=_jv_slowdowns(doc), trained=(
+                      "; `trained`: the first FF layer of the anchor zoo's GPT-2 seeds (1024 "
+                      "wide, the only trained pair here)" if "trained" in doc["config"]["kinds"]
+                      else "")), ""] if title else []),
                   assignment_section(doc), ""]
     for path in sorted(results.glob("scale-*.json")):
         parts += [f"## Scale ({path.stem[6:]}): `python benchmarks/scale.py`", "",

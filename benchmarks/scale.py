@@ -10,9 +10,11 @@ Random-init bf16 pairs of a `--shape`:
 at `--layers` depths; calibration 64 x 64 tokens for `toy`, 128 x 128 for the others.
 
 Every measurement runs in its own process; its peak memory is the larger of its own resident
-high-water mark and, sampled every 20 ms, its resident memory plus the proportional resident
-memory (PSS) of any process it starts. Floor and align alternate `--repeats` times per depth
-(median time, highest peak):
+high-water mark (VmHWM: getrusage's ru_maxrss is carried across exec from this parent, which
+holds the pair it built, so runs that built their pair read up to a whole float32 model high:
+the "growth with depth" of earlier rows) and, sampled every 20 ms, its resident memory plus
+the proportional resident memory (PSS) of any process it starts. Floor and align alternate
+`--repeats` times per depth (median time, highest peak):
   floor   load both models (in align's compute dtype) and run their bodies' bare forwards
           (embeddings and blocks, no vocabulary head) over the same batches;
   align   `mergekit-permute align --cache off` (calibration, solving, writing aligned B);
@@ -92,7 +94,7 @@ def calibration(shape: str):
 
 
 PROBE = """
-import resource, sys, time, json, os, threading
+import sys, time, json, os, threading
 mode, variant, args = sys.argv[1], sys.argv[2], sys.argv[3:]
 import torch, transformers, mergekit_permute.cli  # the same imports in every mode
 from transformers import PreTrainedTokenizerFast  # noqa: F401
@@ -175,7 +177,11 @@ elif mode == "cli":
 seconds = time.perf_counter() - start
 done.set()
 gpu = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else 0.0
-own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024   # the exact high-water mark
+# The exact high-water mark of this process's own memory: VmHWM, not getrusage's ru_maxrss,
+# which Linux carries across exec from the parent (benchmarks/scale.py itself, which built the
+# pair: gigabytes at 22 layers), so a child's ru_maxrss is never below its parent's.
+with open("/proc/self/status") as f:
+    own = next(int(l.split()[1]) for l in f if l.startswith("VmHWM")) * 1024
 print(json.dumps({"seconds": seconds, "peak_gpu_mib": gpu, "peak_rss_mib": own / 2**20,
                   "peak_tree_mib": max(peak["tree"], own) / 2**20,
                   "peak_children_mib": peak["children"] / 2**20,
@@ -376,6 +382,14 @@ def run_depth(args, work: Path, layers: int, baseline: dict, env: dict) -> dict:
     return row
 
 
+def cpu_model() -> str:
+    try:
+        return next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
+                     if line.startswith("model name")), platform.processor())
+    except OSError:
+        return platform.processor()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--layers", type=int, nargs="+", default=[8, 16, 32])
@@ -409,11 +423,11 @@ def main() -> None:
     doc = {"benchmark": "scale", "device": args.device, "shape": dims,
            "shape_name": args.shape, "calibration": calibration(args.shape),
            "repeats": args.repeats, "variants": args.variant,
-           "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
-                       "native_bf16_cpu": native_bf16_cpu(),
+           "machine": {"cpus": os.cpu_count(), "cpu": cpu_model(),
+                       "platform": platform.platform(), "native_bf16_cpu": native_bf16_cpu(),
                        "gpu": __import__("torch").cuda.get_device_name()
                        if args.device.startswith("cuda") else None},
-           "memory": "the larger of the process's resident high-water mark and its resident "
+           "memory": "the larger of the process's resident high-water mark (VmHWM) and its resident "
                      "memory plus its children's PSS (sampled every 20 ms), above a process "
                      "that only imports",
            "import_baseline_mib": _mib(baseline["peak_tree_mib"]), "rows": rows,

@@ -172,8 +172,9 @@ def scale_block() -> str:
     names = ["tinyllama", "bert-base", "pythia-410m"]
     paths = [results / f"scale-cpu-{n}.json" for n in names if (results / f"scale-cpu-{n}.json").is_file()]
     docs = [json.loads(p.read_text()) for p in paths]
-    machine = docs[0]["machine"]["cpus"]
-    return (f"On {machine} CPU cores, random-init bf16 pairs at real widths, calibration "
+    machine = docs[0]["machine"]
+    cpu = f" ({machine['cpu']})" if machine.get("cpu") else ""
+    return (f"On {machine['cpus']} CPU cores{cpu}, random-init bf16 pairs at real widths, calibration "
             f"`{' '.join(docs[0]['calibration'])}`; memory is {docs[0]['memory']}:\n\n"
             + _report().scale_rows(docs)
             + "\n\n_From " + ", ".join(f"`benchmarks/results/{p.name}`" for p in paths)
@@ -200,18 +201,25 @@ def products_note(docs, path) -> str:
         row8 = json.loads(again.read_text())["rows"][0]
         f, b = (row8["variants"][v]["peak_above_import_mib"]
                 for v in ("default", "bfloat16-products"))
-        rerun = (f" A rerun of {row8['layers']} layers with both in one run peaked at {f:.0f} "
-                 f"(float32) and {b:.0f} (bfloat16) MiB above import, flat again: the growth "
-                 f"did not reproduce there, nor in a standalone `align` (its cause is not "
-                 f"found; `benchmarks/results/{again.name}`).")
+        rerun = (f" A later run of {row8['layers']} layers with both read {f:.0f} (float32) "
+                 f"and {b:.0f} (bfloat16) MiB (`benchmarks/results/{again.name}`).")
     return (f"\n\n_The rows above multiply the statistics in float32 (`stats_products: auto` on "
-            f"the CPU). With bfloat16 products on this CPU (native bfloat16), the same shape "
-            f"on 2 threads on a quiet machine once peaked at {peaks} MiB above import at "
-            f"{depths} layers ({ratios} the floor, `benchmarks/results/{bf16.name}`).{rerun} "
-            f"`auto` keeps float32 on the CPU, where bfloat16 products showed no gain in time "
-            f"on a quiet machine; an earlier 4-layer comparison on a shared machine had "
-            f"bfloat16 at {bf['time_vs_floor']:.2f}x against float32's "
-            f"{f32['time_vs_floor']:.2f}x (`benchmarks/results/{path.name}`)._")
+            f"the CPU). An earlier run with bfloat16 products ({_cpu_of(bf16)}, native "
+            f"bfloat16) read {peaks} MiB above import at {depths} layers ({ratios} the floor, "
+            f"`benchmarks/results/{bf16.name}`): not the run's memory but the benchmark's. "
+            f"Its probes took getrusage's ru_maxrss, which Linux carries across exec from the "
+            f"parent process, and that parent had just built the pair (a whole float32 model, "
+            f"growing with depth); the probes now read VmHWM.{rerun} `auto` keeps float32 on "
+            f"the CPU, where bfloat16 products showed no gain in time on a quiet machine; an "
+            f"earlier 4-layer comparison on a shared machine had bfloat16 at "
+            f"{bf['time_vs_floor']:.2f}x against float32's {f32['time_vs_floor']:.2f}x "
+            f"(`benchmarks/results/{path.name}`)._")
+
+
+def _cpu_of(path) -> str:
+    """The CPU a results file was measured on (files from before it was recorded: the AMD
+    EPYC machine of those sessions, as their assignment runs record)."""
+    return json.loads(path.read_text())["machine"].get("cpu", "AMD EPYC")
 
 
 def suite_block() -> str:

@@ -137,7 +137,7 @@ def test_zero_variance_and_low_precision_features_give_finite_correlations():
     assert torch.isfinite(corr).all()
     assert torch.all(corr[1] == 0)
     from mergekit_permute.core.match import match_plain
-    perm = match_plain(corr)
+    perm, _ = match_plain(corr)
     assert sorted(perm.tolist()) == [0, 1, 2]
 
 

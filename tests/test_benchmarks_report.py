@@ -87,10 +87,24 @@ def test_anchor_table_sits_beside_the_papers_row_and_is_in_the_report():
             assert f"| {theirs} | {value:.2f} | `{ours}` | {mean:.4f}" in section
 
 
-def test_assignment_sections_show_what_assign_picks_and_are_in_the_report():
-    """Every committed assignment run (synthetic, real-width and trained matrices): each size's
-    scipy and lapjvh times, and the solver the package's `assign` picks for that matrix, which
-    is the faster of the two wherever their times differ by more than 1.5x."""
+def test_the_priced_solver_is_exact_and_faster_than_scipy_on_every_stored_matrix():
+    """The package's solver (auction prices, then lapjvh) on every matrix of its committed run:
+    `assign` picks it from PRICED_FROM wide, it returned scipy's assignment, in less time."""
+    from benchmarks.report import assignment_section
+    from mergekit_permute.core.match import PRICED_FROM
+    doc = json.loads((RESULTS / "assignment-priced-cpu.json").read_text())
+    assert assignment_section(doc) in (ROOT / "BENCHMARKS.md").read_text()
+    assert {r["kind"] for r in doc["results"]} == {"real", "random", "corr"}
+    for row in doc["results"]:
+        ours, scipy = row["solvers"]["auction+lapjvh"], row["solvers"]["scipy"]
+        assert row["size"] < PRICED_FROM or row["assign_solver"] == "auction+lapjvh"
+        assert ours["equals_scipy"] and ours["seconds"] < scipy["seconds"], row["size"]
+
+
+def test_assignment_sections_show_what_assign_picked_and_are_in_the_report():
+    """Every committed assignment run from before the priced solver (synthetic, real-width and
+    trained matrices): each size's scipy and lapjvh times, and the solver `assign` picked for
+    that matrix then, the faster of the two wherever their times differ by more than 1.5x."""
     from benchmarks.report import assignment_section
     paths = sorted(RESULTS.glob("assignment-cpu*.json"))
     assert paths

@@ -75,9 +75,10 @@ def match_space(space: Space, held: Mapping[str, torch.Tensor], settings: AlignS
     corr = held["0"]
     identity = torch.arange(space.size)
     report: Dict = {"kind": space.kind, "size": space.size}
+    report["mean_corr_before"] = round(mean_matched(corr, identity), 6)
     if space.kind == "ffn":
-        views = plain_views(space, match_plain(corr))
-        perm = views[""]
+        perm, matched = match_plain(corr, spend=True)   # corr is spent here
+        views = plain_views(space, perm)
     else:
         qk = settings.qk if settings.needs_qk_features else "follow_vo"
         q_corr, k_corr = held.get("q"), held.get("k")
@@ -89,8 +90,8 @@ def match_space(space: Space, held: Mapping[str, torch.Tensor], settings: AlignS
             ident = {v: torch.arange(n) for v, n in space.views.items()}
             report["qk_corr_before"] = round(qk_matched(q_corr, k_corr, ident), 6)
             report["qk_corr_after"] = round(qk_matched(q_corr, k_corr, views), 6)
-    report["mean_corr_before"] = round(mean_matched(corr, identity), 6)
-    report["mean_corr_after"] = round(mean_matched(corr, perm), 6)
+        matched = mean_matched(corr, perm)
+    report["mean_corr_after"] = round(matched, 6)
     return views, report, time.perf_counter() - start
 
 
@@ -212,10 +213,10 @@ def solve_residual(spec: PermutationSpec, summary: ResidualSummary, policy: str
     else:
         chosen = {"first": summary.first, "last": summary.last, "all": summary.pooled}[policy]
         corr = chosen.correlation()
-        q = match_plain(corr)
+        before = mean_matched(corr, torch.arange(space.size))
+        q, matched = match_plain(corr, spend=True)
         report = {"kind": "residual", "size": space.size,
-                  "mean_corr_before": round(mean_matched(corr, torch.arange(space.size)), 6),
-                  "mean_corr_after": round(mean_matched(corr, q), 6)}
+                  "mean_corr_before": round(before, 6), "mean_corr_after": round(matched, 6)}
     report["seconds"] = time.perf_counter() - start
     return q, report
 

@@ -130,7 +130,7 @@ def _solve(space: Space, sim: Dict[str, torch.Tensor], attention: str, residual:
         # S [dA, dB] plays H_A^T H_B; Q [dB, dA]
         return {"": procrustes([sim[""]], keep_ones=centered)}
     # A gated FF's gate and up rows move together: their evidence adds up.
-    return plain_views(space, match_plain(sum(sim.values())))
+    return plain_views(space, match_plain(sum(sim.values()), spend=True)[0])
 
 
 def _score(sim: Dict[str, torch.Tensor], views: Dict[str, torch.Tensor]) -> float:

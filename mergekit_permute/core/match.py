@@ -8,6 +8,7 @@ import torch
 from scipy.optimize import linear_sum_assignment
 
 from mergekit_permute.core.heads import HeadPerm, flat_views
+from mergekit_permute.core.prices import auction_prices
 from mergekit_permute.settings import AlignSettings
 from mergekit_permute.spec.base import HeadLayout
 
@@ -15,11 +16,17 @@ AttentionMode = AlignSettings.model_fields["attention"].annotation
 QKMode = AlignSettings.model_fields["qk"].annotation
 
 
-# Where at least this share of rows and their best column choose each other, lapx's
-# Jonker-Volgenant (whose initialisation settles such pairs at once) is the faster exact solver;
-# below it (the flat correlations of random-init or barely trained models) its augmenting row
-# reduction wanders and scipy's plain shortest augmenting paths are faster, 2.6x at 5632 wide.
-# Both give the same assignment (ties aside); measured on real matrices in BENCHMARKS.md.
+# From this size, a square finite matrix is solved from auction prices (core/prices.py):
+# lapx's Jonker-Volgenant on the costs less those prices and each row's minimum, which has the
+# same optimal assignment. On real FF correlations 2.5-4x faster than scipy from 5632 wide,
+# on every kind of matrix measured (BENCHMARKS.md); below it the auction's passes cost more
+# than they save.
+PRICED_FROM = 2048
+# Smaller matrices: where at least this share of rows and their best column choose each other,
+# lapx's Jonker-Volgenant (whose initialisation settles such pairs at once) is the faster
+# exact solver; below it (flat correlations of random-init or barely trained models) its
+# augmenting row reduction wanders and scipy's plain shortest augmenting paths are faster.
+# Every path gives the same assignment (ties aside); measured on real matrices in BENCHMARKS.md.
 JV_FROM_MUTUAL = 0.2
 
 
@@ -29,43 +36,68 @@ def mutual_best(cost: np.ndarray) -> float:
     return float((col_best[row_best] == np.arange(cost.shape[0])).mean())
 
 
+def _square_finite(m: np.ndarray) -> bool:
+    # (a finite sum means finite entries, without an [n, n] mask; one that overflows sends a
+    # finite matrix to scipy, which is exact too)
+    return m.dtype == np.float64 and m.ndim == 2 and m.shape[0] == m.shape[1] and \
+        m.shape[0] > 0 and bool(np.isfinite(m.sum())) and hasattr(lap, "lapjvh")
+
+
 def solver_for(cost: np.ndarray) -> str:
-    """`lapjvh` (lapx) or `scipy`: which exact solver `assign` gives these costs."""
-    square_finite = cost.dtype == np.float64 and cost.ndim == 2 and \
-        cost.shape[0] == cost.shape[1] and bool(np.isfinite(cost).all())
-    if square_finite and hasattr(lap, "lapjvh") and cost.shape[0] and \
-            mutual_best(cost) >= JV_FROM_MUTUAL:   # (another package may install a `lap`)
-        return "lapjvh"
-    return "scipy"
+    """`priced` (auction prices, then lapx's lapjvh), `lapjvh` or `scipy`: which exact solver
+    `assign` gives these costs. (scipy also where another package installed a `lap` without
+    lapjvh.)"""
+    if not _square_finite(cost):
+        return "scipy"
+    if cost.shape[0] >= PRICED_FROM:
+        return "priced"
+    return "lapjvh" if mutual_best(cost) >= JV_FROM_MUTUAL else "scipy"
 
 
-def _minimise(cost: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
-    """(rows, cols) of the minimum-cost assignment, by the solver `solver_for` picks (scipy also
-    names NaN and inf, and takes rectangular costs)."""
-    if solver_for(cost) == "lapjvh":
-        return lap.lapjvh(cost, return_cost=False)
-    return linear_sum_assignment(cost)
-
-
-def assign(score: np.ndarray) -> Tuple[np.ndarray, float]:
-    """Maximise total score: perm[i] = column matched to row i (rows = A, columns = B)."""
-    if score.dtype == np.float64 and score.flags.c_contiguous and score.flags.writeable:
-        # Negating in place (and back, both exact) gives the minimiser the same numbers
-        # without a second [n, n] matrix.
-        np.negative(score, out=score)
-        try:
-            rows, cols = _minimise(score)
-        finally:
-            np.negative(score, out=score)
+def assign(score: np.ndarray, overwrite: bool = False) -> Tuple[np.ndarray, float]:
+    """Maximise total score: perm[i] = column matched to row i (rows = A, columns = B), and
+    that total. `overwrite`: the caller is done with `score`, which may then serve as the
+    solver's work buffer (no second [n, n] matrix) and holds anything afterwards."""
+    own = not (score.dtype == np.float64 and score.flags.c_contiguous and score.flags.writeable)
+    work = np.array(score, dtype=np.float64, order="C") if own else score
+    if solver_for(work) == "priced":
+        spent = overwrite and not own   # the caller's matrix becomes the work buffer
+        cost = np.negative(work, out=work if overwrite or own else None)
+        rows, cols, taken = _priced(cost)
+        total = -(float(cost[rows, cols].sum()) + taken) if spent else \
+            float(score[rows, cols].astype(np.float64).sum())
     else:
-        rows, cols = _minimise(-np.asarray(score, dtype=np.float64))
-    perm = np.empty(score.shape[0], dtype=np.int64)
+        # Negated in place (and back, both exact): the minimisers get the same numbers
+        # without a second [n, n] matrix.
+        cost = np.negative(work, out=work)
+        try:
+            rows, cols = (lap.lapjvh(cost, return_cost=False) if solver_for(cost) == "lapjvh"
+                          else linear_sum_assignment(cost))
+        finally:
+            np.negative(cost, out=cost)
+        total = float(work[rows, cols].sum())
+    perm = np.empty(work.shape[0], dtype=np.int64)
     perm[rows] = cols
-    return perm, float(score[rows, cols].sum())
+    return perm, total
 
 
-def match_plain(corr: torch.Tensor) -> torch.Tensor:
-    return torch.from_numpy(assign(corr.cpu().numpy())[0])
+def _priced(cost: np.ndarray) -> Tuple[np.ndarray, np.ndarray, float]:
+    """lapjvh on cost + column prices - row minima, computed in place in `cost` [n, n] (same
+    optimal assignment: every assignment's total moves by one constant). Returns rows, cols
+    and that constant (original total = reduced total + it)."""
+    prices = auction_prices(cost)
+    np.add(cost, prices, out=cost)
+    row_min = cost.min(1)
+    np.subtract(cost, row_min[:, None], out=cost)
+    rows, cols = lap.lapjvh(cost, return_cost=False)
+    return rows, cols, float(row_min.sum() - prices.sum())
+
+
+def match_plain(corr: torch.Tensor, spend: bool = False) -> Tuple[torch.Tensor, float]:
+    """The permutation maximising matched correlation, and that mean. `spend`: the caller is
+    done with corr, which may serve as the solver's work buffer (`assign`'s overwrite)."""
+    perm, total = assign(corr.cpu().numpy(), overwrite=spend)
+    return torch.from_numpy(perm), total / max(1, corr.shape[0])
 
 
 def match_attention(corr: torch.Tensor, layout: HeadLayout, mode: AttentionMode,
@@ -81,7 +113,7 @@ def match_attention(corr: torch.Tensor, layout: HeadLayout, mode: AttentionMode,
     if mode == "identity":
         return HeadPerm.identity(layout).views(layout)
     if mode == "ignore_heads":
-        return flat_views(match_plain(corr), layout)
+        return flat_views(match_plain(corr)[0], layout)
     h, d, g, kv = layout.num_heads, layout.head_dim, layout.group_size, layout.num_kv_heads
     use_qk = qk != "follow_vo"
     if use_qk and (q_corr is None or k_corr is None):
