@@ -490,19 +490,34 @@ def _shape_cell(doc) -> str:
             f"{d['hidden_size']} / {d['intermediate_size']}, {heads} heads)")
 
 
+def _products_vs_forwards(doc, row) -> Optional[float]:
+    """The row's statistics-products-to-forwards FLOP ratio (benchmarks/scale.py; computed from
+    the shape for files written before it was recorded)."""
+    if "products_vs_forwards" in row:
+        return row["products_vs_forwards"]
+    try:   # (as the package module, or with benchmarks/ on the path as a script)
+        from benchmarks.scale import SHAPES, products_vs_forwards
+    except ImportError:
+        from scale import SHAPES, products_vs_forwards
+    name = doc.get("shape_name")
+    return products_vs_forwards(name, row["layers"]) if name in SHAPES else None
+
+
 def scale_rows(docs) -> str:
     """One line per shape and depth: the shipped `align` against the floor."""
     lines = ["| shape | layers | one bf16 checkpoint (MiB) | `align` peak above import (MiB) | "
              "peak / this checkpoint | peak / full-depth checkpoint | must be resident: "
              "2 blocks + hidden states + 1 layer's statistics (MiB) | solver processes (MiB) | "
-             "`align` (s) | floor (s) | time / floor | FF solve, per space (s) | written |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "`align` (s) | floor (s) | time / floor | floor + statistics' products at the "
+             "forwards' FLOP rate | FF solve, per space (s) | written |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for doc in docs:
         for r in doc["rows"]:
             v = r["variants"]["default"]
             full = next(k for k in v if k.startswith("peak_vs_full_"))
             must = r["must_be_resident_mib"]
             ff = v["solve_seconds_by_space"].get("ffn", {}).get("median")
+            products = _products_vs_forwards(doc, r)
             lines.append(
                 f"| {_shape_cell(doc)} | {r['layers']} | {r['checkpoint_mib']:.0f} | "
                 f"{v['peak_above_import_mib']:.0f} | {v['peak_vs_checkpoint']:.2f}x | "
@@ -510,7 +525,9 @@ def scale_rows(docs) -> str:
                 f"{must['total']:.0f} ({must['two_blocks']:.0f} + {must['hidden_states']:.0f} + "
                 f"{must['one_layer_statistics']:.0f}) | {v['solver_processes_peak_mib']:.0f} | "
                 f"{v['align_seconds']:.1f} | {r['floor_seconds']:.1f} | "
-                f"{v['time_vs_floor']:.2f}x | {'-' if ff is None else f'{ff:.2f}'} | "
+                f"{v['time_vs_floor']:.2f}x | "
+                f"{'-' if products is None else f'{1 + products:.2f}x'} | "
+                f"{'-' if ff is None else f'{ff:.2f}'} | "
                 f"{', '.join(d.lower() for d in r['written_dtypes'])} |")
     return "\n".join(lines)
 
@@ -563,6 +580,21 @@ def scale_section(doc) -> str:
                              f"{v['time_vs_floor']:.2f}x | "
                              f"{', '.join(f'{x:.0f}' for x in v['peak_above_import_each'])} | "
                              f"{v['solver_processes_peak_mib']:.0f} |")
+    parts = [(r, r["variants"]["default"].get("parts_seconds")) for r in doc["rows"]]
+    if any(p for _, p in parts):
+        lines += ["", "Where `align`'s time goes (its alignment.json timings), against the "
+                  "floor:", "", "| layers | floor (s) | calibration (s) | calibration / floor | "
+                  "floor + statistics' products (FLOPs) | solve (s) | write (s) | function "
+                  "check (s) |", "|---|---|---|---|---|---|---|---|"]
+        for r, p in parts:
+            if p:
+                products = _products_vs_forwards(doc, r)
+                lines.append(f"| {r['layers']} | {r['floor_seconds']:.1f} | "
+                             f"{p['calibration']:.1f} | "
+                             f"{p['calibration'] / r['floor_seconds']:.2f}x | "
+                             f"{'-' if products is None else f'{1 + products:.2f}x'} | "
+                             f"{p['solve']:.1f} | {p['write']:.1f} | "
+                             f"{p['function_check']:.1f} |")
     checks = [(r["layers"], r["variants"]["default"].get("function_check")) for r in doc["rows"]]
     if any(c for _, c in checks):
         lines += ["", "Function check written by `align` (alignment.json `function_check`: "

@@ -239,6 +239,36 @@ def bf16_mib(shape: str, layers: int) -> float:
     return sum(p.numel() for p in model.parameters()) * 2 / 2**20
 
 
+def parts_of(timings: dict) -> dict:
+    """Where a run's time went, from its alignment.json timings (seconds): calibration (the
+    forwards and the statistics), solving, writing aligned B, the function check."""
+    solve = sum(timings["solve_seconds"].values())
+    return {"calibration": round(timings["total_seconds"] - solve, 1), "solve": round(solve, 1),
+            "write": timings["write_seconds"],
+            "function_check": timings.get("function_check_seconds", 0.0)}
+
+
+def products_vs_forwards(shape: str, layers: int) -> float:
+    """FLOPs of the statistics' cross products (A x B block of every calibrated point) over
+    those of both models' bare forwards (2 per linear weight per token; attention scores at 128
+    tokens add about 1%), per calibration token. Where both run at one GEMM rate (a CPU, float32),
+    calibration alone takes about 1 + this times the floor, before any solve or write."""
+    import torch
+    import transformers as T
+
+    from mergekit_permute.calibration.collect import calibration_spaces
+    from mergekit_permute.spec import spec_for_config
+    config = config_of(shape, layers)
+    spec = spec_for_config(config)
+    products = sum(2 * spec.space(s).size ** 2 * len(spec.space(s).features)
+                   for s in calibration_spaces(spec))
+    with torch.device("meta"):
+        model = getattr(T, SHAPES[shape]["model"])(config)
+    body = getattr(model, model.base_model_prefix)
+    weights = sum(m.weight.numel() for m in body.modules() if isinstance(m, torch.nn.Linear))
+    return products / (2 * 2 * weights)
+
+
 def resident(shape: str, layers: int, samples: int, device: str) -> dict:
     """MiB that must be resident while a block runs: two blocks in the compute dtype, both
     models' hidden states, one layer's statistics (float64 sums and float32 pending products
@@ -332,6 +362,7 @@ def run_depth(args, work: Path, layers: int, baseline: dict, env: dict) -> dict:
            "floor_peak_above_import_mib": _mib(max(f["peak_tree_mib"] for f in floors) - base),
            "floor_peak_gpu_mib": _mib(max(f["peak_gpu_mib"] for f in floors)),
            "must_be_resident_mib": resident(args.shape, layers, samples, args.device),
+           "products_vs_forwards": round(products_vs_forwards(args.shape, layers), 3),
            "written_dtypes": written, "variants": {}}
     for variant, rs in runs.items():
         align_s = statistics.median(r["seconds"] for r in rs)
@@ -358,6 +389,7 @@ def run_depth(args, work: Path, layers: int, baseline: dict, env: dict) -> dict:
                                            "median": round(statistics.median(v), 2)}
                                        for k, v in sorted(kinds.items())},
             "peak_gpu_mib": _mib(max(r["peak_gpu_mib"] for r in rs)),
+            "parts_seconds": parts_of(rs[0]["timings"]),
             "function_check": rs[0]["function_check"]}
     if cached:
         cs = statistics.median(r["seconds"] for r in cached)

@@ -180,7 +180,24 @@ def scale_block() -> str:
             + "\n\n_From " + ", ".join(f"`benchmarks/results/{p.name}`" for p in paths)
             + " (`python benchmarks/scale.py --shape SHAPE --layers ...`, the commands in its "
             "docstring); every run, the variants measured and the GPU results in BENCHMARKS.md._"
+            + bound_note(docs)
             + products_note(docs, results / "scale-products-cpu-tinyllama.json") + "\n")
+
+
+def bound_note(docs) -> str:
+    """What the statistics' products cost against the floor, from each shape's FLOPs."""
+    report = _report()
+    bounds = [(report.SHAPE_NAMES.get(d["shape_name"], d["shape_name"]).split(" ")[0],
+               1 + report._products_vs_forwards(d, d["rows"][-1])) for d in docs]
+    return ("\n\n_`floor + statistics' products`: the floor plus the FLOPs of the cross "
+            "products every calibrated point adds (the A x B block of each FF, attention and "
+            "residual point) at the forwards' own rate (`products_vs_forwards` in "
+            "benchmarks/scale.py: 2 FLOPs per linear weight per token for each model's "
+            "forward). On a CPU both are float32 matrix products at one rate, so calibration "
+            "alone takes about this long before any solve or write: "
+            + ", ".join(f"{name} {b:.2f}x" for name, b in bounds)
+            + ". The FF products dominate: their FF width squared, against the forwards' "
+            "width times FF width per projection._")
 
 
 def products_note(docs, path) -> str:

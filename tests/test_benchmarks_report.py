@@ -132,3 +132,17 @@ def test_learned_memory_rows_are_in_the_report():
         text = scale_section(doc)
         for key in ("learned", "learned_whole_model"):
             assert f"{row[key]['peak_above_import_mib']:.0f} |" in text
+
+
+@pytest.mark.parametrize("shape,layers", [("tinyllama", 22), ("llama7b", 32)])
+def test_the_statistics_flop_bound_counts_every_calibrated_point(shape, layers):
+    """The scale table's `floor + statistics' products` column: per token, every layer's FF and
+    attention points and every residual point (embeddings and each block's output) cost
+    2 x width^2 (the A x B block); both models' forwards 2 per linear weight each."""
+    from benchmarks.scale import SHAPES, products_vs_forwards
+    s = SHAPES[shape]
+    h, ffn = s["hidden_size"], s["intermediate_size"]
+    kv = h // s["num_attention_heads"] * s["num_key_value_heads"]
+    products = 2 * (layers * (ffn ** 2 + h ** 2) + (layers + 1) * h ** 2)
+    forwards = 2 * 2 * layers * (2 * h * h + 2 * h * kv + 3 * h * ffn)
+    assert products_vs_forwards(shape, layers) == pytest.approx(products / forwards, rel=1e-12)

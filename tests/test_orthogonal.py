@@ -6,6 +6,7 @@ import copy
 import pytest
 import torch
 from safetensors.torch import load_file
+from torch.overrides import TorchFunctionMode
 
 from mergekit_permute.core.match import procrustes
 from mergekit_permute.core.permute import apply_to_model, fold_scales, identity_transforms
@@ -160,3 +161,41 @@ def test_large_tensors_go_a_slab_at_a_time_with_the_same_result(name, monkeypatc
     apply_to_model(spec, rotated, t, fold)
     kw = inputs(model)
     torch.testing.assert_close(outputs(rotated, kw)[0], outputs(model, kw)[0], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("stored", [torch.bfloat16, torch.float32])
+def test_a_tensor_is_transformed_once_in_its_exact_dtype_and_its_input_untouched(stored):
+    """Fold, rotate, unfold run in `exact_dtype` of the stored dtype (float32 for bf16: a bf16
+    tensor's float32 working copy is not widened again to float64) and round once; the input
+    tensor is never scaled in place."""
+    import mergekit_permute.core.permute as permute
+    model = build("LlamaForCausalLM")
+    spec = spec_for_config(model.config)
+    q = procrustes([torch.randn(32, 32, dtype=torch.float64,
+                                generator=torch.Generator().manual_seed(2))], keep_ones=False)
+    t = identity_transforms(spec)
+    t["residual"] = {"": q}
+    gains = {k: v.double() for k, v in model.state_dict().items()}
+    fold, unfold = permute.fold_gauge(spec, permute.norm_gains(spec, gains)), \
+        permute.unfold_gauge(spec, permute.norm_gains(spec, gains))
+    rules = spec.weight_map()
+    name = "model.layers.0.mlp.gate_proj.weight"     # [inter, hidden]: FF rows, residual columns
+    tensor = model.state_dict()[name].to(stored)
+    before = tensor.clone()
+    work = permute.exact_dtype(stored)
+    seen = set()
+
+    class Dtypes(TorchFunctionMode):   # the dtypes of every product over the whole matrix
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            seen.update(a.dtype for a in args if isinstance(a, torch.Tensor) and
+                        a.numel() == tensor.numel())
+            return func(*args, **(kwargs or {}))
+    with Dtypes():
+        out = permute.transform_tensor(rules, name, tensor, t, fold, unfold)
+    assert seen - {stored} == {work}
+    assert torch.equal(tensor, before)
+    gain = gains["model.layers.0.post_attention_layernorm.weight"].to(work)
+    # new = ((W * g) @ inv(Q)^T) / g, rows permuted by the (identity) FF map
+    expected = ((tensor.to(work) * gain) @ permute._reader_matrix(q).to(work)) / gain
+    assert out.dtype == stored
+    assert torch.equal(out, expected.to(stored))

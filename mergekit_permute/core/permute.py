@@ -105,9 +105,10 @@ def exact_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def _along(tensor: torch.Tensor, dim: int, t: Transform, role: str, name: str,
-           exact: bool = True) -> torch.Tensor:
-    """One axis of a tensor through one view's transform (in `exact_dtype` when `exact`,
-    else the tensor's own dtype: differentiable either way)."""
+           exact: bool = True, work: Optional[torch.dtype] = None) -> torch.Tensor:
+    """One axis of a tensor through one view's transform (in `work`, by default `exact_dtype`
+    when `exact`, else the tensor's own dtype: differentiable either way)."""
+    work = work or (exact_dtype(tensor.dtype) if exact else tensor.dtype)
     if is_permutation(t):
         return tensor.index_select(dim, t.to(tensor.device))
     if isinstance(t, Scaled):
@@ -120,14 +121,12 @@ def _along(tensor: torch.Tensor, dim: int, t: Transform, role: str, name: str,
         shape[dim] = -1
         scale = t.scale.to(tensor.device).reshape(shape)
         scale = scale if role == "out" else 1.0 / scale
-        work = exact_dtype(tensor.dtype) if exact else tensor.dtype
         return (moved.to(work) * scale.to(work)).to(tensor.dtype)
     if role == "elem":
         if torch.all(tensor == 1):
             return tensor  # a folded (unit) gain commutes with any map
         raise ValueError(f"{name}: this weight scales a space that holds a matrix; fold the "
                          "norm gain into its readers first")
-    work = exact_dtype(tensor.dtype) if exact else tensor.dtype
     if role == "out":
         m = t
     elif exact:
@@ -141,14 +140,14 @@ def _along(tensor: torch.Tensor, dim: int, t: Transform, role: str, name: str,
 
 
 def apply_to_tensor(rule: WeightRule, tensor: torch.Tensor, transforms: Transforms,
-                    exact: bool = True) -> torch.Tensor:
-    """One tensor of B, expressed in A's basis."""
+                    exact: bool = True, work: Optional[torch.dtype] = None) -> torch.Tensor:
+    """One tensor of B, expressed in A's basis (the arithmetic in `work`: see `_along`)."""
     for dim, axis in enumerate(rule.axes):
         if axis is None:
             continue
         if isinstance(axis, Bind):
             tensor = _along(tensor, dim, transforms[axis.space][axis.view], axis.role, rule.name,
-                            exact)
+                            exact, work)
             continue
         # A fused axis: each part through its own view, then put back in place.
         out = tensor.clone()
@@ -157,7 +156,7 @@ def apply_to_tensor(rule: WeightRule, tensor: torch.Tensor, transforms: Transfor
                 continue
             idx = axis.part_index(j).to(tensor.device)
             piece = _along(tensor.index_select(dim, idx), dim, transforms[part.space][part.view],
-                           part.role, rule.name, exact)
+                           part.role, rule.name, exact, work)
             out = out.index_copy(dim, idx, piece)
         tensor = out
     return tensor
@@ -176,7 +175,11 @@ class Gauge:
     def __bool__(self) -> bool:
         return bool(self.ops)
 
-    def apply(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
+    def apply(self, name: str, tensor: torch.Tensor, work: Optional[torch.dtype] = None,
+              inplace: bool = False) -> torch.Tensor:
+        """The tensor with this gauge's op (the arithmetic in `work`, by default
+        `exact_dtype` of the tensor's; with `inplace`, a private copy already in `work` is
+        scaled where it is)."""
         op = self.ops.get(name)
         if op is None:
             return tensor
@@ -185,7 +188,9 @@ class Gauge:
         _, axis, factor = op
         shape = [1] * tensor.ndim
         shape[axis] = -1
-        work = exact_dtype(tensor.dtype)
+        work = work or exact_dtype(tensor.dtype)
+        if inplace and tensor.dtype == work:
+            return tensor.mul_(factor.to(tensor.device, work).reshape(shape))
         return (tensor.to(work) * factor.to(tensor.device, work).reshape(shape)).to(tensor.dtype)
 
 
@@ -299,15 +304,20 @@ def _transform_whole(rule: Optional[WeightRule], name: str, tensor: torch.Tensor
                      unfold: Optional[Gauge]) -> torch.Tensor:
     key = rule.name if rule is not None else name   # gauges use the spec's names, not aliases
     stored = tensor.dtype
-    if tensor.is_floating_point() and (_has_arithmetic(rule, transforms)
-                                       or any(g and key in g.ops for g in (fold, unfold))):
-        tensor = tensor.to(exact_dtype(stored))
+    # Every step in the stored dtype's exact_dtype (a bf16 tensor's float32 copy must not be
+    # taken for a float32 tensor and widened again: float64 products, twice the time).
+    work = exact_dtype(stored) if tensor.is_floating_point() else None
+    original = tensor
+    if work is not None and (_has_arithmetic(rule, transforms)
+                             or any(g and key in g.ops for g in (fold, unfold))):
+        tensor = tensor.to(work)
+    # (gauges scale in place once `tensor` is a working copy: one [rows, cols] buffer fewer)
     if fold:
-        tensor = fold.apply(key, tensor)
+        tensor = fold.apply(key, tensor, work, inplace=tensor is not original)
     if rule is not None:
-        tensor = apply_to_tensor(rule, tensor, transforms)
+        tensor = apply_to_tensor(rule, tensor, transforms, work=work)
     if unfold:
-        tensor = unfold.apply(key, tensor)
+        tensor = unfold.apply(key, tensor, work, inplace=tensor is not original)
     return tensor.to(stored)
 
 
