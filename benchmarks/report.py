@@ -583,7 +583,10 @@ def scale_section(doc) -> str:
     parts = [(r, r["variants"]["default"].get("parts_seconds")) for r in doc["rows"]]
     if any(p for _, p in parts):
         lines += ["", "Where `align`'s time goes (its alignment.json timings), against the "
-                  "floor:", "", "| layers | floor (s) | calibration (s) | calibration / floor | "
+                  "floor. Solve: the spaces' seconds summed (correlation and assignment; on the "
+                  "CPU a layer's attention space is solved beside its FF space, so the wall "
+                  "clock spent is a little less); calibration: the rest of the run before "
+                  "writing (loading, forwards, statistics):", "", "| layers | floor (s) | calibration (s) | calibration / floor | "
                   "floor + statistics' products (FLOPs) | solve (s) | write (s) | function "
                   "check (s) |", "|---|---|---|---|---|---|---|---|"]
         for r, p in parts:
