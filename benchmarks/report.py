@@ -586,7 +586,8 @@ def scale_section(doc) -> str:
                   "floor. Solve: the spaces' seconds summed (correlation and assignment; on the "
                   "CPU a layer's attention space is solved beside its FF space, so the wall "
                   "clock spent is a little less); calibration: the rest of the run before "
-                  "writing (loading, forwards, statistics):", "", "| layers | floor (s) | calibration (s) | calibration / floor | "
+                  "writing (loading, forwards, statistics):", "",
+                  "| layers | floor (s) | calibration (s) | calibration / floor | "
                   "floor + statistics' products (FLOPs) | solve (s) | write (s) | function "
                   "check (s) |", "|---|---|---|---|---|---|---|---|"]
         for r, p in parts:
