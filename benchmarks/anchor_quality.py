@@ -24,7 +24,7 @@ never on these models. Measured by benchmarks/eval_quality.py's run_pair (calibr
 tokens of corpus/calib.txt, barriers on 256 x 128 tokens of corpus/eval.txt, 11 lambdas);
 resumable per method.
 
-    python benchmarks/anchor_quality.py [--pairs 1-2] [--methods ...] [--threads 1]
+    python benchmarks/anchor_quality.py [--pairs 1-2,3-4] [--methods ...] [--threads 1]
     python benchmarks/anchor_quality.py --corpus sotu      # the GPT-2 evaluation zoo
 
 Writes benchmarks/results/anchor/gpt2-untied-<a>-<b>.json (eval-gpt2/ with --corpus sotu).
@@ -44,6 +44,7 @@ import eval_quality as eq  # noqa: E402
 ZOOS = {"shakespeare": (HERE / ".zoo-anchor", HERE / "results" / "anchor"),
         "sotu": (HERE / ".zoo-eval-gpt2", HERE / "results" / "eval-gpt2")}
 ZOO, OUT = ZOOS["shakespeare"]
+PAIRS = {"shakespeare": "1-2,3-4", "sotu": "1-2"}   # disjoint: no model in two pairs
 ARCH = "gpt2-untied"
 TUNED = ("default+matching=learned+learn_lr=0.003+learn_steps=600+learn_lambdas=0.4-0.6"
          "+learn_init=best")
@@ -68,7 +69,7 @@ def untied(seed: int) -> Path:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--methods", default=",".join(METHODS), help="comma-separated methods")
-    ap.add_argument("--pairs", default="1-2", help="seed pairs, e.g. 1-2,3-4")
+    ap.add_argument("--pairs", help="seed pairs, e.g. 1-2,3-4 (default: the corpus's PAIRS)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--corpus", choices=sorted(ZOOS), default="shakespeare")
     args = ap.parse_args()
@@ -76,7 +77,7 @@ def main() -> None:
     global ZOO, OUT
     ZOO, OUT = ZOOS[args.corpus]
     eq.ZOO, eq.OUT = ZOO, OUT
-    for p in args.pairs.split(","):
+    for p in (args.pairs or PAIRS[args.corpus]).split(","):
         a, b = (int(x) for x in p.split("-"))
         untied(a), untied(b)
         eq.run_pair(ARCH, a, b, methods, args.threads)

@@ -18,6 +18,8 @@ zoo-eval-gpt2.json). Corpus and tokenizer are built on first use.
 
     OMP_NUM_THREADS=1 python benchmarks/anchor_zoo.py --first 1 --seeds 1 &
     OMP_NUM_THREADS=1 python benchmarks/anchor_zoo.py --first 2 --seeds 2 &
+    OMP_NUM_THREADS=1 python benchmarks/anchor_zoo.py --first 3 --seeds 3 &   # the second pair
+    OMP_NUM_THREADS=1 python benchmarks/anchor_zoo.py --first 4 --seeds 4 &
     python benchmarks/anchor_zoo.py --probe 20        # seed 0, 20 steps, saves nothing (timing)
 """
 
@@ -41,6 +43,7 @@ ZOOS = {"shakespeare": (HERE / ".zoo-anchor", HERE / "results" / "zoo-anchor.jso
                  eval_corpus.build_corpus, "U.S. State of the Union addresses (public domain)")}
 ROOT, RESULTS, _, CORPUS = ZOOS["shakespeare"]
 ARCH = "gpt2"
+SEEDS = {"shakespeare": 4, "sotu": 2}   # the anchor has two pairs, its SOTU twin one
 # trained for the whole budget (no early stop on the unigram gap): the anchor wants models
 # as converged as the CPU allows, not models that just pass a threshold
 CONFIG = dict(rz.COMMON, arch=ARCH, layers=6, max_steps=2000, stop_gap=99.0)
@@ -65,13 +68,14 @@ def write_results() -> dict:
         ARCH, CONFIG,
         "GPT2LMHeadModel 6 layers / 256 / 4 heads (tied head) trained from scratch per seed on "
         f"{CORPUS} for a fixed step budget, the shape of Theus et al. 2025's Tiny Shakespeare "
-        f"setting. Regenerate: python benchmarks/anchor_zoo.py --corpus {name} --seeds 2",
+        f"setting. Regenerate: python benchmarks/anchor_zoo.py --corpus {name} --seeds "
+        f"{SEEDS[name]}",
         "add-one smoothed token frequencies of the train stream, scored on every next-token "
         "target of the held-out windows (as benchmarks/realistic_zoo.py)")
 
 
 def main(argv=None) -> None:
-    ap = rz.seed_zoo_parser(__doc__, 2)
+    ap = rz.seed_zoo_parser(__doc__, SEEDS["shakespeare"])
     ap.add_argument("--corpus", choices=sorted(ZOOS), default="shakespeare")
     args = ap.parse_args(argv)
     use_corpus(args.corpus)
