@@ -7,8 +7,11 @@ benchmarks/realistic_zoo.py, every method measured in the same run on the same t
 
 Calibration (and learning): 512 passages x 128 tokens of `corpus/calib.txt`; barriers: 256
 passages x 128 tokens of `corpus/eval.txt` (neither was trained on), 11 points of lambda.
-Resumable: each pair writes benchmarks/results/realistic/<arch>-<a>-<b>.json when done and is
-skipped next time. `python benchmarks/report.py` aggregates them into BENCHMARKS.md.
+Resumable per method: each pair writes benchmarks/results/realistic/<arch>-<a>-<b>.json when
+done; a later run measures only the methods that file lacks and merges them in, after measuring
+vanilla again and refusing to merge if it differs (the zoo would not be the one measured: the
+zoo is bit-identical when retrained on the same machine). `python benchmarks/report.py`
+aggregates them into BENCHMARKS.md.
 """
 
 import argparse
@@ -35,15 +38,24 @@ def run_pair(arch: str, a: int, b: int, threads: int) -> Path:
     from mergekit_permute.settings import AlignSettings, RunSettings
     torch.set_num_threads(threads)
     out = OUT / f"{arch}-{a}-{b}.json"
-    if out.is_file():
-        print(f"{out.name} exists: skipped", flush=True)
+    old = json.loads(out.read_text()) if out.is_file() else None
+    todo = [m for m in METHODS if not old or m not in old["methods"]]
+    if not todo:
+        print(f"{out.name} holds every method: skipped", flush=True)
         return out
-    result = run_barrier(str(ZOO / f"{arch}-seed{a}"), str(ZOO / f"{arch}-seed{b}"),
-                         methods=METHODS, settings=AlignSettings(**CALIBRATION),
-                         evaluation=Evaluation(str(ZOO / "corpus" / "eval.txt"), **EVAL),
-                         calibration=str(ZOO / "corpus" / "calib.txt"),
-                         run=RunSettings(cache="refresh"))
+
+    def measure(methods):
+        return run_barrier(str(ZOO / f"{arch}-seed{a}"), str(ZOO / f"{arch}-seed{b}"),
+                           methods=methods, settings=AlignSettings(**CALIBRATION),
+                           evaluation=Evaluation(str(ZOO / "corpus" / "eval.txt"), **EVAL),
+                           calibration=str(ZOO / "corpus" / "calib.txt"),
+                           run=RunSettings(cache="refresh"))
+    if old:   # vanilla again, alone and first: are these the models measured before?
+        same_models(old, measure(["vanilla"]), out)
+    result = measure(todo)
     result.update(arch=arch, seeds=[a, b], calibration_settings=CALIBRATION, threads=threads)
+    if old:
+        result = merged(old, result)
     OUT.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".partial")
     tmp.write_text(json.dumps(result, indent=1) + "\n")
@@ -51,6 +63,28 @@ def run_pair(arch: str, a: int, b: int, threads: int) -> Path:
     print(arch, a, b, {m: round(v["barrier"], 4) for m, v in result["methods"].items()},
           flush=True)
     return out
+
+
+def same_models(old: dict, again: dict, out: Path) -> None:
+    """Refuses (exits) unless vanilla's barrier measured `again` equals the one in `old`."""
+    before, now = old["methods"]["vanilla"]["barrier"], again["methods"]["vanilla"]["barrier"]
+    if abs(before - now) > 1e-6:
+        raise SystemExit(f"{out}: vanilla's barrier is {now:.6f} now and {before:.6f} there: "
+                         "these are not the models measured before (retrain the zoo on the "
+                         "machine that measured them, or delete the file to measure anew)")
+
+
+def merged(old: dict, new: dict) -> dict:
+    """`old` with `new`'s methods added (old's vanilla, the shares removed against it)."""
+    vanilla = old["methods"]["vanilla"]["barrier"]
+    doc = dict(old, methods=dict(old["methods"], **{m: v for m, v in new["methods"].items()
+                                                    if m != "vanilla"}))
+    for v in doc["methods"].values():
+        v["removed_vs_vanilla"] = 1 - v["barrier"] / vanilla
+    doc["added"] = doc.get("added", []) + [{
+        "methods": [m for m in new["methods"] if m != "vanilla"],
+        "calibration_seconds": new.get("calibration_seconds"), "threads": new.get("threads")}]
+    return doc
 
 
 def main() -> None:

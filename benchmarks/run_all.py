@@ -24,6 +24,7 @@ SMALL_ZOO = [["zoo.py", "--seeds", "4", "--arch", "bert"], ["zoo.py", "--seeds",
              ["beyond.py", "--seeds", "3", "--arch", "neox"], ["multi.py", "--seeds", "4"]]
 LEARNED_ZOOS = [["zoo.py", "--seeds", "4", "--arch", "llama"], ["tune_learned.py"],
                 ["tune_learned.py", "--text", "train", "--pairs", "1-2"],
+                ["tune_learned.py", "--text", "train", "--pairs", "3-4", "--one-change"],
                 ["eval_zoo.py", "--arch", "llama"], ["eval_zoo.py", "--arch", "neox"],
                 ["eval_zoo.py", "--arch", "bert"],
                 ["eval_zoo.py", "--arch", "llama6x384", "--seeds", "2"],

@@ -5,6 +5,7 @@ the settings chosen here are then reported, unchanged, on the evaluation zoos
 (benchmarks/eval_quality.py), which are never used to choose anything.
 
     python benchmarks/tune_learned.py [--pairs 1-2,3-4] [--threads 1] [--text calib|train]
+                                      [--one-change]
 
 Output: benchmarks/results/tune/llama-<a>-<b>[-train-text].json (resumable per method: methods already in a
 pair's file are skipped, new ones measured and merged in).
@@ -47,6 +48,14 @@ TEXT_CANDIDATES = ["vanilla", "default"] + [
     f"{LEARNED}+learn_steps=300+learn_samples={n}" for n in (512, 2048, 4096)] + [
     f"{LEARNED}+learn_samples=2048",
     f"{LEARNED}+{SCHEDULE}+learn_samples=2048", f"{LEARNED}+{LONG_SCHEDULE}+learn_samples=2048"]
+# One change at a time from the default (600 steps, 2048 passages), on both disjoint pairs:
+# lambda sampled from [0.4, 0.6], the better of activation and weight matching as the start,
+# and the FF permutations learned too (straight-through against Sinkhorn; issue 22, item 3).
+ONE_CHANGE = ["learn_lambdas=0.4-0.6", "learn_init=best", "learn_permutations=true",
+              "learn_permutations=true+learn_estimator=sinkhorn"]
+ONE_CHANGE_METHODS = ["vanilla", "default", f"{LEARNED}+learn_samples=2048"] + [
+    f"{LEARNED}+{change}+learn_samples=2048" for change in ONE_CHANGE]
+TEXT_CANDIDATES += ONE_CHANGE_METHODS[3:]
 TEXTS = {"calib": ("shakespeare-calib", "", CANDIDATES),
          "train": ("shakespeare-train", "-train-text", TEXT_CANDIDATES)}
 
@@ -59,9 +68,13 @@ def main() -> None:
                     help="calibration text: calib (693 passages) or train (the zoo's training "
                          "text, 5557 passages, for the learn_samples candidates)")
     ap.add_argument("--methods", default=None, help="default: the candidates of --text")
+    ap.add_argument("--one-change", action="store_true",
+                    help="only vanilla, the default, the learned default and ONE_CHANGE's "
+                         "candidates (what pair 3-4 measured)")
     args = ap.parse_args()
     calibration, suffix, candidates = TEXTS[args.text]
-    methods = args.methods.split(",") if args.methods else candidates
+    methods = (args.methods.split(",") if args.methods
+               else ONE_CHANGE_METHODS if args.one_change else candidates)
     import torch
 
     from benchmarks.zoo import zoo

@@ -111,8 +111,25 @@ def recommend_block() -> str:
              "nothing is recommended over the default. _Read from `benchmarks/results/"
              "{realistic,eval,eval-gpt2,anchor}/*.json` by `python scripts/update_readme.py`; method "
              "names as in `mergekit-permute barrier --methods`._"]
-    rows += steps_note(report, results)
+    rows += steps_note(report, results) + timing_note(results)
     return "\n".join(rows)
+
+
+def timing_note(results) -> list:
+    """Why `matching: learned` is not the default, from its measured time (learned_timing.py)."""
+    path = results / "learned-timing-cpu.json"
+    runs = [r for r in json.loads(path.read_text())["runs"] if r["threads"] == r["cpus"]] \
+        if path.is_file() else []
+    default_steps = [r for r in runs if r.get("learn_steps") == 600]
+    if not default_steps:
+        return []
+    r = default_steps[-1]
+    return ["", f"Not the default, by measurement and by design: at its default 600 steps "
+            f"`matching: learned` took {r['calibration_plus_alignment']:.0f} s on a 4-layer/256 "
+            f"{r['arch']} pair on {r['cpus']} CPU cores (calibration included; BENCHMARKS.md, "
+            "\"Learned alignment's time\"), over the 5 minutes a default may take there, its "
+            "time grows with the model's size times its steps, and it holds both models whole "
+            "in memory, which no default does (the default streams one block at a time)."]
 
 
 def steps_note(report, results) -> list:

@@ -146,3 +146,30 @@ def test_the_statistics_flop_bound_counts_every_calibrated_point(shape, layers):
     products = 2 * (layers * (ffn ** 2 + h ** 2) + (layers + 1) * h ** 2)
     forwards = 2 * 2 * layers * (2 * h * h + 2 * h * kv + 3 * h * ffn)
     assert products_vs_forwards(shape, layers) == pytest.approx(products / forwards, rel=1e-12)
+
+
+def test_a_realistic_pair_file_takes_new_methods_only_from_the_same_models(tmp_path):
+    from benchmarks.realistic_quality import merged, same_models
+    old = {"calibration_seconds": 20.0,
+           "methods": {"vanilla": {"barrier": 1.0}, "default": {"barrier": 0.3}}}
+    new = {"calibration_seconds": 21.0, "threads": 1, "methods": {"learned": {"barrier": 0.1}}}
+    same_models(old, {"methods": {"vanilla": {"barrier": 1.0}}}, tmp_path / "x.json")
+    doc = merged(old, new)
+    assert set(doc["methods"]) == {"vanilla", "default", "learned"}
+    assert doc["methods"]["learned"]["removed_vs_vanilla"] == pytest.approx(0.9)
+    assert doc["calibration_seconds"] == 20.0 and doc["added"][0]["methods"] == ["learned"]
+    with pytest.raises(SystemExit, match="not the models measured before"):
+        same_models(old, {"methods": {"vanilla": {"barrier": 1.01}}}, tmp_path / "x.json")
+
+
+def test_a_one_change_candidate_wins_only_lower_on_every_pair_by_two_errors():
+    from benchmarks.report import ONE_CHANGE_DEFAULT, one_change_summary
+    cand = "default+matching=learned+learn_init=best+learn_samples=2048"
+
+    def docs(diffs):
+        return [{"seeds": [2 * i + 1, 2 * i + 2], "text": "t",
+                 "methods": {ONE_CHANGE_DEFAULT: {"barrier": 0.5}, cand: {"barrier": 0.5 + d}}}
+                for i, d in enumerate(diffs)]
+    assert one_change_summary(docs([-0.10, -0.11]))[-2].endswith("| yes |")
+    assert one_change_summary(docs([-0.10, 0.02]))[-2].endswith("| no |")
+    assert one_change_summary(docs([-0.10])) == []   # one pair: no paired error
