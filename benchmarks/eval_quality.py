@@ -11,16 +11,13 @@ passages x 128 tokens of `corpus/calib.txt`, barriers on 256 passages x 128 toke
     python benchmarks/eval_quality.py [--methods vanilla,default,default+matching=learned]
                                       [--pairs 1-2,3-4] [--arch llama] [--threads 1]
 
-Writes benchmarks/results/eval/<arch>-<a>-<b>.json. Resumable per method: methods already in
-a pair's file are skipped, new ones are measured and merged into it (removed_vs_vanilla is
-recomputed against the file's vanilla).
+Writes benchmarks/results/eval/<arch>-<a>-<b>.json. Resumable per method as
+realistic_quality.py: methods already in a pair's file are skipped, new ones are measured and
+merged into it after vanilla is measured again and found equal (else it refuses).
 """
 
 import argparse
-import json
-import os
 import sys
-import tempfile
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -34,29 +31,10 @@ METHODS = ["vanilla", "default", "default+matching=learned"]
 
 
 def run_pair(arch: str, a: int, b: int, methods, threads: int) -> Path:
-    """realistic_quality.run_pair on this zoo for the methods not yet in the pair's file."""
-    out = OUT / f"{arch}-{a}-{b}.json"
-    old = json.loads(out.read_text()) if out.is_file() else None
-    todo = [m for m in methods if not old or m not in old["methods"]]
-    if not todo:
-        print(f"{out.name}: {','.join(methods)} already measured: skipped", flush=True)
-        return out
-    with tempfile.TemporaryDirectory() as tmp:
-        rq.ZOO, rq.OUT, rq.METHODS = ZOO, Path(tmp), todo
-        result = json.loads(rq.run_pair(arch, a, b, threads).read_text())
-    if old:
-        result["methods"] = dict(old["methods"], **result["methods"])
-    vanilla = result["methods"].get("vanilla")
-    if vanilla and vanilla["barrier"] > 0:
-        for m in result["methods"].values():
-            m["removed_vs_vanilla"] = 1 - m["barrier"] / vanilla["barrier"]
-    OUT.mkdir(parents=True, exist_ok=True)
-    tmp_path = out.with_suffix(".partial")
-    tmp_path.write_text(json.dumps(result, indent=1) + "\n")
-    os.replace(tmp_path, out)
-    print(arch, a, b, {m: round(v["barrier"], 4) for m, v in result["methods"].items()},
-          flush=True)
-    return out
+    """realistic_quality.run_pair on this zoo: the methods not yet in the pair's file, merged in
+    after vanilla is measured again and found equal (the same models)."""
+    rq.ZOO, rq.OUT, rq.METHODS = ZOO, OUT, list(methods)
+    return rq.run_pair(arch, a, b, threads)
 
 
 def main() -> None:

@@ -383,15 +383,33 @@ def stamp_matches(path: Path, cfg: Dict, seed: int) -> Optional[Dict]:
     return rec if same else None
 
 
-def write_results() -> Dict:
+def on_disk(arch: str, cfg: Dict) -> List[Dict]:
+    """The records of `arch`'s models under ROOT whose stamp is `cfg`, by seed."""
     models = []
-    for arch in ARCHS:
-        for path in sorted(ROOT.glob(f"{arch}-seed*"), key=lambda p: int(p.name.split("seed")[1])):
-            rec = stamp_matches(path, CONFIGS[arch], int(path.name.split("seed")[1]))
-            if rec:
-                models.append(dict({k: v for k, v in rec.items() if k != "history"},
-                                   path=str(path.relative_to(HERE.parent)),
-                                   history=rec["history"]))
+    for path in sorted(ROOT.glob(f"{arch}-seed*"), key=lambda p: int(p.name.split("seed")[1])):
+        rec = stamp_matches(path, cfg, int(path.name.split("seed")[1]))
+        if rec:
+            models.append(dict({k: v for k, v in rec.items() if k != "history"},
+                               path=str(path.relative_to(HERE.parent)), history=rec["history"]))
+    return models
+
+
+def with_recorded(models: List[Dict], configs: Dict[str, Dict]) -> List[Dict]:
+    """`models` plus the records RESULTS already holds of models not on this disk (trained
+    elsewhere, by another process, or deleted after measuring) whose config is still `configs`'
+    for their arch: two processes training disjoint seeds, or a zoo extended by two seeds, must
+    not drop the other models from the results."""
+    old = json.loads(RESULTS.read_text())["models"] if RESULTS.is_file() else []
+    here = {(m["arch"], m["seed"]) for m in models}
+    kept = [m for m in old if (m["arch"], m["seed"]) not in here and m["arch"] in configs
+            and m.get("config") == json.loads(json.dumps(configs[m["arch"]]))]
+    order = list(configs)
+    return sorted(models + kept, key=lambda m: (order.index(m["arch"]), m["seed"]))
+
+
+def write_results() -> Dict:
+    models = with_recorded([m for arch in ARCHS for m in on_disk(arch, CONFIGS[arch])],
+                           CONFIGS)
     corpus = ROOT / "corpus" / "corpus.json"
     out = {
         "description": "Realistic seed zoo (issue 12, item 1): seeds x {post-LN BertForMaskedLM, "
@@ -412,13 +430,9 @@ def write_results() -> Dict:
 
 
 def seed_zoo_results(arch: str, cfg: Dict, description: str, unigram: str, **extra) -> Dict:
-    """RESULTS of a one-architecture seed zoo (the models under ROOT whose stamp is `cfg`)."""
-    models = []
-    for path in sorted(ROOT.glob(f"{arch}-seed*"), key=lambda p: int(p.name.split("seed")[1])):
-        rec = stamp_matches(path, cfg, int(path.name.split("seed")[1]))
-        if rec:
-            models.append(dict({k: v for k, v in rec.items() if k != "history"},
-                               path=str(path.relative_to(HERE.parent)), history=rec["history"]))
+    """RESULTS of a one-architecture seed zoo (the models of `cfg` under ROOT, and those
+    recorded before that are not on this disk)."""
+    models = with_recorded(on_disk(arch, cfg), {arch: cfg})
     corpus = ROOT / "corpus" / "corpus.json"
     return write_json(RESULTS, {
         "description": description, **extra, "unigram": unigram,
@@ -476,7 +490,9 @@ def write_json(path: Path, doc: Dict) -> Dict:
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--arch", choices=ARCHS + ("all",), default="all")
-    ap.add_argument("--seeds", type=int, default=4, help="seeds 1..N")
+    ap.add_argument("--seeds", type=int, default=4, help="last seed (seeds FIRST..N)")
+    ap.add_argument("--first", type=int, default=1,
+                    help="first seed (two processes can train disjoint seed ranges side by side)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--probe", type=int, default=0,
                     help="train seed 0 for this many steps, print timings/losses, save nothing")
@@ -528,7 +544,7 @@ def main(argv=None) -> None:
         return
     # seed-major order: one model of every architecture first, then the next seed
     datas: Dict[str, Data] = {}
-    for seed in range(1, args.seeds + 1):
+    for seed in range(args.first, args.seeds + 1):
         for arch in archs:
             cfg = cfgs[arch]
             path = ROOT / f"{arch}-seed{seed}"

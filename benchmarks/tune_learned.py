@@ -52,7 +52,7 @@ TEXT_CANDIDATES = ["vanilla", "default"] + [
 # lambda sampled from [0.4, 0.6], the better of activation and weight matching as the start,
 # and the FF permutations learned too (straight-through against Sinkhorn; issue 22, item 3).
 ONE_CHANGE = ["learn_lambdas=0.4-0.6", "learn_init=best", "learn_permutations=true",
-              "learn_permutations=true+learn_estimator=sinkhorn"]
+              "learn_permutations=true+learn_estimator=sinkhorn", "learn_steps=1200"]
 ONE_CHANGE_METHODS = ["vanilla", "default", f"{LEARNED}+learn_samples=2048"] + [
     f"{LEARNED}+{change}+learn_samples=2048" for change in ONE_CHANGE]
 TEXT_CANDIDATES += ONE_CHANGE_METHODS[3:]

@@ -101,8 +101,9 @@ def recommend_block() -> str:
         diff, se = report.versus_default(doc, learned)   # se is nan with one pair
         rows.append(f"| {label} | {pct('default')} | {pct('default+repair')} | "
                     f"{pct(learned)}{_samples_note(learned)} | "
-                    f"{diff:+.4f} ± {se:.4f} ({doc['pairs']} pair{'s' * (doc['pairs'] > 1)}) | "
-                    f"{_times(report.cost_ratio(doc, learned))} | `{report.recommendation(doc)}` |")
+                    + (f"{diff:+.4f} ± {se:.4f} ({doc['pairs']} pairs) | " if doc["pairs"] > 1
+                       else f"{diff:+.4f} (1 pair: no error) | ")
+                    + f"{_times(report.cost_ratio(doc, learned))} | `{report.recommendation(doc)}` |")
     rows += ["", "A method is recommended over the default only where it lowers the barrier "
              "by more than two paired standard errors; the default itself changes only where "
              "that method also costs at most 3x the default's time (calibration included), so "
@@ -111,8 +112,46 @@ def recommend_block() -> str:
              "nothing is recommended over the default. _Read from `benchmarks/results/"
              "{realistic,eval,eval-gpt2,anchor}/*.json` by `python scripts/update_readme.py`; method "
              "names as in `mergekit-permute barrier --methods`._"]
-    rows += steps_note(report, results) + timing_note(results)
+    rows += steps_note(report, results) + longer_note(report, results, zoos) \
+        + timing_note(results)
     return "\n".join(rows)
+
+
+LONGER = "default+matching=learned+learn_steps=1200"
+
+
+def longer_note(report, results, zoos) -> list:
+    """`learn_steps: 1200`, the tuning zoo's one winning change (at twice the steps), against the
+    default 600 on every pair of a zoo not tuned on that measured both."""
+    tuned = report.one_change_summary(
+        [json.loads(p.read_text()) for p in sorted((results / "tune").glob("*-train-text.json"))])
+    row = next((x for x in tuned if x.startswith("| `learn_steps=1200`")), None)
+    if row is None:
+        return []
+    tune_mean = row.split(" | ")[3]
+    diffs, where = [], []
+    for args, label in zoos:
+        if len(args) > 3 and not (results / args[3]).is_file():
+            continue
+        doc = report.realistic_doc(*args)
+        pairs = [p for p in (doc or {}).get("per_pair", [])
+                 if LONGER in p["methods"] and "default+matching=learned" in p["methods"]]
+        if pairs:
+            where.append(f"{label} {len(pairs)}")
+            diffs += [p["methods"][LONGER]["barrier"]
+                      - p["methods"]["default+matching=learned"]["barrier"] for p in pairs]
+    measured = "not yet measured on a zoo it was not tuned on."
+    if len(diffs) >= 2:
+        m = sum(diffs) / len(diffs)
+        se = (sum((d - m) ** 2 for d in diffs) / (len(diffs) - 1) / len(diffs)) ** 0.5
+        measured = (f"on the pairs of zoos not tuned on that measured both ({'; '.join(where)}) "
+                    f"it is {m:+.4f} ± {se:.4f} nats against 600, lower on "
+                    f"{sum(d < 0 for d in diffs)} of {len(diffs)} pairs.")
+    return ["", "`learn_steps: 1200`, twice the default's steps, is the one change that won on "
+            f"the tuning zoo's two pairs ({tune_mean} nats against 600; BENCHMARKS.md, "
+            f"\"Tuning\"); {measured} It stays opt-in: it doubles the learning's time, which "
+            "is already past the default's budget at 600 (below). Set it where the last "
+            "hundredths of a nat matter more than minutes."]
 
 
 def timing_note(results) -> list:

@@ -173,3 +173,36 @@ def test_a_one_change_candidate_wins_only_lower_on_every_pair_by_two_errors():
     assert one_change_summary(docs([-0.10, -0.11]))[-2].endswith("| yes |")
     assert one_change_summary(docs([-0.10, 0.02]))[-2].endswith("| no |")
     assert one_change_summary(docs([-0.10])) == []   # one pair: no paired error
+
+
+def test_a_winner_that_costs_more_time_is_named_as_such():
+    from benchmarks.report import ONE_CHANGE_DEFAULT, one_change_summary
+    cand = "default+matching=learned+learn_steps=1200+learn_samples=2048"
+    docs = [{"seeds": [2 * i + 1, 2 * i + 2], "text": "t",
+             "methods": {ONE_CHANGE_DEFAULT: {"barrier": 0.5, "alignment_seconds": 100.0},
+                         cand: {"barrier": 0.45 - 0.001 * i, "alignment_seconds": 200.0}}}
+            for i in range(2)]
+    lines = one_change_summary(docs)
+    row = next(x for x in lines if x.startswith("| `learn_steps=1200`"))
+    assert row.endswith("| 2.0x | yes |")
+    assert any(x.startswith("Winners that cost more time: `learn_steps=1200` (2.0x)")
+               for x in lines)
+
+
+def test_zoo_results_keep_recorded_models_that_are_not_on_this_disk(tmp_path, monkeypatch):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import realistic_zoo as rz
+    cfg = {"arch": "gpt2", "layers": 6}
+    old = [{"arch": "gpt2", "seed": s, "config": cfg, "held_out_loss": 4.0 + s} for s in (1, 2)]
+    old.append({"arch": "gpt2", "seed": 3, "config": dict(cfg, layers=4), "held_out_loss": 9.0})
+    results = tmp_path / "zoo.json"
+    results.write_text(json.dumps({"config": cfg, "models": old}))
+    monkeypatch.setattr(rz, "RESULTS", results)
+    monkeypatch.setattr(rz, "ROOT", tmp_path / "zoo")   # nothing on this disk
+    trained_here = [{"arch": "gpt2", "seed": 2, "config": cfg, "held_out_loss": 6.5},
+                    {"arch": "gpt2", "seed": 4, "config": cfg, "held_out_loss": 8.0}]
+    models = rz.with_recorded(trained_here, {"gpt2": cfg})
+    # seed 1 kept, seed 2 from this disk, seed 3 dropped (another config), seed 4 added
+    assert [(m["seed"], m["held_out_loss"]) for m in models] == [(1, 5.0), (2, 6.5), (4, 8.0)]
+    doc = rz.seed_zoo_results("gpt2", cfg, "d", "u")
+    assert [m["seed"] for m in doc["models"]] == [1, 2]
