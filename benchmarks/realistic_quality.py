@@ -4,6 +4,7 @@ benchmarks/realistic_zoo.py, every method measured in the same run on the same t
 
     python benchmarks/realistic_quality.py [--arch bert|llama|neox|all]
                                            [--pairs 1-2,3-4,1-3,2-4] [--threads 1]
+                                           [--methods vanilla,default,...]
 
 Calibration (and learning): 512 passages x 128 tokens of `corpus/calib.txt`; barriers: 256
 passages x 128 tokens of `corpus/eval.txt` (neither was trained on), 11 points of lambda.
@@ -15,6 +16,7 @@ aggregates them into BENCHMARKS.md.
 """
 
 import argparse
+import datetime
 import json
 import os
 import sys
@@ -83,16 +85,23 @@ def merged(old: dict, new: dict) -> dict:
         v["removed_vs_vanilla"] = 1 - v["barrier"] / vanilla
     doc["added"] = doc.get("added", []) + [{
         "methods": [m for m in new["methods"] if m != "vanilla"],
-        "calibration_seconds": new.get("calibration_seconds"), "threads": new.get("threads")}]
+        "calibration_seconds": new.get("calibration_seconds"), "threads": new.get("threads"),
+        "date": datetime.date.today().isoformat(), "note": "vanilla measured again and equal",
+        # other work on the machine inflates the seconds: say how much there was
+        "load_average_15min": round(os.getloadavg()[2], 2), "cpus": os.cpu_count()}]
     return doc
 
 
 def main() -> None:
+    global METHODS
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--arch", choices=["bert", "llama", "neox", "all"], default="all")
     ap.add_argument("--pairs", default="1-2,3-4,1-3,2-4", help="seed pairs, e.g. 1-2,3-4,1-3")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--methods", default=",".join(METHODS),
+                    help="comma-separated methods (those a pair's file lacks are measured)")
     args = ap.parse_args()
+    METHODS = [m.strip() for m in args.methods.split(",") if m.strip()]
     pairs = [tuple(int(x) for x in p.split("-")) for p in args.pairs.split(",")]
     for arch in (["llama", "neox", "bert"] if args.arch == "all" else [args.arch]):
         for a, b in pairs:

@@ -512,18 +512,37 @@ def realistic_section(doc) -> str:
                       "alone, in file order (the rows name that count as `+learn_samples=N`); "
                       "the others learn on `learn_samples` passages, shuffled with a fixed seed.",
                       ""]
-    added = {}
-    for p in doc["per_pair"]:
-        for a in p.get("added", []):
-            key = (", ".join(f"`{m}`" for m in a["methods"]), a.get("date", ""), a.get("note", ""))
-            added.setdefault(key, []).append("-".join(map(str, p["seeds"])))
-    for (methods, date, note), pairs in added.items():
-        lines += [f"Added to the pairs' files later ({date}, pairs {', '.join(pairs)}): "
-                  f"{methods}; {note}.", ""]
+    lines += added_notes(doc)
     lines += [f"Recommendation: `{recommendation(doc)}`" + _cost_note(doc) + ".", "",
         f"![{doc['arch']} {doc['subdir']}](benchmarks/results/{doc['subdir']}-{doc['arch']}.png)",
         ""]
     return "\n".join(lines)
+
+
+def added_notes(doc) -> list:
+    """A line per group of methods merged into the pairs' files later (realistic_quality.merged):
+    when, on which pairs, and how loaded the machine was (its seconds are inflated when other
+    work shared the cores)."""
+    added = {}
+    for p in doc["per_pair"]:
+        for a in p.get("added", []):
+            key = (", ".join(f"`{m}`" for m in a["methods"]), a.get("date", "?"),
+                   a.get("note", ""))
+            added.setdefault(key, []).append(("-".join(map(str, p["seeds"])), a))
+    lines = []
+    for (methods, date, note), runs in added.items():
+        loads = [a["load_average_15min"] for _, a in runs
+                 if a.get("load_average_15min") is not None]
+        load = ""
+        if loads:
+            cpus, threads = runs[0][1]["cpus"], runs[0][1].get("threads") or 1
+            load = (f"; the machine's 15-minute load average at the end of the run up to "
+                    f"{max(loads):.1f} on {cpus} cores"
+                    + (", so its seconds are inflated" if max(loads) > threads + 0.5 else ""))
+        lines += [f"Added to the pairs' files later ({date}, pairs "
+                  f"{', '.join(p for p, _ in runs)}): {methods}"
+                  + (f"; {note}" if note else "") + f"{load}.", ""]
+    return lines
 
 
 def cost_ratio(doc, method: str):
