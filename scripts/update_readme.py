@@ -133,25 +133,34 @@ def longer_note(report, results, zoos) -> list:
     for args, label in zoos:
         if len(args) > 3 and not (results / args[3]).is_file():
             continue
-        doc = report.realistic_doc(*args)
-        pairs = [p for p in (doc or {}).get("per_pair", [])
-                 if LONGER in p["methods"] and "default+matching=learned" in p["methods"]]
+        doc = report.realistic_doc(*args) or {}
+        default = {tuple(p["seeds"]): p["methods"]["default+matching=learned"]["barrier"]
+                   for p in doc.get("per_pair", []) if "default+matching=learned" in p["methods"]}
+        # measured on every pair (a summary row) or on some (the doc's `partial` rows)
+        longer = ({tuple(p["seeds"]): p["methods"][LONGER]["barrier"] for p in doc["per_pair"]
+                   if LONGER in p["methods"]} if LONGER in doc.get("summary", {}) else
+                  {tuple(seeds): barrier for seeds, barrier, _ in doc.get("partial", {}).get(LONGER, [])})
+        pairs = [p for p in longer if p in default]
         if pairs:
             where.append(f"{label} {len(pairs)}")
-            diffs += [p["methods"][LONGER]["barrier"]
-                      - p["methods"]["default+matching=learned"]["barrier"] for p in pairs]
+            diffs += [longer[p] - default[p] for p in pairs]
     measured = "not yet measured on a zoo it was not tuned on."
+    advice = "Set it where the last hundredths of a nat matter more than minutes."
     if len(diffs) >= 2:
         m = sum(diffs) / len(diffs)
         se = (sum((d - m) ** 2 for d in diffs) / (len(diffs) - 1) / len(diffs)) ** 0.5
         measured = (f"on the pairs of zoos not tuned on that measured both ({'; '.join(where)}) "
                     f"it is {m:+.4f} ± {se:.4f} nats against 600, lower on "
-                    f"{sum(d < 0 for d in diffs)} of {len(diffs)} pairs.")
+                    f"{sum(d < 0 for d in diffs)} of {len(diffs)} pairs: "
+                    + ("the gain carries over." if m + 2 * se < 0 else
+                       "the tuning zoo's gain does not carry over (not lower by two standard "
+                       "errors)."))
+        if m + 2 * se >= 0:
+            advice = "So it is an option, not a recommendation."
     return ["", "`learn_steps: 1200`, twice the default's steps, is the one change that won on "
             f"the tuning zoo's two pairs ({tune_mean} nats against 600; BENCHMARKS.md, "
             f"\"Tuning\"); {measured} It stays opt-in: it doubles the learning's time, which "
-            "is already past the default's budget at 600 (below). Set it where the last "
-            "hundredths of a nat matter more than minutes."]
+            f"is already past the default's budget at 600 (below). {advice}"]
 
 
 def timing_note(results) -> list:
