@@ -80,7 +80,7 @@ def run(arch: str, seeds: int, lambdas: int, extra_methods=(), methods=None,
 
 
 def plot(doc, path):
-    from benchmarks.report import plot_curves
+    from benchmarks.report_tables import plot_curves
     plot_curves(doc, path, f"{doc['arch']} seed zoo: interpolation curves",
                 baseline=doc["unigram_eval_loss"])
 

@@ -58,11 +58,12 @@ def architectures_block() -> str:
     return "\n".join(rows)
 
 
-def _report():
-    import sys
+def _report(name: str = "report_tables"):
+    """benchmarks/<name>.py as a module (benchmarks/ is imported as a package from the repo)."""
+    import importlib  # the benchmarks are not installed: imported from the checkout
+    import sys  # (the same)
     sys.path.insert(0, str(ROOT))
-    from benchmarks import report
-    return report
+    return importlib.import_module(f"benchmarks.{name}")
 
 
 def recommend_block() -> str:
@@ -123,7 +124,7 @@ LONGER = "default+matching=learned+learn_steps=1200"
 def longer_note(report, results, zoos) -> list:
     """`learn_steps: 1200`, the tuning zoo's one winning change (at twice the steps), against the
     default 600 on every pair of a zoo not tuned on that measured both."""
-    tuned = report.one_change_summary(
+    tuned = _report("report_learned").one_change_summary(
         [json.loads(p.read_text()) for p in sorted((results / "tune").glob("*-train-text.json"))])
     row = next((x for x in tuned if x.startswith("| `learn_steps=1200`")), None)
     if row is None:
@@ -241,7 +242,7 @@ def scale_block() -> str:
     cpu = f" ({machine['cpu']})" if machine.get("cpu") else ""
     return (f"On {machine['cpus']} CPU cores{cpu}, random-init bf16 pairs at real widths, calibration "
             f"`{' '.join(docs[0]['calibration'])}`; memory is {docs[0]['memory']}:\n\n"
-            + _report().scale_rows(docs)
+            + _report("report_scale").scale_rows(docs)
             + "\n\n_From " + ", ".join(f"`benchmarks/results/{p.name}`" for p in paths)
             + " (`python benchmarks/scale.py --shape SHAPE --layers ...`, the commands in its "
             "docstring); every run, the variants measured and the GPU results in BENCHMARKS.md._"
@@ -251,7 +252,7 @@ def scale_block() -> str:
 
 def bound_note(docs) -> str:
     """What the statistics' products cost against the floor, from each shape's FLOPs."""
-    report = _report()
+    report = _report("report_scale")
     bounds = [(report.SHAPE_NAMES.get(d["shape_name"], d["shape_name"]).split(" ")[0],
                1 + report._products_vs_forwards(d, d["rows"][-1])) for d in docs]
     return ("\n\n_`floor + statistics' products`: the floor plus the FLOPs of the cross "
@@ -306,7 +307,7 @@ def _cpu_of(path) -> str:
 
 def suite_block() -> str:
     path = ROOT / "benchmarks" / "results" / "mergekit-suite.json"
-    return _report().suite_line(json.loads(path.read_text()))
+    return _report("report_scale").suite_line(json.loads(path.read_text()))
 
 
 def main() -> None:

