@@ -46,7 +46,7 @@ import eval_quality as eq  # noqa: E402
 ZOOS = {"shakespeare": (HERE / ".zoo-anchor", HERE / "results" / "anchor"),
         "sotu": (HERE / ".zoo-eval-gpt2", HERE / "results" / "eval-gpt2")}
 ZOO, OUT = ZOOS["shakespeare"]
-PAIRS = {"shakespeare": "1-2,3-4", "sotu": "1-2"}   # disjoint: no model in two pairs
+PAIRS = {"shakespeare": "1-2,3-4", "sotu": "1-2,3-4"}   # disjoint: no model in two pairs
 ARCH = "gpt2-untied"
 TUNED = ("default+matching=learned+learn_lr=0.003+learn_steps=600+learn_lambdas=0.4-0.6"
          "+learn_init=best")

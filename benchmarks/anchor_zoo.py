@@ -43,7 +43,7 @@ ZOOS = {"shakespeare": (HERE / ".zoo-anchor", HERE / "results" / "zoo-anchor.jso
                  eval_corpus.build_corpus, "U.S. State of the Union addresses (public domain)")}
 ROOT, RESULTS, _, CORPUS = ZOOS["shakespeare"]
 ARCH = "gpt2"
-SEEDS = {"shakespeare": 4, "sotu": 2}   # the anchor has two pairs, its SOTU twin one
+SEEDS = {"shakespeare": 4, "sotu": 4}   # two disjoint pairs each
 # trained for the whole budget (no early stop on the unigram gap): the anchor wants models
 # as converged as the CPU allows, not models that just pass a threshold
 CONFIG = dict(rz.COMMON, arch=ARCH, layers=6, max_steps=2000, stop_gap=99.0)
@@ -75,7 +75,7 @@ def write_results() -> dict:
 
 
 def main(argv=None) -> None:
-    ap = rz.seed_zoo_parser(__doc__, SEEDS["shakespeare"])
+    ap = rz.seed_zoo_parser(__doc__, 4)
     ap.add_argument("--corpus", choices=sorted(ZOOS), default="shakespeare")
     args = ap.parse_args(argv)
     use_corpus(args.corpus)

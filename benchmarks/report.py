@@ -160,11 +160,15 @@ def main():
              "`python benchmarks/realistic_zoo.py` trains the zoo (4 seeds each of post-LN BERT, "
              "Llama with GQA and Pythia-style GPT-NeoX, each >= 1.5 nats below unigram on "
              "held-out Shakespeare); `python benchmarks/realistic_quality.py --pairs 1-2,3-4,1-3,2-4` "
-             "measures every method on four seed pairs, all methods of a pair in the same run. "
-             "Two of the pairs share a model with another, so the standard errors are a little "
-             "optimistic. Quality claims in the README come from here.", ""]
-    for arch in ("llama", "neox", "bert"):
-        doc = realistic_doc(arch, results)
+             "measures every method on each seed pair, all methods of a pair in the same run."]
+    realistic = {arch: realistic_doc(arch, results) for arch in ("llama", "neox", "bert")}
+    pairs = {arch: ", ".join("-".join(map(str, p["seeds"])) for p in doc["per_pair"])
+             for arch, doc in realistic.items() if doc}
+    parts[-1] += (" Pairs measured: " + "; ".join(f"{a} {s}" for a, s in pairs.items()) + "."
+                  + (" Where two pairs share a model, the standard errors are a little "
+                     "optimistic." if any(len(s.split(", ")) > 2 for s in pairs.values()) else ""))
+    parts.append("")
+    for arch, doc in realistic.items():
         if doc:
             plot_curves(doc, results / f"realistic-{arch}.png",
                         f"{arch}, realistic zoo: interpolation curves")

@@ -62,7 +62,8 @@ def realistic_doc(arch: str, results: Path = HERE / "results", subdir: str = "re
                    "seconds": mean_se([p["methods"][m]["alignment_seconds"] for p in pairs])}
                for m in methods}
     endpoint = [p["methods"]["vanilla"][k] for p in pairs for k in ("loss_a", "loss_b")]
-    trained = [m for m in zoo["models"] if m["arch"] == (zoo_arch or arch)]
+    seeds = {s for p in pairs for s in p["seeds"]}   # the zoo's models these pairs measured
+    trained = [m for m in zoo["models"] if m["arch"] == (zoo_arch or arch) and m["seed"] in seeds]
     config = zoo["configs"].get(arch, {}) if "configs" in zoo else zoo.get("config", {})
     return {"arch": arch, "pairs": len(pairs), "loss": pairs[0]["loss"], "summary": summary,
             "endpoint_loss": mean_se(endpoint), "config": config, "subdir": subdir,

@@ -27,12 +27,12 @@ LEARNED_ZOOS = [["zoo.py", "--seeds", "4", "--arch", "llama"], ["tune_learned.py
                 ["tune_learned.py", "--text", "train", "--pairs", "3-4", "--one-change"],
                 ["eval_zoo.py", "--arch", "llama"], ["eval_zoo.py", "--arch", "neox"],
                 ["eval_zoo.py", "--arch", "bert"],
-                ["eval_zoo.py", "--arch", "llama6x384", "--seeds", "2"],
+                ["eval_zoo.py", "--arch", "llama6x384"],
                 ["eval_quality.py", "--arch", "llama"], ["eval_quality.py", "--arch", "neox"],
                 ["eval_quality.py", "--arch", "bert"],
-                ["eval_quality.py", "--arch", "llama6x384", "--pairs", "1-2"],
+                ["eval_quality.py", "--arch", "llama6x384"],
                 ["anchor_zoo.py"], ["anchor_quality.py"],
-                ["anchor_zoo.py", "--corpus", "sotu", "--seeds", "2"],
+                ["anchor_zoo.py", "--corpus", "sotu"],
                 ["anchor_quality.py", "--corpus", "sotu"]]
 FINISH = [["report.py"], ["../scripts/update_readme.py", "--skip-demo"]]
 
