@@ -147,6 +147,20 @@ def multi_section(doc) -> str:
     return "\n".join(lines + [""])
 
 
+def low_barrier_caveat(eval_doc) -> list:
+    """A caveat where an evaluation zoo's vanilla barrier is below the 2 nats issue 22 asks."""
+    vanilla = eval_doc["summary"]["vanilla"]["barrier"][0]
+    if vanilla >= 2.0:
+        return []
+    steps = sorted({m["steps"] for m in eval_doc["zoo_models"]})
+    how = ("stopped at the 2-nat gap below unigram after a fraction of an epoch"
+           if eval_doc["config"].get("stop_gap", 0) < 99 else
+           f"trained their whole {'/'.join(map(str, steps))}-step schedule, short of convergence")
+    return [f"Caveat: the vanilla barrier here is {vanilla:.2f} nats, below the 2 nats an "
+            f"evaluation zoo should reach; these models {how}, and lightly trained models are "
+            "easier to align.", ""]
+
+
 def main():
     results = HERE / "results"
     parts = ["# Benchmarks", "",
@@ -188,16 +202,7 @@ def main():
                   f"`python benchmarks/eval_quality.py --arch {arch}` measures each disjoint seed "
                   "pair exactly as the realistic zoo above; no setting was chosen by looking at "
                   "these numbers.", ""]
-        vanilla = eval_doc["summary"]["vanilla"]["barrier"][0]
-        if vanilla < 2.0:
-            steps = sorted({m["steps"] for m in eval_doc["zoo_models"]})
-            how = ("stopped at the 2-nat gap below unigram after a fraction of an epoch"
-                   if eval_doc["config"].get("stop_gap", 0) < 99 else
-                   f"trained their whole {'/'.join(map(str, steps))}-step schedule, short of "
-                   "convergence")
-            parts += [f"Caveat: the vanilla barrier here is {vanilla:.2f} nats, below the 2 nats "
-                      f"an evaluation zoo should reach; these models {how}, and lightly trained "
-                      "models are easier to align.", ""]
+        parts += low_barrier_caveat(eval_doc)
         plot_curves(eval_doc, results / f"eval-{arch}.png", f"{arch}, evaluation zoo")
         parts.append(realistic_section(eval_doc))
     gpt2_eval = realistic_doc("gpt2-untied", results, "eval-gpt2", "zoo-eval-gpt2.json",
@@ -209,6 +214,7 @@ def main():
                   "`python benchmarks/anchor_quality.py --corpus sotu` unties both heads and "
                   "measures each pair as the anchor below; no setting was chosen by looking at "
                   "these numbers.", ""]
+        parts += low_barrier_caveat(gpt2_eval)
         plot_curves(gpt2_eval, results / "eval-gpt2-gpt2-untied.png", "GPT-2 6L/256, evaluation zoo")
         parts.append(realistic_section(gpt2_eval))
     anchor = anchor_doc(results)
