@@ -50,9 +50,11 @@ TEXT_CANDIDATES = ["vanilla", "default"] + [
     f"{LEARNED}+{SCHEDULE}+learn_samples=2048", f"{LEARNED}+{LONG_SCHEDULE}+learn_samples=2048"]
 # One change at a time from the default (600 steps, 2048 passages), on both disjoint pairs:
 # lambda sampled from [0.4, 0.6], the better of activation and weight matching as the start,
-# and the FF permutations learned too (straight-through against Sinkhorn; issue 22, item 3).
+# the FF permutations or the head permutations learned too (straight-through against Sinkhorn;
+# issue 22, item 3), and twice the steps.
 ONE_CHANGE = ["learn_lambdas=0.4-0.6", "learn_init=best", "learn_permutations=true",
-              "learn_permutations=true+learn_estimator=sinkhorn", "learn_steps=1200"]
+              "learn_permutations=true+learn_estimator=sinkhorn", "learn_steps=1200",
+              "learn_heads=true", "learn_heads=true+learn_estimator=sinkhorn"]
 ONE_CHANGE_METHODS = ["vanilla", "default", f"{LEARNED}+learn_samples=2048"] + [
     f"{LEARNED}+{change}+learn_samples=2048" for change in ONE_CHANGE]
 TEXT_CANDIDATES += ONE_CHANGE_METHODS[3:]

@@ -24,12 +24,19 @@ WEIGHT_PARAM = "weight"              # the one per-model recipe parameter
 
 def option(default: Any, help: str, *, role: str, recipe: Optional[str] = None,
            cli: Optional[str] = None, vanilla: Any = None, scope: str = "align",
-           only_if: Optional[Tuple[str, Any]] = None, **constraints) -> Any:
+           only_if: Optional[tuple] = None, **constraints) -> Any:
     """A settings field with its recipe name, CLI flag and help in one place. `only_if`
-    (field, value): the option matters only then (it is left out of labels otherwise)."""
+    (field, value), or a tuple of them (any one): the option matters only then (it is left
+    out of labels otherwise)."""
     return Field(default, description=help, json_schema_extra={
         "role": role, "recipe": recipe, "cli": cli, "vanilla": vanilla, "scope": scope,
-        "only_if": list(only_if) if only_if else None}, **constraints)
+        "only_if": _listed(only_if)}, **constraints)
+
+
+def _listed(only_if: Optional[tuple]) -> Optional[list]:
+    if not only_if:
+        return None
+    return [list(o) for o in only_if] if isinstance(only_if[0], tuple) else list(only_if)
 
 
 class RecipeError(ValueError):
@@ -101,11 +108,16 @@ class AlignSettings(BaseModel):
     learn_permutations: bool = option(
         False, "matching=learned: also learn the FF permutations (slower).", role="method",
         vanilla=False, only_if=("matching", "learned"))
+    learn_heads: bool = option(
+        False, "matching=learned: also learn the head permutations (whole KV groups with their "
+        "query heads; within a GQA group the query heads keep activation matching's order).",
+        role="method", vanilla=False, only_if=("matching", "learned"))
     learn_estimator: Literal["ste", "sinkhorn"] = option(
-        "ste", "learn_permutations: how their gradient is estimated: ste (hard permutation "
-        "forward, straight-through gradient) or sinkhorn (a soft doubly-stochastic matrix while "
-        "learning, projected to the nearest permutation at the end).", role="method",
-        vanilla="ste", only_if=("learn_permutations", True))
+        "ste", "learn_permutations / learn_heads: how their gradient is estimated: ste (hard "
+        "permutation forward, straight-through gradient) or sinkhorn (a soft doubly-stochastic "
+        "matrix while learning, projected to the nearest permutation at the end).",
+        role="method", vanilla="ste",
+        only_if=(("learn_permutations", True), ("learn_heads", True)))
 
     # ---- calibration ----
     samples: int = option(256, "Calibration passages.", role="calibration",
@@ -162,8 +174,11 @@ class AlignSettings(BaseModel):
                                      "residual": self.residual}[space.kind] != "identity"
 
     def applies(self, name: str) -> bool:
-        only_if = _meta(name)["only_if"]
-        return only_if is None or getattr(self, only_if[0]) == only_if[1]
+        only_if = _meta(name)["only_if"]   # (field, value), or a list of them (any one)
+        if only_if is None:
+            return True
+        alternatives = only_if if isinstance(only_if[0], (list, tuple)) else [only_if]
+        return any(getattr(self, field) == value for field, value in alternatives)
 
     def label(self) -> str:
         """Every method field that applies, in declaration order: `ffn=permute,...`."""

@@ -230,11 +230,14 @@ def test_learned_loss_batches_sample_the_whole_text(zoo, tmp_path, monkeypatch):
 
 
 def test_learned_alignment_of_a_tied_mlm(zoo, tmp_path):
-    """BERT's decoder is tied to its embeddings: the learned loss sees one tensor for both."""
+    """BERT's decoder is tied to its embeddings: the learned loss sees one tensor for both.
+    With the head permutations learned too (Sinkhorn), projected to permutations at the end."""
     a, b = zoo("bert")
     out = tmp_path / "aligned"
-    learned = _align_learned(a, b, out, samples=64, steps=10)["learned"]
+    learned = _align_learned(a, b, out, 64, 10, "--learn-heads", "--learn-estimator",
+                             "sinkhorn")["learned"]
     assert learned["held_out_loss_best"] <= learned["held_out_loss_start"]
+    assert "head_scores" in learned["maps"] and learned["permutation_estimator"] == "sinkhorn"
     import transformers as T
     ids = torch.tensor([[2, 40, 41, 4, 43, 44, 3]])
     with torch.no_grad():
@@ -283,6 +286,42 @@ def test_learned_ffn_permutations_end_as_hard_permutations(name, estimator):
     kw = inputs(model)
     for x, y in zip(outputs(_apply(model, spec, final, folded), kw), outputs(model, kw)):
         torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("name, estimator", [("LlamaForCausalLM", "ste"),
+                                             ("BertForMaskedLM", "sinkhorn"),
+                                             ("Qwen3ForCausalLM", "ste"),
+                                             ("GPT2LMHeadModel-untied", "sinkhorn")])
+def test_learned_head_permutations_move_whole_kv_groups_and_keep_the_function(name, estimator):
+    """learn_heads: whatever the scores hold, the final maps move whole KV groups (their query
+    heads with them) and keep B's function; GQA's query heads stay in their group's order."""
+    model = build(name)
+    spec = spec_for_config(model.config)
+    folded = spec.orthogonal_residual_error() is None
+    maps = Maps(spec, rotate_residual=folded, estimator=estimator, permute_heads=True)
+    heads = spec.space("attn.0").heads
+    assert set(maps.head_scores) == {s.name.replace(".", "_") for s in spec.spaces
+                                     if s.kind == "attention"}
+    with torch.no_grad():
+        for key, scores in maps.head_scores.items():   # a clear winner: groups reversed
+            scores.copy_(torch.eye(heads.num_kv_heads).flip(1) + 0.1 * torch.randn(scores.shape))
+        final = maps.final()
+    d = heads.head_dim
+    for view, per_group in (("k", d), ("q", heads.group_size * d)):
+        m = as_matrix(final["attn.0"][view], heads.num_kv_heads * per_group
+                      if view == "k" else heads.num_heads * d).abs() > 1e-9     # [n, n] support
+        blocks = m.reshape(heads.num_kv_heads, per_group, heads.num_kv_heads, per_group).any(3).any(1)
+        assert torch.equal(blocks, torch.eye(heads.num_kv_heads, dtype=torch.bool).flip(1))
+    final = {s: {v: (t.double() if isinstance(t, torch.Tensor) and t.is_floating_point() else t)
+                 for v, t in views.items()} for s, views in final.items()}
+    kw = inputs(model)
+    for x, y in zip(outputs(_apply(model, spec, final, folded), kw), outputs(model, kw)):
+        torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-4)
+    if estimator == "sinkhorn":   # soft while learning: gradient reaches every score
+        maps.zero_grad()
+        v = maps.transforms()["attn.0"]["v"]
+        (v * torch.randn(v.shape)).sum().backward()
+        assert bool((maps.head_scores["attn_0"].grad != 0).all())
 
 
 def test_sinkhorn_is_soft_while_learning_and_doubly_stochastic():

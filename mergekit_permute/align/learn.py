@@ -7,7 +7,9 @@ computes exactly B's function:
   V/O        per KV group an invertible map exp(A) on the values, its inverse on W_O's columns;
   Q/K        per KV group M on the queries and M^-T on the keys: a rotation-scaling per RoPE
              frequency pair, a general exp(A) on non-rotary dims; not past per-head Q/K norms;
-  SwiGLU     per FF neuron a scale s on up and 1/s on down.
+  SwiGLU     per FF neuron a scale s on up and 1/s on down;
+  optional   the FF permutations (learn_permutations) and the KV groups' order (learn_heads),
+             straight-through or Sinkhorn (maps.py).
 Both models are held whole in memory (the loss needs the whole merged model); from
 CHECKPOINT_FROM parameters (and on accelerators) each block is recomputed in the backward pass
 with its merged weights built inside, so only A, B and one block's working set are resident.
@@ -57,6 +59,7 @@ class Schedule:
     lambdas: Tuple[float, ...] = (0.5,)
     lambda_range: Optional[Tuple[float, float]] = None
     permute_ffn: bool = False
+    permute_heads: bool = False
     estimator: str = "ste"
     plateau: str = "backoff"
     warmup: float = 0.05
@@ -316,7 +319,7 @@ def learn(spec: PermutationSpec, model, states: List[Mapping], starts: Sequence[
                            "on_plateau": schedule.plateau,
                            "lr": schedule.lr, "schedule": "linear warmup, cosine decay",
                            **({"permutation_estimator": schedule.estimator}
-                              if schedule.permute_ffn else {}),
+                              if schedule.permute_ffn or schedule.permute_heads else {}),
                            "maps": sorted({n.split(".")[0] for n, _ in maps.named_parameters()})}
     out.timings["learn_seconds"] = round(time.perf_counter() - started, 2)
     LOG.info("learned alignment: held-out merged loss %.4f -> %.4f (step %d of %d)",
@@ -362,7 +365,8 @@ def _best_start(spec: PermutationSpec, model, states, starts: Sequence[Alignment
     One problem (a copy of A and B) exists at a time: a better start's is built again."""
     def build(candidate: Alignment) -> Tuple[_Problem, Maps, float]:
         problem = _Problem(spec, model, *states, candidate, device, dtype, checkpoint)
-        maps = Maps(spec, candidate.folded, schedule.permute_ffn, schedule.estimator).to(device)
+        maps = Maps(spec, candidate.folded, schedule.permute_ffn, schedule.estimator,
+                    schedule.permute_heads).to(device)
         return problem, maps, float(problem.loss(maps, held_out, schedule.held_out_lambdas))
 
     losses = []
@@ -451,7 +455,8 @@ def learn_alignment(work: Workload, start: Alignment, settings: AlignSettings) -
     fixed, span = lambdas_of(settings.learn_lambdas)
     schedule = Schedule(steps=settings.learn_steps, lr=settings.learn_lr, lambdas=fixed or (0.5,),
                         lambda_range=span, permute_ffn=settings.learn_permutations,
-                        estimator=settings.learn_estimator, plateau=settings.learn_plateau)
+                        permute_heads=settings.learn_heads, estimator=settings.learn_estimator,
+                        plateau=settings.learn_plateau)
     states = [state_a, state_b]
     return learn(spec, container, states, starts,
                  (batches[:-held], batches[-held:]), schedule, work.device, dtype, checkpoint)

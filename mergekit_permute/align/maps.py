@@ -44,7 +44,7 @@ class Maps(torch.nn.Module):
     """The learnable exact symmetries of one architecture, all at the identity at the start."""
 
     def __init__(self, spec: PermutationSpec, rotate_residual: bool, permute_ffn: bool = False,
-                 estimator: str = "ste"):
+                 estimator: str = "ste", permute_heads: bool = False):
         super().__init__()
         self.spec, self.estimator = spec, estimator
         d = spec.space("residual").size
@@ -60,6 +60,8 @@ class Maps(torch.nn.Module):
         # soft doubly-stochastic sinkhorn(scores / tau) is used while learning (B's function
         # only approximately kept), its assignment at the end.
         self.ffn_scores = torch.nn.ParameterDict()
+        # Head permutations the same way, over KV groups (a group moves with its query heads).
+        self.head_scores = torch.nn.ParameterDict()
         learn_qk = not _qk_norms(spec)
         for space in spec.spaces:
             key = space.name.replace(".", "_")
@@ -73,6 +75,8 @@ class Maps(torch.nn.Module):
                         self.qk_angle[key] = torch.nn.Parameter(torch.zeros(h.num_kv_heads, rot // 2))
                     if free:
                         self.qk_free[key] = torch.nn.Parameter(torch.zeros(h.num_kv_heads, free, free))
+                if permute_heads and h.num_kv_heads > 1:
+                    self.head_scores[key] = torch.nn.Parameter(torch.eye(h.num_kv_heads))
             elif space.kind == "ffn":
                 if space.gated:
                     self.ffn[key] = torch.nn.Parameter(torch.zeros(space.size))
@@ -121,16 +125,16 @@ class Maps(torch.nn.Module):
                     views["q"] = _block_diag(b, groups)
                     views["k"] = _block_diag(torch.linalg.inv(b).transpose(1, 2),
                                              range(h.num_kv_heads))
+                if key in self.head_scores:   # new group g <- old group p[g], then its maps
+                    g = self._permutation(self.head_scores[key], hard)             # [kv, kv]
+                    for view, n in space.views.items():
+                        per_group = n // h.num_kv_heads   # head_dim (k, v), group_size * head_dim
+                        eye = torch.eye(per_group, dtype=g.dtype, device=g.device)
+                        within = views.get(view, torch.eye(n, dtype=g.dtype, device=g.device))
+                        views[view] = torch.kron(g, eye) @ within                   # [n, n]
                 out[space.name].update(views)
             elif key in self.ffn_scores:
-                scores = self.ffn_scores[key]
-                if self.estimator == "sinkhorn" and not hard:
-                    m = sinkhorn(scores / sinkhorn_tau(len(scores)))
-                else:
-                    p = self.hard_permutation(key)
-                    onehot = torch.zeros_like(scores)
-                    onehot[p, torch.arange(len(p))] = 1.0        # h' = h @ M, M[p[i], i] = 1
-                    m = onehot + (scores - scores.detach())   # = onehot exactly
+                m = self._permutation(self.ffn_scores[key], hard)
                 out[space.name] = {view: m for view in space.views}
                 if key in self.ffn:
                     out[space.name][""] = m * self.ffn[key].exp()[None, :]
@@ -138,11 +142,15 @@ class Maps(torch.nn.Module):
                 out[space.name][""] = Scaled(torch.arange(space.size), self.ffn[key].exp())
         return out
 
-    def hard_permutation(self, key: str) -> torch.Tensor:
-        """The assignment of the scores: new feature i <- old feature p[i]."""
-        scores = self.ffn_scores[key].detach().cpu().double().numpy()   # [old, new]
-        perm, _ = assign(scores.T)                                       # rows: new
-        return torch.from_numpy(perm)
+    def _permutation(self, scores: torch.Tensor, hard: bool) -> torch.Tensor:
+        """[n, n] M (h' = h @ M) of learned scores [old, new]. ste: their assignment (hard,
+        exact) carrying the scores' gradient; sinkhorn: sinkhorn(scores / tau) unless `hard`."""
+        if self.estimator == "sinkhorn" and not hard:
+            return sinkhorn(scores / sinkhorn_tau(len(scores)))
+        p = hard_permutation(scores)
+        onehot = torch.zeros_like(scores)
+        onehot[p, torch.arange(len(p))] = 1.0        # M[p[i], i] = 1
+        return onehot + (scores - scores.detach())   # = onehot exactly
 
     def final(self) -> Transforms:
         """The learned maps with every learned permutation matrix as its permutation."""
@@ -150,8 +158,21 @@ class Maps(torch.nn.Module):
         for space in self.spec.spaces:
             key = space.name.replace(".", "_")
             if key in self.ffn_scores:
-                p = self.hard_permutation(key)
+                p = hard_permutation(self.ffn_scores[key])
                 out[space.name] = {view: p for view in space.views}
                 if key in self.ffn:
                     out[space.name][""] = Scaled(p, self.ffn[key].exp().detach())
+            elif key in self.head_scores and not (key in self.qk_log_r or key in self.qk_free):
+                # Q/K not learned (per-head norms): their views stay index permutations
+                p, kv = hard_permutation(self.head_scores[key]), space.heads.num_kv_heads
+                for view in ("q", "k"):
+                    per_group = space.views[view] // kv
+                    out[space.name][view] = (p[:, None] * per_group
+                                             + torch.arange(per_group)).reshape(-1)  # [kv * n]
         return out
+
+
+def hard_permutation(scores: torch.Tensor) -> torch.Tensor:
+    """The assignment of scores [old, new]: new feature i <- old feature p[i]."""
+    perm, _ = assign(scores.detach().cpu().double().numpy().T)        # rows: new
+    return torch.from_numpy(perm)
