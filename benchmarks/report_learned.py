@@ -62,9 +62,10 @@ def anchor_section(doc) -> str:
         if m in summary:
             lines.append(f"| (ours, residual rotation) | | `{m}` | {fmt(summary[m]['barrier'])} "
                          f"| {fmt(summary[m]['removed_vs_vanilla'], pct=True)} | |")
-    lines += ["", "Our `matching: learned` keeps the matched FF permutations (it learns them only "
-              "with `learn_permutations: true`) and learns, on top, the residual rotation, per "
-              "KV group V/O and Q/K maps; the paper learns permutations and the rotation. The "
+    lines += ["", "Our `matching: learned` keeps the matched FF and head permutations (it learns "
+              "them only with `learn_permutations: true` and `learn_heads: true`) and learns, "
+              "on top, the residual rotation, per KV group V/O and Q/K maps; the paper learns "
+              "permutations and the rotation. The "
               "rows with `learn_lr=0.003+learn_steps=600+...` are the tuning zoo's 600-step "
               "schedule (see below), and `learn_lr=0.003+learn_steps=1200+...` the same schedule at "
               "the length with the tuning zoo's lowest barrier; `default+matching=learned+"
@@ -95,6 +96,12 @@ def anchor_section(doc) -> str:
 ONE_CHANGE_DEFAULT = "default+matching=learned+learn_samples=2048"
 
 
+def _same_settings(a: str, b: str) -> bool:
+    """Whether two `barrier --methods` names parse to the same settings."""
+    from mergekit_permute.settings import AlignSettings   # (the report's other parts need no torch)
+    return AlignSettings().with_method(a) == AlignSettings().with_method(b)
+
+
 def one_change_summary(docs) -> list:
     """Each one-change candidate against the default on every pair that measured both: paired
     differences (candidate - default), their mean and standard error, and its alignment time
@@ -102,19 +109,29 @@ def one_change_summary(docs) -> list:
     standard errors on every one of 2+ pairs."""
     by_pair = {tuple(d["seeds"]): {m: (v["barrier"], v.get("alignment_seconds"))
                                    for m, v in d["methods"].items()} for d in docs}
+    runs = {tuple(d["seeds"]): {m: v.get("run") for m, v in d["methods"].items()} for d in docs}
     with_default = {p: b for p, b in by_pair.items() if ONE_CHANGE_DEFAULT in b}
     again = ONE_CHANGE_DEFAULT.replace("+learn_samples", "+learn_steps=600+learn_samples")
+    # the default measured again under another name: the same settings
+    reruns_of = {m for b in with_default.values() for m in b
+                 if m != ONE_CHANGE_DEFAULT and _same_settings(m, ONE_CHANGE_DEFAULT)}
     # one change each: not the default's rerun, the old 300-step default or a whole schedule
     candidates = sorted({m for b in with_default.values() for m in b
                          if m.startswith("default+matching=learned+")
                          and m.endswith("+learn_samples=2048")
-                         and m not in (ONE_CHANGE_DEFAULT, again)
+                         and m not in reruns_of and m != ONE_CHANGE_DEFAULT
                          and "learn_steps=300" not in m and "learn_lr" not in m})
+
+    def reference(p, m):
+        """The default of the candidate's own run (stamped by tune_learned.py) where it was
+        measured again there, else the default's rerun, else the default."""
+        b, run = with_default[p], runs[p].get(m)
+        same = [r for r in sorted(reruns_of) if r in b and run and runs[p].get(r) == run]
+        return b[same[0]] if same else b.get(again, b[ONE_CHANGE_DEFAULT])
+
     rows, costlier = [], []
     for m in candidates:
-        # against the default of the candidate's own run where it was measured again
-        pairs = [(b[m], b.get(again, b[ONE_CHANGE_DEFAULT])) for b in with_default.values()
-                 if m in b]
+        pairs = [(b[m], reference(p, m)) for p, b in with_default.items() if m in b]
         if len(pairs) < 2:
             continue
         diffs = [c[0] - d[0] for c, d in pairs]
@@ -132,14 +149,14 @@ def one_change_summary(docs) -> list:
             costlier.append(f"`{change}` ({ratio:.1f}x)")
     if not rows:
         return []
-    reruns = [f"{'-'.join(map(str, p))}: {b[again][0]:.6f} against {b[ONE_CHANGE_DEFAULT][0]:.6f} "
-              f"({b[again][0] - b[ONE_CHANGE_DEFAULT][0]:+.6f})"
-              for p, b in with_default.items() if again in b]
-    rerun = ([f"`{again}` is the default measured again in the run of the candidates below "
-              "(the zoo retrained, the code of that day), beside its earlier measurement: "
-              + "; ".join(reruns) + ": run-to-run differences of that size are below what "
-              "separates the candidates; the differences below are taken against it.", ""]
-             if reruns else [])
+    reruns = [f"`{r}` on {'-'.join(map(str, p))}: {b[r][0]:.6f} against "
+              f"{b[ONE_CHANGE_DEFAULT][0]:.6f} ({b[r][0] - b[ONE_CHANGE_DEFAULT][0]:+.6f})"
+              for r in sorted(reruns_of) for p, b in with_default.items() if r in b]
+    rerun = (["The default was measured again, under names with the same settings, in later "
+              "runs of candidates (the zoo retrained, the code of that day), beside its first "
+              "measurement: " + "; ".join(reruns) + ". A candidate's difference is taken "
+              "against the default of its own run where that run measured it again, else "
+              f"against `{again}`.", ""] if reruns else [])
     cost = ([f"Winners that cost more time: {', '.join(costlier)} of the default's alignment "
              "time (mean per pair of wall-clock seconds, from runs that shared the cores with "
              "different numbers of other benchmarks: a rough ratio; the learning's own work is "

@@ -196,6 +196,23 @@ def test_a_one_change_candidate_wins_only_lower_on_every_pair_by_two_errors():
     assert one_change_summary(docs([-0.10])) == []   # one pair: no paired error
 
 
+def test_a_candidate_is_compared_with_the_default_of_its_own_run():
+    """The default measured again (another name, the same settings) in the candidate's run: the
+    difference is taken against that, not the first measurement on a zoo since retrained."""
+    from benchmarks.report_learned import ONE_CHANGE_DEFAULT, one_change_summary
+    cand = "default+matching=learned+learn_heads=true+learn_samples=2048"
+    rerun = "default+matching=learned+learn_heads=false+learn_samples=2048"
+    docs = [{"seeds": [2 * i + 1, 2 * i + 2], "text": "t",
+             "methods": {ONE_CHANGE_DEFAULT: {"barrier": 0.5},
+                         rerun: {"barrier": 0.4, "run": "R"}, cand: {"barrier": 0.39, "run": "R"}}}
+            for i in range(2)]
+    lines = one_change_summary(docs)
+    row = next(x for x in lines if x.startswith("| `learn_heads=true`"))
+    assert "| -0.0100, -0.0100 |" in row
+    assert not any(x.startswith("| `learn_heads=false`") for x in lines)   # a rerun, no candidate
+    assert any(f"`{rerun}` on 1-2: 0.400000 against 0.500000" in x for x in lines)
+
+
 def test_a_winner_that_costs_more_time_is_named_as_such():
     from benchmarks.report_learned import ONE_CHANGE_DEFAULT, one_change_summary
     cand = "default+matching=learned+learn_steps=1200+learn_samples=2048"
