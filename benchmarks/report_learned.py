@@ -83,13 +83,6 @@ def anchor_section(doc) -> str:
               "`+learn_samples=512` were measured before `learn_samples` existed (the loss "
               "learned on the 512 calibration passages alone, in file order); the others learn "
               "on the default 2048, shuffled. Target of issue 22 on this setting: barrier <= 0.05 nats."]
-    if doc.get("partial"):
-        lines += ["", "Measured on some pairs only (not in the means above):", "",
-                  "| method | pair | barrier | removed vs. vanilla |", "|---|---|---|---|"]
-        for m, rows in doc["partial"].items():
-            for seeds, barrier, removed in rows:
-                pct = "" if removed is None else f"{100 * removed:.0f}%"
-                lines.append(f"| `{m}` | {'-'.join(map(str, seeds))} | {barrier:.4f} | {pct} |")
     return "\n".join(lines + ["", realistic_section(doc)])
 
 

@@ -87,6 +87,25 @@ def realistic_doc(arch: str, results: Path = HERE / "results", subdir: str = "re
                         if m not in methods}}
 
 
+def partial_table(doc) -> list:
+    """Methods some pairs did not measure, per pair, beside the learned default of that pair."""
+    if not doc.get("partial"):
+        return []
+    ref = "default+matching=learned"
+    by_seeds = {tuple(p["seeds"]): p["methods"] for p in doc["per_pair"]}
+    lines = ["Measured on some pairs only (not in the means above; the last column: its barrier "
+             f"minus `{ref}`'s on the same pair):", "",
+             "| method | pair | barrier | removed vs. vanilla | minus the learned default's |",
+             "|---|---|---|---|---|"]
+    for m, rows in doc["partial"].items():
+        for seeds, barrier, removed in rows:
+            pct = "" if removed is None else f"{100 * removed:.0f}%"
+            same = by_seeds.get(tuple(seeds), {}).get(ref)
+            diff = "" if same is None else f"{barrier - same['barrier']:+.4f}"
+            lines.append(f"| `{m}` | {'-'.join(map(str, seeds))} | {barrier:.4f} | {pct} | {diff} |")
+    return lines + [""]
+
+
 def mean_se(xs):
     m = sum(xs) / len(xs)
     if len(xs) < 2:
@@ -169,6 +188,7 @@ def realistic_section(doc) -> str:
         f"seeds {p['seeds'][0]}-{p['seeds'][1]}: " + ", ".join(
             f"{m} {v['barrier']:.4f}" for m, v in p["methods"].items()) for p in doc["per_pair"]),
         ""]
+    lines += partial_table(doc)
     learned = [(p["seeds"], p["methods"][m]) for p in doc["per_pair"] for m in p["methods"]
                if "learned" in p["methods"][m]]
     if learned:

@@ -244,3 +244,14 @@ def test_zoo_results_keep_recorded_models_that_are_not_on_this_disk(tmp_path, mo
     assert [(m["seed"], m["held_out_loss"]) for m in models] == [(1, 5.0), (2, 6.5), (4, 8.0)]
     doc = rz.seed_zoo_results("gpt2", cfg, "d", "u")
     assert [m["seed"] for m in doc["models"]] == [1, 2]
+
+
+def test_methods_some_pairs_measured_are_listed_beside_the_learned_default_of_their_pair():
+    from benchmarks.report_tables import partial_table
+    ref = "default+matching=learned"
+    doc = {"per_pair": [{"seeds": [1, 2], "methods": {ref: {"barrier": 0.10}}},
+                        {"seeds": [3, 4], "methods": {ref: {"barrier": 0.20}}}],
+           "partial": {"default+matching=learned+learn_heads=true": [([3, 4], 0.25, 0.9)]}}
+    row = next(x for x in partial_table(doc) if x.startswith("| `"))
+    assert row == "| `default+matching=learned+learn_heads=true` | 3-4 | 0.2500 | 90% | +0.0500 |"
+    assert partial_table({"per_pair": [], "partial": {}}) == []
