@@ -45,7 +45,6 @@ import eval_quality as eq  # noqa: E402
 # of the Union addresses (anchor_zoo.py --corpus sotu): an evaluation zoo, never tuned on
 ZOOS = {"shakespeare": (HERE / ".zoo-anchor", HERE / "results" / "anchor"),
         "sotu": (HERE / ".zoo-eval-gpt2", HERE / "results" / "eval-gpt2")}
-ZOO, OUT = ZOOS["shakespeare"]
 PAIRS = {"shakespeare": "1-2,3-4", "sotu": "1-2,3-4"}   # disjoint: no model in two pairs
 ARCH = "gpt2-untied"
 TUNED = ("default+matching=learned+learn_lr=0.003+learn_steps=600+learn_lambdas=0.4-0.6"
@@ -61,12 +60,12 @@ PAPER = {"vanilla": 2.02, "activation matching": 1.43, "weight matching": 0.34,
          "learned permutations + residual rotation": 0.02}
 
 
-def untied(seed: int) -> Path:
+def untied(zoo: Path, seed: int) -> Path:
     """The seed's model with its head untied (made once, beside the trained model)."""
-    from mergekit_permute.io.untie import untie
-    out = ZOO / f"{ARCH}-seed{seed}"
+    from mergekit_permute.io.untie import untie  # (the package only when measuring)
+    out = zoo / f"{ARCH}-seed{seed}"
     if not (out / "untied.json").is_file():
-        untie(str(ZOO / f"gpt2-seed{seed}"), out)
+        untie(str(zoo / f"gpt2-seed{seed}"), out)
     return out
 
 
@@ -78,13 +77,11 @@ def main() -> None:
     ap.add_argument("--corpus", choices=sorted(ZOOS), default="shakespeare")
     args = ap.parse_args()
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    global ZOO, OUT
-    ZOO, OUT = ZOOS[args.corpus]
-    eq.ZOO, eq.OUT = ZOO, OUT
+    zoo, out_dir = ZOOS[args.corpus]
     for p in (args.pairs or PAIRS[args.corpus]).split(","):
         a, b = (int(x) for x in p.split("-"))
-        untied(a), untied(b)
-        eq.run_pair(ARCH, a, b, methods, args.threads)
+        untied(zoo, a), untied(zoo, b)
+        eq.run_pair(ARCH, a, b, methods, args.threads, zoo, out_dir)
 
 
 if __name__ == "__main__":

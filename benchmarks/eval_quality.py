@@ -30,11 +30,10 @@ OUT = HERE / "results" / "eval"
 METHODS = ["vanilla", "default", "default+matching=learned"]
 
 
-def run_pair(arch: str, a: int, b: int, methods, threads: int) -> Path:
-    """realistic_quality.run_pair on this zoo: the methods not yet in the pair's file, merged in
-    after vanilla is measured again and found equal (the same models)."""
-    rq.ZOO, rq.OUT, rq.METHODS = ZOO, OUT, list(methods)
-    return rq.run_pair(arch, a, b, threads)
+def run_pair(arch: str, a: int, b: int, methods, threads: int, zoo: Path = ZOO,
+             out_dir: Path = OUT) -> Path:
+    """realistic_quality.run_pair on this zoo (or `zoo`), its files in `out_dir`."""
+    return rq.run_pair(arch, a, b, threads, list(methods), zoo, out_dir)
 
 
 def main() -> None:

@@ -34,9 +34,9 @@ def main() -> None:
     args = ap.parse_args()
     a, b = (int(x) for x in args.pair.split("-"))
     with tempfile.TemporaryDirectory() as tmp:
-        eq.OUT = Path(tmp)
         start = time.perf_counter()
-        doc = json.loads(eq.run_pair(args.arch, a, b, [METHOD], args.threads).read_text())
+        doc = json.loads(eq.run_pair(args.arch, a, b, [METHOD], args.threads,
+                                     out_dir=Path(tmp)).read_text())
         wall = time.perf_counter() - start
     m = doc["methods"][METHOD]
     row = {"arch": args.arch, "pair": args.pair, "threads": args.threads,

@@ -33,25 +33,29 @@ CALIBRATION = dict(samples=512, max_length=128, batch_size=16)
 EVAL = dict(samples=256, max_length=128, lambdas=11)
 
 
-def run_pair(arch: str, a: int, b: int, threads: int) -> Path:
+def run_pair(arch: str, a: int, b: int, threads: int, methods=None, zoo: Path = ZOO,
+             out_dir: Path = OUT) -> Path:
+    """The pair's file in `out_dir` with `methods` (default METHODS) measured on `zoo`'s seeds
+    `a` and `b`: those the file lacks, merged in after vanilla is measured again and found
+    equal (the same models)."""
     import torch
 
     from mergekit_permute.barrier import run_barrier
     from mergekit_permute.evaluate import Evaluation
     from mergekit_permute.settings import AlignSettings, RunSettings
     torch.set_num_threads(threads)
-    out = OUT / f"{arch}-{a}-{b}.json"
+    out = out_dir / f"{arch}-{a}-{b}.json"
     old = json.loads(out.read_text()) if out.is_file() else None
-    todo = [m for m in METHODS if not old or m not in old["methods"]]
+    todo = [m for m in (methods or METHODS) if not old or m not in old["methods"]]
     if not todo:
         print(f"{out.name} holds every method: skipped", flush=True)
         return out
 
     def measure(methods):
-        return run_barrier(str(ZOO / f"{arch}-seed{a}"), str(ZOO / f"{arch}-seed{b}"),
+        return run_barrier(str(zoo / f"{arch}-seed{a}"), str(zoo / f"{arch}-seed{b}"),
                            methods=methods, settings=AlignSettings(**CALIBRATION),
-                           evaluation=Evaluation(str(ZOO / "corpus" / "eval.txt"), **EVAL),
-                           calibration=str(ZOO / "corpus" / "calib.txt"),
+                           evaluation=Evaluation(str(zoo / "corpus" / "eval.txt"), **EVAL),
+                           calibration=str(zoo / "corpus" / "calib.txt"),
                            run=RunSettings(cache="refresh"))
     if old:   # vanilla again, alone and first: are these the models measured before?
         vanilla_again = same_models(old, measure(["vanilla"]), out)
@@ -59,7 +63,7 @@ def run_pair(arch: str, a: int, b: int, threads: int) -> Path:
     result.update(arch=arch, seeds=[a, b], calibration_settings=CALIBRATION, threads=threads)
     if old:
         result = merged(old, result, vanilla_again)
-    OUT.mkdir(parents=True, exist_ok=True)
+    out_dir.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".partial")
     tmp.write_text(json.dumps(result, indent=1) + "\n")
     os.replace(tmp, out)
@@ -106,7 +110,6 @@ def merged(old: dict, new: dict, vanilla_again: Optional[float] = None) -> dict:
 
 
 def main() -> None:
-    global METHODS
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--arch", choices=["bert", "llama", "neox", "all"], default="all")
     ap.add_argument("--pairs", default="1-2,3-4,1-3,2-4", help="seed pairs, e.g. 1-2,3-4,1-3")
@@ -114,11 +117,11 @@ def main() -> None:
     ap.add_argument("--methods", default=",".join(METHODS),
                     help="comma-separated methods (those a pair's file lacks are measured)")
     args = ap.parse_args()
-    METHODS = [m.strip() for m in args.methods.split(",") if m.strip()]
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     pairs = [tuple(int(x) for x in p.split("-")) for p in args.pairs.split(",")]
     for arch in (["llama", "neox", "bert"] if args.arch == "all" else [args.arch]):
         for a, b in pairs:
-            run_pair(arch, a, b, args.threads)
+            run_pair(arch, a, b, args.threads, methods)
 
 
 if __name__ == "__main__":
