@@ -49,7 +49,8 @@ def run_barrier(model_a: str, model_b: str, *, methods: Methods, settings: Align
     device = run.device
     model, state_a = _loaded(model_a, device, run.allow_unsafe_pickle)
     state_b = _loaded(model_b, device, run.allow_unsafe_pickle)[1]
-    work = Workload(pair, calibration, device=device, workers=run.workers, cache=run.cache,
+    work = Workload(pair, calibration, device=device, dtype=run.dtype, workers=run.workers,
+                    cache=run.cache,
                     sources=(StateSource(state_a, pair.spec), StateSource(state_b, pair.spec)),
                     fingerprints=fingerprints)
     calib, started = None, time.perf_counter()
@@ -126,8 +127,8 @@ def run_multi(models: Sequence[str], *, methods: Methods, settings: AlignSetting
            "reference": ref, "parents": parents, "methods": {}}
     for name, s in parsed.items():
         states = aligned_states(list(models), [1.0] * len(models), calibration, s,
-                                allow_unsafe_pickle, device=device, cache=run.cache,
-                                workers=run.workers)
+                                allow_unsafe_pickle, device=device, dtype=run.dtype,
+                                cache=run.cache, workers=run.workers)
         merged = average_states([(1.0, st) for st in states])
         if s.repair:
             calib = prepare_calibration(pair, calibration, s)

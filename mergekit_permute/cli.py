@@ -25,7 +25,7 @@ from mergekit_permute.core.alignment import (
 from mergekit_permute.demo import run_demo
 from mergekit_permute.evaluate import Evaluation
 from mergekit_permute.io.checkpoints import Checkpoint, CheckpointSource, dtype_of, write_like
-from mergekit_permute.io.fidelity import fidelity
+from mergekit_permute.io.fidelity import fidelity, require_function
 from mergekit_permute.io.models import load_config, open_checkpoint, open_pair
 from mergekit_permute.io.outputs import atomic_dir, check_output, check_space, follow_umask
 from mergekit_permute.io.preflight import alignment_bytes, check_device, checkpoint_bytes
@@ -94,10 +94,10 @@ def align(model_a, model_b, data, out, permutations_only, overwrite, no_cache, *
     """Write MODEL_B permuted into MODEL_A's basis (same function) to --out."""
     settings, run = settings_from_cli(kw), settings_from_cli(kw, RunSettings)
     cache = _cache_mode(run, no_cache)
-    if data is None and settings.matching == "activations":
-        raise UserError("--data is required: activation matching correlates the models' "
-                        "features on calibration text (or pass --matching weights for data-free "
-                        "weight matching)")
+    if data is None and settings.matching != "weights":
+        raise UserError(f"--data is required: {settings.matching} matching reads the models' "
+                        "features on calibration text (pass --data shakespeare-calib for the "
+                        "shipped text, or --matching weights for data-free weight matching)")
     if not settings.function_preserving:
         raise UserError("attention=ignore_heads is not function-preserving, so `align` refuses "
                         "it; use it only as an ablation in `barrier` or a merge")
@@ -129,6 +129,7 @@ def align(model_a, model_b, data, out, permutations_only, overwrite, no_cache, *
             started = time.perf_counter()
             alignment.info["function_check"] = fidelity(
                 pair.spec, load_config(model_b), pair.checkpoint_b, Checkpoint(str(tmp)), device)
+            require_function(alignment.info["function_check"], "aligned B")
             alignment.timings["function_check_seconds"] = round(time.perf_counter() - started, 2)
         save_alignment(alignment, tmp)
     _print_summary(alignment)
@@ -166,6 +167,7 @@ def apply(alignment, checkpoint, out, overwrite, dtype, allow_unsafe_pickle):
     with atomic_dir(out, overwrite) as tmp:
         write_like(source, tmp, aligned.tensor, written, desc="applying")
         check = fidelity(spec, load_config(checkpoint), source, Checkpoint(str(tmp)))
+        require_function(check, f"{checkpoint} with the alignment applied")
         shutil.copyfile(perms, tmp / PERMUTATIONS_FILE)
         follow_umask(tmp / PERMUTATIONS_FILE)
         if info_path.is_file():

@@ -162,6 +162,13 @@ class AlignSettings(BaseModel):
     def needs_statistics(self) -> bool:
         return self.repair or (self.matching != "weights" and not self.aligns_nothing)
 
+    @field_validator("learn_lambdas", mode="before")
+    @classmethod
+    def _lambdas_number(cls, value: Any) -> Any:
+        # a recipe's `learn_lambdas: 0.5` is a YAML number
+        return str(value) if isinstance(value, (int, float)) and not isinstance(value, bool) \
+            else value
+
     @field_validator("learn_lambdas")
     @classmethod
     def _lambdas(cls, value: str) -> str:
@@ -252,7 +259,8 @@ def lambdas_of(text: str) -> Tuple[Tuple[float, ...], Optional[Tuple[float, floa
     """'0.5' or '0.25,0.5,0.75' (or separated by '/' or ';', e.g. inside `--methods`) -> a fixed
     set and None; '0.4-0.6' -> () and the range. Every value strictly between 0 and 1."""
     text = str(text).strip()
-    span = re.fullmatch(r"([0-9.eE+]+)\s*-\s*([0-9.eE+]+)", text)
+    number = r"((?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?)"   # 0.4, .4, 4e-1
+    span = re.fullmatch(number + r"\s*-\s*" + number, text)
     items = list(span.groups()) if span else re.split(r"\s*[,;/]\s*|\s+", text)
     try:
         values = [float(x) for x in items]

@@ -10,6 +10,7 @@ from click.testing import CliRunner
 
 from mergekit_permute.cli import main
 from mergekit_permute.calibration.stats import CrossStats
+from mergekit_permute.settings import AlignSettings
 
 
 def _variant(src: str, dst, **overrides):
@@ -90,9 +91,11 @@ def test_tokenizers_must_agree(variants, zoo, tmp_path):
     ("", "holds no text"),
     ("Alas.\n", "at least 256 tokens are needed"),
     ('{"txt": "x"}\n', "no 'text' field"),
+    ('[{"text": "x"}]\n', "got list - each line must hold one whole JSON object (JSON Lines)"),
+    ('[\n  {"text": "x"}\n]\n', "not valid JSON (Expecting value) - each line must hold one"),
 ])
 def test_bad_calibration_data(variants, tmp_path, content, message):
-    data = tmp_path / ("calib.jsonl" if content and content.startswith("{") else "calib.txt")
+    data = tmp_path / ("calib.jsonl" if content and content[0] in "{[" else "calib.txt")
     if content is not None:
         data.write_text(content)
     r = _align(variants["a"], variants["b"], tmp_path / "out", data=str(data))
@@ -125,6 +128,13 @@ def test_existing_output_needs_overwrite(variants, tmp_path):
 def test_bad_options(variants, tmp_path, args, message):
     r = _align(variants["a"], variants["b"], tmp_path / "out", *args)
     assert r.exit_code == 2 and message in r.output
+
+
+@pytest.mark.parametrize("value,expected", [(0.5, "0.5"), ("1e-1", "0.1"), ("4e-1-6e-1", "0.4-0.6"),
+                                            (".25/.5/.75", "0.25/0.5/0.75")])
+def test_recipe_lambdas_may_be_yaml_numbers_or_exponents(value, expected):
+    settings, _ = AlignSettings.from_recipe({"matching": "learned", "learn_lambdas": value})
+    assert settings.learn_lambdas == expected
 
 
 def test_zero_variance_and_low_precision_features_give_finite_correlations():

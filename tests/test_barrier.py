@@ -92,3 +92,22 @@ def test_ignore_heads_is_refused_for_gqa_before_calibration(zoo):
     with pytest.raises(ValueError, match="grouped-query attention"):
         run_barrier(a, b, methods=["vanilla", "ignore_heads"],
                     **_eval_args(3, calibration="/nonexistent.txt"))
+
+
+def test_barrier_passes_its_dtype_to_the_calibration(zoo, tmp_path, monkeypatch):
+    """`barrier --dtype` sets the calibration forwards' dtype on a GPU, as in `align` (on the
+    CPU they run in float32 whatever it says): the option reaches the workload."""
+    import mergekit_permute.barrier as barrier
+    seen = []
+    real = barrier.Workload
+
+    def record(*args, **kwargs):
+        seen.append(kwargs.get("dtype"))
+        return real(*args, **kwargs)
+    monkeypatch.setattr(barrier, "Workload", record)
+    a, b = zoo("llama")
+    r = invoke("mergekit-permute", "barrier", a, b, "--data", "shakespeare-eval", "--methods",
+               "default", "--samples", "64", "--max-length", "32", "--eval-samples", "8",
+               "--lambdas", "3", "--dtype", "bfloat16", "--out", tmp_path / "o")
+    assert r.returncode == 0, r.stderr
+    assert seen == ["bfloat16"]

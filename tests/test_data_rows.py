@@ -127,3 +127,22 @@ def test_the_cli_names_a_fifo(zoo, tmp_path):
     r = result["r"]
     assert r.returncode == 2 and "named pipe (FIFO)" in r.stderr, (r.stdout, r.stderr)
     assert not (tmp_path / "o").exists()
+
+
+def test_a_hub_dataset_with_empty_rows_still_gives_the_passages_asked_for(monkeypatch):
+    """A dataset split (here a real `datasets.Dataset`, the download replaced) is read lazily
+    until `samples` non-empty rows, like a file: WikiText-style blank rows do not cut it short."""
+    import datasets
+    rows = {"text": ["", " = Title = ", "", "first", "", "", "second", "third", "", "fourth"],
+            "id": list(range(10))}
+    asked = []
+
+    def load_dataset(name, config, split):
+        asked.append((name, config, split))
+        return datasets.Dataset.from_dict(rows)
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    assert load_texts("someone/wiki:raw", samples=4) == ["= Title =", "first", "second", "third"]
+    assert asked == [("someone/wiki", "raw", "train")]
+    with pytest.raises(DataError, match="has no 'text' column \\(its columns: id, sentence\\)"):
+        rows["sentence"] = rows.pop("text")
+        load_texts("someone/wiki:raw:validation", samples=4)

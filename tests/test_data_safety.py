@@ -238,6 +238,23 @@ def test_apply_names_the_files_of_an_n_model_merge(pair, aligned, tmp_path):
     assert r.returncode == 0, r.stderr
 
 
+def test_outputs_do_not_carry_the_inputs_run_records(pair, aligned, tmp_path):
+    """A checkpoint that is itself an earlier output holds that run's alignment.json: a new
+    output written from it carries its config and tokenizer, never that stale record."""
+    earlier = tmp_path / "earlier"
+    assert _align(*pair, earlier).returncode == 0
+    (earlier / "barrier.json").write_text("{}")
+    lone = tmp_path / "lone"
+    lone.mkdir()
+    shutil.copy(aligned / "permutations.safetensors", lone / "permutations.safetensors")
+    r = invoke("mergekit-permute", "apply", lone / "permutations.safetensors", earlier,
+               "--out", tmp_path / "x")
+    assert r.returncode == 0, r.stderr
+    written = {p.name for p in (tmp_path / "x").iterdir()}
+    assert {"config.json", "tokenizer.json", "model.safetensors"} <= written
+    assert not written & {"alignment.json", "barrier.json"}, written
+
+
 # ---- numbers, devices, cache debris -------------------------------------------------------------
 
 @pytest.mark.parametrize("args,needle", [

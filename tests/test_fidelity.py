@@ -12,7 +12,7 @@ from mergekit_permute.io.checkpoints import Checkpoint, CheckpointSource
 from mergekit_permute.io.fidelity import _Noisy, fidelity, probe_ids, streamed_logits
 from mergekit_permute.io.models import load_config, open_checkpoint
 from mergekit_permute.spec import spec_for_config
-from tests.conftest import cli, run_cli
+from tests.conftest import cli, invoke, run_cli
 from tests.tiny import build
 
 
@@ -88,3 +88,35 @@ def test_every_emulated_original_rounds_back_across_binades(dtype):
     noisy = _Noisy(source, dtype).get("w")
     assert torch.equal(noisy.to(dtype), b)
     assert (noisy != b.float()).float().mean() > 0.9   # (noise nearly everywhere)
+
+
+def test_float16_from_bf16_is_rounded_once_and_never_overflows(zoo, tmp_path):
+    """bf16 in, float16 out: the transform's float32 result rounded once (what float32 output
+    rounds to), and a value beyond float16's range refused instead of written as inf."""
+    from safetensors.torch import load_file, save_file
+    a, b = zoo("llama")
+    a16, b16 = _bf16_copy(a, tmp_path / "a16"), _bf16_copy(b, tmp_path / "b16")
+    aln = tmp_path / "aln"
+    r = invoke("mergekit-permute", "align", a16, b16, "--data", "shakespeare-calib",
+                "--samples", "64", "--max-length", "32", "--residual", "orthogonal",
+                "--cache", "off", "--permutations-only", "--out", str(aln))
+    assert r.returncode == 0, r.stderr[-2000:]
+    outs = {}
+    for dtype in ("float16", "float32"):
+        r = invoke("mergekit-permute", "apply", str(aln), b16, "--dtype", dtype,
+                    "--out", str(tmp_path / dtype))
+        assert r.returncode == 0, r.stderr[-2000:]
+        outs[dtype] = load_file(str(tmp_path / dtype / "model.safetensors"))
+    for k, t in outs["float16"].items():
+        assert torch.equal(t, outs["float32"][k].half()), k
+    weights = tmp_path / "b16" / "model.safetensors"
+    tensors = load_file(str(weights))
+    key = "model.layers.0.mlp.up_proj.weight"
+    tensors[key] = tensors[key].clone()
+    tensors[key][0, 0] = 1e8   # fine in bf16; beyond float16's 65504 (even spread by a rotation)
+    save_file(tensors, str(weights), metadata={"format": "pt"})
+    r = invoke("mergekit-permute", "apply", str(aln), b16, "--dtype", "float16",
+                "--out", str(tmp_path / "big"))
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert f"{key}: values beyond torch.float16's range" in r.stderr
+    assert not (tmp_path / "big").exists()

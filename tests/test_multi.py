@@ -72,3 +72,16 @@ def test_recipe_and_barrier_with_running_average_and_repair(trio, tmp_path):
     losses = {m: v["merge_loss"] for m, v in doc["methods"].items()}
     assert losses["default+reference=average"] < losses["vanilla"]
     assert losses["default+reference=average+repair"] != losses["default+reference=average"]
+
+
+def test_a_recipe_aligns_its_models_in_the_order_it_lists_them(trio, tmp_path):
+    """With reference=average each model joins the average of those listed before it: the
+    recipe's order, not the paths' alphabetical one."""
+    from mergekit.config import MergeConfiguration
+    from mergekit_permute.mergekit.run import validate_recipe
+    a, b, c = trio
+    for order in ([a, c, b], [a, b, c]):
+        config = MergeConfiguration.model_validate({
+            "merge_method": "permute", "base_model": a, "dtype": "float32",
+            "models": [{"model": m} for m in order], "parameters": {"reference": "average"}})
+        assert validate_recipe(config)[3] == order[1:]

@@ -37,10 +37,12 @@ def cache_dir() -> Path:
 
 
 def cache_key(fingerprint_a: str, fingerprint_b: str, data_fingerprint: str,
-              calibration: Mapping, qk: bool) -> str:
-    """The one cache key: both models' content, the text, the calibration settings."""
+              calibration: Mapping, qk: bool, context: Mapping = ()) -> str:
+    """The one cache key: both models' content, the text, the calibration settings, and the
+    `context` they are computed in (tokens, config, device kind, dtypes)."""
     source = json.dumps({"a": fingerprint_a, "b": fingerprint_b, "data": data_fingerprint,
-                         "settings": dict(calibration), "qk": qk, "format": FORMAT,
+                         "settings": dict(calibration), "qk": qk, "context": dict(context),
+                         "format": FORMAT,
                          "version": __version__}, sort_keys=True)
     return hashlib.sha256(source.encode()).hexdigest()[:24]
 

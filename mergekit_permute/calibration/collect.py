@@ -3,6 +3,8 @@ and the statistics themselves, read from a valid cache entry or computed block b
 cached; an interrupted run is continued)."""
 
 import functools
+import hashlib
+import json
 import logging
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Tuple
@@ -113,6 +115,16 @@ class Calibration:
     def tokens(self) -> int:
         return int(sum(int(m.sum()) for m in self.masks))
 
+    def token_fingerprint(self) -> str:
+        """The token ids and counted positions (the tokenizer's and max_length's output)."""
+        h = hashlib.sha256()
+        for batch, mask in zip(self.batches, self.masks):
+            for name in sorted(batch):
+                h.update(name.encode())
+                h.update(batch[name].contiguous().numpy().tobytes())
+            h.update(mask.contiguous().numpy().tobytes())
+        return h.hexdigest()[:16]
+
     def info(self, tokens: int) -> Dict:
         return {"source": self.source, "passages": len(self.texts),
                 "fingerprint": fingerprint(self.texts), "tokens": tokens}
@@ -205,13 +217,27 @@ def block_models(pair: Pair, device: str, dtype: Optional[str], sources=None):
                  for s in sources)
 
 
+def _config_fingerprint(pair: Pair) -> str:
+    """The config the forwards run with, less its provenance (path, versions)."""
+    config = {k: v for k, v in pair.config.to_dict().items()
+              if not k.startswith("_") and k != "transformers_version"}
+    return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
 def _store(work: "Workload", calib: Calibration, settings: AlignSettings, qk: bool, points
            ) -> Optional[StatsCache]:
     """The cache entry these statistics belong in (None: not cached)."""
     if work.cache == "off" or (work.sources is not None and work.fingerprints is None):
         return None
     fa, fb = work.fingerprints or scan_pair(work.pair)
-    key = cache_key(fa, fb, fingerprint(calib.texts), settings.calibration_key(), qk)
+    stored = work.pair.checkpoint_a.dtype()
+    # the statistics also depend on these; left out, a run could read statistics computed in
+    # another dtype or with another tokenizer or config (not bit-identical to its own)
+    context = {"tokens": calib.token_fingerprint(), "config": _config_fingerprint(work.pair),
+               "device": torch.device(work.device).type,
+               "forwards": str(compute_dtype(work.device, work.dtype, stored)),
+               "products": str(product_dtype(settings.stats_products, work.device, stored))}
+    key = cache_key(fa, fb, fingerprint(calib.texts), settings.calibration_key(), qk, context)
     spec = work.pair.spec
     expected = {k: (point_size(spec, k),) * 2 for k, _ in points if not k.startswith("residual@")}
     return StatsCache(key, expected, spec.space("residual").size)
@@ -262,12 +288,12 @@ def statistics(work: "Workload", calib: Calibration, settings: AlignSettings, *,
         if on_layer is not None:
             on_layer(layer, layer_stats, writer is None and not keep)
 
-    plan = memory_plan(pair, calib, device, dtype)
-    models = block_models(pair, device, dtype, sources)
     batches, masks = dist.shard(calib.batches), dist.shard(calib.masks)
     hooks = Hooks(on_layer=layer_done, reduce=dist.reduce,
                   checkpoint=writer.checkpoint if writer is not None and dist.size == 1 else None)
-    try:
+    try:   # a refusal (memory) or failure leaves no partial entry behind
+        plan = memory_plan(pair, calib, device, dtype)
+        models = block_models(pair, device, dtype, sources)
         products = product_dtype(settings.stats_products, device, pair.checkpoint_a.dtype())
         if products != torch.float32:
             LOG.info("statistics: %s cross products (stats_products=%s)",

@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import pickle
+import re
 import shutil
 import struct
 from pathlib import Path
@@ -29,6 +30,8 @@ SAFE_INDEX, BIN_INDEX = "model.safetensors.index.json", "pytorch_model.bin.index
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 # What `write_like` copies beside the weights (config, tokenizer, generation settings).
 SIDECARS = (".json", ".txt", ".model", ".jinja", ".tiktoken")
+# this package's records of a run on the input (they would describe another model's run)
+RUN_RECORDS = re.compile(r"(alignment(-\d+)?|barrier|merge)\.json")
 
 
 class UnsafeCheckpoint(ValueError):
@@ -381,10 +384,20 @@ def write_like(src: Checkpoint, out_dir: Path, transform: Callable[[str, torch.T
         def produce(key: str) -> torch.Tensor:
             bar.update(1)
             t = src.get(origin[key])
-            if t.is_floating_point() and kinds[key].is_floating_point and \
-                    torch.finfo(kinds[key]).bits > torch.finfo(t.dtype).bits:
-                t = t.to(kinds[key])   # widened first: the transform rounds to what is written
-            return transform(key, t).to(kinds[key])
+            kind = kinds[key]
+            if not (t.is_floating_point() and kind.is_floating_point):
+                return transform(key, t).to(kind)
+            if torch.finfo(kind).eps < torch.finfo(t.dtype).eps:
+                # widened first (bf16 -> float16: to float32), so the transform's result is
+                # rounded once, to what is written
+                t = t.to(torch.promote_types(t.dtype, kind))
+            out = transform(key, t).to(kind)
+            if torch.finfo(kind).max < torch.finfo(t.dtype).max and \
+                    not bool(torch.isfinite(out).all()):
+                raise CheckpointError(f"{key}: values beyond {kind}'s range "
+                                      f"(+-{torch.finfo(kind).max:g}) would be written as inf; "
+                                      "write bfloat16 or float32 instead (--dtype)")
+            return out
         stream_safetensors(out_dir / out_file, layout, produce)
     bar.close()
     if len(shards) > 1:
@@ -405,7 +418,8 @@ def _output_names(files: Sequence[str]) -> Dict[str, str]:
 def sidecar_files(src: Path) -> List[Path]:
     """The config, tokenizer and generation files a copy of a model carries beside its weights."""
     return [f for f in sorted(Path(src).iterdir())
-            if f.is_file() and f.suffix in SIDECARS and f.name not in (SAFE_INDEX, BIN_INDEX)]
+            if f.is_file() and f.suffix in SIDECARS and f.name not in (SAFE_INDEX, BIN_INDEX)
+            and not RUN_RECORDS.fullmatch(f.name)]
 
 
 def copy_sidecars(src: Path, dst: Path) -> None:

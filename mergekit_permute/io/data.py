@@ -165,6 +165,10 @@ def _joined(parts: List[str], limit: Optional[int]) -> str:
     return line if limit is None else line.strip()
 
 
+_JSON_LINES = (" - each line must hold one whole JSON object (JSON Lines), not a JSON array or "
+               "an object spread over lines")
+
+
 def _json_rows(source: str, lines: Iterable[Tuple[int, str]], field: str) -> Iterator[str]:
     for number, line in lines:
         if not line.strip():
@@ -172,10 +176,11 @@ def _json_rows(source: str, lines: Iterable[Tuple[int, str]], field: str) -> Ite
         try:
             row = json.loads(line)
         except json.JSONDecodeError as e:
-            raise DataError(f"{source}:{number}: not valid JSON ({e.msg})") from None
+            layout = _JSON_LINES if line.lstrip()[:1] in ("[", "{") else ""
+            raise DataError(f"{source}:{number}: not valid JSON ({e.msg}){layout}") from None
         if not isinstance(row, dict):
             raise DataError(f"{source}:{number}: expected a JSON object with a {field!r} "
-                            f"field, got {type(row).__name__}")
+                            f"field, got {type(row).__name__}{_JSON_LINES}")
         if field not in row:
             raise DataError(f"{source}:{number}: no {field!r} field")
         if not isinstance(row[field], str):
@@ -184,21 +189,26 @@ def _json_rows(source: str, lines: Iterable[Tuple[int, str]], field: str) -> Ite
         yield row[field]
 
 
-def _load_hub_dataset(name: str, field: str, samples: Optional[int]) -> List[str]:
-    """`owner/name`, `name:config` or `name:config:split` (split defaults to train)."""
+def _load_hub_dataset(name: str, field: str, samples: Optional[int]) -> Iterator[str]:
+    """`owner/name`, `name:config` or `name:config:split` (split defaults to train): its rows'
+    `field`, read lazily (the split is memory-mapped), so that empty rows do not cut the
+    passages short of `samples`."""
     try:
         import datasets  # (heavy, and only for hub dataset ids)
     except ImportError:  # pragma: no cover
         raise DataError(f"{name!r} is not a file, and `datasets` is not installed") from None
     dataset, config, split = (name.split(":") + [None, None])[:3]
     split = split or "train"
-    split = f"{split}[:{samples}]" if samples else split
     LOG.info("loading dataset %s (%s, %s) through datasets.load_dataset", dataset, config, split)
     try:
         ds = datasets.load_dataset(dataset, config, split=split)
     except Exception as e:
         raise DataError(f"{name!r} is neither a local file nor a loadable dataset: {e}") from e
-    return [str(x) for x in ds[field]]
+    if field not in ds.column_names:
+        raise DataError(f"dataset {name!r} has no {field!r} column (its columns: "
+                        f"{', '.join(ds.column_names)}); pick a dataset with a text column, or "
+                        "export the text to a .txt file, one passage per line")
+    return (str(row[field]) for row in ds)
 
 
 def fingerprint(texts: List[str]) -> str:

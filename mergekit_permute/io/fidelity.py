@@ -24,6 +24,27 @@ from mergekit_permute.spec.base import PermutationSpec
 LOG = logging.getLogger(__name__)
 ROWS, TOKENS = 2, 32   # the probe: fixed-seed token ids (a numerical check, not a quality one)
 SLAB = 1 << 22         # elements
+# A written model fails the check beyond this, or beyond RATIO x the cost of storing B's own
+# function in the written dtype. Exact symmetries measure ~1e-6 in float32 and 0.6-0.8x the
+# rounding baseline in bf16 (BENCHMARKS.md, scale); a missed symmetry rule measures ~0.1-1.
+FLOOR, RATIO = 1e-3, 10.0
+
+
+class FunctionCheckFailed(ValueError):
+    pass
+
+
+def require_function(check: Dict[str, object], what: str) -> None:
+    """Refuse a written model that does not compute B's function (a bug, or a feature of the
+    architecture that its spec does not cover), before it lands."""
+    limit = max(FLOOR, RATIO * float(check["rounding_baseline"]))
+    if not float(check["aligned_vs_b"]) <= limit:
+        raise FunctionCheckFailed(
+            f"{what} does not compute the original model's function: relative logit "
+            f"difference {float(check['aligned_vs_b']):.3g} against {float(check['rounding_baseline']):.3g} "
+            f"for storing it in {check['dtype']} (limit {limit:.3g}); nothing was written. The "
+            "architecture likely has a feature its permutation spec does not cover: please "
+            "report it with the model's config.json")
 
 
 class _Noisy:

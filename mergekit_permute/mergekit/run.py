@@ -56,7 +56,9 @@ def validate_recipe(config):
         weights[model_path(m.model)] = float(w)
     settings, data = AlignSettings.from_recipe(dict(config.parameters or {}))
     base = model_path(config.base_model)
-    others = sorted({model_path(m.model) for m in models} - {base})
+    # in the recipe's order: with reference=average, each model joins the average of the base
+    # and the models listed before it
+    others = list(dict.fromkeys(p for p in (model_path(m.model) for m in models) if p != base))
     weights.setdefault(base, 1.0)
     if sum(weights.values()) == 0:
         raise RecipeError("merge_method permute: the model weights sum to zero")
