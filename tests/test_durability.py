@@ -9,7 +9,7 @@ import subprocess
 import sys
 import time
 
-from tests.conftest import cli, run_cli
+from tests.conftest import cli, invoke, run_cli
 
 ARGS = ["--data", "shakespeare-calib", "--samples", "120", "--max-length", "32"]
 
@@ -58,17 +58,19 @@ def test_killed_run_leaves_no_finished_looking_directory(zoo, tmp_path):
     assert (out / "model.safetensors").exists()
 
 
-def test_changed_input_invalidates_the_cache(zoo, tmp_path):
+def test_changed_input_invalidates_the_cache(zoo, tmp_path, caplog):
     a, b = zoo("llama")
-    r = run_cli(cli("mergekit-permute"), "-v", "align", a, b, "--data", "shakespeare-calib",
-                "--samples", "121", "--max-length", "32", "--out", str(tmp_path / "o1"))
-    assert r.returncode == 0 and "reusing" not in r.stderr
-    r = run_cli(cli("mergekit-permute"), "-v", "align", a, b, "--data", "shakespeare-calib",
-                "--samples", "121", "--max-length", "32", "--out", str(tmp_path / "o2"))
-    assert "reusing cached calibration statistics" in r.stderr
-    r = run_cli(cli("mergekit-permute"), "-v", "align", a, b, "--data", "shakespeare-calib",
-                "--samples", "122", "--max-length", "32", "--out", str(tmp_path / "o3"))
-    assert r.returncode == 0 and "reusing" not in r.stderr
+    caplog.set_level("INFO")
+
+    def align(samples: str, out: str):
+        caplog.clear()
+        r = invoke("mergekit-permute", "align", a, b, "--data", "shakespeare-calib",
+                   "--samples", samples, "--max-length", "32", "--out", tmp_path / out)
+        assert r.returncode == 0, r.stderr
+        return caplog.text
+    assert "reusing" not in align("121", "o1")
+    assert "reusing cached calibration statistics" in align("121", "o2")
+    assert "reusing" not in align("122", "o3")
 
 
 def test_same_inputs_give_bit_identical_outputs(zoo, tmp_path):

@@ -16,6 +16,7 @@ from mergekit_permute.core.permute import (
 )
 from mergekit_permute.spec import spec_for_config
 from tests.conftest import invoke
+from tests.test_merge import PARAMS, recipe
 from tests.tiny import build, inputs, outputs
 
 ARCHS = ["LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "GPTNeoXForCausalLM",
@@ -259,6 +260,14 @@ def test_learned_in_a_recipe_and_as_a_barrier_method(zoo, tmp_path):
     assert learned["settings"]["matching"] == "learned"
     # its held-out checks drawn beside the barrier plot
     assert (tmp_path / "b" / "learning.png").stat().st_size > 0
+    # a MergeKit recipe, its lambda a YAML number
+    params = {**PARAMS, "residual": "auto", "matching": "learned", "learn_steps": 10,
+              "learn_lambdas": 0.5}
+    r = invoke("mergekit-yaml", recipe(tmp_path, a, b, params), tmp_path / "merged")
+    assert r.returncode == 0, r.stderr[-3000:]
+    info = json.loads((tmp_path / "merged" / "alignment.json").read_text())
+    assert info["settings"]["matching"] == "learned"
+    assert info["learned"]["steps_run"] == 10 and info["learned"]["lambdas"] == [0.5]
 
 
 @pytest.mark.parametrize("name, estimator", [("LlamaForCausalLM", "ste"),

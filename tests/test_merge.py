@@ -127,11 +127,15 @@ def test_registration_works_whichever_module_is_imported_first():
     import sys
     check = ("import mergekit.merge_methods as mm; "
              "assert 'permute' in [m.spec.name for m in mm.registered_methods()]")
-    for first in ("", "import mergekit_permute.mergekit.method; ", "import mergekit_permute.demo; ",
-                  "import mergekit.scripts.run_yaml; "):
-        r = subprocess.run([sys.executable, "-c", first + check], capture_output=True, text=True)
-        assert r.returncode == 0, (first, r.stderr[-1500:])
-        assert "could not hook" not in r.stderr, (first, r.stderr[-1500:])
+    firsts = ("", "import mergekit_permute.mergekit.method; ", "import mergekit_permute.demo; ",
+              "import mergekit.scripts.run_yaml; ")
+    procs = {first: subprocess.Popen([sys.executable, "-c", first + check], text=True,
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+             for first in firsts}   # side by side: each its own fresh interpreter
+    for first, proc in procs.items():
+        stderr = proc.communicate()[1]
+        assert proc.returncode == 0, (first, stderr[-1500:])
+        assert "could not hook" not in stderr, (first, stderr[-1500:])
 
 
 def test_merge_card_is_hub_ready_and_says_what_was_done(zoo, tmp_path):

@@ -3,6 +3,7 @@
 twice in a fresh process, once with the plugin and once with MERGEKIT_PERMUTE_DISABLE=1."""
 
 import hashlib
+import os
 import shutil
 import subprocess
 import sys
@@ -12,7 +13,7 @@ import torch
 import transformers as T
 import yaml
 
-from tests.conftest import cli, run_cli
+from tests.conftest import cli
 
 ADDED = ["<extra_0>", "<extra_1>", "<extra_2>"]
 
@@ -78,14 +79,18 @@ SCENARIOS = {
 }
 
 
-def _run(kind, recipe, args, out, tmp, disabled: bool):
+def _start(kind, recipe, args, out, tmp, disabled: bool) -> subprocess.Popen:
     # MergeKit lists models in set order, so its card depends on the hash seed: fix it.
-    env = {"PYTHONHASHSEED": "0", **({"MERGEKIT_PERMUTE_DISABLE": "1"} if disabled else {})}
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "PYTHONHASHSEED": "0",
+           **({"MERGEKIT_PERMUTE_DISABLE": "1"} if disabled else {})}
     if kind == "yaml":
-        path = tmp / "recipe.yml"
+        path = tmp / f"recipe-{'stock' if disabled else 'plugin'}.yml"
         path.write_text(yaml.safe_dump(recipe))
-        return run_cli(cli("mergekit-yaml"), str(path), str(out), *args, env=env)
-    return run_cli(cli("mergekit-tokensurgeon"), *args, str(out), env=env)
+        command = [cli("mergekit-yaml"), str(path), str(out), *args]
+    else:
+        command = [cli("mergekit-tokensurgeon"), *args, str(out)]
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=env)
 
 
 def _digest(folder):
@@ -97,11 +102,14 @@ def _digest(folder):
 def test_stock_mergekit_is_bit_identical_with_the_plugin(models, tmp_path, scenario):
     kind, recipe, args = SCENARIOS[scenario](models)
     digests = {}
-    for disabled in (True, False):
+    # both runs side by side (separate processes and outputs; CI's two cores)
+    runs = {disabled: _start(kind, recipe, args, tmp_path / ("stock" if disabled else "plugin"),
+                             tmp_path, disabled) for disabled in (True, False)}
+    for disabled, proc in runs.items():
+        _, stderr = proc.communicate()
         out = tmp_path / ("stock" if disabled else "plugin")
-        r = _run(kind, recipe, args, out, tmp_path, disabled)
-        assert r.returncode == 0, (disabled, r.stderr[-3000:])
-        assert "mergekit-permute: could not hook" not in r.stderr
+        assert proc.returncode == 0, (disabled, stderr[-3000:])
+        assert "mergekit-permute: could not hook" not in stderr
         digests[disabled] = _digest(out)
         if not disabled:
             assert (out / "config.json").is_file()
@@ -128,13 +136,15 @@ def test_the_plugin_adds_nothing_to_mergekit_but_permute_and_bertforpretraining(
         " 'heavy': sorted(m for m in ('scipy', 'scipy.optimize', 'mergekit_permute.align.pipeline',"
         " 'mergekit_permute.core.match', 'mergekit_permute.calibration.blocks') if m in sys.modules)}))\n")
     import json
+    procs = {disabled: subprocess.Popen(
+        [sys.executable, "-c", probe], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, **({"MERGEKIT_PERMUTE_DISABLE": "1"} if disabled else {})})
+        for disabled in (True, False)}   # side by side
     runs = {}
-    for disabled in (True, False):
-        env = {"MERGEKIT_PERMUTE_DISABLE": "1"} if disabled else {}
-        r = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
-                           env={**__import__("os").environ, **env})
-        assert r.returncode == 0, r.stderr[-2000:]
-        runs[disabled] = json.loads(r.stdout.strip().splitlines()[-1])
+    for disabled, proc in procs.items():
+        stdout, stderr = proc.communicate()
+        assert proc.returncode == 0, stderr[-2000:]
+        runs[disabled] = json.loads(stdout.strip().splitlines()[-1])
     assert set(runs[False]["methods"]) - set(runs[True]["methods"]) == {"permute"}
     assert set(runs[False]["archs"]) - set(runs[True]["archs"]) == {"BertForPreTraining"}
     assert runs[False]["heavy"] == runs[True]["heavy"]   # (MergeKit itself may load scipy)

@@ -6,6 +6,7 @@ planner hands to each tensor task as a parameter (hooks.py); the method itself h
 """
 
 import sys
+from typing import Union
 
 import torch
 from mergekit.merge_methods.base import (
@@ -29,7 +30,10 @@ def parameter_specs():
                            "shakespeare-calib (shipped).")]
     for key, name in recipe_names().items():
         info = AlignSettings.model_fields[name]
-        specs.append(ParameterSpec(key, value_type(name), ParameterScope.SHARED,
+        kind = value_type(name)
+        # a text setting may be a YAML number (`learn_lambdas: 0.5`); AlignSettings converts it
+        kind = Union[str, int, float] if kind is str else kind
+        specs.append(ParameterSpec(key, kind, ParameterScope.SHARED,
                                    default=info.default, description=info.description))
     return tuple(specs)
 
