@@ -7,7 +7,7 @@ from typing import Dict, List, Optional, Tuple
 import yaml
 
 from mergekit_permute.core.alignment import summarize
-from mergekit_permute.io.checkpoints import resolve
+from mergekit_permute.io.checkpoints import hub_revision, resolve
 from mergekit_permute.settings import AlignSettings
 
 PLUGIN_URL = "https://github.com/arcee-ai/mergekit"
@@ -17,7 +17,7 @@ PAPER = "[Verma & Elbayad 2024](https://arxiv.org/abs/2403.00986)"
 def is_hub_id(path: str) -> bool:
     """`owner/name` (or `name`) that is not a local path: what the Hub's base_model means."""
     return not Path(path).expanduser().exists() and not path.startswith(("/", ".", "~")) \
-        and path.count("/") <= 1 and bool(path.strip())
+        and hub_revision(path)[0].count("/") <= 1 and bool(path.strip())
 
 
 def card_license(model: str) -> Optional[str]:
@@ -142,7 +142,7 @@ def merge_card(run, config_yaml: str, name: str) -> str:
     models = run.models()
     alignments = list(run.alignments.values())
     license, license_text = license_lines(models)
-    meta = {"base_model": [m for m in models if is_hub_id(m)],
+    meta = {"base_model": [hub_revision(m)[0] for m in models if is_hub_id(m)],
             "library_name": "transformers",
             "tags": ["mergekit", "merge", "mergekit-permute"]}
     if license:

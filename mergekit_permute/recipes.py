@@ -4,6 +4,7 @@ output directory whose card carries its final name."""
 from pathlib import Path
 from typing import Dict, Optional
 
+import torch
 import yaml
 from mergekit.config import MergeConfiguration
 from mergekit.merge import run_merge
@@ -18,7 +19,7 @@ from mergekit_permute.io.models import load_config
 from mergekit_permute.io.outputs import atomic_dir, check_output, check_space, follow_umask
 from mergekit_permute.io.preflight import check_device, checkpoint_bytes
 from mergekit_permute.mergekit import install
-from mergekit_permute.mergekit.run import PermuteRun, validate_recipe
+from mergekit_permute.mergekit.run import PermuteRun, model_path, validate_recipe
 from mergekit_permute.settings import DATA_PARAM, RunSettings
 
 
@@ -50,11 +51,13 @@ def check_architectures(config, path: Path) -> None:
 
 
 def estimated_bytes(config) -> int:
-    """The merge's size: the base model's (or the first model's) weights."""
+    """The merge's size: the base model's (or the first model's) weights, in the dtype the
+    recipe writes (`out_dtype`, else `dtype`, else as stored)."""
     ref = config.base_model or config.referenced_models()[0]
+    name = getattr(config, "out_dtype", None) or config.dtype
     try:
-        return checkpoint_bytes(Checkpoint(ref.model.path))
-    except (ValueError, OSError):
+        return checkpoint_bytes(Checkpoint(model_path(ref)), getattr(torch, name) if name else None)
+    except (ValueError, OSError, AttributeError):
         return 0
 
 

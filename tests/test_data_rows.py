@@ -146,3 +146,15 @@ def test_a_hub_dataset_with_empty_rows_still_gives_the_passages_asked_for(monkey
     with pytest.raises(DataError, match="has no 'text' column \\(its columns: id, sentence\\)"):
         rows["sentence"] = rows.pop("text")
         load_texts("someone/wiki:raw:validation", samples=4)
+
+
+def test_batches_are_padded_on_the_right_whatever_the_tokenizer_says(zoo):
+    """Llama's and Gemma's tokenizers pad on the left by default: that would shift short
+    rows' positions and score their first token from a pad. Every batch pads on the right."""
+    tok = T.AutoTokenizer.from_pretrained(zoo("llama")[0])
+    tok.padding_side = "left"
+    texts = ["To be, or not to be, that is the question.", "Alas.", "Words, words, words."]
+    (batch,) = tokenize(tok, texts, 32, 3, objective="clm")
+    mask = batch["attention_mask"]
+    assert bool((mask[:, 0] == 1).all()) and bool((mask[:, :-1] >= mask[:, 1:]).all())
+    assert int((batch["labels"] != -100).sum()) == int(mask.sum())

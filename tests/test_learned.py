@@ -20,7 +20,9 @@ from tests.test_merge import PARAMS, recipe
 from tests.tiny import build, inputs, outputs
 
 ARCHS = ["LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "GPTNeoXForCausalLM",
-         "BertForMaskedLM", "GPT2LMHeadModel-untied"]
+         "BertForMaskedLM", "GPT2LMHeadModel-untied", "Phi3ForCausalLM", "GemmaForCausalLM-untied",
+         "Gemma2ForCausalLM", "LlamaForCausalLM-biases", "Qwen3ForCausalLM-bias",
+         "GemmaForCausalLM-bias", "Phi3ForCausalLM-odd-rotary", "GPT2LMHeadModel-scaled"]
 
 
 def _random_maps(spec, folded: bool, seed: int = 0, scale: float = 0.3) -> Maps:
@@ -55,8 +57,33 @@ def test_random_learned_maps_keep_the_function(name):
     learned = {n.split(".")[0] for n, _ in maps.named_parameters()}
     assert "vo" in learned and ("residual" in learned) == folded
     assert ("qk_angle" in learned) == (spec.space("attn.0").heads.qk_frozen_dims > 0
-                                       and name != "Qwen3ForCausalLM")
-    assert ("ffn" in learned) == name.startswith(("Llama", "Qwen"))
+                                       and not spec.qk_normed)
+    assert ("ffn" in learned) == spec.space("ffn.0").gated
+
+
+def test_maps_inside_a_qk_normed_head_are_refused(monkeypatch):
+    """Qwen3's q_norm/k_norm have per-dim gains: a RoPE-commuting Q/K map (exact for Llama)
+    changes its function, and the symmetry check says so (learning never makes one)."""
+    from mergekit_permute.core.symmetry import NotASymmetry, check_symmetry
+    from mergekit_permute.spec.base import PermutationSpec
+    for name in ("LlamaForCausalLM", "Qwen3ForCausalLM"):
+        model = build(name)
+        spec = spec_for_config(model.config)
+        with monkeypatch.context() as m:   # maps as if Q/K could move inside a head
+            m.setattr(PermutationSpec, "qk_normed", property(lambda self: False))
+            transforms = _random_maps(spec, folded=False, scale=1.0).final()
+        transforms = {s: {v: (x.double() if isinstance(x, torch.Tensor) and x.is_floating_point()
+                              else x) for v, x in views.items()} for s, views in transforms.items()}
+        kw = inputs(model)
+        same = all(torch.allclose(x, y, rtol=1e-4, atol=1e-4) for x, y in
+                   zip(outputs(_apply(model, spec, transforms, False), kw), outputs(model, kw)))
+        if name == "LlamaForCausalLM":
+            assert same
+            check_symmetry(spec, transforms)
+        else:
+            assert not same
+            with pytest.raises(NotASymmetry, match="q_norm/k_norm gains are per dim"):
+                check_symmetry(spec, transforms)
 
 
 def _broken(name, what):

@@ -178,3 +178,49 @@ def test_card_lists_hub_ids_as_base_models(tmp_path):
     meta = pyyaml.safe_load(text.split("---")[1])
     assert meta["base_model"] == ["google/multiberts-seed_1"]
     assert "data-free weight matching" in text
+
+
+def test_hub_revisions_in_a_recipe_are_the_revisions_aligned(zoo, monkeypatch):
+    """`owner/name@step1000` (a Pythia training step): the alignment reads that revision, as
+    MergeKit does, and two revisions of one repository are two models."""
+    from mergekit.config import MergeConfiguration
+
+    import mergekit_permute.io.checkpoints as checkpoints
+    from mergekit_permute.mergekit.run import validate_recipe
+    a, b = zoo("llama")
+    downloads = []
+
+    def snapshot_download(repo, revision=None, allow_patterns=None):
+        downloads.append((repo, revision))
+        return a if revision == "step1000" else b
+    monkeypatch.setattr(checkpoints, "snapshot_download", snapshot_download)
+    config = MergeConfiguration.model_validate({
+        "merge_method": "permute", "base_model": "EleutherAI/pythia-70m@step1000",
+        "dtype": "float32", "models": [{"model": "EleutherAI/pythia-70m@step1000"},
+                                       {"model": "EleutherAI/pythia-70m@step2000"}]})
+    _, _, base, others, weights = validate_recipe(config)
+    assert (base, others) == ("EleutherAI/pythia-70m@step1000", ["EleutherAI/pythia-70m@step2000"])
+    assert set(weights) == {base, *others}
+    assert checkpoints.resolve(others[0]) == checkpoints.Path(b)
+    assert downloads == [("EleutherAI/pythia-70m", "step2000")]
+
+
+def test_token_rows_sourced_from_a_model_are_refused_before_work(zoo, tmp_path):
+    a, b = zoo("llama")
+    path = recipe(tmp_path, a, b, tokenizer={"source": "base", "tokens": {
+        "<s>": {"source": a, "force": True}}})
+    r = invoke("mergekit-yaml", path, tmp_path / "out")
+    assert r.returncode == 2, (r.returncode, r.stderr[-2000:])
+    assert "tokenizer.tokens ['<s>'] take their embedding from a model" in r.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_space_check_counts_the_dtype_the_recipe_writes(zoo, tmp_path):
+    from mergekit_permute.recipes import estimated_bytes, load_recipe
+    a, b = zoo("llama")
+    sizes = {}
+    for dtype in ("float32", "bfloat16"):
+        sizes[dtype] = estimated_bytes(load_recipe(recipe(tmp_path, a, b, dtype=dtype)))
+    assert T.AutoConfig.from_pretrained(a).dtype in (torch.float32, "float32")
+    sidecars = sizes["float32"] - 2 * (sizes["float32"] - sizes["bfloat16"])
+    assert 0 < sidecars < sizes["bfloat16"] < sizes["float32"]

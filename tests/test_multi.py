@@ -85,3 +85,16 @@ def test_a_recipe_aligns_its_models_in_the_order_it_lists_them(trio, tmp_path):
             "merge_method": "permute", "base_model": a, "dtype": "float32",
             "models": [{"model": m} for m in order], "parameters": {"reference": "average"}})
         assert validate_recipe(config)[3] == order[1:]
+
+
+def test_running_average_with_a_zero_weight_base(trio):
+    """Base weight 0 (the merge of the others, in the base's basis): the first model is
+    aligned to the base itself (the maps of reference=base), the second to the first, aligned."""
+    a, b, c = trio
+    zero = align_all([a, b, c], [0.0, 1.0, 1.0], "shakespeare-calib", SETTINGS, workers=1)
+    to_base = align(a, b, "shakespeare-calib", SETTINGS.model_copy(update={"reference": "base"}),
+                    workers=1)
+    state = T.AutoModelForCausalLM.from_pretrained(b).state_dict()
+    got, want = zero[0].state_dict(state), to_base.state_dict(state)
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    assert len(zero) == 2 and zero[1].info["aligned_to"] == "running average of 2 model(s)"

@@ -93,3 +93,16 @@ def test_moving_rotary_dims_breaks_function():
     permuted = copy.deepcopy(model)
     apply_to_model(unsafe, permuted, random_transforms(unsafe, seed=4))
     assert (outputs(permuted, kw)[0] - outputs(model, kw)[0]).abs().max() > 1e-2
+
+
+def test_older_gpt2_checkpoints_with_their_causal_mask_buffers_are_accepted():
+    """Checkpoints saved by older transformers carry `h.N.attn.bias` / `.masked_bias` (the
+    causal mask, not weights): covered as buffers, while a truly unknown tensor is refused."""
+    model = build("GPT2LMHeadModel")
+    spec = spec_for_config(model.config)
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    shapes.update({f"transformer.h.{i}.attn.{b}": (1, 1, 40, 40) if b == "bias" else ()
+                   for i in range(2) for b in ("bias", "masked_bias")})
+    spec.check_state_dict(shapes)
+    with pytest.raises(ValueError, match="tensors not covered"):
+        spec.check_state_dict({**shapes, "transformer.h.0.attn.extra.bias": (4,)})

@@ -44,6 +44,19 @@ CONFIGS = {
     "Gemma2ForCausalLM": lambda: T.Gemma2Config(**LLAMA, head_dim=8, query_pre_attn_scalar=8,
                                                 sliding_window=4, attn_logit_softcapping=2.0,
                                                 final_logit_softcapping=3.0),
+    # config variants the specs claim: biases, head_dim != hidden / heads, odd partial rotary,
+    # GPT-2's attention scaling options
+    "LlamaForCausalLM-biases": lambda: T.LlamaConfig(**LLAMA, attention_bias=True, mlp_bias=True,
+                                                     head_dim=6, tie_word_embeddings=False),
+    "Qwen3ForCausalLM-bias": lambda: T.Qwen3Config(**LLAMA, head_dim=8, attention_bias=True),
+    "GemmaForCausalLM-bias": lambda: T.GemmaConfig(**LLAMA, head_dim=8, attention_bias=True,
+                                                   tie_word_embeddings=False),
+    "Phi3ForCausalLM-odd-rotary": lambda: T.Phi3Config(
+        **{**LLAMA, "num_attention_heads": 4}, pad_token_id=0, eos_token_id=1,
+        partial_rotary_factor=0.375),
+    "GPT2LMHeadModel-scaled": lambda: T.GPT2Config(
+        vocab_size=61, n_embd=32, n_layer=2, n_head=4, n_positions=40, tie_word_embeddings=False,
+        scale_attn_by_inverse_layer_idx=True, reorder_and_upcast_attn=True),
 }
 
 

@@ -36,10 +36,6 @@ def _block_diag(blocks: torch.Tensor, owners: Sequence[int]) -> torch.Tensor:
     return torch.block_diag(*[blocks[o] for o in owners])
 
 
-def _qk_norms(spec: PermutationSpec) -> bool:
-    return any(w.name.endswith(("q_norm.weight", "k_norm.weight")) for w in spec.weights)
-
-
 class Maps(torch.nn.Module):
     """The learnable exact symmetries of one architecture, all at the identity at the start."""
 
@@ -62,7 +58,7 @@ class Maps(torch.nn.Module):
         self.ffn_scores = torch.nn.ParameterDict()
         # Head permutations the same way, over KV groups (a group moves with its query heads).
         self.head_scores = torch.nn.ParameterDict()
-        learn_qk = not _qk_norms(spec)
+        learn_qk = not spec.qk_normed
         for space in spec.spaces:
             key = space.name.replace(".", "_")
             if space.kind == "attention":

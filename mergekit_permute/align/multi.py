@@ -30,9 +30,12 @@ def align_all(models: Sequence[str], weights: Sequence[float], data: Optional[st
                 for other, pair in zip(models[1:], pairs)]
     alignments: List[Alignment] = []
     for k, (other, pair) in enumerate(zip(models[1:], pairs), start=1):
-        target = BlendSource([(weights[0], pairs[0].source("a"))] + [
-            (weights[j + 1], AlignedSource(pairs[j].source("b"), alignments[j]))
-            for j in range(k - 1)])
+        members = [pairs[0].source("a")] + [AlignedSource(pairs[j].source("b"), alignments[j])
+                                            for j in range(k - 1)]
+        blend = list(weights[:k])
+        if sum(blend) == 0:   # (weight 0 for all so far, e.g. the base alone: count them equally)
+            blend = [1.0] * k
+        target = BlendSource(list(zip(blend, members)))
         alignment = align(base, other, data, settings, pair=pair,
                           sources=(target, pair.source("b")), **workload)
         alignment.info.update(reference="average",

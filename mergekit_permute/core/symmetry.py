@@ -64,7 +64,7 @@ def check_symmetry(spec: PermutationSpec, transforms: Transforms, *,
         elif space.kind == "ffn":
             _check_ffn(space, views)
         elif space.kind == "attention":
-            _check_attention(space, views, orthogonal_vo)
+            _check_attention(space, views, orthogonal_vo, spec.qk_normed)
         else:
             _check_residual(spec, views[""])
 
@@ -104,13 +104,15 @@ def _check_residual(spec: PermutationSpec, q) -> None:
                                "LayerNorm's mean subtraction does not allow")
 
 
-def _check_attention(space: Space, views: Mapping, orthogonal_vo: bool) -> None:
+def _check_attention(space: Space, views: Mapping, orthogonal_vo: bool, qk_normed: bool
+                     ) -> None:
     if any(isinstance(t, Scaled) for t in views.values()):
         raise NotASymmetry(f"{space.name}: attention admits no per-feature scales")
     if all(is_permutation(t) for t in views.values()):
         _check_head_permutation(space, views)
     else:
-        _check_head_maps(space, {v: as_matrix(t) for v, t in views.items()}, orthogonal_vo)
+        _check_head_maps(space, {v: as_matrix(t) for v, t in views.items()}, orthogonal_vo,
+                         qk_normed)
 
 
 def _check_head_permutation(space: Space, views: Mapping[str, torch.Tensor]) -> None:
@@ -152,7 +154,8 @@ def _sources(blocks: torch.Tensor, name: str, what: str) -> torch.Tensor:
     return live.float().argmax(0)                                       # [new] -> source
 
 
-def _check_head_maps(space: Space, m: Dict[str, torch.Tensor], orthogonal_vo: bool) -> None:
+def _check_head_maps(space: Space, m: Dict[str, torch.Tensor], orthogonal_vo: bool,
+                     qk_normed: bool = False) -> None:
     h: HeadLayout = space.heads
     kv, g, d, f = h.num_kv_heads, h.group_size, h.head_dim, h.qk_frozen_dims
     name = space.name
@@ -173,6 +176,9 @@ def _check_head_maps(space: Space, m: Dict[str, torch.Tensor], orthogonal_vo: bo
         scale = max(1.0, float(mq.abs().max()))
         if float((ob[src_head[i], i] - mv).abs().max()) > TOL * max(1.0, float(mv.abs().max())):
             raise NotASymmetry(f"{name}: head {i}'s O map is not its KV group's V map")
+        if qk_normed and max(_max_abs(mq - eye), _max_abs(mk - eye)) > TOL:
+            raise NotASymmetry(f"{name}: head {i}'s Q/K map acts inside the head, whose q_norm/"
+                               "k_norm gains are per dim (only whole heads may move)")
         if float((mq @ mk.T - eye).abs().max()) > TOL * scale:
             raise NotASymmetry(f"{name}: head {i}'s Q map is not the inverse transpose of its "
                                "group's K map, so q.k would change")

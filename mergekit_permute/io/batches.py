@@ -16,6 +16,9 @@ Objective = Literal["mlm", "clm", "cls"]
 def prepare_tokenizer(tokenizer):
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    # pads after the text: left pads (Llama's and Gemma's tokenizers' default) would shift the
+    # positions of every short row and give its first token a label predicted from a pad
+    tokenizer.padding_side = "right"
     return tokenizer
 
 

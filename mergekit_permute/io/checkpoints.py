@@ -42,17 +42,25 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be read; the message names the file."""
 
 
+def hub_revision(path: str) -> Tuple[str, Optional[str]]:
+    """`owner/name@revision` (MergeKit's spelling, e.g. a Pythia training step) -> (id, rev)."""
+    repo, at, revision = path.partition("@")
+    return (repo, revision) if at and revision else (path, None)
+
+
 def resolve(path: str) -> Path:
-    """A local directory, or a Hub id downloaded (weights, config, tokenizer) to the HF cache."""
+    """A local directory, or a Hub id (`owner/name`, or `owner/name@revision`) downloaded
+    (weights, config, tokenizer) to the HF cache."""
     local = Path(path).expanduser()
     if local.exists():
         if not local.is_dir():
             raise CheckpointError(f"model {path!r} is a file; pass the model's directory")
         return local
-    if path.startswith(("/", ".", "~")) or path.count("/") > 1:
+    repo, revision = hub_revision(path)
+    if path.startswith(("/", ".", "~")) or repo.count("/") > 1:
         raise FileNotFoundError(f"model {path!r} does not exist (neither a directory nor a hub id)")
     try:
-        return Path(snapshot_download(path, allow_patterns=[
+        return Path(snapshot_download(repo, revision=revision, allow_patterns=[
             "*.json", "*.safetensors", "*.bin", "*.txt", "*.model", "*.jinja", "*.tiktoken",
             "README.md"]))
     except Exception as e:

@@ -27,7 +27,25 @@ ATTRIBUTE = "_mergekit_permute_run"
 def model_path(ref) -> str:
     if getattr(ref, "lora", None) is not None:
         raise RecipeError(f"{ref}: LoRA inputs are not supported by merge_method permute")
-    return ref.model.path if hasattr(ref, "model") else str(ref)
+    if not hasattr(ref, "model"):
+        return str(ref)
+    # MergeKit reads `path@revision` (a Hub branch or training step): so must the alignment
+    revision = getattr(ref.model, "revision", None)
+    return f"{ref.model.path}@{revision}" if revision else ref.model.path
+
+
+def _check_token_sources(config) -> None:
+    """MergeKit copies a `tokenizer.tokens` row sourced from a model into every model's
+    embedding before the merge method sees it, where it would get each model's own alignment
+    although it is in the source's basis."""
+    tokens = getattr(getattr(config, "tokenizer", None), "tokens", None) or {}
+    sourced = sorted(t for t, cfg in tokens.items()
+                     if cfg.source is not None and getattr(cfg.source, "kind", None) != "zero")
+    if sourced:
+        raise RecipeError(f"merge_method permute: tokenizer.tokens {sourced} take their "
+                          "embedding from a model; those rows would be aligned as every "
+                          "model's own. Merge first, then set those rows (e.g. with "
+                          "mergekit-tokensurgeon), or give them source: {kind: zero}")
 
 
 def validate_recipe(config):
@@ -54,6 +72,7 @@ def validate_recipe(config):
         if isinstance(w, bool) or not isinstance(w, (int, float)) or w < 0:
             raise RecipeError(f"model {m.model}: weight must be a number >= 0, got {w!r}")
         weights[model_path(m.model)] = float(w)
+    _check_token_sources(config)
     settings, data = AlignSettings.from_recipe(dict(config.parameters or {}))
     base = model_path(config.base_model)
     # in the recipe's order: with reference=average, each model joins the average of the base

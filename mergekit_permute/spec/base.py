@@ -211,6 +211,12 @@ class PermutationSpec(_Frozen):
                     raise ValueError(f"{self.family}: norm fold names unknown weight {name}")
         return self
 
+    @property
+    def qk_normed(self) -> bool:
+        """Per-head norms on queries and keys (Qwen3's q_norm/k_norm, per-dim gains shared
+        by all heads): heads may move, but no map may act inside a head's Q/K dims."""
+        return any(w.name.endswith(("q_norm.weight", "k_norm.weight")) for w in self.weights)
+
     def orthogonal_residual_error(self) -> Optional[str]:
         """Why an orthogonal residual map is not function-preserving here (None if it is)."""
         if not self.norm_folds:
@@ -310,8 +316,9 @@ class PermutationSpec(_Frozen):
 
 def _is_buffer(name: str) -> bool:
     # Non-learned index buffers some checkpoints carry (position_ids etc.); never permuted.
+    # (GPT-2's causal mask `h.N.attn.bias`, in older checkpoints: not `attn.c_attn.bias`)
     return name.endswith((".position_ids", ".token_type_ids", ".masked_bias", "attention.bias",
-                          ".rotary_emb.inv_freq"))
+                          ".attn.bias", ".rotary_emb.inv_freq"))
 
 
 def _bindings(axis: Axis, dim: int, weight: str):
