@@ -111,7 +111,7 @@ def align(model_a, model_b, data, out, permutations_only, overwrite, no_cache, *
     check_space(out, alignment_bytes(pair.spec, settings) + (
         0 if permutations_only else checkpoint_bytes(pair.checkpoint_b, written)))
     dist = init_from_env(run.device)
-    device = f"cuda:{dist.rank}" if dist.active and run.device == "cuda" else run.device
+    device = f"cuda:{dist.device_index}" if dist.active and run.device == "cuda" else run.device
     try:
         alignment = run_align(model_a, model_b, data, settings, pair=pair, device=device,
                               dtype=run.dtype, workers=run.workers, cache=cache, dist=dist)

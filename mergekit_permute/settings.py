@@ -233,17 +233,24 @@ class AlignSettings(BaseModel):
         """`head_perm+residual=all`, `default+vo=orthogonal+repair`, `vanilla` -> settings
         (calibration fields kept). Parts: a preset, `default`, a bare boolean field, key=value."""
         method = set(fields("method"))
-        chosen: Dict[str, Any] = {}
-        for part in (p.strip() for p in name.split("+")):
-            if part == "default":
-                chosen.update(AlignSettings().method_fields())
-            elif part in PRESETS:
-                chosen.update(self.vanilla_fields(), **PRESETS[part])
-            elif part in method and type(self).model_fields[part].annotation is bool:
+        parts = [p.strip() for p in name.split("+")]
+        # the preset (or default) first, whatever its place: the other parts modify it
+        bases = [p for p in parts if p == "default" or p in PRESETS]
+        if len(bases) > 1:
+            raise ValueError(f"method {name!r} names {bases}: one preset or 'default' per "
+                             "method, modified by the other parts")
+        chosen: Dict[str, Any] = dict(self.vanilla_fields())
+        if bases:
+            chosen.update(AlignSettings().method_fields() if bases[0] == "default"
+                          else PRESETS[bases[0]])
+        for part in parts:
+            if part in bases:
+                continue
+            if part in method and type(self).model_fields[part].annotation is bool:
                 chosen[part] = True
             elif "=" in part and part.split("=", 1)[0] in method:
                 key, value = part.split("=", 1)
-                chosen = {**self.vanilla_fields(), **chosen, key: value}
+                chosen[key] = value
             else:
                 raise ValueError(
                     f"unknown method {part!r} in {name!r}; use {sorted(PRESETS)}, 'default', "
@@ -251,8 +258,7 @@ class AlignSettings(BaseModel):
                     + " or " + "/".join(f"{f}=" for f in method
                                         if type(self).model_fields[f].annotation is not bool)
                     + " joined with '+'")
-        merged = {**self.vanilla_fields(), **chosen}
-        return self.model_copy(update=AlignSettings(**merged).method_fields())
+        return self.model_copy(update=AlignSettings(**chosen).method_fields())
 
 
 def lambdas_of(text: str) -> Tuple[Tuple[float, ...], Optional[Tuple[float, float]]]:
@@ -399,6 +405,12 @@ def check_settings(spec, settings: AlignSettings) -> None:
         if fused:
             raise ValueError(f"vo=orthogonal needs separate V and O projections; "
                              f"{spec.architecture} fuses V into {fused[0]} (use vo=permute)")
+    if settings.qk != "follow_vo" and settings.attention in ("identity", "ignore_heads"):
+        raise ValueError(f"qk={settings.qk} permutes Q/K dims inside matched heads: it needs "
+                         f"attention=head_perm or monotonic (not {settings.attention})")
+    if settings.qk == "joint" and settings.attention == "monotonic":
+        raise ValueError("qk=joint scores Q/K agreement when assigning heads, and "
+                         "attention=monotonic assigns none (heads stay in place): use qk=separate")
     if settings.matching == "weights" and settings.residual in ("first", "last"):
         raise ValueError(f"residual={settings.residual} picks calibration points; weight "
                          "matching supports residual=all, orthogonal, identity or auto")

@@ -40,7 +40,9 @@ def demo_block(reuse: bool) -> str:
             result = run_demo(out, arch=arch, size="full")
         shutil.copy(out / "barrier.png", ROOT / "docs" / f"demo-{arch}-barrier.png")
         removed = result["methods"]["default"].get("removed_vs_vanilla")
-        parts += [f"**`mergekit-permute demo --arch {arch}`**"
+        took = f" ({result['seconds'] / 60:.1f} min here, training included)" \
+            if "seconds" in result else ""
+        parts += [f"**`mergekit-permute demo --arch {arch}`**{took}"
                   + (f" - the default alignment removes **{100 * removed:.0f}%** of the vanilla "
                      "loss barrier." if removed is not None else ""), "",
                   barrier_table(result), "", f"![{arch} demo barrier](docs/demo-{arch}-barrier.png)", ""]

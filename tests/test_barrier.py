@@ -37,6 +37,31 @@ def test_method_names_parse_into_settings():
         base.with_method("default+vo=rotate")
 
 
+def test_a_methods_parts_modify_its_preset_in_any_order():
+    base = AlignSettings()
+    for first, second in [("repair", "head_perm"), ("residual=all", "head_perm"),
+                          ("vo=orthogonal", "default")]:
+        assert base.with_method(f"{first}+{second}") == base.with_method(f"{second}+{first}")
+    assert base.with_method("repair+head_perm").repair
+    assert base.with_method("residual=all+head_perm").residual == "all"
+    with pytest.raises(ValueError, match="one preset or 'default' per method"):
+        base.with_method("default+vanilla")
+
+
+@pytest.mark.parametrize("method,message", [
+    ("monotonic+qk=joint", "use qk=separate"),
+    ("vanilla+qk=separate", "needs attention=head_perm or monotonic"),
+    ("ffn_only+qk=joint", "needs attention=head_perm or monotonic"),
+])
+def test_qk_settings_that_would_do_nothing_are_refused(zoo, method, message):
+    from mergekit_permute.io.models import open_pair
+    from mergekit_permute.settings import check_settings
+    pair = open_pair(*zoo("llama"))
+    with pytest.raises(ValueError, match=message):
+        check_settings(pair.spec, AlignSettings().with_method(method))
+    check_settings(pair.spec, AlignSettings().with_method("monotonic+qk=separate"))
+
+
 @pytest.mark.parametrize("arch", ["bert", "llama"])
 def test_barrier_of_a_model_with_itself_is_zero(zoo, arch):
     a, _ = zoo(arch)

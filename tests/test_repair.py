@@ -103,3 +103,25 @@ def test_barrier_repair_method_runs_and_keeps_endpoints(zoo, tmp_path):
     # Endpoints are the parents themselves (no correction at lambda 0 and 1).
     assert repaired["losses"][0] == plain["losses"][0] and repaired["losses"][-1] == plain["losses"][-1]
     assert repaired["losses"][1] < plain["losses"][1]
+
+
+def test_caught_block_calls_hold_no_hidden_states(zoo):
+    """The embeddings' output is kept once (where calibration parks it: the host when the GPU
+    is short), not again inside every block's recorded call; running a block from the call
+    and a given hidden state is what running the model does."""
+    a, b = zoo("llama")
+    pair = open_pair(a, b)
+    calib = prepare_calibration(pair, "shakespeare-calib", SETTINGS)
+    model = T.AutoModelForCausalLM.from_pretrained(a)
+    runner = BlockModel.skeleton(pair.spec, pair.config,
+                                 StateSource(model.state_dict(), pair.spec))
+    batch = calib.batches[0]
+    runner.load(None)
+    hidden, calls = runner.catch(batch)
+    for args, kwargs in calls:
+        assert (args[0] if args else kwargs["hidden_states"]) is None
+    runner.load(0)
+    out = runner.run(0, hidden, calls[0])
+    with torch.no_grad():
+        want = model(**{k: v for k, v in batch.items()}, output_hidden_states=True)
+    torch.testing.assert_close(out, want.hidden_states[1], rtol=1e-5, atol=1e-5)

@@ -174,6 +174,10 @@ class BlockModel:
                                 " was called in order, so the model cannot run block by block")
         args, kwargs = calls[0]
         hidden = args[0] if args else kwargs["hidden_states"]
+        # every call without its hidden states (run() puts each layer's in): the embeddings'
+        # output is kept once, where the caller parks it (the host, when the device is short)
+        calls = [((None, *a[1:]), k) if a else (a, {**k, "hidden_states": None})
+                 for a, k in calls]
         return hidden, calls
 
     def run(self, layer: int, hidden: torch.Tensor, call: Tuple[tuple, Dict[str, Any]]

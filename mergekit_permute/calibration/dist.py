@@ -29,6 +29,11 @@ class Distributed:
         self.size = td.get_world_size() if self.active else 1
 
     @property
+    def device_index(self) -> int:
+        """This rank's GPU on its own node (torchrun's LOCAL_RANK; the rank on one node)."""
+        return int(os.environ.get("LOCAL_RANK", self.rank))
+
+    @property
     def is_main(self) -> bool:
         return self.rank == 0
 
