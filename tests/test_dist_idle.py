@@ -97,3 +97,36 @@ def test_two_ranks_with_one_batch_give_the_permutations_of_one_process(zoo, tmp_
         assert torch.equal(p1[key], p2[key]), key
     docs = [json.loads((d / "alignment.json").read_text()) for d in (one, two)]
     assert docs[0]["data"]["tokens"] == docs[1]["data"]["tokens"] > 0
+
+
+RANK_CACHE = """
+import os, sys
+os.environ["MERGEKIT_PERMUTE_CACHE"] = sys.argv.pop(1) + os.environ["LOCAL_RANK"]
+from mergekit_permute.cli import main
+sys.argv[0] = "mergekit-permute"
+main()
+"""
+
+
+def test_ranks_whose_node_local_caches_differ_all_calibrate(zoo, tmp_path):
+    """Two nodes with their own statistics caches, only the first holding this run's entry:
+    no rank reads it (one that did would skip the all-reduces the others wait in), and the
+    result is the single process's."""
+    a, b = zoo("llama")
+    args = ["--data", "shakespeare-calib", "--samples", "32", "--batch-size", "16",
+            "--max-length", "32", "--residual", "all", "--permutations-only"]
+    caches = tmp_path / "cache-rank"
+    env = {**__import__("os").environ, "MERGEKIT_PERMUTE_CACHE": f"{caches}0"}
+    r = subprocess.run([sys.executable, "-m", "mergekit_permute", "align", a, b, *args,
+                        "--out", str(tmp_path / "one")], capture_output=True, text=True, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert list(Path(f"{caches}0").glob("stats-*")) and not Path(f"{caches}1").exists()
+    script = tmp_path / "rank_cache.py"
+    script.write_text(RANK_CACHE)
+    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
+    r = subprocess.run([torchrun, "--standalone", "--nproc-per-node", "2", str(script), str(caches),
+                        "align", a, b, *args, "--out", str(tmp_path / "two")],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    p1, p2 = (load_file(tmp_path / d / "permutations.safetensors") for d in ("one", "two"))
+    assert p1.keys() == p2.keys() and all(torch.equal(p1[k], p2[k]) for k in p1)

@@ -71,7 +71,8 @@ def test_maps_inside_a_qk_normed_head_are_refused(monkeypatch):
         spec = spec_for_config(model.config)
         with monkeypatch.context() as m:   # maps as if Q/K could move inside a head
             m.setattr(PermutationSpec, "qk_normed", property(lambda self: False))
-            transforms = _random_maps(spec, folded=False, scale=1.0).final()
+            with torch.no_grad():
+                transforms = _random_maps(spec, folded=False, scale=1.0).final()
         transforms = {s: {v: (x.double() if isinstance(x, torch.Tensor) and x.is_floating_point()
                               else x) for v, x in views.items()} for s, views in transforms.items()}
         kw = inputs(model)

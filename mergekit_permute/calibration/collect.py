@@ -257,6 +257,10 @@ def statistics(work: "Workload", calib: Calibration, settings: AlignSettings, *,
     points = feature_points(spec, calibration_spaces(spec), qk)
     store = _store(work, calib, settings, qk, points)
     entry = store.load() if store is not None and cache == "use" else None
+    if dist.size > 1 and dist.total(int(entry is not None)) < dist.size:
+        # every rank reads the cache or none does (a node-local cache may differ): a rank that
+        # returned here would leave the others waiting in their all-reduces
+        entry = None
     if entry is not None:
         stats = entry.statistics() if not keep else Statistics(residual=entry.residual,
                                                                tokens=entry.statistics().tokens)
