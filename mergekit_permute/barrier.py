@@ -5,7 +5,7 @@ evaluated in memory on one loaded model; the methods share one set of statistics
 import json
 import time
 from pathlib import Path
-from typing import Dict, Mapping, Sequence, Union
+from typing import Dict, Mapping, Optional, Sequence, Union
 
 import numpy as np
 
@@ -37,9 +37,10 @@ def _loaded(path: str, device: str, allow_unsafe_pickle: bool = False):
 
 
 def run_barrier(model_a: str, model_b: str, *, methods: Methods, settings: AlignSettings,
-                evaluation: Evaluation, calibration: str, run: RunSettings = RunSettings()
-                ) -> Dict:
-    """Every method's loss along the path (`settings`: the calibration fields all share)."""
+                evaluation: Evaluation, calibration: str, run: RunSettings = RunSettings(),
+                keep: Optional[Dict] = None) -> Dict:
+    """Every method's loss along the path (`settings`: the calibration fields all share);
+    `keep` receives each method's Alignment by name."""
     parsed = _parse(methods, settings)
     pair = open_pair(model_a, model_b, run.allow_unsafe_pickle)
     for s in parsed.values():
@@ -69,6 +70,8 @@ def run_barrier(model_a: str, model_b: str, *, methods: Methods, settings: Align
         started = time.perf_counter()
         alignment = align_from(work, s)
         seconds = time.perf_counter() - started
+        if keep is not None:
+            keep[name] = alignment
         aligned_b = alignment.state_dict(state_b)   # in A's norm gauge: A stays as is
         after_mix = _repair_hook(pair, calib, state_a, aligned_b, device) if s.repair else None
         losses = interpolation_losses(model, state_a, aligned_b, grid, evalset.batches,

@@ -207,10 +207,13 @@ def untie(checkpoint, out, overwrite, allow_unsafe_pickle):
 @_friendly
 def merge(recipe, out, device, overwrite, barrier_data, barrier_lambdas, allow_unsafe_pickle):
     """Run a MergeKit recipe (any method; `permute` included) with an atomic output."""
-    barrier = recipe_barrier(recipe, out, barrier_data, barrier_lambdas, device, overwrite,
-                             allow_unsafe_pickle) if barrier_data else None
+    barrier, alignment = recipe_barrier(recipe, out, barrier_data, barrier_lambdas, device,
+                                        overwrite, allow_unsafe_pickle) \
+        if barrier_data else (None, None)
     run_recipe(recipe, out, device=device, overwrite=overwrite, barrier=barrier,
-               allow_unsafe_pickle=allow_unsafe_pickle)
+               allow_unsafe_pickle=allow_unsafe_pickle, alignment=alignment)
+    if barrier is not None:
+        click.echo(barrier_table(barrier))
     click.echo(f"wrote {out}")
 
 

@@ -1,12 +1,13 @@
 """Running a MergeKit recipe from our CLI: safe YAML, validation before any work, an atomic
 output directory whose card carries its final name."""
 
+import difflib
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Dict, Optional, Tuple
 
 import torch
 import yaml
-from mergekit.config import MergeConfiguration
+from mergekit.config import InputModelDefinition, MergeConfiguration
 from mergekit.merge import run_merge
 from mergekit.options import MergeOptions
 from pydantic import ValidationError
@@ -16,14 +17,16 @@ from mergekit_permute.evaluate import Evaluation
 from mergekit_permute.calibration.cache import cache_dir
 from mergekit_permute.io.checkpoints import Checkpoint
 from mergekit_permute.io.models import load_config
-from mergekit_permute.io.outputs import atomic_dir, check_output, check_space, follow_umask
+from mergekit_permute.io.outputs import (
+    atomic_dir, check_output, check_overlap, check_space, follow_umask,
+)
 from mergekit_permute.io.preflight import check_device, checkpoint_bytes
 from mergekit_permute.mergekit import install
 from mergekit_permute.mergekit.run import PermuteRun, model_path, validate_recipe
-from mergekit_permute.settings import DATA_PARAM, RunSettings
+from mergekit_permute.settings import DATA_PARAM, RecipeError, RunSettings
 
 
-def load_recipe(path: Path):
+def _raw_recipe(path: Path) -> Dict:
     try:
         raw = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
     except yaml.YAMLError as e:
@@ -32,10 +35,68 @@ def load_recipe(path: Path):
         raise ValueError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     if not isinstance(raw, dict):
         raise ValueError(f"{path}: a MergeKit recipe is a YAML mapping")
+    return raw
+
+
+def load_recipe(path: Path):
+    raw = _raw_recipe(path)
+    check_recipe_keys(raw, path)
     try:
         return MergeConfiguration.model_validate(raw)
     except (ValidationError, RuntimeError, TypeError) as e:
         raise ValueError(f"{path}: not a valid MergeKit recipe: {e}") from None
+
+
+def _unknown(keys, known, where: str) -> None:
+    unknown = sorted(str(k) for k in set(keys) - set(known))
+    if unknown:
+        close = {k: difflib.get_close_matches(k, known, n=1) for k in unknown}
+        hints = "; ".join(f"{k!r}: did you mean {c[0]!r}?" for k, c in close.items() if c)
+        raise RecipeError(f"{where}: unknown key(s) {unknown} (MergeKit would ignore them"
+                          f"{'; ' + hints if hints else ''}); known: {sorted(known)}")
+
+
+def check_recipe_keys(raw: Dict, path) -> None:
+    """MergeKit ignores keys it does not know; a `permute` recipe refuses them (a misspelt
+    `parameters:` would run silently on the defaults)."""
+    if raw.get("merge_method") != "permute":
+        return
+    _unknown(raw, MergeConfiguration.model_fields, f"{path}")
+    for entry in raw.get("models") or []:
+        if isinstance(entry, dict):
+            _unknown(entry, InputModelDefinition.model_fields, f"{path}: models entry")
+
+
+def check_method(config, path) -> None:
+    """An unknown merge_method named in one line, with the closest known one."""
+    from mergekit.merge_methods import registered_methods  # (loaded by install())
+    names = sorted(m.spec.name for m in registered_methods())
+    if config.merge_method not in names:
+        close = difflib.get_close_matches(config.merge_method, names, n=1)
+        raise RecipeError(f"{path}: unknown merge_method {config.merge_method!r}"
+                          f"{f' (did you mean {close[0]!r}?)' if close else ''}; MergeKit's "
+                          f"methods: {', '.join(names)}")
+
+
+def preflight_yaml(config_file: str, out_path: str) -> None:
+    """`mergekit-yaml` on a `permute` recipe: its keys, and an output that never touches an
+    input (MergeKit itself writes into any directory)."""
+    path = Path(config_file)
+    try:
+        raw = _raw_recipe(path)
+    except (ValueError, OSError):
+        return   # MergeKit's own error
+    if raw.get("merge_method") != "permute":
+        return
+    check_recipe_keys(raw, path)
+    try:
+        config = MergeConfiguration.model_validate(raw)
+    except (ValidationError, RuntimeError, TypeError):
+        return
+    try:
+        check_overlap(Path(out_path), recipe_inputs(path, config))
+    except ValueError as e:
+        raise RecipeError(str(e)) from None
 
 
 def check_architectures(config, path: Path) -> None:
@@ -63,7 +124,7 @@ def estimated_bytes(config) -> int:
 
 def recipe_inputs(path: Path, config):
     """Everything a recipe reads: the recipe, its models, its calibration text, the cache."""
-    inputs = [("recipe", str(path)), *((f"model {ref.model.path}", ref.model.path)
+    inputs = [("recipe", str(path)), *(("model", ref.model.path)
                                        for ref in config.referenced_models())]
     if config.merge_method == "permute":
         inputs += [("calibration data", (config.parameters or {}).get(DATA_PARAM)),
@@ -72,8 +133,9 @@ def recipe_inputs(path: Path, config):
 
 
 def recipe_barrier(path: Path, out: Path, eval_data: str, lambdas: int, device: str,
-                   overwrite: bool, allow_unsafe_pickle: bool = False) -> Dict:
-    """The loss barrier of a two-model `permute` recipe: vanilla against its own alignment."""
+                   overwrite: bool, allow_unsafe_pickle: bool = False) -> Tuple[Dict, object]:
+    """The loss barrier of a two-model `permute` recipe: vanilla against its own alignment;
+    returns the barrier and that alignment (the merge reuses it)."""
     config = load_recipe(path)
     if config.merge_method != "permute":
         raise ValueError(f"{path}: --barrier measures a `permute` merge's alignment; this recipe "
@@ -84,18 +146,23 @@ def recipe_barrier(path: Path, out: Path, eval_data: str, lambdas: int, device: 
                          f"merges {len(others) + 1}")
     check_output(out, overwrite, [*recipe_inputs(path, config), ("evaluation data", eval_data)])
     vanilla = settings.with_method("vanilla")
-    return run_barrier(base, others[0], methods={"vanilla": vanilla, "this merge": settings},
-                       settings=settings, evaluation=Evaluation(eval_data, lambdas=lambdas),
-                       calibration=data, run=RunSettings(device=device,
-                                                         allow_unsafe_pickle=allow_unsafe_pickle))
+    kept: Dict[str, object] = {}
+    result = run_barrier(base, others[0], methods={"vanilla": vanilla, "this merge": settings},
+                         settings=settings, evaluation=Evaluation(eval_data, lambdas=lambdas),
+                         calibration=data, keep=kept,
+                         run=RunSettings(device=device, allow_unsafe_pickle=allow_unsafe_pickle))
+    return result, kept["this merge"]
 
 
 def run_recipe(path: Path, out: Path, *, device: str = "cpu", overwrite: bool = False,
-               barrier: Optional[Dict] = None, allow_unsafe_pickle: bool = False) -> None:
+               barrier: Optional[Dict] = None, allow_unsafe_pickle: bool = False,
+               alignment=None) -> None:
+    """`alignment`: of a two-model `permute` recipe, already computed (by its barrier)."""
 
     install()
     check_device(device)
     config = load_recipe(path)
+    check_method(config, path)
     out = check_output(out, overwrite, recipe_inputs(path, config))
     for ref in config.referenced_models():
         p = ref.model.path
@@ -106,6 +173,8 @@ def run_recipe(path: Path, out: Path, *, device: str = "cpu", overwrite: bool = 
     if config.merge_method == "permute":
         run = PermuteRun(config, device, allow_unsafe_pickle).attach()   # validates the recipe
         run.output_name, run.barrier = out.name, barrier
+        if alignment is not None:
+            run.alignments = {run.others[0]: alignment}
     source = Path(path).read_text(encoding="utf-8")
     with atomic_dir(out, overwrite) as tmp:
         run_merge(config, str(tmp), options=MergeOptions(device=device, quiet=False),

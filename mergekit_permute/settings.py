@@ -232,7 +232,7 @@ class AlignSettings(BaseModel):
     def with_method(self, name: str) -> "AlignSettings":
         """`head_perm+residual=all`, `default+vo=orthogonal+repair`, `vanilla` -> settings
         (calibration fields kept). Parts: a preset, `default`, a bare boolean field, key=value."""
-        method = set(fields("method"))
+        method = fields("method")   # (a list: the error below names them in a fixed order)
         parts = [p.strip() for p in name.split("+")]
         # the preset (or default) first, whatever its place: the other parts modify it
         bases = [p for p in parts if p == "default" or p in PRESETS]
@@ -258,7 +258,12 @@ class AlignSettings(BaseModel):
                     + " or " + "/".join(f"{f}=" for f in method
                                         if type(self).model_fields[f].annotation is not bool)
                     + " joined with '+'")
-        return self.model_copy(update=AlignSettings(**chosen).method_fields())
+        try:
+            settings = AlignSettings(**chosen)
+        except ValidationError as e:
+            raise ValueError(f"method {name!r}: " + "; ".join(
+                f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())) from None
+        return self.model_copy(update=settings.method_fields())
 
 
 def lambdas_of(text: str) -> Tuple[Tuple[float, ...], Optional[Tuple[float, float]]]:

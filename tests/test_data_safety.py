@@ -337,8 +337,13 @@ def test_the_card_carries_licenses_and_the_barrier_and_files_follow_the_umask(pa
     assert "license: apache-2.0" in card and "License: apache-2.0, the license of every" in card
     assert "| vanilla |" in card and "![loss barrier](barrier.png)" in card
     assert (tmp_path / "m" / "barrier.png").is_file()
+    assert "| this merge |" in r.stdout   # the table, printed too
     for f in (tmp_path / "m").iterdir():
         assert stat.S_IMODE(f.stat().st_mode) == 0o644, f
+    # the merge reuses the alignment its barrier measured: the model of a plain merge
+    assert invoke("mergekit-permute", "merge", recipe, tmp_path / "plain").returncode == 0
+    for name in ("model.safetensors", "permutations.safetensors"):
+        assert (tmp_path / "m" / name).read_bytes() == (tmp_path / "plain" / name).read_bytes()
     Path(b, "README.md").write_text("---\nlicense: mit\n---\n")
     from mergekit_permute.card import license_lines
     assert license_lines([a, b])[0] == "other"

@@ -400,3 +400,43 @@ def test_a_written_model_that_lost_the_function_is_refused(zoo, tmp_path, monkey
                      "nothing was written")
     assert not (tmp_path / "o").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".o.partial")]
+
+
+def test_permute_recipes_refuse_what_mergekit_would_ignore_or_overwrite(zoo, tmp_path):
+    """Under stock mergekit-yaml too: a misspelt key (MergeKit drops it silently), an output
+    that is an input model (MergeKit writes into it), an unknown merge method (a traceback)."""
+    import shutil
+    a, b = zoo("llama")
+    shutil.copytree(a, tmp_path / "A")
+    a = str(tmp_path / "A")
+    before = (tmp_path / "A" / "model.safetensors").read_bytes()
+
+    def recipe(name, **doc):
+        path = tmp_path / name
+        path.write_text(yaml.safe_dump({"merge_method": "permute", "base_model": a,
+                                        "models": [{"model": a}, {"model": b}], **doc}))
+        return path
+    typo = recipe("typo.yml", paramters={"calibration_samples": 64})
+    for command in ("mergekit-yaml", "merge"):
+        args = ("merge",) if command == "merge" else ()
+        runner = "mergekit-permute" if command == "merge" else "mergekit-yaml"
+        _one_line_exit_2(invoke(runner, *args, typo, tmp_path / "o"), "unknown key(s) ['paramters']",
+                         "did you mean 'parameters'?")
+    ok = recipe("ok.yml", parameters={"calibration_samples": 64, "max_length": 32})
+    _one_line_exit_2(invoke("mergekit-yaml", ok, a), "is the model", "never touches the inputs")
+    assert (tmp_path / "A" / "model.safetensors").read_bytes() == before
+    method = tmp_path / "method.yml"
+    method.write_text(ok.read_text().replace("merge_method: permute", "merge_method: permut"))
+    _one_line_exit_2(invoke("mergekit-permute", "merge", method, tmp_path / "o"),
+                     "unknown merge_method 'permut' (did you mean 'permute'?)")
+    assert not (tmp_path / "o").exists()
+
+
+def test_method_values_and_data_names_are_one_line(zoo, tmp_path, no_forward):
+    a, b = zoo("llama")
+    r = invoke("mergekit-permute", "barrier", a, b, "--data", "shakespeare-eval", "--methods",
+               "default+residual=orthagonal", "--out", tmp_path / "o")
+    _one_line_exit_2(r, "method 'default+residual=orthagonal': residual: Input should be")
+    assert "pydantic.dev" not in r.stderr
+    _one_line_exit_2(_align(a, b, tmp_path / "o", data="shakespeare-calb"),
+                     "did you mean 'shakespeare-calib' (shipped)?")

@@ -3,6 +3,7 @@ Hugging Face dataset id (online users only). Plus the public-domain text shipped
 """
 
 import codecs
+import difflib
 import hashlib
 import json
 import logging
@@ -67,6 +68,10 @@ def load_texts(source: str, samples: Optional[int] = None, field: str = "text",
         texts = _json_rows(source, rows, field) if json_rows else (t for _, t in rows)
         texts = _first(((clip(t.strip(), max_chars) for t in texts)), samples)
     else:
+        close = difflib.get_close_matches(source, sorted(BUILTIN), n=1, cutoff=0.8)
+        if close:   # (before trying the Hub: offline, that retries for half a minute)
+            raise DataError(f"calibration/evaluation data {source!r} does not exist; did you "
+                            f"mean {close[0]!r} (shipped)?")
         texts = _first((clip(t.strip(), max_chars) for t in
                         _load_hub_dataset(source, field, samples)), samples)
     if not texts:

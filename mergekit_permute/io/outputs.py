@@ -91,11 +91,14 @@ def _local(path: Optional[str]) -> Optional[Path]:
         return None   # a hub id, or nothing there (its own check names it)
 
 
-def _check_overlap(out: Path, inputs: Inputs) -> None:
+def check_overlap(out, inputs: Inputs) -> None:
+    """The output is none of the inputs, holds none and lies in none (nor is it the working
+    directory, the root or home)."""
+    out = _resolve(out)
     cwd = Path.cwd().resolve()
     if out == cwd or out in cwd.parents:
         raise PreflightError(f"the output {out} is the working directory or contains it; name a "
-                             "new directory to write, e.g. --out merged-model")
+                             "new directory to write (e.g. merged-model)")
     if out == Path(out.anchor) or out == Path.home().resolve():
         raise PreflightError(f"the output {out} is the filesystem root or the home directory; "
                              "name a new directory to write")
@@ -119,7 +122,7 @@ def check_output(out, overwrite: bool, inputs: Inputs = (), need_bytes: int = 0)
     """The output can be written where it is asked for without touching anything the user
     owns, and has room for `need_bytes`; returns its absolute path."""
     path = _resolve(out)
-    _check_overlap(path, inputs)
+    check_overlap(path, inputs)
     if path.exists() and not path.is_dir():
         raise PreflightError(f"{path} exists and is not a directory; choose another output")
     if path.is_dir() and any(path.iterdir()):

@@ -120,11 +120,22 @@ def hook_cli() -> None:
     def make(original):
         def callback(*args, **kwargs):
             try:
+                if _names_permute(kwargs.get("config_file")):
+                    from mergekit_permute.recipes import preflight_yaml  # (heavy: permute only)
+                    preflight_yaml(kwargs["config_file"], kwargs.get("out_path"))
                 return original(*args, **kwargs)
             except RecipeError as e:
                 raise Refused(str(e)) from None
         return callback
     _wrap(run_yaml.main, "callback", make)
+
+
+def _names_permute(config_file) -> bool:
+    try:
+        with open(config_file, encoding="utf-8") as f:
+            return any(line.split("#")[0].split() == ["merge_method:", "permute"] for line in f)
+    except (OSError, TypeError, UnicodeDecodeError):
+        return False
 
 
 def _run_of(config):

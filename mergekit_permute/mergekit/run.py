@@ -117,9 +117,10 @@ class PermuteRun:
         if self.settings.reference == "average" and len(self.others) < 2:
             LOG.info("reference=average with one other model is alignment to the base")
         models = [self.base, *self.others]
-        alignments = align_all(models, [self.weights[m] for m in models], self.data,
-                               self.settings, self.allow_unsafe_pickle, device=self.device)
-        self.alignments = dict(zip(self.others, alignments))
+        if set(self.alignments) != set(self.others):   # (else given: e.g. by `merge --barrier`)
+            alignments = align_all(models, [self.weights[m] for m in models], self.data,
+                                   self.settings, self.allow_unsafe_pickle, device=self.device)
+            self.alignments = dict(zip(self.others, alignments))
         if self.settings.repair:
             parents = [(self.weights[self.base], pairs[0].source("a"))] + [
                 (self.weights[o], AlignedSource(p.source("b"), self.alignments[o]))
