@@ -64,7 +64,8 @@ def untie(checkpoint: str, out, overwrite: bool = False, allow_unsafe_pickle: bo
         doc["tie_word_embeddings"] = False
         config_path.write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
         (tmp / UNTIED_FILE).write_text(json.dumps(
-            {"source": str(checkpoint), "heads": heads,
+            {"source": str(source.root.resolve()) if Path(checkpoint).expanduser().exists()
+             else str(checkpoint), "heads": heads,
              "note": "output head copied from the embeddings; tie_word_embeddings set to false "
                      "(same function, one vocabulary x hidden tensor more)"}, indent=2) + "\n")
     LOG.info("untied %s -> %s (%s)", checkpoint, out, ", ".join(f"{h} from {e}"
