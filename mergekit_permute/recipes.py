@@ -6,65 +6,30 @@ from pathlib import Path
 from typing import Dict, Optional, Tuple
 
 import torch
-import yaml
-from mergekit.config import InputModelDefinition, MergeConfiguration
+from mergekit.config import MergeConfiguration
 from mergekit.merge import run_merge
 from mergekit.options import MergeOptions
 from pydantic import ValidationError
 
 from mergekit_permute.barrier import run_barrier, write_report
 from mergekit_permute.evaluate import Evaluation
-from mergekit_permute.calibration.cache import cache_dir
 from mergekit_permute.io.checkpoints import Checkpoint
 from mergekit_permute.io.models import load_config
-from mergekit_permute.io.outputs import (
-    atomic_dir, check_output, check_overlap, check_space, follow_umask,
-)
+from mergekit_permute.io.outputs import atomic_dir, check_output, check_space, follow_umask
 from mergekit_permute.io.preflight import check_device, checkpoint_bytes
 from mergekit_permute.mergekit import install
+from mergekit_permute.mergekit.checks import check_recipe_keys, raw_recipe, recipe_inputs
 from mergekit_permute.mergekit.run import PermuteRun, model_path, validate_recipe
-from mergekit_permute.settings import DATA_PARAM, RecipeError, RunSettings
-
-
-def _raw_recipe(path: Path) -> Dict:
-    try:
-        raw = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
-    except yaml.YAMLError as e:
-        raise ValueError(f"{path}: not valid YAML: {e}") from None
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-    if not isinstance(raw, dict):
-        raise ValueError(f"{path}: a MergeKit recipe is a YAML mapping")
-    return raw
+from mergekit_permute.settings import RecipeError, RunSettings
 
 
 def load_recipe(path: Path):
-    raw = _raw_recipe(path)
+    raw = raw_recipe(path)
     check_recipe_keys(raw, path)
     try:
         return MergeConfiguration.model_validate(raw)
     except (ValidationError, RuntimeError, TypeError) as e:
         raise ValueError(f"{path}: not a valid MergeKit recipe: {e}") from None
-
-
-def _unknown(keys, known, where: str) -> None:
-    unknown = sorted(str(k) for k in set(keys) - set(known))
-    if unknown:
-        close = {k: difflib.get_close_matches(k, known, n=1) for k in unknown}
-        hints = "; ".join(f"{k!r}: did you mean {c[0]!r}?" for k, c in close.items() if c)
-        raise RecipeError(f"{where}: unknown key(s) {unknown} (MergeKit would ignore them"
-                          f"{'; ' + hints if hints else ''}); known: {sorted(known)}")
-
-
-def check_recipe_keys(raw: Dict, path) -> None:
-    """MergeKit ignores keys it does not know; a `permute` recipe refuses them (a misspelt
-    `parameters:` would run silently on the defaults)."""
-    if raw.get("merge_method") != "permute":
-        return
-    _unknown(raw, MergeConfiguration.model_fields, f"{path}")
-    for entry in raw.get("models") or []:
-        if isinstance(entry, dict):
-            _unknown(entry, InputModelDefinition.model_fields, f"{path}: models entry")
 
 
 def check_method(config, path) -> None:
@@ -76,27 +41,6 @@ def check_method(config, path) -> None:
         raise RecipeError(f"{path}: unknown merge_method {config.merge_method!r}"
                           f"{f' (did you mean {close[0]!r}?)' if close else ''}; MergeKit's "
                           f"methods: {', '.join(names)}")
-
-
-def preflight_yaml(config_file: str, out_path: str) -> None:
-    """`mergekit-yaml` on a `permute` recipe: its keys, and an output that never touches an
-    input (MergeKit itself writes into any directory)."""
-    path = Path(config_file)
-    try:
-        raw = _raw_recipe(path)
-    except (ValueError, OSError):
-        return   # MergeKit's own error
-    if raw.get("merge_method") != "permute":
-        return
-    check_recipe_keys(raw, path)
-    try:
-        config = MergeConfiguration.model_validate(raw)
-    except (ValidationError, RuntimeError, TypeError):
-        return
-    try:
-        check_overlap(Path(out_path), recipe_inputs(path, config))
-    except ValueError as e:
-        raise RecipeError(str(e)) from None
 
 
 def check_architectures(config, path: Path) -> None:
@@ -120,16 +64,6 @@ def estimated_bytes(config) -> int:
         return checkpoint_bytes(Checkpoint(model_path(ref)), getattr(torch, name) if name else None)
     except (ValueError, OSError, AttributeError):
         return 0
-
-
-def recipe_inputs(path: Path, config):
-    """Everything a recipe reads: the recipe, its models, its calibration text, the cache."""
-    inputs = [("recipe", str(path)), *(("model", ref.model.path)
-                                       for ref in config.referenced_models())]
-    if config.merge_method == "permute":
-        inputs += [("calibration data", (config.parameters or {}).get(DATA_PARAM)),
-                   ("statistics cache", str(cache_dir()))]
-    return inputs
 
 
 def recipe_barrier(path: Path, out: Path, eval_data: str, lambdas: int, device: str,

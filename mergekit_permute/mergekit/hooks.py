@@ -121,7 +121,7 @@ def hook_cli() -> None:
         def callback(*args, **kwargs):
             try:
                 if _names_permute(kwargs.get("config_file")):
-                    from mergekit_permute.recipes import preflight_yaml  # (heavy: permute only)
+                    from mergekit_permute.mergekit.checks import preflight_yaml  # (permute only)
                     preflight_yaml(kwargs["config_file"], kwargs.get("out_path"))
                 return original(*args, **kwargs)
             except RecipeError as e:
