@@ -63,6 +63,10 @@ RERUN = f"{LEARNED}+learn_heads=false+learn_samples=2048"
 ONE_CHANGE_METHODS = ["vanilla", "default", f"{LEARNED}+learn_samples=2048"] + [
     f"{LEARNED}+{change}+learn_samples=2048" for change in ONE_CHANGE] + [RERUN]
 TEXT_CANDIDATES += ONE_CHANGE_METHODS[3:]
+# All of the training text (5557 passages) against 2048 at 600 and 1200 steps, on both pairs:
+# do the maps overfit their 2048 passages (the anchor's 1200-step runs did worse on one pair)?
+ALL_TEXT = [f"{LEARNED}+learn_samples=5557", f"{LEARNED}+learn_steps=1200+learn_samples=5557"]
+TEXT_CANDIDATES += ALL_TEXT
 TEXTS = {"calib": ("shakespeare-calib", "", CANDIDATES),
          "train": ("shakespeare-train", "-train-text", TEXT_CANDIDATES)}
 
@@ -77,11 +81,11 @@ def main() -> None:
     ap.add_argument("--methods", default=None, help="default: the candidates of --text")
     ap.add_argument("--one-change", action="store_true",
                     help="only vanilla, the default, the learned default and ONE_CHANGE's "
-                         "candidates (what pair 3-4 measured)")
+                         "candidates and ALL_TEXT's (what pair 3-4 measured)")
     args = ap.parse_args()
     calibration, suffix, candidates = TEXTS[args.text]
     methods = (args.methods.split(",") if args.methods
-               else ONE_CHANGE_METHODS if args.one_change else candidates)
+               else ONE_CHANGE_METHODS + ALL_TEXT if args.one_change else candidates)
     import torch
 
     from benchmarks.zoo import zoo

@@ -422,6 +422,61 @@ def test_checkpointed_blocks_give_the_same_loss_and_gradients(name):
     assert not any("forward" in vars(m) for m in container.modules())   # blocks restored
 
 
+@pytest.mark.parametrize("name", ["LlamaForCausalLM", "GPTNeoXForCausalLM",
+                                  "GPT2LMHeadModel-untied", "Phi3ForCausalLM"])
+def test_reader_matrices_are_inverted_once_per_loss(name, monkeypatch):
+    """A learned matrix's M^-T is computed once per loss (`with_readers`), not once per weight
+    that reads through it (the residual has a reader per block input and the head): the same
+    loss and gradients as inverting at every reader, whole-model and checkpointed."""
+    from accelerate import init_empty_weights
+    import mergekit_permute.align.learn as learn
+    from mergekit_permute.core.alignment import Alignment
+    from mergekit_permute.core.permute import identity_transforms, norm_gains
+    from mergekit_permute.settings import AlignSettings
+    a, b = build(name, seed=0), build(name, seed=1)
+    spec = spec_for_config(a.config)
+    assert ("residual", "") in spec.reader_views()
+    with init_empty_weights(include_buffers=False):
+        container = type(a)(a.config).eval()
+    container.tie_weights()
+    names = [n for n, _ in container.named_parameters()]
+    states = [{n: m.get_parameter(n).detach() for n in names} for m in (a, b)]
+    kw = inputs(a)
+    batches = [{**kw, "labels": kw["input_ids"].masked_fill(kw["attention_mask"] == 0, -100)}]
+    start = Alignment(spec=spec, transforms=identity_transforms(spec), settings=AlignSettings(),
+                      gains_a=norm_gains(spec, states[0]), gains_b=norm_gains(spec, states[1]))
+    maps = _random_maps(spec, folded=True)
+    inverted = []
+    own_inv = torch.linalg.inv
+    monkeypatch.setattr(torch.linalg, "inv",   # (2-D: a reader's; the K maps' are batched)
+                        lambda m: (m.ndim == 2 and inverted.append(m.shape)) or own_inv(m))
+    results = {}
+    for once in (True, False):
+        with monkeypatch.context() as m:
+            if not once:
+                m.setattr(learn, "with_readers", lambda t, views: t)
+            for checkpoint in (False, True):
+                problem = learn._Problem(spec, container, *states, start, "cpu",
+                                         torch.float32, checkpoint)
+                maps.zero_grad()
+                inverted.clear()
+                loss = problem.loss(maps, batches, (0.5,))
+                loss.backward()
+                results[once, checkpoint] = (loss.detach(), len(inverted), {
+                    n: p.grad.clone() for n, p in maps.named_parameters() if p.grad is not None})
+    matrices = sum(1 for space, view in spec.reader_views()
+                   if isinstance(maps.transforms()[space][view], torch.Tensor)
+                   and maps.transforms()[space][view].is_floating_point())
+    for checkpoint in (False, True):
+        (loss, count, grads), (loss0, count0, grads0) = (results[True, checkpoint],
+                                                         results[False, checkpoint])
+        assert count == matrices < count0
+        torch.testing.assert_close(loss, loss0, rtol=1e-6, atol=1e-6)
+        assert grads.keys() == grads0.keys() and "residual" in grads
+        for n in grads:
+            torch.testing.assert_close(grads[n], grads0[n], rtol=1e-4, atol=1e-6)
+
+
 def test_checkpointed_learning_matches_whole_model_learning(zoo, tmp_path, monkeypatch):
     """`matching: learned` with every block recomputed (as at real size) learns what the
     whole-model path learns."""

@@ -40,7 +40,7 @@ from mergekit_permute.io.batches import tokenize
 from mergekit_permute.io.checkpoints import CheckpointSource
 from mergekit_permute.io.data import chars_for, load_texts
 from mergekit_permute.core.permute import (
-    Scaled, Transforms, apply_to_tensor, compose, fold_gauge,
+    Scaled, Transforms, apply_to_tensor, compose, fold_gauge, with_readers,
 )
 from mergekit_permute.settings import AlignSettings, lambdas_of
 from mergekit_permute.spec.base import PermutationSpec
@@ -120,6 +120,7 @@ class _Problem:
         self.spec, self.start, self.device = spec, start, device
         self.dtype, self.checkpoint = dtype, checkpoint
         self.rules = spec.weight_map()
+        self.reader_views = spec.reader_views()
         gauge_a = fold_gauge(spec, start.gains_a) if start.folded else None
         held = lambda t: t.to(device, dtype) if t.is_floating_point() else t.to(device)  # noqa: E731
         # The frame the maps act in: A with its gains folded, B aligned and folded the same way.
@@ -148,7 +149,7 @@ class _Problem:
             b = self.b[k].float()
             if k in self.rules:
                 b = apply_to_tensor(self.rules[k], b, t, exact=False)
-            out[k] = lam * a.float() + (1 - lam) * b
+            out[k] = torch.lerp(b, a.float(), lam)   # lam A + (1 - lam) B
         return out
 
     def _autocast(self):
@@ -159,14 +160,14 @@ class _Problem:
 
     def loss(self, maps: "Maps", batches, lambdas: Sequence[float], hard: bool = False
              ) -> torch.Tensor:
-        t = maps.transforms(hard)
+        t = with_readers(maps.transforms(hard), self.reader_views)
         if self.checkpoint:
             return self._checkpointed_loss(t, batches, lambdas)
         b = {k: apply_to_tensor(self.rules[k], v, t, exact=False) if k in self.rules else v
              for k, v in self.b.items()}
         total = 0.0
         for lam in lambdas:
-            params = {k: (lam * a + (1 - lam) * b[k]) if a.is_floating_point() else a
+            params = {k: torch.lerp(b[k], a, lam) if a.is_floating_point() else a
                       for k, a in self.a.items()}
             for batch in batches:
                 inputs = {k: v.to(self.device) for k, v in batch.items()}

@@ -7,7 +7,7 @@ so aligned B is written in A's norm gauge and any stock merge of the two is exac
 """
 
 from dataclasses import dataclass, field
-from typing import Dict, Mapping, NamedTuple, Optional, Tuple, Union
+from typing import Dict, Mapping, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -98,6 +98,22 @@ def _reader_matrix(m: torch.Tensor) -> torch.Tensor:
     return cached
 
 
+# The attribute under which `with_readers` leaves a learned matrix's M^-T.
+_READER = "_mergekit_permute_reader"
+
+
+def with_readers(transforms: Transforms, views: Sequence[Tuple[str, str]]) -> Transforms:
+    """`transforms` with M^-T attached (differentiably) to every matrix a weight reads through,
+    computed once: learned maps are built anew for every loss, and the residual space alone has
+    a reader per block input and the head. (Done before the forward, outside any checkpointed
+    block, whose recomputation must not find tensors of another block's region.)"""
+    for space, view in views:   # (PermutationSpec.reader_views)
+        m = transforms.get(space, {}).get(view)
+        if isinstance(m, torch.Tensor) and m.is_floating_point() and m.ndim == 2:
+            setattr(m, _READER, torch.linalg.inv(m).T)
+    return transforms
+
+
 def exact_dtype(dtype: torch.dtype) -> torch.dtype:
     """Arithmetic that adds no rounding the result's dtype would show: float64 for float32 and
     float64 tensors, float32 for 16-bit ones (whose steps are 2^16 times coarser)."""
@@ -132,7 +148,8 @@ def _along(tensor: torch.Tensor, dim: int, t: Transform, role: str, name: str,
     elif exact:
         m = _reader_matrix(t)
     else:
-        m = torch.linalg.inv(t).T     # differentiable (learned alignment)
+        m = getattr(t, _READER, None)   # (with_readers)
+        m = torch.linalg.inv(t).T if m is None else m     # differentiable (learned alignment)
     m = m.to(device=tensor.device, dtype=work)
     # new[..., i, ...] = sum_j m[j, i] * old[..., j, ...]
     moved = torch.movedim(tensor.to(work), dim, -1) @ m

@@ -253,6 +253,17 @@ class PermutationSpec(_Frozen):
                                             part=(axis, j) if isinstance(axis, Fused) else None)
         return None
 
+    def reader_views(self) -> List[Tuple[str, str]]:
+        """Every (space, view) some weight reads through (an "in" axis, fused parts included)."""
+        found = []
+        for w in self.weights:
+            for axis in w.axes:
+                for bind in (axis.parts if isinstance(axis, Fused) else (axis,)):
+                    if isinstance(bind, Bind) and bind.role == "in" \
+                            and (bind.space, bind.view) not in found:
+                        found.append((bind.space, bind.view))
+        return found
+
     def reader(self, space: str) -> Tuple[WeightRule, int]:
         """The 2-D weight that reads a space (its "in" axis), e.g. the FF down projection."""
         for w in self.weights:
