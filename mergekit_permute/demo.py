@@ -57,6 +57,7 @@ def run_demo(out: Path, arch: str = "llama", size: str = "full", seeds=(1, 2),
     # The merged model's card states the measured barrier.
     run_recipe(out / "recipe.yml", out / "merged", overwrite=overwrite, barrier=result)
     result["seconds"] = round(time.time() - start, 1)
+    result["seeds"] = list(seeds)
     return result
 
 

@@ -118,3 +118,64 @@ def test_classifier_barrier_uses_task_loss(pairs, tmp_path):
                     settings=SETTINGS)
     assert r["objective"] == "cls" and "classification" in r["loss"]
     assert all(len(m["losses"]) == 3 for m in r["methods"].values())
+
+
+def _as_the_hub_ships(path, arch: str) -> None:
+    """Rewrite a saved checkpoint the way real published ones look: the original GPT-2 files
+    without the `transformer.` prefix; bert-base-uncased as BertForMaskedLM that still ships
+    its pooler and next-sentence head."""
+    from safetensors.torch import load_file, save_file
+    file = path / "model.safetensors"
+    state = load_file(file)
+    if arch == "GPT2LMHeadModel":
+        state = {k.removeprefix("transformer."): v for k, v in state.items()}
+    save_file(state, file, metadata={"format": "pt"})
+    if arch == "BertForPreTraining":   # saved as pretraining, published as MLM
+        config = json.loads((path / "config.json").read_text())
+        (path / "config.json").write_text(json.dumps({**config,
+                                                      "architectures": ["BertForMaskedLM"]}))
+
+
+@pytest.mark.parametrize("arch,layout", [("GPT2LMHeadModel", "no transformer. prefix"),
+                                         ("BertForPreTraining", "MLM shipping pooler + NSP"),
+                                         ("GPTNeoXForCausalLM", "attention_bias=False")])
+def test_checkpoints_as_published_align_and_merge(zoo, tmp_path, arch, layout):
+    """Layouts real checkpoints have: accepted, aligned with B's function kept and its tensor
+    names kept, and merged by stock mergekit-yaml."""
+    from safetensors import safe_open
+    from tests.conftest import invoke
+    cls, kw = ARCHS[arch]
+    tok = T.AutoTokenizer.from_pretrained(zoo("bert" if "Bert" in arch else "llama")[0])
+    extra = {"pad_token_id": 0} if cls is not T.GPT2Config else {"bos_token_id": 2,
+                                                                 "eos_token_id": 3}
+    if arch == "GPTNeoXForCausalLM":
+        extra["attention_bias"] = False
+    paths = []
+    for seed in (0, 1):
+        config = cls(vocab_size=len(tok), **kw, **extra)
+        config.architectures = [arch]
+        torch.manual_seed(seed)
+        path = tmp_path / f"m{seed}"
+        getattr(T, arch)(config).save_pretrained(path)
+        tok.save_pretrained(path)
+        _as_the_hub_ships(path, arch)
+        paths.append(path)
+    loads_as = T.BertForMaskedLM if arch == "BertForPreTraining" else getattr(T, arch)
+    out = tmp_path / "aligned"
+    r = invoke("mergekit-permute", "align", *paths, "--data", "shakespeare-calib", "--samples",
+               64, "--max-length", 32, "--out", out)
+    assert r.returncode == 0, r.stdout + r.stderr
+    keys = [set(safe_open(p / "model.safetensors", "pt").keys()) for p in (paths[1], out)]
+    assert keys[0] == keys[1]
+    for x, y in zip(_outputs(loads_as.from_pretrained(out), tok),
+                    _outputs(loads_as.from_pretrained(paths[1]), tok)):
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-5)
+    recipe = tmp_path / "recipe.yml"
+    recipe.write_text(yaml.safe_dump({
+        "merge_method": "permute", "base_model": str(paths[0]), "dtype": "float32",
+        "models": [{"model": str(p)} for p in paths],
+        "parameters": {"calibration_samples": 64, "max_length": 32}}))
+    r = invoke("mergekit-yaml", recipe, tmp_path / "merged")
+    assert r.returncode == 0, r.stdout + r.stderr
+    merged = loads_as.from_pretrained(tmp_path / "merged")
+    assert all(torch.isfinite(x).all() for x in _outputs(merged, tok))

@@ -106,3 +106,32 @@ def test_older_gpt2_checkpoints_with_their_causal_mask_buffers_are_accepted():
     spec.check_state_dict(shapes)
     with pytest.raises(ValueError, match="tensors not covered"):
         spec.check_state_dict({**shapes, "transformer.h.0.attn.extra.bias": (4,)})
+
+
+def test_a_refused_map_leaves_the_model_as_it_was():
+    """apply_to_model computes every tensor before writing any: a residual rotation without
+    its norm fold is refused at the first norm, after the embeddings and projections."""
+    from mergekit_permute.core.match import procrustes
+
+    model = build("LlamaForCausalLM")
+    before = copy.deepcopy(model.state_dict())
+    spec = spec_for_config(model.config)
+    t = identity_transforms(spec)
+    d = spec.space("residual").size
+    t["residual"] = {"": procrustes([torch.randn(d, d, dtype=torch.float64,
+                                                 generator=torch.Generator().manual_seed(0))])}
+    with pytest.raises(ValueError, match="fold the norm gain"):
+        apply_to_model(spec, model, t)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_a_scaled_map_with_a_float_index_is_not_a_symmetry():
+    """A hand-edited permutations file: named as what it is, not an AttributeError."""
+    from mergekit_permute.core.permute import Scaled
+    from mergekit_permute.core.symmetry import NotASymmetry, check_symmetry
+    spec = spec_for_config(build("LlamaForCausalLM").config)
+    t = identity_transforms(spec)
+    n = spec.space("ffn.0").size
+    t["ffn.0"][""] = Scaled(torch.arange(n).double(), torch.ones(n, dtype=torch.float64))
+    with pytest.raises(NotASymmetry, match="scaled map of index"):
+        check_symmetry(spec, t)

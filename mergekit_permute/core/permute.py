@@ -350,11 +350,12 @@ def apply_to_model(spec: PermutationSpec, model: torch.nn.Module, transforms: Tr
                    fold: Optional[Gauge] = None, unfold: Optional[Gauge] = None) -> None:
     """Transform a loaded transformers model in place (tied parameters stay tied)."""
     rules = spec.weight_map()
-    seen = set()
+    new = {}   # every tensor first: a refused map leaves the model as it was
     with torch.no_grad():
         for name, param in model.state_dict(keep_vars=True).items():
-            if id(param) in seen or name not in rules:
+            if id(param) in new or name not in rules:
                 continue
-            seen.add(id(param))
-            param.data = transform_tensor(rules, name, param.data, transforms, fold,
-                                          unfold).contiguous()
+            new[id(param)] = (param, transform_tensor(rules, name, param.data, transforms, fold,
+                                                      unfold).contiguous())
+    for param, tensor in new.values():
+        param.data = tensor

@@ -38,8 +38,10 @@ def _basic(space: Space, view: str, t, size: int) -> None:
             raise NotASymmetry(f"{where}: not a permutation of {size}")
     elif not (isinstance(t, torch.Tensor) and t.is_floating_point() and t.shape == (size, size)
               and bool(torch.isfinite(t).all())):
-        raise NotASymmetry(f"{where}: a {tuple(t.shape)} map (or not finite); expected a "
-                           f"permutation of {size} or a finite {size} x {size} matrix")
+        shape = (f"scaled map of index {tuple(t.index.shape)} {t.index.dtype}"
+                 if isinstance(t, Scaled) else f"{tuple(t.shape)} map")
+        raise NotASymmetry(f"{where}: a {shape} (or not finite); expected a permutation of "
+                           f"{size} or a finite {size} x {size} matrix")
 
 
 def check_symmetry(spec: PermutationSpec, transforms: Transforms, *,

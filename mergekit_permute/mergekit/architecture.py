@@ -52,7 +52,8 @@ def weight_infos(spec: PermutationSpec, stock: Dict[str, WeightInfo]) -> Dict[ob
             name=rule.name,
             aliases=tuple(rule.aliases) or None,
             vocabulary_axis=rule.vocab_axis if known is None else known.vocabulary_axis,
-            optional=bool(rule.tied_to) if known is None else (known.optional or bool(rule.tied_to)),
+            optional=bool(rule.tied_to or rule.optional) if known is None
+            else (known.optional or bool(rule.tied_to or rule.optional)),
             tied_names=((rule.tied_to,) if rule.tied_to else None) if known is None
             else (known.tied_names or ((rule.tied_to,) if rule.tied_to else None)),
             force_dtype=None if known is None else known.force_dtype,

@@ -133,6 +133,9 @@ class WeightRule(_Frozen):
     aliases: Tuple[str, ...] = ()
     # Saved checkpoints may omit it because it is tied to another weight.
     tied_to: Optional[str] = None
+    # A tensor the class does not use that checkpoints may ship (an MLM checkpoint's pooler and
+    # next-sentence head): transformed where present, never demanded.
+    optional: bool = False
     # The axis that indexes the vocabulary (embeddings, LM heads, output biases): MergeKit
     # resizes and reorders it when tokenizers are merged.
     vocab_axis: Optional[int] = None
@@ -319,7 +322,8 @@ class PermutationSpec(_Frozen):
         missing = [
             w.name
             for w in self.weights
-            if w.tied_to is None and not present.intersection((w.name, *w.aliases))
+            if w.tied_to is None and not w.optional
+            and not present.intersection((w.name, *w.aliases))
         ]
         if missing:
             raise ValueError(f"{self.architecture}: checkpoint lacks {missing[:8]}")

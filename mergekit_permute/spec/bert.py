@@ -16,7 +16,8 @@ from mergekit_permute.spec.base import HeadLayout, PermutationSpec, Space, Weigh
 
 NOTES = {
     "BertModel": "bare encoder: residual stays identity (it is the output); pooler reads R",
-    "BertForMaskedLM": "tied decoder: MLM transform.dense permuted on both axes by R",
+    "BertForMaskedLM": "tied decoder: MLM transform.dense permuted on both axes by R; a "
+                       "shipped (unused) pooler and NSP head carried along",
     "BertForPreTraining": "MultiBERTs; as MaskedLM plus pooler + NSP head (never permuted)",
     "BertForSequenceClassification": "pooler reads R; classifier labels never permuted",
     "RobertaModel": "as BertModel",
@@ -81,6 +82,14 @@ def build(config, architecture: str) -> PermutationSpec:
     if architecture in ("BertModel", "RobertaModel", "BertForPreTraining",
                         "BertForSequenceClassification"):
         weights += linear(f"{p}pooler.dense", hidden, hidden, None, inp(RESIDUAL), bias=True)
+    elif architecture.endswith("ForMaskedLM"):
+        # Pretraining checkpoints published as MLMs (bert-base-uncased ...) still ship the
+        # pooler and the next-sentence head, which the MLM class ignores.
+        weights += [r.model_copy(update={"optional": True}) for r in
+                    linear(f"{p}pooler.dense", hidden, hidden, None, inp(RESIDUAL), bias=True)]
+        if family == "bert":
+            weights += [r.model_copy(update={"optional": True}) for r in
+                        linear("cls.seq_relationship", 2, hidden, None, None, bias=True)]
     if architecture.endswith(("ForMaskedLM", "ForPreTraining")):
         dense, norm, decoder, bias = MLM_HEAD[family]
         # The decoder is tied to the word embeddings, so its input axis carries R; the

@@ -10,7 +10,8 @@ from mergekit_permute.spec.base import (
     Fused, HeadLayout, NormFold, PermutationSpec, Space, WeightRule,
 )
 
-NOTES = {"GPT2LMHeadModel": "Conv1D [in, out]; fused c_attn = [Q | K | V] blocks; tied head"}
+NOTES = {"GPT2LMHeadModel": "Conv1D [in, out]; fused c_attn = [Q | K | V] blocks; tied head; "
+                            "names with or without `transformer.` (the original checkpoints)"}
 MODEL_TYPES = {"GPT2LMHeadModel": "gpt2"}
 
 
@@ -59,6 +60,10 @@ def build(config, architecture: str) -> PermutationSpec:
              for i in range(n_layers) for ln, reader in (("ln_1", "attn.c_attn"), ("ln_2", "mlp.c_fc"))]
     folds.append(NormFold(norm="transformer.ln_f.weight", bias="transformer.ln_f.bias",
                           readers=("lm_head.weight",)))
+    # The original GPT-2 checkpoints (openai-community/gpt2 ...) store the body without its
+    # `transformer.` prefix, which transformers adds on loading: those names too.
+    weights = [r.model_copy(update={"aliases": (*r.aliases, r.name[len("transformer."):])})
+               if r.name.startswith("transformer.") else r for r in weights]
     return PermutationSpec(family="gpt2", architecture=architecture, spaces=tuple(spaces),
                            weights=tuple(weights), num_layers=n_layers, norm_folds=tuple(folds),
                            residual_centered=True, blocks="transformer.h")

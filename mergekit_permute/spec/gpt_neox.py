@@ -31,6 +31,7 @@ def build(config, architecture: str) -> PermutationSpec:
     hidden, heads, inter = config.hidden_size, config.num_attention_heads, config.intermediate_size
     head_dim = hidden // heads
     n_layers = config.num_hidden_layers
+    attention_bias = bool(getattr(config, "attention_bias", True))   # (Q/K/V and output)
     # transformers rotates cos.shape[-1] = 2 * ceil(int(head_dim * pct) / 2) leading dims.
     rotary = int(head_dim * rotary_fraction(config))
     layout = HeadLayout(num_heads=heads, num_kv_heads=heads, head_dim=head_dim,
@@ -56,9 +57,9 @@ def build(config, architecture: str) -> PermutationSpec:
         weights += layer_norm(f"{L}.input_layernorm", hidden, RESIDUAL, bias=True, layer=i)
         weights += layer_norm(f"{L}.post_attention_layernorm", hidden, RESIDUAL, bias=True, layer=i)
         weights += linear(f"{L}.attention.query_key_value", 3 * hidden, hidden, qkv,
-                          inp(RESIDUAL), bias=True, layer=i)
+                          inp(RESIDUAL), bias=attention_bias, layer=i)
         weights += linear(f"{L}.attention.dense", hidden, hidden, out(RESIDUAL), inp(attn, "o"),
-                          bias=True, layer=i)
+                          bias=attention_bias, layer=i)
         weights += linear(f"{L}.mlp.dense_h_to_4h", inter, hidden, out(ffn), inp(RESIDUAL),
                           bias=True, layer=i)
         weights += linear(f"{L}.mlp.dense_4h_to_h", hidden, inter, out(RESIDUAL), inp(ffn),
