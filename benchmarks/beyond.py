@@ -2,7 +2,7 @@
 weight matching, each against vanilla and the tool's default in the same run, on every seed
 pair of the zoo.
 
-    python benchmarks/beyond.py [--arch bert|llama|both] [--seeds 4] [--lambdas 11]
+    python benchmarks/beyond.py [--arch bert|llama|neox|all] [--seeds 4] [--lambdas 11]
 Results: benchmarks/results/beyond-{arch}.json and .png (same schema as quality-*.json).
 """
 

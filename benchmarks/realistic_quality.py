@@ -102,7 +102,7 @@ def merged(old: dict, new: dict, vanilla_again: Optional[float] = None) -> dict:
         "methods": [m for m in new["methods"] if m != "vanilla"],
         "calibration_seconds": new.get("calibration_seconds"), "threads": new.get("threads"),
         "date": datetime.date.today().isoformat(), "vanilla_again": vanilla_again,
-        "note": "vanilla measured again and equal" if vanilla_again is None
+        "note": "vanilla not measured again" if vanilla_again is None
         else f"vanilla measured again: {vanilla_again - vanilla:+.1e} nats from the file's",
         # other work on the machine inflates the seconds: say how much there was
         "load_average_15min": round(os.getloadavg()[2], 2), "cpus": os.cpu_count()}]

@@ -70,7 +70,9 @@ VARIANT_NOTES = {
                "process, on threads: smaller and faster, so the process pool was removed",
     "float32-products": "`float32-products` runs `align --stats-products float32`, where "
                         "`default` (`auto`) multiplies the statistics' features in bfloat16 "
-                        "on a CPU that does so natively (this one: {native})",
+                        "on a CPU that did so natively at the time (this one: {native}; "
+                        "`auto` has since meant bfloat16 on CUDA only)",
+    "bfloat16-products": "`bfloat16-products` runs `align --stats-products bfloat16`",
 }
 
 
@@ -79,6 +81,26 @@ RU_MAXRSS = (" _Measured before the probes read VmHWM: their high-water mark was
              "depth whose pair was built in the same run can read that process's memory (up to "
              "a whole float32 model) instead of its own; the sampled anonymous peak, where "
              "recorded, is unaffected._")
+
+
+def scale_command(doc, name: str) -> str:
+    """The command that wrote a scale results file: recorded, or (older files) implied by its
+    recorded settings."""
+    if doc.get("command"):
+        return doc["command"]
+    rows = doc["rows"]
+    default = f"scale-{doc['device'].split(':')[0]}" + (
+        "" if doc.get("shape_name") == "toy" else f"-{doc.get('shape_name')}") + ".json"
+    learned = next((r["learned"]["steps"] for r in rows if r.get("learned")), 0)
+    cached = any("cached" in r["variants"] for r in rows)
+    return " ".join(
+        ["python benchmarks/scale.py", f"--device {doc['device']}", f"--shape {doc['shape_name']}",
+         "--layers " + " ".join(str(r["layers"]) for r in rows), f"--repeats {doc['repeats']}"]
+        + ([] if cached else ["--no-cached"]) + ([] if "solve" in doc else ["--no-solve"])
+        + ([] if doc["variants"] == ["default"] else ["--variant " + " ".join(doc["variants"])])
+        + ([f"--learned {learned}"] if learned else [])
+        + (["--learned-whole-model"] if any(r.get("learned_whole_model") for r in rows) else [])
+        + ([] if name == default else [f"--results benchmarks/results/{name}"]))
 
 
 def scale_section(doc) -> str:

@@ -23,7 +23,11 @@ def fmt(ms, pct=False):
 def best_method(doc) -> str:
     """Lowest mean headline barrier among the methods that need no extra choice by the user."""
     rows = {m: v["barrier"][0] for m, v in doc["summary"].items() if m != "vanilla"}
-    return min(rows, key=rows.get)
+    low = min(rows.values())
+    tied = [m for m, b in rows.items() if b == low]
+    # a tie (e.g. two learned rows both at 0): the current default's name, not a superseded one
+    preferred = [m for m in ("default", learned_default(doc["summary"])) if m in tied]
+    return (preferred or tied)[0]
 
 
 def versus_default(doc, method: str):
@@ -61,7 +65,9 @@ def realistic_doc(arch: str, results: Path = HERE / "results", subdir: str = "re
                                                   for p in pairs]),
                    "seconds": mean_se([p["methods"][m]["alignment_seconds"] for p in pairs])}
                for m in methods}
-    endpoint = [p["methods"]["vanilla"][k] for p in pairs for k in ("loss_a", "loss_b")]
+    # each model's own loss once (pairs that share a model would count it twice)
+    endpoint = list({s: p["methods"]["vanilla"][k] for p in pairs
+                     for s, k in zip(p["seeds"], ("loss_a", "loss_b"))}.values())
     seeds = {s for p in pairs for s in p["seeds"]}   # the zoo's models these pairs measured
     trained = [m for m in zoo["models"] if m["arch"] == (zoo_arch or arch) and m["seed"] in seeds]
     config = zoo["configs"].get(arch, {}) if "configs" in zoo else zoo.get("config", {})
@@ -74,8 +80,10 @@ def realistic_doc(arch: str, results: Path = HERE / "results", subdir: str = "re
             "eval_max_length": pairs[0].get("eval_max_length"),
             "curves": {m: [sum(p["methods"][m]["losses"][i] for p in pairs) / len(pairs)
                            for i in range(len(pairs[0]["lambdas"]))] for m in methods},
-            "calibration_seconds": [p["calibration_seconds"] for p in pairs
-                                    if "calibration_seconds" in p],
+            # per pair: its file's calibration time, else that of a later run adding to it
+            "calibration_seconds": [c for c in (p.get("calibration_seconds") or next(
+                (a["calibration_seconds"] for a in p.get("added", [])
+                 if a.get("calibration_seconds")), None) for p in pairs) if c],
             "per_pair": [{"seeds": p["seeds"], "methods": {m: p["methods"][m] for m in methods},
                           "added": p.get("added", [])}
                          for p in pairs],
@@ -127,7 +135,8 @@ REALISTIC_EXPLAIN = {
     "default+matching=learned+learn_lr=0.003+learn_steps=600+learn_lambdas=0.4-0.6"
     "+learn_init=best": "learned, the tuning zoo's 600-step schedule",
     "default+matching=learned+learn_lr=0.003+learn_steps=1200+learn_lambdas=0.4-0.6"
-    "+learn_init=best": "learned, the tuning zoo's schedule at 1200 steps (its lowest barrier)",
+    "+learn_init=best": "learned, the tuning zoo's schedule at 1200 steps (the lowest of its "
+                        "learn_lr=0.003 schedules)",
     "default+matching=learned+learn_steps=1200": "learned, the defaults at 1200 steps (the one "
                                                  "change that won on both tuning pairs)",
 }
@@ -184,21 +193,27 @@ def realistic_section(doc) -> str:
     for m, row in doc["summary"].items():
         lines.append(f"| {m} | {explain(m)} | {fmt(row['barrier'])} | "
                      f"{fmt(row['removed_vs_vanilla'], pct=True)} | {row['seconds'][0]:.0f} |")
+    differ = [f"`{m}` on {p['seeds'][0]}-{p['seeds'][1]}: {a['threads']}"
+              for p, t in zip(doc["per_pair"], doc.get("threads", [])) for a in p["added"]
+              if a.get("threads") not in (None, t) for m in a["methods"] if m in doc["summary"]]
+    if differ:
+        lines += ["", "Threads that differ from their pair's (methods added by later runs): "
+                  + "; ".join(differ) + "."]
     lines += ["", "Per pair (barrier): " + "; ".join(
         f"seeds {p['seeds'][0]}-{p['seeds'][1]}: " + ", ".join(
             f"{m} {v['barrier']:.4f}" for m, v in p["methods"].items()) for p in doc["per_pair"]),
         ""]
     lines += partial_table(doc)
-    learned = [(p["seeds"], p["methods"][m]) for p in doc["per_pair"] for m in p["methods"]
+    learned = [(p["seeds"], m, p["methods"][m]) for p in doc["per_pair"] for m in p["methods"]
                if "learned" in p["methods"][m]]
     if learned:
         lines += ["Learned maps, overfitting check (merged model at lambda 0.5): " + "; ".join(
-            f"seeds {s[0]}-{s[1]}: training batches {r['learned']['train_loss_last']:.4f}, "
+            f"seeds {s[0]}-{s[1]}, `{m}`: training batches {r['learned']['train_loss_last']:.4f}, "
             f"held-out calibration slice {r['learned']['held_out_loss_start']:.4f} -> "
             f"{r['learned']['held_out_loss_best']:.4f} (best step {r['learned']['best_step']} of "
             f"{r['learned']['steps_run']}), evaluation split {r['midpoint_loss']:.4f}"
-            for s, r in learned if "train_loss_last" in r["learned"]) + ".", ""]
-        if any("passages" not in r["learned"] for _, r in learned):
+            for s, m, r in learned if "train_loss_last" in r["learned"]) + ".", ""]
+        if any("passages" not in r["learned"] for _, _, r in learned):
             lines += ["Learned rows without a `passages` record were measured before "
                       "`learn_samples` existed: their loss learned on the calibration passages "
                       "alone, in file order (the rows name that count as `+learn_samples=N`); "

@@ -15,7 +15,11 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 
 STEPS = [["realistic_zoo.py", "--arch", "all", "--seeds", "4"],
-         ["realistic_quality.py", "--arch", "all", "--pairs", "1-2,3-4,1-3,2-4"], ["scale.py"],
+         *[["realistic_quality.py", "--arch", arch, "--pairs", pairs] for arch, pairs in
+           (("llama", "1-2,3-4,1-3,2-4"), ("neox", "1-2,3-4,1-3,2-4"), ("bert", "1-2,3-4"))],
+         *[["scale.py", "--shape", shape, "--layers", *layers, "--repeats", "1", "--no-cached"]
+           for shape, layers in (("tinyllama", ["4", "8", "22"]), ("bert-base", ["12"]),
+                                 ("pythia-410m", ["24"]))],
          ["../scripts/mergekit_suite.py"]]
 SMALL_ZOO = [["zoo.py", "--seeds", "4", "--arch", "bert"], ["zoo.py", "--seeds", "4", "--arch", "llama"],
              ["zoo.py", "--seeds", "3", "--arch", "neox"], ["quality.py", "--seeds", "4"],

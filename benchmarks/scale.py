@@ -32,12 +32,15 @@ measured before those mappings were removed (results/scale-variants-cpu-tinyllam
 `--learned STEPS` also runs `matching: learned` (blocks recomputed in the backward pass at these
 sizes), and with `--learned-whole-model` the whole-model backward beside it.
 
-    python benchmarks/scale.py --shape tinyllama --layers 4 8 22 --repeats 2
-    python benchmarks/scale.py --shape bert-base --layers 12 --repeats 2
-    python benchmarks/scale.py --shape pythia-410m --layers 24 --repeats 2
+    python benchmarks/scale.py --shape tinyllama --layers 4 8 22 --repeats 1 --no-cached
+    python benchmarks/scale.py --shape bert-base --layers 12 --repeats 1 --no-cached
+    python benchmarks/scale.py --shape pythia-410m --layers 24 --repeats 1 --no-cached
     python benchmarks/scale.py --shape toy --layers 8 16 32      # the CPU smoke
     python benchmarks/scale.py --shape tinyllama --layers 2 --repeats 1 --no-cached \
-        --no-solve --learned 3 --learned-whole-model --results ...scale-learned-cpu.json
+        --no-solve --learned 3 --learned-whole-model \
+        --results benchmarks/results/scale-learned-cpu-tinyllama.json
+(each results file records its command; BENCHMARKS.md prints it, or for files written before
+that, the command their recorded settings imply)
     bash benchmarks/gpu.sh   # one H100, under 8 minutes: these two
     python benchmarks/scale.py --device cuda --shape tinyllama --layers 22 --repeats 1 \
         --learned 50 --no-cached --no-solve
@@ -463,7 +466,8 @@ def main() -> None:
                      "memory plus its children's PSS (sampled every 20 ms), above a process "
                      "that only imports",
            "import_baseline_mib": _mib(baseline["peak_tree_mib"]), "rows": rows,
-           "date": time.strftime("%Y-%m-%d")}
+           "date": time.strftime("%Y-%m-%d"),
+           "command": " ".join(["python", "benchmarks/scale.py", *sys.argv[1:]])}
     if not args.no_solve:
         doc["solve"] = solve_benchmark()
         print(json.dumps(doc["solve"]), flush=True)

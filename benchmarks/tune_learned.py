@@ -66,6 +66,10 @@ TEXT_CANDIDATES += ONE_CHANGE_METHODS[3:]
 # All of the training text (5557 passages) against 2048 at 600 and 1200 steps, on both pairs:
 # do the maps overfit their 2048 passages (the anchor's 1200-step runs did worse on one pair)?
 ALL_TEXT = [f"{LEARNED}+learn_samples=5557", f"{LEARNED}+learn_steps=1200+learn_samples=5557"]
+# ... and their 2048-passage references measured again under names with the same settings
+# (learn_init=activations is the default), with the code of that run
+ALL_TEXT += [f"{LEARNED}+learn_init=activations+learn_samples=2048",
+             f"{LEARNED}+learn_steps=1200+learn_init=activations+learn_samples=2048"]
 TEXT_CANDIDATES += ALL_TEXT
 TEXTS = {"calib": ("shakespeare-calib", "", CANDIDATES),
          "train": ("shakespeare-train", "-train-text", TEXT_CANDIDATES)}
@@ -103,7 +107,9 @@ def main() -> None:
         if not todo:
             continue
         run = time.strftime("%Y-%m-%dT%H:%M:%S")
-        result = run_barrier(paths[a - 1], paths[b - 1], methods=todo,
+        again = old is not None and "vanilla" not in todo   # the zoo still the stored one?
+        result = run_barrier(paths[a - 1], paths[b - 1],
+                             methods=todo + (["vanilla"] if again else []),
                              settings=AlignSettings(samples=512, max_length=64, batch_size=16),
                              evaluation=Evaluation("shakespeare-eval", 256, 64, lambdas=11),
                              calibration=calibration, run=RunSettings(cache="refresh"))
@@ -112,6 +118,13 @@ def main() -> None:
         result.update(arch="llama", seeds=[a, b], zoo="benchmarks/zoo.py --size cpu (Shakespeare)",
                       text=calibration)
         if old:   # methods measured in earlier runs kept; the share removed against one vanilla
+            added = {"run": run, "methods": todo, "command": " ".join(sys.argv),
+                     "calibration_seconds": result.get("calibration_seconds")}
+            result.update({k: v for k, v in old.items() if k not in ("methods", "added")})
+            if again:
+                added["vanilla_minus_stored"] = (result["methods"].pop("vanilla")["barrier"]
+                                                 - old["methods"]["vanilla"]["barrier"])
+            result["added"] = old.get("added", []) + [added]
             result["methods"] = dict(old["methods"], **result["methods"])
             vanilla = result["methods"]["vanilla"]["barrier"]
             for m in result["methods"].values():

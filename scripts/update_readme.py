@@ -3,7 +3,7 @@ recommendation (realistic zoo), the scale table, MergeKit's own suite and the
 supported-architectures table. Nothing in those blocks is typed by hand.
 
     python scripts/update_readme.py            # runs the demo for llama and bert (~8 min, 2 cores)
-    python scripts/update_readme.py --reuse    # reuse demo runs already in .readme-demo/
+    python scripts/update_readme.py --reuse    # the demos' stored results (docs/demo-*.json)
 """
 
 import argparse
@@ -32,17 +32,19 @@ def demo_block(reuse: bool) -> str:
     from mergekit_permute.demo import run_demo
     parts = []
     for arch in ("llama", "bert"):
-        out = WORK / arch
-        if reuse and (out / "barrier.json").is_file():
-            result = json.loads((out / "barrier.json").read_text())
+        out, stored = WORK / arch, ROOT / "docs" / f"demo-{arch}.json"
+        if reuse and stored.is_file():   # (the demo's result as last generated, its time too)
+            result = json.loads(stored.read_text())
         else:
             shutil.rmtree(out, ignore_errors=True)
             result = run_demo(out, arch=arch, size="full")
-        shutil.copy(out / "barrier.png", ROOT / "docs" / f"demo-{arch}-barrier.png")
+            shutil.copy(out / "barrier.png", ROOT / "docs" / f"demo-{arch}-barrier.png")
+            stored.write_text(json.dumps(result, indent=1) + "\n")
         removed = result["methods"]["default"].get("removed_vs_vanilla")
         took = f" ({result['seconds'] / 60:.1f} min here, training included)" \
             if "seconds" in result else ""
-        parts += [f"**`mergekit-permute demo --arch {arch}`**{took}"
+        parts += [f"**`mergekit-permute demo --arch {arch}`**{took}, seeds "
+                  f"{' and '.join(map(str, result.get('seeds', (1, 2))))}"
                   + (f" - the default alignment removes **{100 * removed:.0f}%** of the vanilla "
                      "loss barrier." if removed is not None else ""), "",
                   barrier_table(result), "", f"![{arch} demo barrier](docs/demo-{arch}-barrier.png)", ""]
@@ -112,9 +114,11 @@ def recommend_block() -> str:
              "that method also costs at most 3x the default's time (calibration included), so "
              "`matching: activations` stays the default and `matching: learned` is the choice "
              "when quality matters more than minutes. With one pair there is no standard error, so "
-             "nothing is recommended over the default. _Read from `benchmarks/results/"
-             "{realistic,eval,eval-gpt2,anchor}/*.json` by `python scripts/update_readme.py`; method "
-             "names as in `mergekit-permute barrier --methods`._"]
+             "nothing is recommended over the default. The time ratios are rough: many of "
+             "their runs shared the 2 cores with other benchmarks (BENCHMARKS.md notes which); "
+             "\"Learned alignment's time\" there is measured on a quiet machine. _Read from "
+             "`benchmarks/results/{realistic,eval,eval-gpt2,anchor}/*.json` by `python "
+             "scripts/update_readme.py`; method names as in `mergekit-permute barrier --methods`._"]
     rows += steps_note(report, results) + longer_note(report, results, zoos) \
         + anchor_note(results) + timing_note(results)
     return "\n".join(rows)
@@ -215,10 +219,11 @@ def timing_note(results) -> list:
     if not default_steps:
         return []
     r = default_steps[-1]
+    over = "over" if r["calibration_plus_alignment"] > 300 else "within"
     return ["", f"Not the default, by measurement and by design: at its default 600 steps "
             f"`matching: learned` took {r['calibration_plus_alignment']:.0f} s on a 4-layer/256 "
             f"{r['arch']} pair on {r['cpus']} CPU cores (calibration included; BENCHMARKS.md, "
-            "\"Learned alignment's time\"), over the 5 minutes a default may take there, its "
+            f"\"Learned alignment's time\"), {over} the 5 minutes a default may take there, its "
             "time grows with the model's size times its steps, and it holds both models whole "
             "in memory, which no default does (the default streams one block at a time)."]
 
@@ -335,10 +340,11 @@ def products_note(docs, path) -> str:
             f"Its probes took getrusage's ru_maxrss, which Linux carries across exec from the "
             f"parent process, and that parent had just built the pair (a whole float32 model, "
             f"growing with depth); the probes now read VmHWM.{rerun} `auto` keeps float32 on "
-            f"the CPU, where bfloat16 products showed no gain in time on a quiet machine; an "
-            f"earlier 4-layer comparison on a shared machine had bfloat16 at "
-            f"{bf['time_vs_floor']:.2f}x against float32's {f32['time_vs_floor']:.2f}x "
-            f"(`benchmarks/results/{path.name}`)._")
+            f"the CPU, where bfloat16 products are fast only with native bfloat16 (AMX or "
+            f"AVX-512 BF16), which many CPUs lack; no quiet-machine comparison is stored. "
+            f"A 4-layer comparison on a shared machine with native bfloat16 had bfloat16 at "
+            f"{bf['time_vs_floor']:.2f}x the floor against float32's "
+            f"{f32['time_vs_floor']:.2f}x (`benchmarks/results/{path.name}`)._")
 
 
 def _cpu_of(path) -> str:
