@@ -12,6 +12,8 @@ import argparse
 import datetime
 import json
 import os
+import platform
+import subprocess
 import sys
 import tempfile
 import time
@@ -23,6 +25,23 @@ import eval_quality as eq  # noqa: E402
 
 METHOD = "default+matching=learned"
 RESULTS = HERE / "results" / "learned-timing-cpu.json"
+
+
+def cpu_model() -> str:
+    """The CPU's model name (the same CPU count runs at very different speeds by model)."""
+    try:
+        return next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
+                     if line.startswith("model name")), platform.processor())
+    except OSError:
+        return platform.processor()
+
+
+def _commit() -> str:
+    """The checkout's commit (with `+` when it has uncommitted changes)."""
+    def git(*args):
+        return subprocess.run(["git", *args], cwd=HERE, capture_output=True, text=True).stdout
+    return git("rev-parse", "--short", "HEAD").strip() + ("+" if git("status", "--porcelain",
+                                                                     "mergekit_permute") else "")
 
 
 def main() -> None:
@@ -47,7 +66,7 @@ def main() -> None:
            "wall_seconds_with_barrier": round(wall, 1),
            "learn_steps": m["settings"]["learn_steps"], "steps_run": m["learned"]["steps_run"],
            "barrier": m["barrier"], "date": datetime.date.today().isoformat(),
-           "note": args.note}
+           "cpu": cpu_model(), "code": _commit(), "note": args.note}
     old = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {"runs": []}
     old["runs"].append(row)
     RESULTS.write_text(json.dumps(old, indent=1) + "\n")

@@ -14,13 +14,17 @@ def timing_section(doc) -> list:
              "22's criterion for a default: at most 5 minutes per 4-layer/256 pair on 2 CPU "
              "cores). `python benchmarks/learned_timing.py --threads N`.", "",
              "| zoo | pair | learn_steps | torch threads | calibration (s) | learning and "
-             "assembly (s) | total (s) | steps run | barrier | machine |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "assembly (s) | total (s) | steps run | barrier | CPU (code) | machine |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in doc["runs"]:
         lines.append(f"| {r['arch']} (SOTU) | {r['pair']} | {r['learn_steps']} | {r['threads']} | "
                      f"{r['calibration_seconds']:.1f} | {r['alignment_seconds']:.1f} | "
                      f"{r['calibration_plus_alignment']:.1f} | {r['steps_run']} | "
-                     f"{r['barrier']:.4f} | {r['note']} |")
+                     f"{r['barrier']:.4f} | {r.get('cpu', 'not recorded')}"
+                     + (f" ({r['code']})" if r.get("code") else "") + f" | {r['note']} |")
+    lines += ["", "The virtual machines of these sessions differ in CPU model from session to "
+              "session (runs before the CPU was recorded may be on another model): compare "
+              "rows of one CPU only."]
     return lines + [""]
 
 
@@ -207,6 +211,14 @@ def tune_section(tune) -> list:
                          f"{100 * v.get('removed_vs_vanilla', 0):.1f}% | "
                          f"{v.get('alignment_seconds', 0):.0f} |")
     parts.append("")
+    for doc in tune:
+        for a in doc.get("added", []):
+            vanilla = a.get("vanilla_minus_stored")
+            parts += [f"Added to pair {doc['seeds'][0]}-{doc['seeds'][1]}'s file by the run of "
+                      f"{a['run']} (`python {a['command']}`): " + ", ".join(
+                          f"`{m}`" for m in a["methods"]) + "; vanilla measured again: "
+                      + ("not measured" if vanilla is None else f"{vanilla:+.1e} nats from the "
+                         "file's") + ".", ""]
     for doc in tune:
         learned = {m: v["barrier"] for m, v in doc["methods"].items() if "learned" in m}
         by_samples: dict = {}

@@ -222,7 +222,8 @@ def timing_note(results) -> list:
     over = "over" if r["calibration_plus_alignment"] > 300 else "within"
     return ["", f"Not the default, by measurement and by design: at its default 600 steps "
             f"`matching: learned` took {r['calibration_plus_alignment']:.0f} s on a 4-layer/256 "
-            f"{r['arch']} pair on {r['cpus']} CPU cores (calibration included; BENCHMARKS.md, "
+            f"{r['arch']} pair on {r['cpus']} CPU cores"
+            + (f" ({r['cpu']})" if r.get("cpu") else "") + " (calibration included; BENCHMARKS.md, "
             f"\"Learned alignment's time\"), {over} the 5 minutes a default may take there, its "
             "time grows with the model's size times its steps, and it holds both models whole "
             "in memory, which no default does (the default streams one block at a time)."]
