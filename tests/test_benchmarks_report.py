@@ -30,6 +30,20 @@ def test_readme_blocks_equal_what_the_results_generate(name, builder):
     assert _block(name) == getattr(update_readme, builder)().rstrip()
 
 
+def test_benchmarks_md_is_what_the_results_generate():
+    """BENCHMARKS.md as `python benchmarks/report.py` writes it from the committed results (a
+    results file or report change committed without regenerating fails here)."""
+    from benchmarks.report import main
+    assert (ROOT / "BENCHMARKS.md").read_text() == main(check=True)
+
+
+def test_readme_demo_block_is_the_stored_demo_result():
+    """The demo block (times and seeds included) from docs/demo-*.json, which
+    `python scripts/update_readme.py` writes when it runs the demo."""
+    import update_readme
+    assert _block("demo") == update_readme.demo_block(reuse=True).rstrip()
+
+
 def test_realistic_summary_is_the_mean_of_the_pair_files():
     from benchmarks.report_tables import realistic_doc, realistic_section
     files = sorted((RESULTS / "realistic").glob("*.json"))
