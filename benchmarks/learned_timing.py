@@ -12,7 +12,6 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -22,18 +21,10 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import eval_quality as eq  # noqa: E402
+from scale import cpu_model  # noqa: E402
 
 METHOD = "default+matching=learned"
 RESULTS = HERE / "results" / "learned-timing-cpu.json"
-
-
-def cpu_model() -> str:
-    """The CPU's model name (the same CPU count runs at very different speeds by model)."""
-    try:
-        return next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
-                     if line.startswith("model name")), platform.processor())
-    except OSError:
-        return platform.processor()
 
 
 def _commit() -> str:
