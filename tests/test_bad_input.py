@@ -160,3 +160,18 @@ def test_stats_are_additive():
     torch.testing.assert_close((first + second).correlation(), whole.correlation())
     ref = torch.corrcoef(torch.cat([a, b], 1).T.double())[:4, 4:]
     torch.testing.assert_close(whole.correlation(), ref)
+
+
+def test_a_config_without_architectures_names_the_fix(zoo, tmp_path):
+    """Old configs may lack `architectures`: refused at once, saying what to set."""
+    import json
+    a, b = zoo("llama")
+    bare = tmp_path / "bare"
+    shutil.copytree(b, bare)
+    config = json.loads((bare / "config.json").read_text())
+    del config["architectures"]
+    (bare / "config.json").write_text(json.dumps(config))
+    r = _align(a, str(bare), tmp_path / "out")
+    assert r.exit_code != 0
+    assert "config.json" in r.output and '"architectures"' in r.output, r.output
+    assert not (tmp_path / "out").exists()

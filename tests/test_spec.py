@@ -135,3 +135,36 @@ def test_a_scaled_map_with_a_float_index_is_not_a_symmetry():
     t["ffn.0"][""] = Scaled(torch.arange(n).double(), torch.ones(n, dtype=torch.float64))
     with pytest.raises(NotASymmetry, match="scaled map of index"):
         check_symmetry(spec, t)
+
+
+# spec_layout(...)["fingerprint"] of tests.tiny's configs as the code of ee8e8f1 (2026-12-07)
+# wrote them into alignment.json, before later versions added optional rules, GPT-2's names
+# without `transformer.` and the `layout` key
+EARLIER_FINGERPRINTS = {"LlamaForCausalLM": "8e535ef5366e0d8a",
+                        "GPT2LMHeadModel": "be0cdb68a2d8fbd5",
+                        "GPT2LMHeadModel-untied": "fb23e86e2c379781",
+                        "BertForMaskedLM": "30793c1e9a86b0db",
+                        "GPTNeoXForCausalLM": "439783e3a8f13c8b",
+                        "RobertaForMaskedLM": "1e5634f2c86a5b80"}
+
+
+@pytest.mark.parametrize("name", sorted(EARLIER_FINGERPRINTS))
+def test_alignments_written_before_replay_and_other_configurations_are_refused(name):
+    """`apply` of an alignment.json an earlier version wrote: its fingerprint still matches;
+    a model of another FF width is refused by the new `layout` and by the old fingerprint."""
+    from mergekit_permute.core.alignment import check_layout, spec_layout
+    spec = spec_for_config(build(name).config)
+    here = spec_layout(spec)
+    earlier = {k: v for k, v in here.items() if k != "layout"}
+    assert earlier["fingerprint"] == EARLIER_FINGERPRINTS[name]
+    check_layout(earlier, spec, "B")
+    check_layout(here, spec, "B")
+    config = build(name).config
+    if hasattr(config, "n_embd"):   # GPT-2: n_inner (None: 4 x n_embd)
+        config.n_inner = 4 * config.n_embd + 8
+    else:
+        config.intermediate_size += 8
+    wider = spec_for_config(config)
+    for saved in (earlier, here):
+        with pytest.raises(ValueError, match="another configuration"):
+            check_layout(saved, wider, "B")

@@ -95,9 +95,31 @@ def spec_layout(spec: PermutationSpec) -> Dict:
     """What an alignment must agree on with any checkpoint it is replayed on."""
     reads_residual = [w for w in spec.weights if any(
         isinstance(a, Bind) and a.space == "residual" and a.role == "in" for a in w.axes)]
-    return {"fingerprint": hashlib.sha256(spec.model_dump_json().encode()).hexdigest()[:16],
+    return {"fingerprint": _fingerprint(_legacy_dump(spec)),
+            "layout": _fingerprint({
+                "spaces": [s.model_dump(mode="json") for s in spec.spaces],
+                "weights": [(w.name, w.shape) for w in spec.weights if not w.optional],
+                "layers": spec.num_layers, "blocks": spec.blocks}),
             "tied_head": any(w.tied_to for w in reads_residual),
             "folded_norms": len(spec.norm_folds), "residual_centered": spec.residual_centered}
+
+
+def _fingerprint(doc) -> str:
+    return hashlib.sha256(json.dumps(doc, separators=(",", ":")).encode()).hexdigest()[:16]
+
+
+def _legacy_dump(spec: PermutationSpec) -> Dict:
+    """The spec as alignments written before `layout` hashed it (the whole spec's JSON), so
+    they replay: without what later versions added to specs (optional rules, GPT-2's names
+    without their `transformer.` prefix)."""
+    doc = spec.model_dump(mode="json")
+    weights = []
+    for w in doc["weights"]:
+        if w.pop("optional", False):
+            continue
+        w["aliases"] = [a for a in w["aliases"] if a != w["name"].split(".", 1)[-1]]
+        weights.append(w)
+    return {**doc, "weights": weights}
 
 
 def check_layout(saved: Optional[Dict], spec: PermutationSpec, target: str) -> None:
@@ -115,7 +137,8 @@ def check_layout(saved: Optional[Dict], spec: PermutationSpec, target: str) -> N
             (here["folded_norms"], here["residual_centered"]):
         raise ValueError(f"{target} has another norm layout than the model the alignment was "
                          "made for; align this checkpoint's own pair instead")
-    if saved.get("fingerprint") != here["fingerprint"]:
+    if saved.get("layout", saved.get("fingerprint")) != here["layout" if "layout" in saved
+                                                              else "fingerprint"]:
         raise ValueError(f"{target} has another configuration (widths, heads, layers or head "
                          "layout) than the model the alignment was made for")
 

@@ -23,7 +23,8 @@ def architecture_of(config) -> str:
     if len(archs) != 1:
         raise UnsupportedArchitecture(
             f"config.architectures is {archs!r}; mergekit-permute needs exactly one of: "
-            f"{', '.join(sorted(BUILDERS))}"
+            f"{', '.join(sorted(BUILDERS))}. Set it in the model's config.json to the class the "
+            "checkpoint was trained as, e.g. \"architectures\": [\"BertForMaskedLM\"]"
         )
     return archs[0]
 
