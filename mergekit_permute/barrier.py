@@ -5,7 +5,7 @@ evaluated in memory on one loaded model; the methods share one set of statistics
 import json
 import time
 from pathlib import Path
-from typing import Dict, Mapping, Optional, Sequence, Union
+from typing import Dict, List, Mapping, Optional, Sequence, Union
 
 import numpy as np
 
@@ -31,6 +31,22 @@ def _parse(methods: Methods, settings: AlignSettings) -> Dict[str, AlignSettings
         {m: settings.with_method(m) for m in methods}
 
 
+# How masked-LM evaluation masks are drawn (io.batches.mask_rows), recorded with the losses:
+# results without it drew them per padded batch, so they depended on the batch size.
+MLM_MASKS = "per passage: seeded by the seed and the passage's index"
+
+
+def lambda_grid(points: int) -> List[float]:
+    """`points` evenly spaced lambdas in [0, 1], with 0.5 among them (the midpoint loss is read
+    there): an even count gains it as one more point."""
+    grid = [float(x) for x in np.linspace(0.0, 1.0, points)]
+    mid = min(range(len(grid)), key=lambda i: abs(grid[i] - 0.5))
+    if abs(grid[mid] - 0.5) < 1e-9:
+        grid[mid] = 0.5
+        return grid
+    return sorted(grid + [0.5])
+
+
 def _loaded(path: str, device: str, allow_unsafe_pickle: bool = False):
     model = load_model(path, device, allow_unsafe_pickle=allow_unsafe_pickle)
     return model, {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -47,6 +63,8 @@ def run_barrier(model_a: str, model_b: str, *, methods: Methods, settings: Align
         check_settings(pair.spec, s)
     fingerprints = scan_pair(pair)
     evalset = EvalSet.prepare(pair, evaluation, settings.batch_size)   # before any model loads
+    calib = prepare_calibration(pair, calibration, settings) \
+        if any(s.needs_statistics for s in parsed.values()) else None   # (so is this)
     device = run.device
     model, state_a = _loaded(model_a, device, run.allow_unsafe_pickle)
     state_b = _loaded(model_b, device, run.allow_unsafe_pickle)[1]
@@ -54,18 +72,18 @@ def run_barrier(model_a: str, model_b: str, *, methods: Methods, settings: Align
                     cache=run.cache,
                     sources=(StateSource(state_a, pair.spec), StateSource(state_b, pair.spec)),
                     fingerprints=fingerprints)
-    calib, started = None, time.perf_counter()
-    if any(s.needs_statistics for s in parsed.values()):
-        calib = prepare_calibration(pair, calibration, settings)
+    started = time.perf_counter()
+    if calib is not None:
         work.shared = statistics(work, calib, settings,
                                  qk=any(s.needs_qk_features for s in parsed.values()))
-    grid = [float(x) for x in np.linspace(0.0, 1.0, evaluation.lambdas)]
+    grid = lambda_grid(evaluation.lambdas)
     result = {"loss": LOSS_NAME[evalset.objective], "objective": evalset.objective,
               "eval_data": evaluation.data, "eval_max_length": evalset.max_length,
               "calibration_seconds": round(time.perf_counter() - started, 2),
               "calibration": calibration, "model_a": model_a,
               "model_b": model_b, "lambda_meaning": "theta = lambda * A + (1 - lambda) * aligned B",
-              "headline": "barrier", "lambdas": grid, "methods": {}}
+              "headline": "barrier", "lambdas": grid, "methods": {},
+              **({"mlm_masks": MLM_MASKS} if evalset.objective == "mlm" else {})}
     for name, s in parsed.items():
         started = time.perf_counter()
         alignment = align_from(work, s)
@@ -120,6 +138,9 @@ def run_multi(models: Sequence[str], *, methods: Methods, settings: AlignSetting
     evalset = EvalSet.prepare(pair, evaluation, settings.batch_size)
     if evalset.objective == "cls":
         raise ValueError("N-model evaluation supports language-model losses only")
+    for s in parsed.values():   # the calibration text checked before any model loads
+        if s.needs_statistics or s.repair:
+            prepare_calibration(pair, calibration, s)
     a, state_a = _loaded(ref, device, allow_unsafe_pickle)
     batches, objective = evalset.batches, evalset.objective
     parents = {ref: evaluate(a, batches, objective, device)}

@@ -227,7 +227,8 @@ def merge(recipe, out, device, overwrite, barrier_data, barrier_lambdas, allow_u
               help="Comma-separated: vanilla, ffn_only, head_perm, monotonic, ignore_heads, "
               "default, combined with '+', e.g. head_perm+residual=all, default+repair.")
 @click.option("--lambdas", type=click.IntRange(min=3), default=21, show_default=True,
-              help="Points on the interpolation path (endpoints included).")
+              help="Points on the interpolation path (endpoints included; an even count gains "
+              "0.5, where the midpoint loss is read).")
 @click.option("--eval-samples", type=click.IntRange(min=1), default=256, show_default=True)
 @click.option("--eval-max-length", type=click.IntRange(min=2), default=None,
               help="Tokens per evaluation passage  [default: 128, or the model's positions if fewer]")

@@ -63,7 +63,8 @@ class EvalSet:
         objective = objective_for(pair.config.architectures[0])
         length = eval_length(e.max_length, pair.config)
         check_max_length(length, [("model A", pair.config)], "--eval-max-length")
-        texts, labels = labelled(e.data, e.samples, e.label_field) if objective == "cls" else \
+        texts, labels = labelled(e.data, e.samples, e.label_field,
+                                 getattr(pair.config, "num_labels", 2)) if objective == "cls" else \
             (load_texts(e.data, e.samples, max_chars=chars_for(length)), ())
         batches = tokenize(pair.tokenizer, texts, length, batch_size, pair.spec.architecture,
                            objective, e.seed, labels)
@@ -71,8 +72,9 @@ class EvalSet:
         return EvalSet(objective, batches, length)
 
 
-def labelled(path: str, samples: int, field: str):
-    """(texts, numeric labels) of the first `samples` rows with text of a .jsonl."""
+def labelled(path: str, samples: int, field: str, num_labels: int = 2):
+    """(texts, labels) of the first `samples` rows with text of a .jsonl: class indices in
+    [0, num_labels) (1.0 read as 1), or floats for a regression head (num_labels 1)."""
     load_texts(path, samples)   # the file, its rows and their text, checked and named
     texts, labels = [], []
     with open(path, encoding="utf-8") as f:
@@ -92,6 +94,15 @@ def labelled(path: str, samples: int, field: str):
             if not isinstance(value, (int, float)) or isinstance(value, bool):
                 raise DataError(f"{path}:{i}: classification evaluation needs a numeric "
                                 f"'{field}' beside 'text'")
+            if num_labels == 1:
+                value = float(value)
+            elif value != int(value) or not 0 <= value < num_labels:
+                raise DataError(f"{path}:{i}: '{field}' is {value!r}, but the model's head has "
+                                f"{num_labels} classes: labels must be class indices 0 to "
+                                f"{num_labels - 1} (unlabelled rows, e.g. -1 in GLUE test "
+                                "splits, cannot be scored: drop them)")
+            else:
+                value = int(value)
             texts.append(text.strip())
             labels.append(value)
     if not texts:

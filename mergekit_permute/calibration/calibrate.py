@@ -100,7 +100,8 @@ def check_tokens(available: int, spec: PermutationSpec, spaces: Sequence[str]) -
         raise NotEnoughTokens(
             f"calibration data gives {available} tokens, but the widest space has {needed} "
             f"features: at least {needed} tokens are needed (10x that for a good estimate). "
-            "Pass more text (--data / calibration_data) or raise --samples/--max-length."
+            "Pass more text (align: --data; barrier: --calibration; a recipe: calibration_data) "
+            "or raise --samples/--max-length."
         )
 
 

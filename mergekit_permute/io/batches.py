@@ -48,13 +48,26 @@ def mask_tokens(input_ids: torch.Tensor, special: torch.Tensor, mask_id: int, vo
     return inputs, labels
 
 
+def mask_rows(input_ids: torch.Tensor, attention: torch.Tensor, special: torch.Tensor,
+              mask_id: int, vocab: int, seed: int, first_row: int):
+    """mask_tokens row by row, each row's draws from its own generator (the seed and the row's
+    index in the text) over its own tokens: the masks depend on the seed and the text only,
+    not on which rows share a padded batch (--batch-size)."""
+    inputs, labels = input_ids.clone(), torch.full_like(input_ids, -100)
+    for r in range(input_ids.shape[0]):
+        n = int(attention[r].sum())   # right padding (prepare_tokenizer): the row's tokens
+        gen = torch.Generator().manual_seed((seed * 1_000_003 + first_row + r) % (1 << 63))
+        inputs[r, :n], labels[r, :n] = mask_tokens(input_ids[r, :n], special[r, :n], mask_id,
+                                                   vocab, gen)
+    return inputs, labels
+
+
 def tokenize(tokenizer, texts: Sequence[str], max_length: int, batch_size: int,
              architecture: Optional[str] = None, objective: Optional[Objective] = None,
              seed: int = 0, labels: Sequence = ()) -> List[Dict[str, torch.Tensor]]:
     """Batches of at most `max_length` tokens a row; with an `objective`, with its labels
     (MLM: the same masked positions for a given seed, whatever is evaluated on them)."""
     prepare_tokenizer(tokenizer)
-    gen = torch.Generator().manual_seed(seed)
     batches = []
     for i in range(0, len(texts), batch_size):
         enc = dict(tokenizer(clip_texts(texts[i:i + batch_size], max_length), padding=True,
@@ -62,8 +75,9 @@ def tokenize(tokenizer, texts: Sequence[str], max_length: int, batch_size: int,
         ids, attn = enc["input_ids"], enc["attention_mask"]
         if objective == "mlm":
             special = torch.isin(ids, torch.tensor(tokenizer.all_special_ids)) | (attn == 0)
-            enc["input_ids"], enc["labels"] = mask_tokens(ids, special, tokenizer.mask_token_id,
-                                                          len(tokenizer), gen)
+            enc["input_ids"], enc["labels"] = mask_rows(ids, attn, special,
+                                                        tokenizer.mask_token_id, len(tokenizer),
+                                                        seed, i)
         elif objective == "clm":
             enc["labels"] = ids.masked_fill(attn == 0, -100)
         elif objective == "cls":

@@ -79,17 +79,21 @@ class Checkpoint:
         self.files, self.key_file = self._index()
 
     def _index(self) -> Tuple[List[str], Dict[str, str]]:
-        for index, kind in ((SAFE_INDEX, "safetensors"), (BIN_INDEX, "bin")):
-            if (self.root / index).is_file():
-                try:
-                    weight_map = json.loads((self.root / index).read_text())["weight_map"]
-                except (ValueError, KeyError) as e:
-                    raise CheckpointError(f"{self.root / index}: not a valid shard index ({e})") \
-                        from None
-                return sorted(set(weight_map.values())), dict(weight_map)
-        for single in ("model.safetensors", "pytorch_model.bin"):
-            if (self.root / single).is_file():
-                return [single], {k: single for k in self._read_keys(single)}
+        # transformers' order: safetensors before pickles, whatever else lies beside them
+        for name in (SAFE_INDEX, "model.safetensors", BIN_INDEX, "pytorch_model.bin"):
+            if not (self.root / name).is_file():
+                continue
+            if name not in (SAFE_INDEX, BIN_INDEX):
+                return [name], {k: name for k in self._read_keys(name)}
+            try:
+                weight_map = json.loads((self.root / name).read_text())["weight_map"]
+                if not isinstance(weight_map, dict) or not all(
+                        isinstance(v, str) for v in weight_map.values()):
+                    raise ValueError("'weight_map' must map tensor names to file names")
+            except (ValueError, KeyError, TypeError) as e:
+                raise CheckpointError(f"{self.root / name}: not a valid shard index ({e})") \
+                    from None
+            return sorted(set(weight_map.values())), dict(weight_map)
         raise CheckpointError(f"{self.root}: no model.safetensors, pytorch_model.bin or shard "
                               "index found")
 
@@ -127,6 +131,9 @@ class Checkpoint:
         handle = self._handle(self.key_file[key])
         if isinstance(handle, SafetensorsFile):
             return handle.meta(key)
+        if key not in handle:
+            raise CheckpointError(f"{self.root / self.key_file[key]}: the shard index lists {key} "
+                                  "in this file, but the file does not hold it (a stale index?)")
         return tuple(handle[key].shape), handle[key].dtype
 
     def dtype(self) -> torch.dtype:
@@ -179,6 +186,9 @@ class SafetensorsFile:
         return self.header.keys()
 
     def meta(self, key: str) -> Tuple[Tuple[int, ...], torch.dtype]:
+        if key not in self.header:
+            raise CheckpointError(f"{self.path}: the shard index lists {key} in this file, but "
+                                  "the file does not hold it (a stale or edited index?)")
         v = self.header[key]
         return tuple(v["shape"]), _FROM_NAME[v["dtype"]]
 
@@ -432,7 +442,9 @@ def sidecar_files(src: Path) -> List[Path]:
 
 def copy_sidecars(src: Path, dst: Path) -> None:
     for f in sidecar_files(src):
-        shutil.copy(f, Path(dst) / f.name)
+        # contents only (modes from the umask): a read-only source's modes would make the
+        # copy read-only, and the config's dtype could not be set in it
+        shutil.copyfile(f, Path(dst) / f.name)
 
 
 def _set_config_dtype(path: Path, dtype: torch.dtype) -> None:

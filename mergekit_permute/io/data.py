@@ -7,6 +7,7 @@ import difflib
 import hashlib
 import json
 import logging
+import re
 import stat
 from importlib import resources
 from pathlib import Path
@@ -32,6 +33,7 @@ CHARS_PER_TOKEN = 32
 _CHUNK = 1 << 20
 # str.splitlines' line boundaries
 _BOUNDARIES = frozenset("\n\r\v\f\x1c\x1d\x1e\x85\u2028\u2029")
+_NEWLINE = re.compile(r"[^\n]*\n|[^\n]+")   # JSON Lines rows, each with its \n
 _HOW = "pass a .txt (one passage per line), a .jsonl with a 'text' field, or a dataset id"
 
 
@@ -64,7 +66,7 @@ def load_texts(source: str, samples: Optional[int] = None, field: str = "text",
     if path.suffix in (".txt", ".jsonl", ".json") or path.exists():
         _check_regular_file(source, path)
         json_rows = path.suffix in (".jsonl", ".json")
-        rows = _read_lines(source, path, None if json_rows else max_chars)
+        rows = _read_lines(source, path, None if json_rows else max_chars, json_rows)
         texts = _json_rows(source, rows, field) if json_rows else (t for _, t in rows)
         texts = _first(((clip(t.strip(), max_chars) for t in texts)), samples)
     else:
@@ -112,11 +114,17 @@ def _check_regular_file(source: str, path: Path) -> None:
         raise DataError(f"{source} is not a regular file; {_HOW}")
 
 
-def _read_lines(source: str, path: Path, limit: Optional[int]) -> Iterator[Tuple[int, str]]:
-    """(line number, line) for every line (str.splitlines' boundaries), read a chunk at a time
-    as they are consumed. With `limit`, a line is stripped and cut (`clip`) as it is read: no
-    more than `limit` characters of it are held. Decoding errors name the byte."""
+def _read_lines(source: str, path: Path, limit: Optional[int], json_rows: bool = False
+                ) -> Iterator[Tuple[int, str]]:
+    """(line number, line) for every line (str.splitlines' boundaries; JSON Lines: only \\n,
+    as JSON strings may hold U+2028 and the like raw), read a chunk at a time as they are
+    consumed. With `limit`, a line is stripped and cut (`clip`) as it is read: no more than
+    `limit` characters of it are held. A UTF-8 byte order mark is dropped. Decoding errors name
+    the byte."""
     decoder = codecs.getincrementaldecoder("utf-8")()
+    boundaries = {"\n"} if json_rows else _BOUNDARIES
+    split = (lambda text: _NEWLINE.findall(text)) if json_rows else \
+        (lambda text: text.splitlines(keepends=True))
     offset, number, carry = 0, 0, ""
     parts: List[str] = []   # the current line's text so far
     kept = 0                # (with a limit: its characters, leading whitespace dropped)
@@ -136,12 +144,14 @@ def _read_lines(source: str, path: Path, limit: Optional[int]) -> Iterator[Tuple
                                     f"{offset - pending + e.start})")
                     text = carry + e.object[:e.start].decode("utf-8")
                     final = True
+                if offset == 0 and text.startswith("\ufeff"):   # (Windows editors write one)
+                    text = text[1:]
                 offset += len(data)
                 carry = ""
                 if text.endswith("\r") and not final:   # maybe half of a \r\n
                     text, carry = text[:-1], "\r"
-                for piece in text.splitlines(keepends=True):
-                    ended = piece[-1] in _BOUNDARIES
+                for piece in split(text):
+                    ended = piece[-1] in boundaries
                     body = piece[:-1] if ended else piece
                     if body.endswith("\r") and piece.endswith("\r\n"):
                         body = body[:-1]
@@ -191,6 +201,12 @@ def _json_rows(source: str, lines: Iterable[Tuple[int, str]], field: str) -> Ite
         if not isinstance(row[field], str):
             raise DataError(f"{source}:{number}: {field!r} must be a string, got "
                             f"{type(row[field]).__name__}")
+        try:
+            row[field].encode("utf-8")
+        except UnicodeEncodeError as e:   # a lone \\ud83d escape: valid JSON, not text
+            raise DataError(f"{source}:{number}: {field!r} holds an unpaired surrogate "
+                            f"({row[field][e.start]!r} at character {e.start}), not text; "
+                            "fix the export (e.g. a cut emoji) or drop the line") from None
         yield row[field]
 
 

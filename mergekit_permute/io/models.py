@@ -6,6 +6,7 @@ import logging
 import pickle
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Dict, Tuple
 
 import torch
@@ -65,8 +66,23 @@ def check_tokenizers(tok_a, tok_b) -> None:
                                  "needs both models to read the same tokens")
 
 
+# Files one of which a saved tokenizer holds (fast, sentencepiece, BPE, WordPiece, tiktoken).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json",
+                   "vocab.txt", "spiece.model", "tokenizer.tiktoken")
+
+
 def load_tokenizer(path: str):
-    return transformers.AutoTokenizer.from_pretrained(resolve(path), trust_remote_code=False)
+    root = resolve(path)
+    if not any((Path(root) / f).is_file() for f in TOKENIZER_FILES):
+        raise IncompatibleModels(
+            f"model {path} has no tokenizer files (none of {', '.join(TOKENIZER_FILES[:3])}, "
+            "...): the models must be checked to read the same tokens, and the outputs carry "
+            "the tokenizer. Save it beside the weights (tokenizer.save_pretrained(DIR)) or copy "
+            "the tokenizer files of the model it was trained with")
+    try:
+        return transformers.AutoTokenizer.from_pretrained(root, trust_remote_code=False)
+    except (OSError, ValueError, TypeError) as e:
+        raise IncompatibleModels(f"model {path}: its tokenizer cannot be loaded ({e})") from None
 
 
 @dataclass

@@ -66,6 +66,8 @@ def _resolve(out) -> Path:
         raise PreflightError("the output path is empty (an unset shell variable?); name the "
                              "directory to write, e.g. --out merged-model")
     path = Path(str(out)).expanduser().absolute()
+    if path.name == "..":   # (absolute() keeps it: `x/..` would not compare equal to its target)
+        path = path.resolve()
     if path.is_symlink():
         try:
             target = path.resolve(strict=True)
@@ -134,7 +136,14 @@ def check_output(out, overwrite: bool, inputs: Inputs = (), need_bytes: int = 0)
                 f"{path} holds files that mergekit-permute or MergeKit did not write (none of "
                 f"{', '.join(OURS)}); --overwrite replaces only such outputs. Remove it yourself "
                 "or choose another output directory")
-    anchor = next((p for p in [path, *path.parents] if p.exists()), Path("/"))
+    if path.is_dir() and os.path.ismount(path):
+        raise PreflightError(
+            f"{path} is a mount point: an output is built beside it (in {path.parent}) and "
+            "moved into place, which cannot cross filesystems; name a new directory inside it, "
+            f"e.g. --out {path / 'merged-model'}")
+    # Where the output is built and renamed from (atomic_dir): its parent, or the first of its
+    # parents that exists; that is what must be writable and have room.
+    anchor = next((p for p in path.parents if p.exists()), Path("/"))
     if not anchor.is_dir():
         raise PreflightError(f"cannot create {path}: {anchor} is a file, not a directory")
     if str(anchor).startswith(("/proc", "/sys", "/dev")):
@@ -154,7 +163,7 @@ def check_space(path: Path, need_bytes: int) -> None:
     """Room for `need_bytes` (every file a command writes) where `path` will be created."""
     if not need_bytes:
         return
-    anchor = next((p for p in [path, *path.parents] if p.exists()), Path("/"))
+    anchor = next((p for p in path.parents if p.exists()), Path("/"))   # (atomic_dir's)
     free = shutil.disk_usage(anchor).free
     if free < need_bytes * 1.05:
         raise PreflightError(f"{path} needs about {human_bytes(need_bytes)}, but {anchor} has "

@@ -8,6 +8,7 @@ from typing import Dict
 
 import yaml
 from mergekit.config import InputModelDefinition, MergeConfiguration
+from mergekit.tokenizer.config import TokenEmbeddingConfig, TokenizerConfig
 from pydantic import ValidationError
 
 from mergekit_permute.calibration.cache import cache_dir
@@ -45,6 +46,13 @@ def check_recipe_keys(raw: Dict, path) -> None:
     for entry in raw.get("models") or []:
         if isinstance(entry, dict):
             _unknown(entry, InputModelDefinition.model_fields, f"{path}: models entry")
+    tokenizer = raw.get("tokenizer")
+    if isinstance(tokenizer, dict):
+        _unknown(tokenizer, TokenizerConfig.model_fields, f"{path}: tokenizer")
+        for token, entry in (tokenizer.get("tokens") or {}).items():
+            if isinstance(entry, dict):
+                _unknown(entry, TokenEmbeddingConfig.model_fields,
+                         f"{path}: tokenizer.tokens.{token}")
 
 
 def recipe_inputs(path: Path, config):

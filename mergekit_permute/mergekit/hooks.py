@@ -9,10 +9,14 @@ tests/test_mergekit_harm.py checks byte for byte.
 
 import functools
 import logging
+import os
+import stat
 import sys
+import tempfile
 
 import click
 import immutables
+import yaml
 from mergekit.common import ImmutableMap
 
 from mergekit_permute.settings import RecipeError
@@ -119,23 +123,54 @@ def hook_cli() -> None:
 
     def make(original):
         def callback(*args, **kwargs):
+            spooled = None
             try:
+                config_file = kwargs.get("config_file")
+                if _is_stream(config_file):
+                    # a pipe (/dev/stdin, <(...)) can be read once: read here, MergeKit gets
+                    # the same text from a file
+                    spooled = kwargs["config_file"] = _spool(config_file)
                 if _names_permute(kwargs.get("config_file")):
                     from mergekit_permute.mergekit.checks import preflight_yaml  # (permute only)
                     preflight_yaml(kwargs["config_file"], kwargs.get("out_path"))
                 return original(*args, **kwargs)
             except RecipeError as e:
                 raise Refused(str(e)) from None
+            finally:
+                if spooled is not None:
+                    os.unlink(spooled)
         return callback
     _wrap(run_yaml.main, "callback", make)
 
 
-def _names_permute(config_file) -> bool:
+def _is_stream(config_file) -> bool:
     try:
-        with open(config_file, encoding="utf-8") as f:
-            return any(line.split("#")[0].split() == ["merge_method:", "permute"] for line in f)
-    except (OSError, TypeError, UnicodeDecodeError):
+        mode = os.stat(config_file).st_mode
+    except (OSError, TypeError, ValueError):
         return False
+    return stat.S_ISFIFO(mode) or stat.S_ISCHR(mode)
+
+
+def _spool(config_file) -> str:
+    with open(config_file, "rb") as f:
+        text = f.read()
+    fd, path = tempfile.mkstemp(prefix="mergekit-recipe-", suffix=".yml")
+    with os.fdopen(fd, "wb") as f:
+        f.write(text)
+    return path
+
+
+def _names_permute(config_file) -> bool:
+    """Whether the recipe, read as YAML (quotes, a byte order mark, flow style), names
+    `permute`; anything unreadable is MergeKit's to report."""
+    if not isinstance(config_file, (str, os.PathLike)) or not os.path.isfile(config_file):
+        return False
+    try:
+        with open(config_file, encoding="utf-8-sig") as f:
+            raw = yaml.safe_load(f)
+    except (OSError, TypeError, ValueError, yaml.YAMLError):
+        return False
+    return isinstance(raw, dict) and raw.get("merge_method") == "permute"
 
 
 def _run_of(config):

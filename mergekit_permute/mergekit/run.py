@@ -3,7 +3,9 @@ before the first tensor is merged (alignments, REPAIR corrections). Created when
 plans a `permute` recipe, attached to that run's configuration object, and handed to every
 tensor task; nothing lives at module level."""
 
+import difflib
 import logging
+import math
 from pathlib import Path
 from typing import Dict, List, Optional
 
@@ -15,8 +17,8 @@ from mergekit_permute.calibration.collect import prepare_calibration
 from mergekit_permute.card import merge_card
 from mergekit_permute.core.alignment import save_alignment
 from mergekit_permute.io.checkpoints import AlignedSource, weighted_average
-from mergekit_permute.io.models import open_pair
-from mergekit_permute.io.preflight import check_device
+from mergekit_permute.io.models import load_config, open_pair
+from mergekit_permute.io.preflight import check_device, check_max_length
 from mergekit_permute.mergekit.architecture import run_architecture
 from mergekit_permute.settings import WEIGHT_PARAM, AlignSettings, RecipeError, check_settings
 
@@ -48,6 +50,21 @@ def _check_token_sources(config) -> None:
                           "mergekit-tokensurgeon), or give them source: {kind: zero}")
 
 
+def _check_length(settings: AlignSettings, base: str) -> None:
+    """max_length against the base's positions, named as a recipe spells it (the pair's own
+    checks, later, name a base whose config cannot be read)."""
+    if not Path(base).is_dir():   # (a Hub id: fetched once, by the pair's checks)
+        return
+    try:
+        config = load_config(base)
+    except (OSError, ValueError):
+        return
+    try:
+        check_max_length(settings.max_length, [(f"model {base}", config)], option="max_length:")
+    except ValueError as e:
+        raise RecipeError(f"merge_method permute: {e}") from None
+
+
 def validate_recipe(config):
     """(settings, data, base, others, weights) of a `permute` recipe, or a RecipeError
     naming the problem, before MergeKit plans any tensor."""
@@ -65,15 +82,21 @@ def validate_recipe(config):
     weights: Dict[str, float] = {}
     for m in models:
         extra = sorted(set(m.parameters or {}) - {WEIGHT_PARAM})
+        misspelt = [k for k in extra if difflib.get_close_matches(str(k), [WEIGHT_PARAM], n=1)]
+        if misspelt and WEIGHT_PARAM not in (m.parameters or {}):
+            raise RecipeError(f"model {m.model}: unknown parameter(s) {misspelt}; did you mean "
+                              f"{WEIGHT_PARAM!r}? (the only per-model parameter)")
         if extra:
             raise RecipeError(f"model {m.model}: parameter(s) {extra} are not per-model; "
                               "put them under the top-level `parameters:`")
         w = (m.parameters or {}).get(WEIGHT_PARAM, 1.0)
-        if isinstance(w, bool) or not isinstance(w, (int, float)) or w < 0:
+        if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) \
+                or w < 0:
             raise RecipeError(f"model {m.model}: weight must be a number >= 0, got {w!r}")
         weights[model_path(m.model)] = float(w)
     _check_token_sources(config)
     settings, data = AlignSettings.from_recipe(dict(config.parameters or {}))
+    _check_length(settings, model_path(config.base_model))
     base = model_path(config.base_model)
     # in the recipe's order: with reference=average, each model joins the average of the base
     # and the models listed before it
