@@ -194,6 +194,7 @@ def test_hub_revisions_in_a_recipe_are_the_revisions_aligned(zoo, monkeypatch):
         downloads.append((repo, revision))
         return a if revision == "step1000" else b
     monkeypatch.setattr(checkpoints, "snapshot_download", snapshot_download)
+    monkeypatch.setattr(checkpoints, "weight_patterns", lambda repo, revision: ["*.safetensors"])
     config = MergeConfiguration.model_validate({
         "merge_method": "permute", "base_model": "EleutherAI/pythia-70m@step1000",
         "dtype": "float32", "models": [{"model": "EleutherAI/pythia-70m@step1000"},
@@ -203,6 +204,21 @@ def test_hub_revisions_in_a_recipe_are_the_revisions_aligned(zoo, monkeypatch):
     assert set(weights) == {base, *others}
     assert checkpoints.resolve(others[0]) == checkpoints.Path(b)
     assert downloads == [("EleutherAI/pythia-70m", "step2000")]
+
+
+def test_hub_downloads_take_one_weight_format(monkeypatch):
+    """A repository with safetensors and pickles (Pythia's) is fetched as safetensors only."""
+    import mergekit_permute.io.checkpoints as checkpoints
+    listed = {"both": ["config.json", "model.safetensors", "pytorch_model.bin",
+                       "training_args.bin"], "pickles": ["config.json", "pytorch_model.bin"]}
+
+    class Api:
+        def list_repo_files(self, repo, revision=None):
+            return listed[repo]
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(checkpoints, "HfApi", Api)
+    assert checkpoints.weight_patterns("both", None) == ["*.safetensors"]
+    assert checkpoints.weight_patterns("pickles", "step1000") == ["pytorch_model*.bin"]
 
 
 def test_token_rows_sourced_from_a_model_are_refused_before_work(zoo, tmp_path):

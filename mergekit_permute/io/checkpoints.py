@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
-from huggingface_hub import snapshot_download
+from huggingface_hub import HfApi, snapshot_download
 from tqdm.auto import tqdm
 
 from mergekit_permute.calibration.heap import HeapWatch
@@ -61,11 +61,26 @@ def resolve(path: str) -> Path:
         raise FileNotFoundError(f"model {path!r} does not exist (neither a directory nor a hub id)")
     try:
         return Path(snapshot_download(repo, revision=revision, allow_patterns=[
-            "*.json", "*.safetensors", "*.bin", "*.txt", "*.model", "*.jinja", "*.tiktoken",
-            "README.md"]))
+            "*.json", *weight_patterns(repo, revision), "*.txt", "*.model", "*.jinja",
+            "*.tiktoken", "README.md"]))
     except Exception as e:
         raise FileNotFoundError(f"model {path!r} is not a local directory and could not be "
                                 f"fetched from the Hugging Face Hub: {e}") from None
+
+
+def weight_patterns(repo: str, revision: Optional[str]) -> List[str]:
+    """The weight files to fetch: safetensors where the repository has them (as transformers
+    reads them), else its pickles. Many repositories ship both (Pythia's do): fetching both
+    doubles the download, and `*.bin` also matches training_args.bin and optimizer states."""
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        return ["*.safetensors", "*.bin"]   # (from the cache, as it holds them)
+    try:
+        files = HfApi().list_repo_files(repo, revision=revision)
+    except Exception:   # (snapshot_download, next, names what is wrong)
+        return ["*.safetensors", "*.bin"]
+    if any(f.endswith(".safetensors") for f in files):
+        return ["*.safetensors"]
+    return ["pytorch_model*.bin"]
 
 
 class Checkpoint:
