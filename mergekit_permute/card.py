@@ -55,8 +55,11 @@ def what_was_done(settings: AlignSettings, alignments: List, n_models: int) -> L
     s = settings
     first = alignments[0] if alignments else None
     policy = (first.info.get("residual_policy") if first else None) or s.residual
-    how = ("data-free weight matching (Git Re-Basin)" if s.matching == "weights" else
+    start = _start(first) if first is not None else s.matching
+    how = ("data-free weight matching (Git Re-Basin)" if start == "weights" else
            "activation correlations on calibration text")
+    if s.matching == "learned":
+        how += ", then exact symmetries learned against the merged model's loss"
     if n_models > 2:
         target = ("each to the running average of the base and the models before it"
                   if s.reference == "average" else "each to the base model")
@@ -95,6 +98,14 @@ def what_was_done(settings: AlignSettings, alignments: List, n_models: int) -> L
     return lines
 
 
+def _start(alignment) -> str:
+    """What the alignment matched from: weights or activations (a learned one's start)."""
+    matching = alignment.settings.matching
+    if matching == "learned":
+        return (alignment.info.get("learned") or {}).get("start", "activations")
+    return matching
+
+
 def learned_line(learned: Dict) -> str:
     """`matching: learned` in one line: what was learned, how far, and any back-off."""
     line = (f"- learned exact symmetries ({', '.join(learned['maps'])}) on "
@@ -124,7 +135,9 @@ def alignment_section(alignment, heading: str = "### Alignment") -> List[str]:
                      "`tie_word_embeddings: false`, one vocabulary x hidden tensor more)")
     if alignment.info.get("learned"):
         lines.append(learned_line(alignment.info["learned"]))
-    measure = "mean matched correlation" if s.matching == "activations" else "weight cosine"
+    measure = "weight cosine" if _start(alignment) == "weights" else "mean matched correlation"
+    if s.matching == "learned":   # (the report is the start's: learned maps have no such score)
+        measure += " (the start, before learning)"
     lines += ["", f"| space | {measure} before | after |", "|---|---|---|"]
     for kind, row in summarize(alignment.report).items():
         lines.append(f"| {kind} | {row['mean_corr_before']:.3f} | {row['mean_corr_after']:.3f} |")

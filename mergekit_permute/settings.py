@@ -392,14 +392,38 @@ def residual_policy(settings: AlignSettings, spec) -> str:
     return "all" if spec.orthogonal_residual_error() else "orthogonal"
 
 
+def _check_learned(spec, settings: AlignSettings) -> None:
+    """matching=learned's refusals, before the activation matching it starts from runs."""
+    if not settings.function_preserving:
+        raise ValueError("matching=learned learns exact symmetries on top of a function-"
+                         "preserving alignment; attention=ignore_heads is not one")
+    if settings.aligns_nothing:
+        raise ValueError("matching=learned starts from an alignment, and ffn, attention and "
+                         "residual are all identity: there is none (leave one of them at its "
+                         "default, or use vanilla)")
+    if settings.learn_permutations and settings.ffn != "permute":
+        raise ValueError("learn_permutations learns the FF neurons' order, and ffn=identity "
+                         "keeps it: use ffn=permute, or learn_permutations=false")
+    if settings.learn_heads and settings.attention != "head_perm":
+        raise ValueError(f"learn_heads learns the heads' order, and attention="
+                         f"{settings.attention} keeps it: use attention=head_perm, or "
+                         "learn_heads=false")
+    if spec.architecture.endswith("ForSequenceClassification"):   # (evaluate.objective_for)
+        raise ValueError(f"matching=learned needs a language-model loss; {spec.architecture} "
+                         "has a task head (align it with matching=activations)")
+    if -(-max(settings.samples, settings.learn_samples) // settings.batch_size) < 2:
+        raise ValueError("matching=learned needs at least two calibration batches (one held "
+                         "out to stop early): raise --samples / --learn-samples or lower "
+                         "--batch-size")
+
+
 def check_settings(spec, settings: AlignSettings) -> None:
     """Refuse settings the architecture cannot honour, before any expensive work."""
     if settings.matching == "weights" and settings.qk != "follow_vo":
         raise ValueError(f"qk={settings.qk} matches query/key activations; weight matching "
                          "(matching=weights) supports qk=follow_vo only")
-    if settings.matching == "learned" and not settings.function_preserving:
-        raise ValueError("matching=learned learns exact symmetries on top of a function-"
-                         "preserving alignment; attention=ignore_heads is not one")
+    if settings.matching == "learned":
+        _check_learned(spec, settings)
     if settings.vo == "orthogonal":
         if settings.matching == "weights" or settings.attention in ("identity", "ignore_heads"):
             raise ValueError("vo=orthogonal rotates V/O inside matched heads: it needs "

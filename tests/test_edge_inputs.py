@@ -254,3 +254,52 @@ def test_a_piped_recipe_still_merges(pair, tmp_path):
                        env=dict(os.environ, PYTHONWARNINGS="ignore"))
     assert r.returncode == 0, r.stderr[-2000:]
     assert (tmp_path / "o" / "model.safetensors").is_file()
+
+
+# ---- learned settings and the card -------------------------------------------------------------
+
+@pytest.mark.parametrize("update, needle", [
+    ({"ffn": "identity", "attention": "identity", "residual": "identity"}, "there is none"),
+    ({"ffn": "identity", "learn_permutations": True}, "learn_permutations learns the FF"),
+    ({"attention": "monotonic", "learn_heads": True}, "attention=monotonic keeps it"),
+    ({"samples": 4, "learn_samples": 2, "batch_size": 8}, "at least two calibration batches"),
+])
+def test_learned_settings_that_cannot_be_honoured_are_refused_up_front(update, needle):
+    from mergekit_permute.settings import AlignSettings, check_settings
+    from mergekit_permute.spec import spec_for_config
+    from tests.tiny import build
+    spec = spec_for_config(build("LlamaForCausalLM").config)
+    with pytest.raises(ValueError, match=needle):
+        check_settings(spec, AlignSettings(matching="learned", **update))
+
+
+def test_a_task_head_is_refused_before_learned_alignment_starts():
+    from mergekit_permute.settings import AlignSettings, check_settings
+    from mergekit_permute.spec import spec_for_config
+    from tests.tiny import build
+    spec = spec_for_config(build("BertForSequenceClassification").config)
+    with pytest.raises(ValueError, match="needs a language-model loss"):
+        check_settings(spec, AlignSettings(matching="learned"))
+
+
+@pytest.mark.parametrize("start, how, measure", [
+    ("weights", "from data-free weight matching (Git Re-Basin), then exact symmetries learned",
+     "weight cosine (the start, before learning)"),
+    ("activations", "from activation correlations on calibration text, then exact symmetries",
+     "mean matched correlation (the start, before learning)"),
+])
+def test_the_card_names_a_learned_alignments_start(start, how, measure):
+    from types import SimpleNamespace
+
+    from mergekit_permute.card import _start, alignment_section, what_was_done
+    from mergekit_permute.settings import AlignSettings
+    settings = AlignSettings(matching="learned")
+    learned = {"start": start, "maps": ["residual", "vo"], "passages": 2000, "steps_run": 600,
+               "held_out_loss_start": 4.7, "held_out_loss_best": 4.5, "best_step": 540}
+    alignment = SimpleNamespace(settings=settings, info={"learned": learned},
+                                report={"ffn.0": {"kind": "ffn", "mean_corr_before": 0.1,
+                                                  "mean_corr_after": 0.5}})
+    assert _start(alignment) == start
+    assert how in what_was_done(settings, [alignment], 2)[0]
+    section = alignment_section(alignment)
+    assert f"| space | {measure} before | after |" in section
