@@ -38,6 +38,26 @@ def zoo(tmp_path_factory):
     return get
 
 
+@pytest.fixture
+def no_forward(monkeypatch):
+    """Fails a test whose command runs a forward pass (errors must come before any work)."""
+    from mergekit_permute.calibration.blocks import BlockModel
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a forward pass ran before the error")
+    monkeypatch.setattr(BlockModel, "catch", refuse)
+
+
+@pytest.fixture
+def pair(zoo, tmp_path):
+    """Copies of the llama pair (so a failure could only harm copies)."""
+    import shutil
+    a, b = zoo("llama")
+    shutil.copytree(a, tmp_path / "A")
+    shutil.copytree(b, tmp_path / "B")
+    return str(tmp_path / "A"), str(tmp_path / "B")
+
+
 def run_cli(*args, cwd=None, env=None):
     """Run a console command the way a user does; returns CompletedProcess."""
     env = dict(os.environ, PYTHONWARNINGS="ignore", **(env or {}))

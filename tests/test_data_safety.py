@@ -17,7 +17,6 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
-from mergekit_permute.calibration.blocks import BlockModel
 from tests.conftest import cli, invoke, run_cli
 
 ARGS = ["--samples", "64", "--max-length", "32"]
@@ -39,22 +38,6 @@ def _refused(r, *needles):
 def _snapshot(root: Path):
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
             if p.is_file()}
-
-
-@pytest.fixture
-def no_forward(monkeypatch):
-    def refuse(*args, **kwargs):
-        raise AssertionError("a forward pass ran before the error")
-    monkeypatch.setattr(BlockModel, "catch", refuse)
-
-
-@pytest.fixture
-def pair(zoo, tmp_path):
-    """Copies of the llama pair (so a failure could only harm copies)."""
-    a, b = zoo("llama")
-    shutil.copytree(a, tmp_path / "A")
-    shutil.copytree(b, tmp_path / "B")
-    return str(tmp_path / "A"), str(tmp_path / "B")
 
 
 # ---- output paths -------------------------------------------------------------------------------

@@ -22,24 +22,6 @@ from tests.conftest import cli, invoke
 from tests.test_data_safety import _align, _refused
 
 
-@pytest.fixture
-def no_forward(monkeypatch):
-    from mergekit_permute.calibration.blocks import BlockModel
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("a forward pass ran before the error")
-    monkeypatch.setattr(BlockModel, "catch", refuse)
-
-
-@pytest.fixture
-def pair(zoo, tmp_path):
-    """Copies of the llama pair (so a failure could only harm copies)."""
-    a, b = zoo("llama")
-    shutil.copytree(a, tmp_path / "A")
-    shutil.copytree(b, tmp_path / "B")
-    return str(tmp_path / "A"), str(tmp_path / "B")
-
-
 # ---- outputs ------------------------------------------------------------------------------------
 
 def test_a_mount_point_as_output_is_refused_before_work(pair, tmp_path, monkeypatch, no_forward):
