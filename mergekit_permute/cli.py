@@ -48,6 +48,20 @@ class UserError(click.ClickException):
     exit_code = 2
 
 
+class OutPath(click.Path):
+    """An output directory; an empty one (an unset shell variable) is named as such, before
+    click would read it as `.`, the working directory."""
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, str) and not value.strip():
+            raise UserError("the output path is empty (an unset shell variable?); name the "
+                            "directory to write, e.g. --out merged-model")
+        return super().convert(value, param, ctx)
+
+
+OUT = OutPath(path_type=Path)
+
+
 def _friendly(fn):
     """Turn our validation errors into UserError (message + exit 2)."""
     @functools.wraps(fn)
@@ -84,7 +98,7 @@ def _cache_mode(run: RunSettings, no_cache: bool) -> str:
 @click.argument("model_b")
 @click.option("--data", help=".txt (one passage per line), .jsonl with 'text', a dataset id, or "
               "shakespeare-calib (shipped); not needed with --matching weights.")
-@click.option("--out", required=True, type=click.Path(path_type=Path))
+@click.option("--out", required=True, type=OUT)
 @click.option("--permutations-only", is_flag=True,
               help="Write permutations.safetensors + alignment.json, not the model.")
 @click.option("--overwrite", is_flag=True)
@@ -145,7 +159,7 @@ def _print_summary(alignment) -> None:
 @main.command()
 @click.argument("alignment", type=click.Path(exists=True, path_type=Path))
 @click.argument("checkpoint")
-@click.option("--out", required=True, type=click.Path(path_type=Path))
+@click.option("--out", required=True, type=OUT)
 @click.option("--overwrite", is_flag=True)
 @click.option("--dtype", type=click.Choice(choices("dtype", RunSettings)), default="auto",
               show_default=True, help="dtype written (auto: the checkpoint's).")
@@ -180,7 +194,7 @@ def apply(alignment, checkpoint, out, overwrite, dtype, allow_unsafe_pickle):
 
 @main.command()
 @click.argument("checkpoint")
-@click.option("--out", required=True, type=click.Path(path_type=Path))
+@click.option("--out", required=True, type=OUT)
 @click.option("--overwrite", is_flag=True)
 @click.option("--allow-unsafe-pickle", is_flag=True,
               help=RunSettings.model_fields["allow_unsafe_pickle"].description)
@@ -194,7 +208,7 @@ def untie(checkpoint, out, overwrite, allow_unsafe_pickle):
 
 @main.command()
 @click.argument("recipe", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.argument("out", type=click.Path(path_type=Path))
+@click.argument("out", type=OUT)
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--overwrite", is_flag=True)
 @click.option("--barrier", "barrier_data", default=None,
@@ -233,7 +247,7 @@ def merge(recipe, out, device, overwrite, barrier_data, barrier_lambdas, allow_u
 @click.option("--eval-max-length", type=click.IntRange(min=2), default=None,
               help="Tokens per evaluation passage  [default: 128, or the model's positions if fewer]")
 @click.option("--seed", type=int, default=0, show_default=True, help="Masking seed (MLM).")
-@click.option("--out", required=True, type=click.Path(path_type=Path))
+@click.option("--out", required=True, type=OUT)
 @click.option("--overwrite", is_flag=True)
 @common_options
 @_friendly
@@ -276,7 +290,7 @@ def barrier(models, eval_data, calibration, methods, lambdas, eval_samples,
 
 
 @main.command()
-@click.option("--out", default="demo-output", show_default=True, type=click.Path(path_type=Path))
+@click.option("--out", default="demo-output", show_default=True, type=OUT)
 @click.option("--arch", type=click.Choice(["llama", "bert"]), default="llama", show_default=True)
 @click.option("--quick", is_flag=True, help="Tiny models (CI-sized), same code path.")
 @click.option("--seed", type=int, default=1, show_default=True,

@@ -41,8 +41,8 @@ def demo_block(reuse: bool) -> str:
             shutil.copy(out / "barrier.png", ROOT / "docs" / f"demo-{arch}-barrier.png")
             stored.write_text(json.dumps(result, indent=1) + "\n")
         removed = result["methods"]["default"].get("removed_vs_vanilla")
-        took = f" ({result['seconds'] / 60:.1f} min here, training included)" \
-            if "seconds" in result else ""
+        took = (f" ({result['seconds'] / 60:.1f} min on this project's idle 2-core machine, "
+                "training included)") if "seconds" in result else ""
         parts += [f"**`mergekit-permute demo --arch {arch}`**{took}, seeds "
                   f"{' and '.join(map(str, result.get('seeds', (1, 2))))}"
                   + (f" - the default alignment removes **{100 * removed:.0f}%** of the vanilla "

@@ -50,7 +50,7 @@ def test_an_empty_or_working_directory_output_is_refused(pair, tmp_path, monkeyp
     (work / "thesis.tex").write_text("precious")
     monkeypatch.chdir(work)
     r = _align(*pair, out, "--overwrite")
-    _refused(r, "output")
+    _refused(r, "output path is empty" if not out.strip() else "is the working directory")
     assert (work / "thesis.tex").read_text() == "precious"
 
 
